@@ -1,0 +1,1 @@
+//! The engine layer: requests in, embeddings out. Today: the text front end.

@@ -1,0 +1,103 @@
+//! The engine's one error type. Every variant names what was wrong (the file, the tensor, the
+//! kernel, the input) so that a message alone is enough to fix the cause, and callers can match
+//! on the kind: e.g. `Error::OutOfMemory` means "split the batch and retry".
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A configuration file is missing a key, malformed, or inconsistent.
+    #[error("{}: {msg}", file.display())]
+    Config {
+        /// The configuration file.
+        file: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A checkpoint file is malformed (bad header, truncated data, broken index).
+    #[error("{}: {msg}", file.display())]
+    Checkpoint {
+        /// The safetensors or index file.
+        file: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// One tensor of a checkpoint is missing, unexpected, duplicated, or has the wrong shape or dtype.
+    #[error("tensor `{name}` ({}): {msg}", file.display())]
+    Tensor {
+        /// The tensor's name as stored in the file.
+        name: String,
+        /// The file it is in (or should be in).
+        file: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The tokenizer could not be loaded or failed on an input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A request is invalid (unknown task, text too long in strict mode, bad dims, ...).
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// The device memory budget cannot hold this allocation. Recoverable: free memory or split
+    /// the work and try again.
+    #[error(
+        "out of device memory: {requested} bytes requested, {in_use} in use, budget {budget} bytes"
+    )]
+    OutOfMemory {
+        /// Bytes asked for (rounded up to whole pages).
+        requested: u64,
+        /// Bytes held by live allocations.
+        in_use: u64,
+        /// The hard limit.
+        budget: u64,
+    },
+    /// No usable CUDA driver or GPU on this machine.
+    #[error("no GPU available: {0}")]
+    NoGpu(String),
+    /// A CUDA driver call failed.
+    #[error("CUDA: {what}: {msg}")]
+    Cuda {
+        /// What the engine was doing.
+        what: String,
+        /// The driver's error.
+        msg: String,
+    },
+    /// A kernel could not be loaded or launched.
+    #[error("kernel `{kernel}`: {msg}")]
+    Kernel {
+        /// The kernel's symbol.
+        kernel: &'static str,
+        /// What failed.
+        msg: String,
+    },
+    /// A cuBLAS / cuBLASLt call failed.
+    #[error("cuBLAS: {0}")]
+    Blas(String),
+    /// An op was called with operands of the wrong shape, size or alignment.
+    #[error("{op}: {msg}")]
+    Shape {
+        /// The op.
+        op: &'static str,
+        /// What does not fit.
+        msg: String,
+    },
+}
+
+/// The engine's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

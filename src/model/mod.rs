@@ -1,0 +1,6 @@
+//! The model layer: configuration, checkpoint reading and validation, and (later) the forward.
+//! It never names a kernel and never touches cudarc: device work goes through `ops` and `cuda`.
+
+pub mod task;
+
+pub use task::Task;

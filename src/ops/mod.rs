@@ -1,0 +1,1 @@
+//! Typed, validated launches of the kernels: one file per `kernels/*.cu`.
