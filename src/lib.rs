@@ -11,5 +11,6 @@ pub mod error;
 pub mod model;
 pub mod ops;
 pub mod reference;
+pub mod rng;
 
 pub use error::{Error, Result};

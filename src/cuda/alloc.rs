@@ -1,0 +1,522 @@
+//! The paged device allocator for activations.
+//!
+//! Device memory is handed out in fixed-size pages (default 2 MiB, the GPU's mapping granularity).
+//! One virtual address range the size of the memory budget is reserved at start; physical pages
+//! are mapped into it only when an allocation first reaches past the mapped prefix, and stay
+//! mapped afterwards. So a forward's activations are carved from pages, given back after it, and
+//! the next batch reuses the same pages: in steady state there is no `cudaMalloc` and no mapping.
+//! Every allocation is a run of consecutive pages, so tensors are contiguous in device memory.
+//!
+//! The bookkeeping ([`PagePool`]) is pure and unit-tested on the CPU; [`DeviceAllocator`] puts it
+//! on top of the CUDA virtual-memory API (or, on a GPU without it, one eager allocation).
+//!
+//! Reuse within one stream is safe without waiting: a block freed after a kernel was enqueued and
+//! handed to the next kernel on the same stream is only touched once the first has finished.
+
+use std::collections::BTreeMap;
+
+use cudarc::driver::sys;
+
+use super::{cuda_err, Gpu};
+use crate::{Error, Result};
+
+/// Default page size: the VMM granularity of NVIDIA datacenter GPUs.
+pub const DEFAULT_PAGE_SIZE: u64 = 2 << 20;
+
+/// A run of consecutive pages `[start, start + len)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRun {
+    /// First page.
+    pub start: usize,
+    /// Number of pages (at least one).
+    pub len: usize,
+}
+
+impl PageRun {
+    /// One past the last page.
+    pub fn end(self) -> usize {
+        self.start + self.len
+    }
+}
+
+/// Allocator statistics, in bytes unless named otherwise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemStats {
+    /// Hard limit.
+    pub budget: u64,
+    /// Page size.
+    pub page_size: u64,
+    /// Pages held by live allocations, times the page size.
+    pub in_use: u64,
+    /// Highest `in_use` since creation or the last [`PagePool::reset_peak`].
+    pub peak: u64,
+    /// Device memory actually taken (mapped pages).
+    pub mapped: u64,
+    /// Live allocations.
+    pub live_allocations: usize,
+    /// Times the mapped region had to grow (each one a driver call).
+    pub grow_events: u64,
+}
+
+/// Page bookkeeping over a range of `capacity` pages: first fit at the lowest address, so that
+/// allocations stay inside the mapped prefix whenever they can, and free runs coalesce.
+#[derive(Debug)]
+pub struct PagePool {
+    page_size: u64,
+    capacity: usize,
+    mapped: usize,
+    /// Free runs, start page -> length; never adjacent (coalesced on free).
+    free: BTreeMap<usize, usize>,
+    in_use_pages: usize,
+    peak_pages: usize,
+    live: usize,
+    grow_events: u64,
+}
+
+impl PagePool {
+    /// A pool of `capacity` pages of `page_size` bytes, none mapped yet.
+    pub fn new(page_size: u64, capacity: usize) -> Self {
+        let mut free = BTreeMap::new();
+        if capacity > 0 {
+            free.insert(0, capacity);
+        }
+        PagePool {
+            page_size,
+            capacity,
+            mapped: 0,
+            free,
+            in_use_pages: 0,
+            peak_pages: 0,
+            live: 0,
+            grow_events: 0,
+        }
+    }
+
+    /// Pages needed for `bytes` (at least one, so that every block has a distinct address).
+    pub fn pages_for(&self, bytes: u64) -> usize {
+        bytes.div_ceil(self.page_size).max(1) as usize
+    }
+
+    /// Takes the lowest run of pages that holds `bytes`. Returns the run and, when the run reaches
+    /// past the mapped prefix, the new mapped length the caller must back with memory before use.
+    pub fn alloc(&mut self, bytes: u64) -> Result<(PageRun, Option<usize>)> {
+        let len = self.pages_for(bytes);
+        let found = self.free.iter().find(|(_, &l)| l >= len).map(|(&s, &l)| (s, l));
+        let Some((start, run_len)) = found else {
+            return Err(Error::OutOfMemory {
+                requested: len as u64 * self.page_size,
+                in_use: self.in_use_pages as u64 * self.page_size,
+                budget: self.capacity as u64 * self.page_size,
+            });
+        };
+        self.free.remove(&start);
+        if run_len > len {
+            self.free.insert(start + len, run_len - len);
+        }
+        self.in_use_pages += len;
+        self.peak_pages = self.peak_pages.max(self.in_use_pages);
+        self.live += 1;
+        let run = PageRun { start, len };
+        let grow = (run.end() > self.mapped).then_some(run.end());
+        Ok((run, grow))
+    }
+
+    /// Records that pages `[0, mapped)` are now backed by device memory.
+    pub fn set_mapped(&mut self, mapped: usize) {
+        debug_assert!(mapped <= self.capacity);
+        if mapped > self.mapped {
+            self.grow_events += 1;
+        }
+        self.mapped = mapped;
+    }
+
+    /// Gives a run back; it merges with free neighbours.
+    pub fn free(&mut self, run: PageRun) {
+        let mut start = run.start;
+        let mut len = run.len;
+        if let Some((&ps, &pl)) = self.free.range(..start).next_back() {
+            debug_assert!(ps + pl <= start, "double free of pages {run:?}");
+            if ps + pl == start {
+                self.free.remove(&ps);
+                start = ps;
+                len += pl;
+            }
+        }
+        if let Some(nl) = self.free.remove(&(run.end())) {
+            len += nl;
+        }
+        self.free.insert(start, len);
+        self.in_use_pages -= run.len;
+        self.live -= 1;
+    }
+
+    /// First page past every live allocation: pages from here to `mapped` could be unmapped.
+    pub fn high_water(&self) -> usize {
+        match self.free.iter().next_back() {
+            Some((&s, &l)) if s + l == self.capacity => s,
+            _ => self.capacity,
+        }
+    }
+
+    /// Pages currently backed by memory.
+    pub fn mapped(&self) -> usize {
+        self.mapped
+    }
+
+    /// Restarts peak tracking from the current use.
+    pub fn reset_peak(&mut self) {
+        self.peak_pages = self.in_use_pages;
+    }
+
+    /// Current statistics.
+    pub fn stats(&self) -> MemStats {
+        MemStats {
+            budget: self.capacity as u64 * self.page_size,
+            page_size: self.page_size,
+            in_use: self.in_use_pages as u64 * self.page_size,
+            peak: self.peak_pages as u64 * self.page_size,
+            mapped: self.mapped as u64 * self.page_size,
+            live_allocations: self.live,
+            grow_events: self.grow_events,
+        }
+    }
+}
+
+/// A block of device memory from the allocator. Not `Clone`: give it back with
+/// [`DeviceAllocator::free`] exactly once.
+#[derive(Debug)]
+pub struct DeviceBlock {
+    ptr: sys::CUdeviceptr,
+    bytes: u64,
+    run: PageRun,
+}
+
+impl DeviceBlock {
+    /// Device address of the first byte (page aligned).
+    pub fn ptr(&self) -> sys::CUdeviceptr {
+        self.ptr
+    }
+    /// Bytes requested (the run may be larger).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// How pages get their memory.
+enum Backing {
+    /// CUDA virtual memory: pages mapped on demand into a reserved range.
+    Vmm { prop: sys::CUmemAllocationProp, chunks: Vec<(u64, u64, sys::CUmemGenericAllocationHandle)> },
+    /// No VMM on this GPU: the whole budget allocated at once.
+    Eager,
+}
+
+/// The paged allocator on a GPU. See the module documentation.
+pub struct DeviceAllocator {
+    pool: PagePool,
+    base: sys::CUdeviceptr,
+    backing: Backing,
+    device: sys::CUdevice,
+}
+
+impl DeviceAllocator {
+    /// An allocator with a hard budget of `budget` bytes (rounded down to whole pages) and pages of
+    /// `page_size` bytes (rounded up to the GPU's mapping granularity).
+    pub fn new(gpu: &Gpu, budget: u64, page_size: u64) -> Result<Self> {
+        gpu.bind()?;
+        let device = gpu.cu_device();
+        // SAFETY: querying a device attribute of a valid device; writes one int.
+        let vmm = unsafe {
+            cudarc::driver::result::device::get_attribute(
+                device,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+            )
+        }
+        .map_err(|e| cuda_err("query VMM support", e))?;
+        if vmm == 0 {
+            let page_size = page_size.max(1);
+            let pages = (budget / page_size) as usize;
+            let bytes = pages as u64 * page_size;
+            // SAFETY: plain device allocation; freed in Drop.
+            let base = unsafe { cudarc::driver::result::malloc_sync(bytes.max(1) as usize) }
+                .map_err(|e| cuda_err(&format!("allocate the {bytes}-byte budget"), e))?;
+            let mut pool = PagePool::new(page_size, pages);
+            pool.set_mapped(pages);
+            return Ok(DeviceAllocator { pool, base, backing: Backing::Eager, device });
+        }
+
+        // SAFETY: a zeroed CUmemAllocationProp is the documented "no options" value; we set the
+        // fields we need below.
+        let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+        prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = device;
+        let mut gran = 0usize;
+        // SAFETY: prop is fully initialised; gran is a valid out pointer.
+        unsafe {
+            sys::cuMemGetAllocationGranularity(
+                &mut gran,
+                &prop,
+                sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+            )
+        }
+        .result()
+        .map_err(|e| cuda_err("query the mapping granularity", e))?;
+        let gran = gran.max(1) as u64;
+        let page_size = page_size.max(1).div_ceil(gran) * gran;
+        let pages = (budget / page_size) as usize;
+        let mut base = 0;
+        let reserve = (pages as u64 * page_size).max(page_size);
+        // SAFETY: reserves address space only; released in Drop.
+        unsafe { sys::cuMemAddressReserve(&mut base, reserve as usize, 0, 0, 0) }
+            .result()
+            .map_err(|e| cuda_err(&format!("reserve {reserve} bytes of address space"), e))?;
+        Ok(DeviceAllocator {
+            pool: PagePool::new(page_size, pages),
+            base,
+            backing: Backing::Vmm { prop, chunks: Vec::new() },
+            device,
+        })
+    }
+
+    /// A block of at least `bytes` bytes. [`Error::OutOfMemory`] when the budget cannot hold it.
+    pub fn alloc(&mut self, bytes: u64) -> Result<DeviceBlock> {
+        let (run, grow) = self.pool.alloc(bytes)?;
+        if let Some(new_mapped) = grow {
+            if let Err(e) = self.map_up_to(new_mapped) {
+                self.pool.free(run);
+                return Err(e);
+            }
+        }
+        Ok(DeviceBlock { ptr: self.base + run.start as u64 * self.pool.page_size, bytes, run })
+    }
+
+    /// Gives a block back. Its pages stay mapped for the next allocation.
+    pub fn free(&mut self, block: DeviceBlock) {
+        self.pool.free(block.run);
+    }
+
+    /// Current statistics.
+    pub fn stats(&self) -> MemStats {
+        self.pool.stats()
+    }
+
+    /// Restarts peak tracking (e.g. per batch).
+    pub fn reset_peak(&mut self) {
+        self.pool.reset_peak();
+    }
+
+    fn map_up_to(&mut self, new_mapped: usize) -> Result<()> {
+        let Backing::Vmm { prop, chunks } = &mut self.backing else {
+            unreachable!("eager backing is fully mapped");
+        };
+        let page = self.pool.page_size;
+        let offset = self.pool.mapped() as u64 * page;
+        let size = (new_mapped - self.pool.mapped()) as u64 * page;
+        let oom = |what: &str, e| match e {
+            sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfMemory {
+                requested: size,
+                in_use: self.pool.stats().in_use,
+                budget: self.pool.stats().budget,
+            },
+            e => cuda_err(what, cudarc::driver::DriverError(e)),
+        };
+        let mut handle = 0;
+        // SAFETY: prop is initialised; size is a multiple of the granularity.
+        let r = unsafe { sys::cuMemCreate(&mut handle, size as usize, prop, 0) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(oom("create physical pages", r));
+        }
+        let addr = self.base + offset;
+        // SAFETY: [addr, addr+size) lies inside our reservation and is not mapped yet.
+        let r = unsafe { sys::cuMemMap(addr, size as usize, 0, handle, 0) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            // SAFETY: handle was created above and is not mapped.
+            unsafe { sys::cuMemRelease(handle) };
+            return Err(oom("map pages", r));
+        }
+        let access = sys::CUmemAccessDesc {
+            location: prop.location,
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the range was just mapped; access is a valid descriptor for our device.
+        let r = unsafe { sys::cuMemSetAccess(addr, size as usize, &access, 1) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            // SAFETY: undo the mapping made above.
+            unsafe {
+                sys::cuMemUnmap(addr, size as usize);
+                sys::cuMemRelease(handle);
+            }
+            return Err(oom("enable access to pages", r));
+        }
+        chunks.push((offset, size, handle));
+        self.pool.set_mapped(new_mapped);
+        Ok(())
+    }
+}
+
+impl Drop for DeviceAllocator {
+    fn drop(&mut self) {
+        let _ = self.device;
+        let total = self.pool.stats().budget.max(self.pool.page_size);
+        match &mut self.backing {
+            Backing::Vmm { chunks, .. } => {
+                for (offset, size, handle) in chunks.drain(..) {
+                    // SAFETY: each chunk was mapped by map_up_to and is unmapped once here.
+                    unsafe {
+                        sys::cuMemUnmap(self.base + offset, size as usize);
+                        sys::cuMemRelease(handle);
+                    }
+                }
+                // SAFETY: the reservation made in new(), now with nothing mapped in it.
+                unsafe { sys::cuMemAddressFree(self.base, total as usize) };
+            }
+            Backing::Eager => {
+                // SAFETY: the allocation made in new(); no block outlives the allocator in use.
+                unsafe {
+                    let _ = cudarc::driver::result::free_sync(self.base);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = 1 << 20;
+
+    #[test]
+    fn pages_round_up_and_zero_bytes_takes_one_page() {
+        let pool = PagePool::new(P, 8);
+        assert_eq!(pool.pages_for(0), 1);
+        assert_eq!(pool.pages_for(1), 1);
+        assert_eq!(pool.pages_for(P), 1);
+        assert_eq!(pool.pages_for(P + 1), 2);
+    }
+
+    #[test]
+    fn first_fit_grows_mapping_only_past_the_prefix() {
+        let mut pool = PagePool::new(P, 16);
+        let (a, g) = pool.alloc(3 * P).unwrap();
+        assert_eq!((a, g), (PageRun { start: 0, len: 3 }, Some(3)));
+        pool.set_mapped(3);
+        let (b, g) = pool.alloc(P).unwrap();
+        assert_eq!((b, g), (PageRun { start: 3, len: 1 }, Some(4)));
+        pool.set_mapped(4);
+        pool.free(a);
+        // Fits in the freed hole: no growth.
+        let (c, g) = pool.alloc(2 * P).unwrap();
+        assert_eq!((c, g), (PageRun { start: 0, len: 2 }, None));
+        assert_eq!(pool.stats().in_use, 3 * P);
+        assert_eq!(pool.stats().peak, 4 * P);
+        assert_eq!(pool.stats().live_allocations, 2);
+        assert_eq!(pool.stats().grow_events, 2);
+    }
+
+    #[test]
+    fn frees_coalesce_in_any_order() {
+        for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2], [0, 2, 1], [2, 0, 1], [1, 2, 0]] {
+            let mut pool = PagePool::new(P, 6);
+            let runs: Vec<_> = (0..3).map(|_| pool.alloc(2 * P).unwrap().0).collect();
+            assert!(pool.alloc(1).is_err(), "pool should be full");
+            for i in order {
+                pool.free(runs[i]);
+            }
+            assert_eq!(pool.free.len(), 1, "order {order:?} left {:?}", pool.free);
+            assert_eq!(pool.stats().in_use, 0);
+            assert_eq!(pool.alloc(6 * P).unwrap().0, PageRun { start: 0, len: 6 });
+        }
+    }
+
+    #[test]
+    fn out_of_memory_is_typed_and_leaves_the_pool_intact() {
+        let mut pool = PagePool::new(P, 4);
+        let (a, _) = pool.alloc(3 * P).unwrap();
+        match pool.alloc(2 * P) {
+            Err(Error::OutOfMemory { requested, in_use, budget }) => {
+                assert_eq!((requested, in_use, budget), (2 * P, 3 * P, 4 * P));
+            }
+            other => panic!("expected OutOfMemory, got {other:?}"),
+        }
+        assert_eq!(pool.stats().live_allocations, 1);
+        pool.free(a);
+        assert!(pool.alloc(4 * P).is_ok());
+    }
+
+    #[test]
+    fn a_fragmented_pool_reports_oom_even_with_enough_total_free() {
+        let mut pool = PagePool::new(P, 4);
+        let r: Vec<_> = (0..4).map(|_| pool.alloc(P).unwrap().0).collect();
+        pool.free(r[0]);
+        pool.free(r[2]);
+        assert!(matches!(pool.alloc(2 * P), Err(Error::OutOfMemory { .. })));
+        pool.free(r[1]);
+        assert_eq!(pool.alloc(3 * P).unwrap().0, PageRun { start: 0, len: 3 });
+    }
+
+    #[test]
+    fn repeated_forward_cycles_do_not_grow() {
+        // A forward-like pattern: per-layer temporaries freed inside, outputs freed at the end.
+        let mut pool = PagePool::new(P, 64);
+        let mut mapped_after_first = 0;
+        for cycle in 0..100 {
+            let hidden = pool.alloc(5 * P).unwrap();
+            pool.set_mapped(pool.mapped().max(hidden.0.end()));
+            for _layer in 0..4 {
+                let t1 = pool.alloc(7 * P + 3).unwrap();
+                pool.set_mapped(pool.mapped().max(t1.0.end()));
+                let t2 = pool.alloc(11 * P).unwrap();
+                pool.set_mapped(pool.mapped().max(t2.0.end()));
+                pool.free(t1.0);
+                let t3 = pool.alloc(2 * P).unwrap();
+                pool.set_mapped(pool.mapped().max(t3.0.end()));
+                pool.free(t2.0);
+                pool.free(t3.0);
+            }
+            pool.free(hidden.0);
+            if cycle == 0 {
+                mapped_after_first = pool.mapped();
+            }
+            assert_eq!(pool.mapped(), mapped_after_first, "cycle {cycle} grew the mapping");
+            assert_eq!(pool.stats().in_use, 0);
+        }
+        assert_eq!(pool.high_water(), 0);
+    }
+
+    #[test]
+    fn random_alloc_free_keeps_invariants() {
+        // Deterministic xorshift; checks no overlap and exact accounting against a shadow map.
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rnd = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut pool = PagePool::new(P, 128);
+        let mut live: Vec<PageRun> = Vec::new();
+        let mut owner = [false; 128];
+        for _ in 0..20_000 {
+            if live.is_empty() || rnd() % 3 != 0 {
+                let bytes = rnd() % (9 * P);
+                if let Ok((run, _)) = pool.alloc(bytes) {
+                    for p in run.start..run.end() {
+                        assert!(!owner[p], "page {p} handed out twice");
+                        owner[p] = true;
+                    }
+                    live.push(run);
+                }
+            } else {
+                let run = live.swap_remove((rnd() as usize) % live.len());
+                for p in run.start..run.end() {
+                    owner[p] = false;
+                }
+                pool.free(run);
+            }
+            let used: usize = live.iter().map(|r| r.len).sum();
+            assert_eq!(pool.stats().in_use, used as u64 * P);
+            assert_eq!(pool.stats().live_allocations, live.len());
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The bf16 GEMM through cuBLASLt, with a row-major API.
+//!
+//! `linear`: `y[m, n] = x[m, k] · w[n, k]ᵀ (+ bias[n]) (+ y if accumulate)`, the shape of every
+//! projection in the model (PyTorch's `Linear` stores `w` as `[out, in]`). bf16 operands, f32
+//! compute and f32 scale, bf16 output.
+//!
+//! Row-major to column-major, once: a row-major `[r, c]` matrix is a column-major `[c, r]` one.
+//! So `Y = X·Wᵀ` (row-major) is `Yᶜ = Wᶜᵀ·Xᶜ` (column-major, `Yᶜ` is n×m): cuBLAS's A is `w`
+//! (k×n, ld k, transposed), B is `x` (k×m, ld k), C is `y` (n×m, ld n). The bias epilogue adds a
+//! vector along C's rows, i.e. one value per output feature.
+//!
+//! Each distinct problem (m, n, k, bias, accumulate) gets a plan on first use: descriptors and the
+//! heuristic's algorithm, cached. Repeating a shape costs no heuristic query and no allocation.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+use cudarc::cublaslt::{result as lt, sys};
+use cudarc::driver::{sys as dsys, CudaStream};
+use half::bf16;
+
+use super::cuda_err;
+use super::tensor::{DView, DViewMut};
+use crate::{Error, Result};
+
+/// cuBLASLt workspace: NVIDIA's recommendation for Hopper.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+fn blas_err(what: &str, e: lt::CublasError) -> Error {
+    Error::Blas(format!("{what}: {e:?}"))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Key {
+    m: usize,
+    n: usize,
+    k: usize,
+    bias: bool,
+    accumulate: bool,
+}
+
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    layouts: [sys::cublasLtMatrixLayout_t; 3],
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created in Blas::plan and is destroyed once, here.
+        unsafe {
+            for l in self.layouts {
+                let _ = lt::destroy_matrix_layout(l);
+            }
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+/// cuBLASLt handle, workspace and plan cache. Used from one thread (the one that drives the GPU).
+pub struct Blas {
+    handle: sys::cublasLtHandle_t,
+    workspace: dsys::CUdeviceptr,
+    stream: dsys::CUstream,
+    plans: RefCell<HashMap<Key, Plan>>,
+}
+
+impl Blas {
+    pub(crate) fn new(stream: &CudaStream) -> Result<Self> {
+        // SAFETY: only tries to dlopen libcublasLt.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::NoGpu(
+                "cuBLASLt (libcublasLt.so.13) was not found; install CUDA 13's cuBLAS or add its \
+                 lib folder to LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        let handle = lt::create_handle().map_err(|e| blas_err("create handle", e))?;
+        // SAFETY: plain device allocation, freed in Drop.
+        let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }
+            .map_err(|e| cuda_err("allocate the cuBLASLt workspace", e))?;
+        Ok(Blas { handle, workspace, stream: stream.cu_stream(), plans: RefCell::new(HashMap::new()) })
+    }
+
+    /// `y = x·wᵀ (+ bias) (+ y)`; see the module documentation. Shapes: x `[m, k]`, w `[n, k]`,
+    /// bias `[n]`, y `[m, n]`.
+    pub fn linear(
+        &self,
+        x: &DView<'_, bf16>,
+        w: &DView<'_, bf16>,
+        bias: Option<&DView<'_, bf16>>,
+        y: &mut DViewMut<'_, bf16>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let shape_err = |msg: String| Error::Shape { op: "linear", msg };
+        let (&[m, k], &[n, k2]) = (x.shape(), w.shape()) else {
+            return Err(shape_err(format!("x {:?} and w {:?} must be 2-D", x.shape(), w.shape())));
+        };
+        if k != k2 || y.shape() != [m, n] {
+            return Err(shape_err(format!(
+                "x {:?} · w {:?}ᵀ -> y {:?}: expected x [m, k], w [n, k], y [m, n]",
+                x.shape(),
+                w.shape(),
+                y.shape()
+            )));
+        }
+        if let Some(b) = bias {
+            if b.shape() != [n] {
+                return Err(shape_err(format!("bias {:?}, expected [{n}]", b.shape())));
+            }
+        }
+        if m == 0 || n == 0 || k == 0 {
+            return Err(shape_err(format!("empty problem m={m} n={n} k={k}")));
+        }
+        let key = Key { m, n, k, bias: bias.is_some(), accumulate };
+        let mut plans = self.plans.borrow_mut();
+        if !plans.contains_key(&key) {
+            let plan = self.plan(key)?;
+            plans.insert(key, plan);
+        }
+        let plan = &plans[&key];
+        if let Some(b) = bias {
+            let ptr = b.ptr();
+            // SAFETY: desc is live; the attribute is a device pointer, passed by address.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &ptr as *const _ as *const c_void,
+                    std::mem::size_of_val(&ptr),
+                )
+            }
+            .map_err(|e| blas_err("set bias pointer", e))?;
+        }
+        let alpha = 1.0f32;
+        let beta = if accumulate { 1.0f32 } else { 0.0 };
+        // SAFETY: shapes were checked against the layouts of this plan; all pointers are live
+        // device allocations of the sizes the layouts describe; workspace is ours.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w.ptr() as *const c_void,
+                plan.layouts[0],
+                x.ptr() as *const c_void,
+                plan.layouts[1],
+                y.ptr() as *const c_void,
+                plan.layouts[2],
+                y.ptr() as *mut c_void,
+                plan.layouts[2],
+                &plan.algo,
+                self.workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                self.stream as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| blas_err(&format!("matmul m={m} n={n} k={k}"), e))
+    }
+
+    /// Number of cached plans (distinct problem shapes seen).
+    pub fn plan_count(&self) -> usize {
+        self.plans.borrow().len()
+    }
+
+    fn plan(&self, key: Key) -> Result<Plan> {
+        let Key { m, n, k, bias, .. } = key;
+        let bf = sys::cudaDataType_t::CUDA_R_16BF;
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )
+        .map_err(|e| blas_err("create matmul desc", e))?;
+        let a = lt::create_matrix_layout(bf, k as u64, n as u64, k as i64);
+        let b = lt::create_matrix_layout(bf, k as u64, m as u64, k as i64);
+        let c = lt::create_matrix_layout(bf, n as u64, m as u64, n as i64);
+        let (a, b, c) = match (a, b, c) {
+            (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+            (a, b, c) => {
+                let e = [a, b, c].into_iter().find_map(|r| r.err()).unwrap();
+                return Err(blas_err("create matrix layout", e));
+            }
+        };
+        let mut plan = Plan { desc, layouts: [a, b, c], algo: unsafe_zeroed_algo() };
+        let set = |attr, value: &dyn AsBytes| {
+            // SAFETY: desc is live; value points to an attribute-sized object.
+            unsafe { lt::set_matmul_desc_attribute(desc, attr, value.ptr(), value.len()) }
+                .map_err(|e| blas_err("set matmul attribute", e))
+        };
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        set(A::CUBLASLT_MATMUL_DESC_TRANSA, &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T)?;
+        set(A::CUBLASLT_MATMUL_DESC_TRANSB, &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N)?;
+        if bias {
+            set(A::CUBLASLT_MATMUL_DESC_EPILOGUE, &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS)?;
+            set(A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bf)?;
+        }
+        let pref = lt::create_matmul_pref().map_err(|e| blas_err("create preference", e))?;
+        let ws = WORKSPACE_BYTES as u64;
+        // SAFETY: pref is live; the attribute is a u64 passed by address.
+        let r = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as *const c_void,
+                std::mem::size_of::<u64>(),
+            )
+        };
+        // SAFETY: all handles are live.
+        let heuristic = r.and_then(|_| unsafe {
+            lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref)
+        });
+        // SAFETY: pref was created above and is not used again.
+        unsafe {
+            let _ = lt::destroy_matmul_pref(pref);
+        }
+        plan.algo = heuristic.map_err(|e| blas_err(&format!("no algorithm for m={m} n={n} k={k}"), e))?.algo;
+        Ok(plan)
+    }
+}
+
+/// A value passed to cuBLASLt as an attribute: its address and size.
+trait AsBytes {
+    fn ptr(&self) -> *const c_void;
+    fn len(&self) -> usize;
+}
+impl<T> AsBytes for T {
+    fn ptr(&self) -> *const c_void {
+        self as *const T as *const c_void
+    }
+    fn len(&self) -> usize {
+        std::mem::size_of::<T>()
+    }
+}
+
+fn unsafe_zeroed_algo() -> sys::cublasLtMatmulAlgo_t {
+    // SAFETY: cublasLtMatmulAlgo_t is plain data (an array of u64); zero is a placeholder that
+    // `plan` overwrites before the plan is used.
+    unsafe { std::mem::zeroed() }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        self.plans.borrow_mut().clear();
+        // SAFETY: handle and workspace were created in new() and are released once, here.
+        unsafe {
+            let _ = lt::destroy_handle(self.handle);
+            let _ = cudarc::driver::result::free_sync(self.workspace);
+        }
+    }
+}
