@@ -1,1 +1,20 @@
-fn main(){}
+//! The GPU suite (`cargo test --test gpu`, or the packed binary on a GPU machine: see
+//! tools/pack_gpu.sh). Skips with a message where there is no GPU.
+
+mod alloc;
+mod check;
+mod harness;
+mod ops;
+
+fn main() {
+    harness::run(&[
+        ("kernels_resolve", ops::kernels_resolve),
+        ("swiglu_matches_reference", ops::swiglu_matches_reference),
+        ("swiglu_rejects_bad_shapes", ops::swiglu_rejects_bad_shapes),
+        ("linear_matches_reference", ops::linear_matches_reference),
+        ("linear_rejects_bad_shapes", ops::linear_rejects_bad_shapes),
+        ("alloc_round_trip", alloc::alloc_round_trip),
+        ("alloc_no_growth_over_100_cycles", alloc::alloc_no_growth_over_100_cycles),
+        ("alloc_budget_gives_typed_oom", alloc::alloc_budget_gives_typed_oom),
+    ]);
+}

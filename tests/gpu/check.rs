@@ -1,0 +1,55 @@
+//! Comparing GPU output with the CPU reference: every element, with a per-element tolerance the
+//! caller derives from the dtype and the computation.
+
+/// bf16 keeps 8 significant bits: rounding to it moves a value by at most half an ulp, 2^-9
+/// relative. We allow 2^-8 so that a reference that itself rounds once more stays inside.
+pub const BF16_REL: f32 = 1.0 / 256.0;
+
+/// NaN in bf16: what outputs are poisoned with before a kernel runs, so an element the kernel
+/// never wrote fails the comparison.
+pub const BF16_NAN_BITS: u16 = 0x7FC0;
+
+/// Checks `got[i]` against `want[i]` within `tol(i)`; NaN or infinity never passes. Reports the
+/// worst element and how many failed.
+pub fn check_close(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    tol: impl Fn(usize) -> f32,
+) -> Result<CloseStats, String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()));
+    }
+    let mut stats = CloseStats::default();
+    let mut bad = 0usize;
+    let mut first_bad = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        let t = tol(i);
+        if !g.is_finite() || !(err <= t) {
+            bad += 1;
+            first_bad.get_or_insert((i, g, w, t));
+        }
+        if err.is_finite() {
+            stats.max_abs = stats.max_abs.max(err);
+            if t > 0.0 {
+                stats.max_tol_ratio = stats.max_tol_ratio.max(err / t);
+            }
+        }
+    }
+    if let Some((i, g, w, t)) = first_bad {
+        return Err(format!(
+            "{what}: {bad} of {} elements out of tolerance; first at {i}: got {g}, want {w}, tol {t}",
+            got.len()
+        ));
+    }
+    Ok(stats)
+}
+
+/// How close a comparison came: the largest error, and the largest error over its tolerance
+/// (1.0 would be at the limit).
+#[derive(Default, Debug, Clone, Copy)]
+pub struct CloseStats {
+    pub max_abs: f32,
+    pub max_tol_ratio: f32,
+}

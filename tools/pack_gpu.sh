@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds the GPU test suite, the runner and the benchmark in release mode and packs them,
+# stripped, with what they need, into .gpu/ (git-ignored), ready to carry to a GPU machine.
+# Prints the one command that runs everything there; its last line is `N passed, M failed`.
+#
+#   bash tools/pack_gpu.sh            # then, on the GPU machine, from the repository root:
+#   bash .gpu/run.sh                  # logs go to $OUT (or .gpu/out) as well
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=.gpu
+limit=$((60 << 20)) # the device tool carries at most 64 MiB in all
+
+cargo build --release --bins
+test_exe=$(cargo test --release --test gpu --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
+        print(m["executable"])')
+[ -n "$test_exe" ] || { echo "pack_gpu: could not find the gpu test binary" >&2; exit 1; }
+
+rm -rf "$out"
+mkdir -p "$out"
+cp target/release/jv4 target/release/jv4-bench "$out/"
+cp "$test_exe" "$out/gpu-tests"
+strip "$out/jv4" "$out/jv4-bench" "$out/gpu-tests"
+cp tools/gpu_run.sh "$out/run.sh"
+cp tools/torch_ops_bench.py "$out/"
+
+size=$(du -sb "$out" | cut -f1)
+if [ "$size" -gt "$limit" ]; then
+    echo "pack_gpu: $out is $((size >> 20)) MiB, over the $((limit >> 20)) MiB carry limit" >&2
+    exit 1
+fi
+echo "packed $out: $((size >> 20)) MiB ($(ls "$out" | tr '\n' ' '))"
+echo "device command (carry: $out):  bash $out/run.sh"

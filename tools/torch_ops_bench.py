@@ -1,0 +1,57 @@
+"""PyTorch timings of the cases `jv4-bench ops` runs, for the ratio column: same shapes, bf16,
+CUDA events after warm-up, median of many runs. Writes {case: ms} as JSON.
+
+    python3 tools/torch_ops_bench.py --json torch_ops.json
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+GEMMS = [("qkv", 2560, 2048), ("o", 2048, 2048), ("gate_up", 22016, 2048), ("down", 2048, 11008)]
+TOKENS = [16, 512, 4096, 16384]
+
+
+def time_ms(fn, iters):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--iters", type=int, default=50)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    out = {}
+    for name, n, k in GEMMS:
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
+        for m in TOKENS:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            out[f"linear/{name}/m={m}"] = time_ms(lambda: F.linear(x, w), args.iters)
+    inter = 11008
+    for m in TOKENS[1:]:
+        gu = torch.randn(m, 2 * inter, device=dev, dtype=torch.bfloat16) * 2
+        # What the HF Qwen2 MLP does: act(gate) * up on two separate projections' outputs.
+        g, u = gu[:, :inter].contiguous(), gu[:, inter:].contiguous()
+        out[f"swiglu/{inter}/m={m}"] = time_ms(lambda: F.silu(g) * u, args.iters)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=1)
+    for k, v in out.items():
+        print(f"{k:<28} {v:.4f} ms")
+
+
+if __name__ == "__main__":
+    main()
