@@ -127,3 +127,4 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize) -> Result<()>
     println!("allocator: peak {} MiB, mapped {} MiB, {} growth events", s.peak >> 20, s.mapped >> 20, s.grow_events);
     Ok(())
 }
+

@@ -121,17 +121,7 @@ impl Blas {
         }
         let plan = &plans[&key];
         if let Some(b) = bias {
-            let ptr = b.ptr();
-            // SAFETY: desc is live; the attribute is a device pointer, passed by address.
-            unsafe {
-                lt::set_matmul_desc_attribute(
-                    plan.desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    &ptr as *const _ as *const c_void,
-                    std::mem::size_of_val(&ptr),
-                )
-            }
-            .map_err(|e| blas_err("set bias pointer", e))?;
+            set_desc(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b.ptr())?;
         }
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
@@ -184,18 +174,18 @@ impl Blas {
             }
         };
         let mut plan = Plan { desc, layouts: [a, b, c], algo: unsafe_zeroed_algo() };
-        let set = |attr, value: &dyn AsBytes| {
-            // SAFETY: desc is live; value points to an attribute-sized object.
-            unsafe { lt::set_matmul_desc_attribute(desc, attr, value.ptr(), value.len()) }
-                .map_err(|e| blas_err("set matmul attribute", e))
-        };
         use sys::cublasLtMatmulDescAttributes_t as A;
-        set(A::CUBLASLT_MATMUL_DESC_TRANSA, &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T)?;
-        set(A::CUBLASLT_MATMUL_DESC_TRANSB, &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N)?;
-        if bias {
-            set(A::CUBLASLT_MATMUL_DESC_EPILOGUE, &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS)?;
-            set(A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bf)?;
-        }
+        // cublasOperation_t values: 0 = N, 1 = T (an int32 attribute).
+        set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
+        set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
+        set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSC, &0i32)?;
+        let epilogue = if bias {
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bf)?;
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        } else {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        };
+        set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
         let pref = lt::create_matmul_pref().map_err(|e| blas_err("create preference", e))?;
         let ws = WORKSPACE_BYTES as u64;
         // SAFETY: pref is live; the attribute is a u64 passed by address.
@@ -220,18 +210,17 @@ impl Blas {
     }
 }
 
-/// A value passed to cuBLASLt as an attribute: its address and size.
-trait AsBytes {
-    fn ptr(&self) -> *const c_void;
-    fn len(&self) -> usize;
-}
-impl<T> AsBytes for T {
-    fn ptr(&self) -> *const c_void {
-        self as *const T as *const c_void
+/// Sets one matmul-descriptor attribute from a plain value (passed by address and size).
+fn set_desc<T: Copy>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attr: sys::cublasLtMatmulDescAttributes_t,
+    value: &T,
+) -> Result<()> {
+    // SAFETY: desc is live; value points to size_of::<T>() readable bytes, the attribute's size.
+    unsafe {
+        lt::set_matmul_desc_attribute(desc, attr, value as *const T as *const c_void, std::mem::size_of::<T>())
     }
-    fn len(&self) -> usize {
-        std::mem::size_of::<T>()
-    }
+    .map_err(|e| blas_err("set matmul attribute", e))
 }
 
 fn unsafe_zeroed_algo() -> sys::cublasLtMatmulAlgo_t {
