@@ -1,8 +1,10 @@
 //! The model layer: configuration, checkpoint reading and validation, and (later) the forward.
 //! It never names a kernel and never touches cudarc: device work goes through `ops` and `cuda`.
 
+pub mod checkpoint;
 pub mod config;
 pub mod task;
 
+pub use checkpoint::{Checkpoint, Dtype, ExpectedTensor, Source, TensorInfo};
 pub use config::{AdapterConfig, ModelConfig, PreprocessorConfig};
 pub use task::Task;
