@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod synth;
 pub mod task;
 
 pub use checkpoint::{Checkpoint, Dtype, ExpectedTensor, Source, TensorInfo};
