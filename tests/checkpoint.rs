@@ -143,6 +143,26 @@ fn full_preset_table_matches_spec_parameter_counts() {
 }
 
 #[test]
+fn single_file_checkpoint_without_index() {
+    let (_tmp, dir) = tiny();
+    let merged = dir.join("model.safetensors");
+    std::fs::copy(dir.join(SHARD_FILES[0]), &merged).unwrap();
+    let second = std::fs::read(dir.join(SHARD2)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&second).unwrap();
+    rewrite(&merged, |v| {
+        v.extend(
+            st.iter().map(|(n, t)| (n.into(), t.dtype(), t.shape().to_vec(), t.data().to_vec())),
+        )
+    });
+    for f in [INDEX_FILE, SHARD_FILES[0], SHARD2] {
+        std::fs::remove_file(dir.join(f)).unwrap();
+    }
+    let ck = Checkpoint::open(&dir).unwrap();
+    assert_eq!(ck.files(), vec![merged.clone(), dir.join(ADAPTER_FILE)]);
+    assert_eq!(ck.get("norm.weight").unwrap().file, merged);
+}
+
+#[test]
 fn stale_single_vector_projector_is_ignored() {
     let (_tmp, dir) = tiny();
     add_to_shard2(&dir, "single_vector_projector.weight", safetensors::Dtype::BF16, &[8, 256]);
@@ -289,6 +309,30 @@ fn same_tensor_under_two_spellings() {
         s.contains("model.language_model.norm.weight") && s.contains("`model.norm.weight`"),
         "{s}"
     );
+}
+
+#[test]
+fn same_tensor_in_two_shards() {
+    let (_tmp, dir) = tiny();
+    let name = "model.norm.weight";
+    let bytes = std::fs::read(dir.join(SHARD2)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    let copy = (name.to_string(), t.dtype(), t.shape().to_vec(), t.data().to_vec());
+    rewrite(&dir.join(SHARD_FILES[0]), |v| v.push(copy));
+    let (e, s) = open_err(&dir);
+    assert!(matches!(e, Error::Tensor { .. }), "{e:?}");
+    assert!(s.contains("duplicate") && s.contains(SHARD_FILES[0]) && s.contains(SHARD2), "{s}");
+}
+
+#[test]
+fn shard_tensor_not_listed_in_index() {
+    let (_tmp, dir) = tiny();
+    edit_index(&dir, |m| {
+        m.remove("model.norm.weight");
+    });
+    let (_, s) = open_err(&dir);
+    assert!(s.contains("model.norm.weight") && s.contains(SHARD2) && s.contains(INDEX_FILE), "{s}");
 }
 
 /// Writes and opens the full-size synthetic checkpoint (~8 GB on disk): run by hand with

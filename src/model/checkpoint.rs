@@ -462,21 +462,24 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut maps = Vec::new();
 
-        let shards: Vec<(PathBuf, Option<Vec<String>>)> = match plan {
-            Some(plan) => plan.into_iter().map(|(f, names)| (dir.join(f), Some(names))).collect(),
-            None => vec![(base_ref.clone(), None)],
+        let shards: Vec<PathBuf> = match &plan {
+            Some(plan) => plan.keys().map(|f| dir.join(f)).collect(),
+            None => vec![base_ref.clone()],
         };
-        for (path, listed) in shards {
+        let mut stored = Vec::with_capacity(shards.len());
+        for path in shards {
             let (map, raw) = map_safetensors(&path)?;
-            if let Some(listed) = listed {
-                check_against_index(&path, &base_ref, &listed, &raw)?;
-            }
+            stored.push(raw.iter().map(|r| r.name.clone()).collect::<Vec<_>>());
             let fi = files.len();
             files.push(path.clone());
             maps.push(map);
             for r in raw {
                 b.admit(r, &path, fi, Source::Base)?;
             }
+        }
+        // After admission, so that a tensor stored in two shards is reported as a duplicate.
+        if let Some(plan) = &plan {
+            check_against_index(&base_ref, plan, &files, &stored)?;
         }
 
         let adapter_path = dir.join(ADAPTER_FILE);
@@ -585,32 +588,33 @@ pub(crate) fn f32_to_bf16(x: f32) -> bf16 {
     bf16::from_f32(x)
 }
 
-/// The index and the shard must agree both ways: a tensor the index places here must be here, and
-/// a tensor stored here must be listed for this file (otherwise the index is stale).
+/// The index and the shards must agree both ways: a tensor the index places in a shard must be
+/// there, and a tensor stored in a shard must be listed for it (otherwise the index is stale).
+/// `files[i]` and `stored[i]` (sorted names) belong to the i-th shard of `plan`.
 fn check_against_index(
-    shard: &Path,
     index: &Path,
-    listed: &[String],
-    raw: &[RawTensor],
+    plan: &ShardPlan,
+    files: &[PathBuf],
+    stored: &[Vec<String>],
 ) -> Result<()> {
-    // Both lists are sorted by name.
-    let stored: Vec<&str> = raw.iter().map(|r| r.name.as_str()).collect();
-    for name in listed {
-        if stored.binary_search(&name.as_str()).is_err() {
-            return Err(Error::Tensor {
-                name: name.clone(),
-                file: shard.to_path_buf(),
-                msg: format!("listed for this file in {} but not stored in it", index.display()),
-            });
+    let err = |name: &str, file: &Path, msg: String| Error::Tensor {
+        name: name.to_string(),
+        file: file.to_path_buf(),
+        msg,
+    };
+    for ((listed, file), stored) in plan.values().zip(files).zip(stored) {
+        if let Some(name) = listed.iter().find(|n| stored.binary_search(n).is_err()) {
+            let msg = format!("listed for this file in {} but not stored in it", index.display());
+            return Err(err(name, file, msg));
         }
-    }
-    for name in stored {
-        if listed.binary_search_by(|l| l.as_str().cmp(name)).is_err() {
-            return Err(Error::Tensor {
-                name: name.to_string(),
-                file: shard.to_path_buf(),
-                msg: format!("stored in this file but not listed for it in {}", index.display()),
-            });
+        if let Some(name) = stored.iter().find(|n| listed.binary_search(n).is_err()) {
+            let msg = match plan.iter().find(|(_, l)| l.binary_search(name).is_ok()) {
+                Some((other, _)) => {
+                    format!("stored in this file, but {} maps it to {other}", index.display())
+                }
+                None => format!("stored in this file but not listed in {}", index.display()),
+            };
+            return Err(err(name, file, msg));
         }
     }
     Ok(())
