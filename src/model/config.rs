@@ -301,24 +301,22 @@ impl ModelConfig {
                 ))
             }
         };
-        let rope_theta =
-            match j.opt_f64(&text_first, "rope_theta")? {
-                Some(t) => t,
-                None => match rope.and_then(|d| d.get("rope_theta")) {
-                    Some(v) if !v.is_null() => v.as_f64().ok_or_else(|| {
-                        config_err(
-                            path,
-                            format!("key `rope_scaling.rope_theta`: expected a number, found {v}"),
-                        )
-                    })?,
-                    _ => return Err(config_err(
+        let rope_theta = match j.opt_f64(&text_first, "rope_theta")? {
+            Some(t) => t,
+            None => rope
+                .and_then(|d| d.get("rope_theta"))
+                .filter(|v| !v.is_null())
+                .map(|v| v.as_f64().ok_or_else(|| j.bad("rope_scaling.rope_theta", "a number", v)))
+                .transpose()?
+                .ok_or_else(|| {
+                    config_err(
                         path,
                         "missing key `rope_theta` (looked in `text_config`, at the top level and \
                          inside `rope_scaling` / `rope_parameters`)"
                             .into(),
-                    )),
-                },
-            };
+                    )
+                })?,
+        };
 
         let text = TextConfig {
             hidden_size,
@@ -339,28 +337,16 @@ impl ModelConfig {
         if j.scope(&vis[0]).is_none() {
             return Err(config_err(path, "missing key `vision_config`".into()));
         }
-        // Qwen's own configs spell the channel count `in_chans`; transformers' class `in_channels`.
-        let in_channels = match j.opt_usize(&vis, "in_channels")? {
-            Some(c) => c,
-            None => j.opt_usize(&vis, "in_chans")?.ok_or_else(|| {
-                config_err(path, "missing key `vision_config.in_channels` (or `in_chans`)".into())
-            })?,
-        };
-        let patch_size = match j.opt_usize(&vis, "patch_size")? {
-            Some(p) => p,
-            None => j
-                .opt_usize(&vis, "spatial_patch_size")?
-                .ok_or_else(|| config_err(path, "missing key `vision_config.patch_size`".into()))?,
-        };
         let vision = VisionConfig {
             depth: j.req_usize(&vis, "depth")?,
             hidden_size: j.req_usize(&vis, "hidden_size")?,
             num_heads: j.req_usize(&vis, "num_heads")?,
             intermediate_size: j.req_usize(&vis, "intermediate_size")?,
-            patch_size,
+            // Qwen's own configs spell these `spatial_patch_size` and `in_chans`.
+            patch_size: j.req_usize_any(&vis, &["patch_size", "spatial_patch_size"])?,
             temporal_patch_size: j.req_usize(&vis, "temporal_patch_size")?,
             spatial_merge_size: j.req_usize(&vis, "spatial_merge_size")?,
-            in_channels,
+            in_channels: j.req_usize_any(&vis, &["in_channels", "in_chans"])?,
             window_size: j.req_usize(&vis, "window_size")?,
             fullatt_block_indexes: j.req_usize_list(&vis, "fullatt_block_indexes")?,
             out_hidden_size: j.req_usize(&vis, "out_hidden_size")?,
@@ -673,6 +659,16 @@ impl<'a> Lookup<'a> {
 
     fn req_usize(&self, scopes: &[Scope], key: &str) -> Result<usize> {
         self.opt_usize(scopes, key)?.ok_or_else(|| self.missing(scopes, key))
+    }
+
+    /// The first of `keys` present: one value spelled differently across config versions.
+    fn req_usize_any(&self, scopes: &[Scope], keys: &[&str]) -> Result<usize> {
+        for k in keys {
+            if let Some(v) = self.opt_usize(scopes, k)? {
+                return Ok(v);
+            }
+        }
+        Err(self.missing(scopes, &keys.join("` or `")))
     }
 
     fn opt_f64(&self, scopes: &[Scope], key: &str) -> Result<Option<f64>> {
