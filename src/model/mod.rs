@@ -1,6 +1,11 @@
 //! The model layer: configuration, checkpoint reading and validation, and (later) the forward.
 //! It never names a kernel and never touches cudarc: device work goes through `ops` and `cuda`.
 
+pub mod checkpoint;
+pub mod config;
+pub mod synth;
 pub mod task;
 
+pub use checkpoint::{Checkpoint, Dtype, ExpectedTensor, Source, TensorInfo};
+pub use config::{AdapterConfig, ModelConfig, PreprocessorConfig};
 pub use task::Task;

@@ -1,0 +1,684 @@
+//! Host-side checkpoint reading: configs, the shard index, memory-mapped safetensors files, and
+//! validation of every tensor against the table the config implies (MODEL.md §9).
+//!
+//! Stored names come in two spellings (legacy `model.layers.*` / `visual.*` and new
+//! `model.language_model.*` / `model.visual.*`, MODEL.md §9.1b); both are normalised to one
+//! canonical name, so the rest of the engine never sees a prefix. Everything is checked at open
+//! time — missing, unexpected, duplicated, mis-shaped or mis-typed tensors — so that the GPU upload
+//! that follows can assume a complete, well-formed table.
+
+use crate::model::config::{AdapterConfig, ModelConfig, PreprocessorConfig};
+use crate::model::Task;
+use crate::{Error, Result};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+
+/// The index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The single-file alternative to a sharded checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The adapters' weights, relative to the checkpoint folder.
+pub const ADAPTER_FILE: &str = "adapters/adapter_model.safetensors";
+/// The adapters' config, relative to the checkpoint folder.
+pub const ADAPTER_CONFIG_FILE: &str = "adapters/adapter_config.json";
+
+/// Element types the engine accepts in a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// bfloat16 (the real checkpoint's dtype).
+    BF16,
+    /// IEEE half.
+    F16,
+    /// IEEE single.
+    F32,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::BF16 | Dtype::F16 => 2,
+            Dtype::F32 => 4,
+        }
+    }
+
+    /// The safetensors header spelling (`"BF16"`, `"F16"`, `"F32"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::BF16 => "BF16",
+            Dtype::F16 => "F16",
+            Dtype::F32 => "F32",
+        }
+    }
+
+    fn from_safetensors(d: safetensors::Dtype) -> Option<Dtype> {
+        match d {
+            safetensors::Dtype::BF16 => Some(Dtype::BF16),
+            safetensors::Dtype::F16 => Some(Dtype::F16),
+            safetensors::Dtype::F32 => Some(Dtype::F32),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a tensor lives: the base shards or the adapters file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// `model-*.safetensors` (or `model.safetensors`).
+    Base,
+    /// `adapters/adapter_model.safetensors`.
+    Adapter,
+}
+
+/// One row of the table of tensors a config implies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpectedTensor {
+    /// Canonical name (prefixes stripped, see [`canonical_name`]).
+    pub name: String,
+    /// Shape, outermost first (`[out, in]` for linear weights).
+    pub shape: Vec<usize>,
+    /// Which file set it must come from.
+    pub source: Source,
+}
+
+/// One tensor found in the checkpoint, validated against the expected table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Canonical name.
+    pub name: String,
+    /// The name as stored in the file (for messages).
+    pub stored_name: String,
+    /// The safetensors file holding it.
+    pub file: PathBuf,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    /// Base shard or adapters file.
+    pub source: Source,
+    file_index: usize,
+    range: Range<usize>,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Number of bytes in the file.
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+}
+
+/// An opened, fully validated checkpoint folder. Holds the memory maps, so tensor data is read
+/// lazily by the OS page cache and never copied until [`Checkpoint::to_bf16`] or an upload.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The checkpoint folder.
+    pub dir: PathBuf,
+    /// `config.json`.
+    pub config: ModelConfig,
+    /// `preprocessor_config.json`.
+    pub preprocessor: PreprocessorConfig,
+    /// `adapters/adapter_config.json`.
+    pub adapter: AdapterConfig,
+    /// Documented stale keys that were skipped (`lm_head.weight`, `single_vector_projector*`),
+    /// as stored name and file, so a report can list them.
+    pub ignored: Vec<(String, PathBuf)>,
+    files: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
+}
+
+/// Normalises a stored name (MODEL.md §9.1): drops PEFT's `base_model.model.`, maps
+/// `model.visual.` → `visual.`, and strips `model.language_model.` or `model.` from LM names.
+/// Names without a known prefix (`visual.*`, `multi_vector_projector.*`, `lm_head.*`) are kept.
+pub fn canonical_name(stored: &str) -> String {
+    let s = stored.strip_prefix("base_model.model.").unwrap_or(stored);
+    if let Some(rest) = s.strip_prefix("model.visual.") {
+        format!("visual.{rest}")
+    } else if let Some(rest) = s.strip_prefix("model.language_model.") {
+        rest.to_string()
+    } else if let Some(rest) = s.strip_prefix("model.") {
+        rest.to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+/// Keys that may be present but are deliberately unused: the tied LM head and the stale
+/// single-vector projector (MODEL.md §6, §9.2).
+fn is_ignored(canonical: &str) -> bool {
+    canonical == "lm_head.weight" || canonical.starts_with("single_vector_projector")
+}
+
+/// The task of a canonical LoRA name (`….lora_{A|B}.<task>.weight`).
+fn lora_task(canonical: &str) -> Option<Task> {
+    let stem = canonical.strip_suffix(".weight")?;
+    let (head, task) = stem.rsplit_once('.')?;
+    if head.ends_with(".lora_A") || head.ends_with(".lora_B") {
+        task.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// The full tensor table implied by the configs (MODEL.md §9.2, §9.3), base tensors first.
+pub fn expected_tensors(cfg: &ModelConfig, adapter: &AdapterConfig) -> Vec<ExpectedTensor> {
+    let t = &cfg.text;
+    let v = &cfg.vision;
+    let (h, inter) = (t.hidden_size, t.intermediate_size);
+    let q = t.num_attention_heads * t.head_dim;
+    let kv = t.num_key_value_heads * t.head_dim;
+    let (vh, vi) = (v.hidden_size, v.intermediate_size);
+    let merged = v.merged_dim();
+    let pd = cfg.multi_vector_projector_dim;
+
+    let mut out = Vec::new();
+    let mut base = |name: String, shape: &[usize]| {
+        out.push(ExpectedTensor { name, shape: shape.to_vec(), source: Source::Base })
+    };
+    base("embed_tokens.weight".into(), &[t.vocab_size, h]);
+    for l in 0..t.num_hidden_layers {
+        let p = format!("layers.{l}");
+        base(format!("{p}.input_layernorm.weight"), &[h]);
+        base(format!("{p}.self_attn.q_proj.weight"), &[q, h]);
+        base(format!("{p}.self_attn.q_proj.bias"), &[q]);
+        base(format!("{p}.self_attn.k_proj.weight"), &[kv, h]);
+        base(format!("{p}.self_attn.k_proj.bias"), &[kv]);
+        base(format!("{p}.self_attn.v_proj.weight"), &[kv, h]);
+        base(format!("{p}.self_attn.v_proj.bias"), &[kv]);
+        base(format!("{p}.self_attn.o_proj.weight"), &[h, q]);
+        base(format!("{p}.post_attention_layernorm.weight"), &[h]);
+        base(format!("{p}.mlp.gate_proj.weight"), &[inter, h]);
+        base(format!("{p}.mlp.up_proj.weight"), &[inter, h]);
+        base(format!("{p}.mlp.down_proj.weight"), &[h, inter]);
+    }
+    base("norm.weight".into(), &[h]);
+    base(
+        "visual.patch_embed.proj.weight".into(),
+        &[vh, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size],
+    );
+    for j in 0..v.depth {
+        let p = format!("visual.blocks.{j}");
+        base(format!("{p}.norm1.weight"), &[vh]);
+        base(format!("{p}.norm2.weight"), &[vh]);
+        base(format!("{p}.attn.qkv.weight"), &[3 * vh, vh]);
+        base(format!("{p}.attn.qkv.bias"), &[3 * vh]);
+        base(format!("{p}.attn.proj.weight"), &[vh, vh]);
+        base(format!("{p}.attn.proj.bias"), &[vh]);
+        base(format!("{p}.mlp.gate_proj.weight"), &[vi, vh]);
+        base(format!("{p}.mlp.gate_proj.bias"), &[vi]);
+        base(format!("{p}.mlp.up_proj.weight"), &[vi, vh]);
+        base(format!("{p}.mlp.up_proj.bias"), &[vi]);
+        base(format!("{p}.mlp.down_proj.weight"), &[vh, vi]);
+        base(format!("{p}.mlp.down_proj.bias"), &[vh]);
+    }
+    base("visual.merger.ln_q.weight".into(), &[vh]);
+    base("visual.merger.mlp.0.weight".into(), &[merged, merged]);
+    base("visual.merger.mlp.0.bias".into(), &[merged]);
+    base("visual.merger.mlp.2.weight".into(), &[v.out_hidden_size, merged]);
+    base("visual.merger.mlp.2.bias".into(), &[v.out_hidden_size]);
+    base("multi_vector_projector.weight".into(), &[pd, h]);
+    base("multi_vector_projector.bias".into(), &[pd]);
+
+    let r = adapter.r;
+    let modules: [(&str, usize, usize); 7] = [
+        ("self_attn.q_proj", h, q),
+        ("self_attn.k_proj", h, kv),
+        ("self_attn.v_proj", h, kv),
+        ("self_attn.o_proj", q, h),
+        ("mlp.gate_proj", h, inter),
+        ("mlp.up_proj", h, inter),
+        ("mlp.down_proj", inter, h),
+    ];
+    let mut lora = |module: String, task: Task, fan_in: usize, fan_out: usize| {
+        for (ab, shape) in [("A", [r, fan_in]), ("B", [fan_out, r])] {
+            out.push(ExpectedTensor {
+                name: format!("{module}.lora_{ab}.{task}.weight"),
+                shape: shape.to_vec(),
+                source: Source::Adapter,
+            });
+        }
+    };
+    for task in Task::ALL {
+        for l in 0..t.num_hidden_layers {
+            for (m, fan_in, fan_out) in modules {
+                lora(format!("layers.{l}.{m}"), task, fan_in, fan_out);
+            }
+        }
+        lora("multi_vector_projector".into(), task, h, pd);
+    }
+    out
+}
+
+/// One tensor as found in a safetensors header, before validation.
+struct RawTensor {
+    name: String,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    range: Range<usize>,
+}
+
+/// Maps `path` read-only and parses its safetensors header; every failure names the file.
+fn map_safetensors(path: &Path) -> Result<(Mmap, Vec<RawTensor>)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and we assume nobody modifies or truncates the file while the
+    // Checkpoint is alive (checkpoints are immutable downloads); a concurrent writer would make
+    // the bytes (not memory safety of our bookkeeping) unspecified, and truncation could SIGBUS.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+        use safetensors::SafeTensorError as E;
+        let hint = match e {
+            E::HeaderTooSmall | E::InvalidHeaderLength | E::MetadataIncompleteBuffer => {
+                " (the file is truncated or was not fully written)"
+            }
+            _ => "",
+        };
+        Error::Checkpoint {
+            file: path.to_path_buf(),
+            msg: format!("not a valid safetensors file: {e}{hint}"),
+        }
+    })?;
+    let start = 8 + header_len;
+    let mut raw: Vec<RawTensor> = meta
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| RawTensor {
+            name,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            range: start + info.data_offsets.0..start + info.data_offsets.1,
+        })
+        .collect();
+    raw.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((map, raw))
+}
+
+/// Shard file → stored names it holds, from the index (or the single file's own header).
+type ShardPlan = BTreeMap<String, Vec<String>>;
+
+fn read_index(path: &Path) -> Result<ShardPlan> {
+    let bad = |msg: String| Error::Checkpoint { file: path.to_path_buf(), msg };
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("missing `weight_map` object".into()))?;
+    let mut plan = ShardPlan::new();
+    for (name, shard) in map {
+        let shard = shard
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map[{name:?}] is not a file name: {shard}")))?;
+        // Shards must sit inside the folder: refuse absolute paths and `..`.
+        let p = Path::new(shard);
+        if shard.is_empty() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(bad(format!("weight_map[{name:?}] = {shard:?} is not a plain file name")));
+        }
+        plan.entry(shard.to_string()).or_default().push(name.clone());
+    }
+    if plan.is_empty() {
+        return Err(bad("`weight_map` is empty".into()));
+    }
+    for names in plan.values_mut() {
+        names.sort();
+    }
+    Ok(plan)
+}
+
+/// Accumulates validated tensors across files.
+struct Builder<'a> {
+    expected: HashMap<&'a str, &'a ExpectedTensor>,
+    tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
+    ignored: Vec<(String, PathBuf)>,
+}
+
+impl Builder<'_> {
+    fn admit(
+        &mut self,
+        raw: RawTensor,
+        file: &Path,
+        file_index: usize,
+        source: Source,
+    ) -> Result<()> {
+        let err =
+            |msg: String| Error::Tensor { name: raw.name.clone(), file: file.to_path_buf(), msg };
+        let canonical = canonical_name(&raw.name);
+        if is_ignored(&canonical) {
+            self.ignored.push((raw.name, file.to_path_buf()));
+            return Ok(());
+        }
+        let Some(exp) = self.expected.get(canonical.as_str()) else {
+            return Err(err("unexpected tensor (not part of jina-embeddings-v4)".into()));
+        };
+        if exp.source != source {
+            return Err(err(match source {
+                Source::Base => format!("LoRA tensor `{canonical}` belongs in {ADAPTER_FILE}"),
+                Source::Adapter => format!("base tensor `{canonical}` belongs in the base shards"),
+            }));
+        }
+        if let Some(&i) = self.by_name.get(&canonical) {
+            let first = &self.tensors[i];
+            return Err(err(format!(
+                "duplicate: `{canonical}` is stored twice, here and as `{}` in {}",
+                first.stored_name,
+                first.file.display()
+            )));
+        }
+        let Some(dtype) = Dtype::from_safetensors(raw.dtype) else {
+            return Err(err(format!(
+                "dtype {:?} is not supported (expected BF16, F16 or F32)",
+                raw.dtype
+            )));
+        };
+        if raw.shape != exp.shape {
+            return Err(err(format!("shape {:?}, expected {:?}", raw.shape, exp.shape)));
+        }
+        self.by_name.insert(canonical.clone(), self.tensors.len());
+        self.tensors.push(TensorInfo {
+            name: canonical,
+            stored_name: raw.name,
+            file: file.to_path_buf(),
+            dtype,
+            shape: raw.shape,
+            source,
+            file_index,
+            range: raw.range,
+        });
+        Ok(())
+    }
+}
+
+impl Checkpoint {
+    /// Opens and validates a checkpoint folder laid out like `jinaai/jina-embeddings-v4`.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+        if !meta.is_dir() {
+            return Err(Error::Checkpoint {
+                file: dir.to_path_buf(),
+                msg: "not a directory (expected a checkpoint folder)".into(),
+            });
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let preprocessor = PreprocessorConfig::from_file(&dir.join("preprocessor_config.json"))?;
+        for (key, p, v) in [
+            ("patch_size", preprocessor.patch_size, config.vision.patch_size),
+            (
+                "temporal_patch_size",
+                preprocessor.temporal_patch_size,
+                config.vision.temporal_patch_size,
+            ),
+            ("merge_size", preprocessor.merge_size, config.vision.spatial_merge_size),
+        ] {
+            if p != v {
+                return Err(Error::Config {
+                    file: preprocessor.path.clone(),
+                    msg: format!("{key} ({p}) disagrees with config.json's vision_config ({v})"),
+                });
+            }
+        }
+        let adapter = AdapterConfig::from_file(&dir.join(ADAPTER_CONFIG_FILE))?;
+
+        // The base file set: the index's shards, or one model.safetensors.
+        let index_path = dir.join(INDEX_FILE);
+        let single_path = dir.join(SINGLE_FILE);
+        let (base_ref, plan) = if index_path.is_file() {
+            let plan = read_index(&index_path)?;
+            (index_path, Some(plan))
+        } else if single_path.is_file() {
+            (single_path, None)
+        } else {
+            return Err(Error::Checkpoint {
+                file: dir.to_path_buf(),
+                msg: format!("neither {INDEX_FILE} nor {SINGLE_FILE} found"),
+            });
+        };
+
+        let expected_table = expected_tensors(&config, &adapter);
+        let mut b = Builder {
+            expected: expected_table.iter().map(|e| (e.name.as_str(), e)).collect(),
+            tensors: Vec::with_capacity(expected_table.len()),
+            by_name: HashMap::new(),
+            ignored: Vec::new(),
+        };
+        let mut files = Vec::new();
+        let mut maps = Vec::new();
+
+        let shards: Vec<PathBuf> = match &plan {
+            Some(plan) => plan.keys().map(|f| dir.join(f)).collect(),
+            None => vec![base_ref.clone()],
+        };
+        let mut stored = Vec::with_capacity(shards.len());
+        for path in shards {
+            let (map, raw) = map_safetensors(&path)?;
+            stored.push(raw.iter().map(|r| r.name.clone()).collect::<Vec<_>>());
+            let fi = files.len();
+            files.push(path.clone());
+            maps.push(map);
+            for r in raw {
+                b.admit(r, &path, fi, Source::Base)?;
+            }
+        }
+        // After admission, so that a tensor stored in two shards is reported as a duplicate.
+        if let Some(plan) = &plan {
+            check_against_index(&base_ref, plan, &files, &stored)?;
+        }
+
+        let adapter_path = dir.join(ADAPTER_FILE);
+        let (map, raw) = map_safetensors(&adapter_path)?;
+        let fi = files.len();
+        files.push(adapter_path.clone());
+        maps.push(map);
+        for r in raw {
+            b.admit(r, &adapter_path, fi, Source::Adapter)?;
+        }
+
+        // A whole task absent is one clear error, not hundreds of missing tensors.
+        for task in Task::ALL {
+            let of_task = |n: &str| lora_task(n) == Some(task);
+            if !b.tensors.iter().any(|t| of_task(&t.name)) {
+                let n = expected_table.iter().filter(|e| of_task(&e.name)).count();
+                return Err(Error::Checkpoint {
+                    file: adapter_path,
+                    msg: format!(
+                        "adapters for task `{task}` are missing: none of its {n} \
+                         lora_A/lora_B tensors is stored"
+                    ),
+                });
+            }
+        }
+        let missing: Vec<&ExpectedTensor> =
+            expected_table.iter().filter(|e| !b.by_name.contains_key(&e.name)).collect();
+        if let Some(first) = missing.first() {
+            let more = match missing.len() {
+                1 => String::new(),
+                n => format!(" (and {} more missing tensors)", n - 1),
+            };
+            return Err(Error::Tensor {
+                name: first.name.clone(),
+                file: match first.source {
+                    Source::Base => base_ref,
+                    Source::Adapter => adapter_path,
+                },
+                msg: format!("missing{more}"),
+            });
+        }
+
+        let mut tensors = b.tensors;
+        tensors.sort_by(|x, y| x.name.cmp(&y.name));
+        let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            preprocessor,
+            adapter,
+            ignored: b.ignored,
+            files,
+            maps,
+            tensors,
+            by_name,
+        })
+    }
+
+    /// All tensors, sorted by canonical name.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// A tensor by canonical name.
+    pub fn get(&self, canonical: &str) -> Option<&TensorInfo> {
+        self.by_name.get(canonical).map(|&i| &self.tensors[i])
+    }
+
+    /// Raw little-endian bytes, straight from the map. `t` must come from this checkpoint.
+    pub fn data(&self, t: &TensorInfo) -> &[u8] {
+        &self.maps[t.file_index][t.range.clone()]
+    }
+
+    /// The tensor as bf16: BF16 is copied, F16 and F32 are rounded to nearest even.
+    pub fn to_bf16(&self, t: &TensorInfo) -> Vec<bf16> {
+        let d = self.data(t);
+        match t.dtype {
+            Dtype::BF16 => d
+                .chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            Dtype::F16 => d
+                .chunks_exact(2)
+                .map(|c| bf16::from_f32(f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
+                .collect(),
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|c| f32_to_bf16(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+        }
+    }
+
+    /// Sum of [`TensorInfo::nbytes`] over all (non-ignored) tensors.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.nbytes() as u64).sum()
+    }
+
+    /// The safetensors files read: base shards, then the adapters file.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.files.clone()
+    }
+}
+
+/// f32 → bf16, round to nearest even (F16 goes through f32 exactly, so one rounding either way).
+pub(crate) fn f32_to_bf16(x: f32) -> bf16 {
+    bf16::from_f32(x)
+}
+
+/// The index and the shards must agree both ways: a tensor the index places in a shard must be
+/// there, and a tensor stored in a shard must be listed for it (otherwise the index is stale).
+/// `files[i]` and `stored[i]` (sorted names) belong to the i-th shard of `plan`.
+fn check_against_index(
+    index: &Path,
+    plan: &ShardPlan,
+    files: &[PathBuf],
+    stored: &[Vec<String>],
+) -> Result<()> {
+    let err = |name: &str, file: &Path, msg: String| Error::Tensor {
+        name: name.to_string(),
+        file: file.to_path_buf(),
+        msg,
+    };
+    for ((listed, file), stored) in plan.values().zip(files).zip(stored) {
+        if let Some(name) = listed.iter().find(|n| stored.binary_search(n).is_err()) {
+            let msg = format!("listed for this file in {} but not stored in it", index.display());
+            return Err(err(name, file, msg));
+        }
+        if let Some(name) = stored.iter().find(|n| listed.binary_search(n).is_err()) {
+            let msg = match plan.iter().find(|(_, l)| l.binary_search(name).is_ok()) {
+                Some((other, _)) => {
+                    format!("stored in this file, but {} maps it to {other}", index.display())
+                }
+                None => format!("stored in this file but not listed in {}", index.display()),
+            };
+            return Err(err(name, file, msg));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32_to_bf16_rounds_to_nearest_even() {
+        // bf16 keeps 7 mantissa bits: the step at 1.0 is u = 2^-7; h = u/2 is a halfway point.
+        let u = 1.0 / 128.0;
+        let h = u / 2.0;
+        let cases: [(f32, f32); 7] = [
+            (1.0, 1.0),
+            (1.0 + h, 1.0), // 1.00390625: tie between 1.0 and 1+u → even (1.0)
+            (1.0 + 3.0 * h, 1.0 + 2.0 * u), // 1.01171875: tie between 1+u and 1+2u → 1.015625
+            (1.0 + 1.5 * h, 1.0 + u), // above halfway: up
+            (1.0 + 0.5 * h, 1.0), // below halfway: down
+            (-(1.0 + 3.0 * h), -(1.0 + 2.0 * u)),
+            (0.0, 0.0),
+        ];
+        // The values named in the brief, exactly (f64 literals: both are exact in f32 too).
+        assert_eq!(((1.0 + h) as f64, (1.0 + 3.0 * h) as f64), (1.003_906_25, 1.011_718_75));
+        for (x, want) in cases {
+            assert_eq!(f32_to_bf16(x).to_f32(), want, "{x}");
+        }
+        assert!(f32_to_bf16(f32::NAN).is_nan());
+        assert_eq!(f32_to_bf16(f32::INFINITY).to_f32(), f32::INFINITY);
+    }
+
+    #[test]
+    fn canonical_names_from_both_spellings() {
+        for (stored, canon) in [
+            ("model.embed_tokens.weight", "embed_tokens.weight"),
+            ("model.language_model.layers.3.mlp.up_proj.weight", "layers.3.mlp.up_proj.weight"),
+            ("model.layers.3.mlp.up_proj.weight", "layers.3.mlp.up_proj.weight"),
+            ("visual.blocks.3.attn.qkv.bias", "visual.blocks.3.attn.qkv.bias"),
+            ("model.visual.blocks.3.attn.qkv.bias", "visual.blocks.3.attn.qkv.bias"),
+            ("multi_vector_projector.weight", "multi_vector_projector.weight"),
+            (
+                "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.code.weight",
+                "layers.0.self_attn.q_proj.lora_A.code.weight",
+            ),
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.retrieval.weight",
+                "layers.0.self_attn.q_proj.lora_B.retrieval.weight",
+            ),
+            (
+                "base_model.model.multi_vector_projector.lora_A.text-matching.weight",
+                "multi_vector_projector.lora_A.text-matching.weight",
+            ),
+        ] {
+            assert_eq!(canonical_name(stored), canon);
+        }
+        assert!(is_ignored(&canonical_name("lm_head.weight")));
+        assert!(is_ignored(&canonical_name(
+            "base_model.model.single_vector_projector.lora_A.code.weight"
+        )));
+        assert_eq!(
+            lora_task("multi_vector_projector.lora_B.text-matching.weight"),
+            Some(Task::TextMatching)
+        );
+        assert_eq!(lora_task("layers.0.mlp.up_proj.weight"), None);
+    }
+}
