@@ -65,11 +65,8 @@ fn main() {
     };
     let ptxas = nvcc.with_file_name("ptxas");
     let max_isa = parse_isa(&env::var("JV4_MAX_PTX_ISA").unwrap_or_else(|_| "9.0".to_string()));
-    let extra: Vec<String> = env::var("JV4_NVCC_FLAGS")
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
+    let extra: Vec<String> =
+        env::var("JV4_NVCC_FLAGS").unwrap_or_default().split_whitespace().map(str::to_string).collect();
 
     // One thread per file: nvcc dominates the build time and the files are independent.
     let compiled: Vec<Compiled> = std::thread::scope(|s| {
@@ -159,11 +156,7 @@ fn compile(
 /// Runs a command, returns its stderr+stdout, and fails the build with both on error.
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
         panic!("\n\njv4: command failed: {cmd:?}\n{text}\n");
     }
@@ -218,9 +211,7 @@ fn camel(symbol: &str) -> String {
         .split('_')
         .map(|w| {
             let mut c = w.chars();
-            c.next()
-                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
-                .unwrap_or_default()
+            c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
         })
         .collect()
 }

@@ -62,17 +62,31 @@ fn time_ms(gpu: &Gpu, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result
     let (start, stop) = (gpu.event()?, gpu.event()?);
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
-        start.record(gpu.stream()).map_err(|e| jv4::Error::Cuda { what: "record".into(), msg: format!("{e:?}") })?;
+        start
+            .record(gpu.stream())
+            .map_err(|e| jv4::Error::Cuda { what: "record".into(), msg: format!("{e:?}") })?;
         f()?;
-        stop.record(gpu.stream()).map_err(|e| jv4::Error::Cuda { what: "record".into(), msg: format!("{e:?}") })?;
+        stop.record(gpu.stream())
+            .map_err(|e| jv4::Error::Cuda { what: "record".into(), msg: format!("{e:?}") })?;
         stop.synchronize().map_err(|e| jv4::Error::Cuda { what: "sync".into(), msg: format!("{e:?}") })?;
-        times.push(start.elapsed_ms(&stop).map_err(|e| jv4::Error::Cuda { what: "elapsed".into(), msg: format!("{e:?}") })? as f64);
+        times.push(
+            start
+                .elapsed_ms(&stop)
+                .map_err(|e| jv4::Error::Cuda { what: "elapsed".into(), msg: format!("{e:?}") })?
+                as f64,
+        );
     }
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(times[times.len() / 2])
 }
 
-fn random_tensor(gpu: &Gpu, mem: &mut DeviceAllocator, rng: &mut Rng, dims: &[usize], scale: f32) -> Result<DTensor<bf16>> {
+fn random_tensor(
+    gpu: &Gpu,
+    mem: &mut DeviceAllocator,
+    rng: &mut Rng,
+    dims: &[usize],
+    scale: f32,
+) -> Result<DTensor<bf16>> {
     let n: usize = dims.iter().product();
     let host: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.normal() * scale)).collect();
     let mut t = DTensor::from_block(mem.alloc((n * 2) as u64)?, dims);
@@ -105,7 +119,9 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize) -> Result<()>
         for &m in TOKENS {
             let x = random_tensor(&gpu, &mut mem, &mut rng, &[m, k], 1.0)?;
             let mut y = DTensor::<bf16>::from_block(mem.alloc((m * n * 2) as u64)?, &[m, n]);
-            let ms = time_ms(&gpu, iters, || ops::linear(&gpu, &x.view(), &w.view(), None, &mut y.view_mut(), false))?;
+            let ms = time_ms(&gpu, iters, || {
+                ops::linear(&gpu, &x.view(), &w.view(), None, &mut y.view_mut(), false)
+            })?;
             let tflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
             row(format!("linear/{name}/m={m}"), ms, format!("{tflops:.0} TFLOP/s"));
             mem.free(x.into_block());
@@ -124,7 +140,11 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize) -> Result<()>
         mem.free(out.into_block());
     }
     let s = mem.stats();
-    println!("allocator: peak {} MiB, mapped {} MiB, {} growth events", s.peak >> 20, s.mapped >> 20, s.grow_events);
+    println!(
+        "allocator: peak {} MiB, mapped {} MiB, {} growth events",
+        s.peak >> 20,
+        s.mapped >> 20,
+        s.grow_events
+    );
     Ok(())
 }
-

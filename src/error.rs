@@ -49,9 +49,7 @@ pub enum Error {
     Input(String),
     /// The device memory budget cannot hold this allocation. Recoverable: free memory or split
     /// the work and try again.
-    #[error(
-        "out of device memory: {requested} bytes requested, {in_use} in use, budget {budget} bytes"
-    )]
+    #[error("out of device memory: {requested} bytes requested, {in_use} in use, budget {budget} bytes")]
     OutOfMemory {
         /// Bytes asked for (rounded up to whole pages).
         requested: u64,

@@ -4,8 +4,17 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
 use jv4::cuda::{Gpu, KernelId, CUDA_ARCH, MODULES};
+use jv4::engine::text::{PromptName, TextTokenizer, Truncation, DEFAULT_MAX_LENGTH};
+use jv4::model::checkpoint::{Checkpoint, Source};
+use jv4::model::synth::{write_checkpoint, Preset, SynthSpec};
+use jv4::model::weights::DeviceWeights;
+use jv4::model::{Dtype, Task};
 use jv4::Error;
 
 #[derive(Parser)]
@@ -17,6 +26,63 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Open a checkpoint folder, validate every tensor against the config, report what it holds,
+    /// and (unless --no-gpu) load it onto the GPU and report the load time.
+    Info {
+        /// The model folder (config.json, model*.safetensors[.index.json], adapters/, ...).
+        #[arg(long)]
+        model: PathBuf,
+        /// Validate on the host only; do not touch the GPU.
+        #[arg(long)]
+        no_gpu: bool,
+        /// Which GPU (CUDA device ordinal).
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// List every tensor (canonical name, stored name, dtype, shape).
+        #[arg(long)]
+        tensors: bool,
+    },
+    /// Turn text into the model's token ids, with the task's prompt ("Query: " / "Passage: ").
+    /// Texts come from the arguments, or one per line from standard input. Prints one JSON line
+    /// per text: {"text", "ids", "dropped"}, or {"line", "error"} for a text that fails.
+    Tokenize {
+        /// The model folder holding tokenizer.json.
+        #[arg(long, conflicts_with = "tokenizer", required_unless_present = "tokenizer")]
+        model: Option<PathBuf>,
+        /// A tokenizer.json file (instead of --model).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Task: retrieval, text-matching or code (text-matching always uses the "Query" prompt).
+        #[arg(long, default_value = "retrieval", value_parser = parse_task)]
+        task: Task,
+        /// Prompt: query or passage.
+        #[arg(long, default_value = "query", value_parser = parse_prompt)]
+        prompt_name: PromptName,
+        /// Longest token sequence kept (prompt included); longer texts are cut on the right.
+        #[arg(long, default_value_t = DEFAULT_MAX_LENGTH)]
+        max_length: usize,
+        /// Make a text longer than --max-length an error instead of truncating it.
+        #[arg(long)]
+        strict: bool,
+        /// Texts; when none are given, read one per line from standard input.
+        texts: Vec<String>,
+    },
+    /// Write a random checkpoint in the exact on-disk layout of the real one (for tests and
+    /// benchmarks where the real weights are not available).
+    Synth {
+        /// Where to write it (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// Shapes: tiny (a few MB) or full (the real 3.8B shapes, about 8 GB).
+        #[arg(long, value_enum, default_value_t = PresetArg::Tiny)]
+        preset: PresetArg,
+        /// Random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Store the LoRA tensors as f32 instead of bf16.
+        #[arg(long)]
+        f32_adapters: bool,
+    },
     /// Open the GPU and report it: name, compute capability, memory, driver, kernels loaded.
     Gpu {
         /// Which GPU (CUDA device ordinal).
@@ -29,6 +95,20 @@ enum Cmd {
         #[arg(long)]
         ptxas: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PresetArg {
+    Tiny,
+    Full,
+}
+
+fn parse_task(s: &str) -> Result<Task, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+fn parse_prompt(s: &str) -> Result<PromptName, String> {
+    s.parse().map_err(|e: Error| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -45,12 +125,35 @@ fn main() -> ExitCode {
 
 fn run(cmd: Cmd) -> jv4::Result<()> {
     match cmd {
+        Cmd::Info { model, no_gpu, device, tensors } => info(&model, no_gpu, device, tensors),
+        Cmd::Tokenize { model, tokenizer, task, prompt_name, max_length, strict, texts } => {
+            let tok = match (&model, &tokenizer) {
+                (_, Some(file)) => TextTokenizer::from_file(file)?,
+                (Some(dir), None) => TextTokenizer::from_model_dir(dir)?,
+                (None, None) => unreachable!("clap requires one of --model, --tokenizer"),
+            };
+            tokenize(&tok, task, prompt_name, Truncation { max_length, strict }, texts)
+        }
+        Cmd::Synth { out, preset, seed, f32_adapters } => {
+            let preset = match preset {
+                PresetArg::Tiny => Preset::Tiny,
+                PresetArg::Full => Preset::Full,
+            };
+            let adapter_dtype = if f32_adapters { Dtype::F32 } else { Dtype::BF16 };
+            let t0 = Instant::now();
+            write_checkpoint(&out, &SynthSpec { seed, preset, adapter_dtype })?;
+            println!("wrote {} in {:.1} s", out.display(), t0.elapsed().as_secs_f64());
+            Ok(())
+        }
         Cmd::Gpu { device } => {
             let gpu = Gpu::new(device)?;
             let i = gpu.info();
             let (free, total) = gpu.mem_info()?;
             println!("device {}: {}", i.ordinal, i.name);
-            println!("  compute capability {}.{}, {} SMs", i.compute_capability.0, i.compute_capability.1, i.sm_count);
+            println!(
+                "  compute capability {}.{}, {} SMs",
+                i.compute_capability.0, i.compute_capability.1, i.sm_count
+            );
             println!("  memory {:.1} GiB free of {:.1} GiB", gib(free), gib(total));
             println!("  driver CUDA {}.{}", i.driver_version / 1000, (i.driver_version % 1000) / 10);
             println!(
@@ -58,14 +161,19 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
                 KernelId::ALL.len(),
                 MODULES.len(),
                 i.kernels_arch,
-                if i.ptx_fallbacks.is_empty() { "cubin".to_string() } else { format!("PTX for {:?}", i.ptx_fallbacks) }
+                if i.ptx_fallbacks.is_empty() {
+                    "cubin".to_string()
+                } else {
+                    format!("PTX for {:?}", i.ptx_fallbacks)
+                }
             );
             Ok(())
         }
         Cmd::Kernels { ptxas } => {
             println!("built for {CUDA_ARCH}");
             for (mi, m) in MODULES.iter().enumerate() {
-                let ids: Vec<_> = KernelId::ALL.iter().filter(|k| k.module() == mi).map(|k| k.symbol()).collect();
+                let ids: Vec<_> =
+                    KernelId::ALL.iter().filter(|k| k.module() == mi).map(|k| k.symbol()).collect();
                 println!("kernels/{}.cu: {}", m.name, ids.join(", "));
                 if ptxas {
                     for line in m.ptxas_report.lines() {
@@ -80,4 +188,139 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
 
 fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
+}
+
+fn info(dir: &std::path::Path, no_gpu: bool, device: usize, list: bool) -> jv4::Result<()> {
+    let t0 = Instant::now();
+    let ckpt = Checkpoint::open(dir)?;
+    let open_s = t0.elapsed().as_secs_f64();
+    let c = &ckpt.config;
+    let (t, v) = (&c.text, &c.vision);
+    println!("checkpoint {} (opened and validated in {:.3} s)", dir.display(), open_s);
+    println!(
+        "  text: {} layers, hidden {}, {} heads / {} kv heads × {}, mlp {}, vocab {}, rope theta {}, mrope {:?}",
+        t.num_hidden_layers,
+        t.hidden_size,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.head_dim,
+        t.intermediate_size,
+        t.vocab_size,
+        t.rope_theta,
+        t.mrope_section
+    );
+    println!(
+        "  vision: {} blocks, hidden {}, {} heads, mlp {}, patch {}, window {}, full attention in {:?}",
+        v.depth,
+        v.hidden_size,
+        v.num_heads,
+        v.intermediate_size,
+        v.patch_size,
+        v.window_size,
+        v.fullatt_block_indexes
+    );
+    let base = ckpt.tensors().iter().filter(|t| t.source == Source::Base).count();
+    let lora = ckpt.tensors().len() - base;
+    let params: usize = ckpt.tensors().iter().map(|t| t.numel()).sum();
+    println!(
+        "  tensors: {} ({} base, {} adapter), {:.3} B parameters, {:.2} GB on disk",
+        ckpt.tensors().len(),
+        base,
+        lora,
+        params as f64 / 1e9,
+        ckpt.total_bytes() as f64 / 1e9
+    );
+    println!(
+        "  adapters: {} (r {}, alpha {}, scale {})",
+        c.tasks().iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
+        ckpt.adapter.r,
+        ckpt.adapter.lora_alpha,
+        ckpt.adapter.scale()
+    );
+    println!(
+        "  outputs: single-vector {} (Matryoshka {:?}), multi-vector {} per token",
+        t.hidden_size, c.matryoshka_dims, c.multi_vector_projector_dim
+    );
+    println!(
+        "  images: {}..{} pixels (preprocessor_config.json)",
+        ckpt.preprocessor.min_pixels, ckpt.preprocessor.max_pixels
+    );
+    for (name, file) in &ckpt.ignored {
+        println!("  ignored (documented): {name} in {}", file.display());
+    }
+    if list {
+        for t in ckpt.tensors() {
+            println!("    {} <- {} {} {:?}", t.name, t.stored_name, t.dtype.name(), t.shape);
+        }
+    }
+    if no_gpu {
+        return Ok(());
+    }
+    let gpu = Gpu::new(device)?;
+    let (weights, r) = DeviceWeights::upload(&gpu, &ckpt)?;
+    println!(
+        "loaded onto {}: {} tensors, {:.2} GB in {:.2} s ({:.1} GB/s){}",
+        gpu.info().name,
+        r.tensors,
+        r.bytes as f64 / 1e9,
+        r.seconds,
+        r.bytes as f64 / 1e9 / r.seconds.max(1e-9),
+        if r.converted > 0 { format!(", {} tensors converted to bf16", r.converted) } else { String::new() }
+    );
+    let (free, total) = gpu.mem_info()?;
+    println!(
+        "  device memory: weights {:.2} GiB, {:.1} GiB free of {:.1} GiB",
+        gib(weights.device_bytes() as u64),
+        gib(free),
+        gib(total)
+    );
+    Ok(())
+}
+
+fn tokenize(
+    tok: &TextTokenizer,
+    task: Task,
+    prompt: PromptName,
+    trunc: Truncation,
+    texts: Vec<String>,
+) -> jv4::Result<()> {
+    let texts: Vec<String> = if texts.is_empty() {
+        let mut lines = Vec::new();
+        for (i, line) in std::io::stdin().lock().lines().enumerate() {
+            match line {
+                Ok(l) => lines.push(l),
+                Err(e) => return Err(Error::Input(format!("standard input line {}: {e}", i + 1))),
+            }
+        }
+        lines
+    } else {
+        texts
+    };
+    let items: Vec<_> = texts.iter().map(|t| (task, prompt, t.as_str())).collect();
+    let mut out = std::io::stdout().lock();
+    let mut failed = 0;
+    for (i, (text, result)) in texts.iter().zip(tok.encode_batch_prompted(&items, trunc)).enumerate() {
+        let line = match result {
+            Ok(enc) => {
+                if enc.dropped > 0 {
+                    eprintln!(
+                        "warning: text {} truncated to {} tokens ({} dropped)",
+                        i + 1,
+                        enc.ids.len(),
+                        enc.dropped
+                    );
+                }
+                serde_json::json!({"text": text, "ids": enc.ids, "dropped": enc.dropped})
+            }
+            Err(e) => {
+                failed += 1;
+                serde_json::json!({"line": i + 1, "error": e.to_string()})
+            }
+        };
+        writeln!(out, "{line}").map_err(|e| Error::io("standard output", e))?;
+    }
+    if failed > 0 {
+        return Err(Error::Input(format!("{failed} of {} texts failed", texts.len())));
+    }
+    Ok(())
 }

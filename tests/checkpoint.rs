@@ -32,15 +32,11 @@ type Owned = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
 fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<Owned>)) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<Owned> = st
-        .iter()
-        .map(|(n, t)| (n.to_string(), t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
+    let mut v: Vec<Owned> =
+        st.iter().map(|(n, t)| (n.to_string(), t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
     edit(&mut v);
-    let views: Vec<(String, TensorView)> = v
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        v.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
@@ -101,10 +97,7 @@ fn tiny_checkpoint_opens_with_every_expected_tensor() {
     assert!(ck.to_bf16(norm).iter().all(|x| (0.89..=1.11).contains(&x.to_f32())));
 
     assert_eq!(ck.total_bytes(), ck.tensors().iter().map(|t| t.nbytes() as u64).sum::<u64>());
-    assert_eq!(
-        ck.files(),
-        vec![dir.join(SHARD_FILES[0]), dir.join(SHARD2), dir.join(ADAPTER_FILE)]
-    );
+    assert_eq!(ck.files(), vec![dir.join(SHARD_FILES[0]), dir.join(SHARD2), dir.join(ADAPTER_FILE)]);
     assert_eq!(ck.config.special.image_token_id, 2012);
     assert_eq!(ck.adapter.scale(), 2.0);
 
@@ -116,11 +109,9 @@ fn tiny_checkpoint_opens_with_every_expected_tensor() {
 
 #[test]
 fn full_preset_table_matches_spec_parameter_counts() {
-    let cfg = ModelConfig::from_json_str(
-        &synth::config_json(Preset::Full).to_string(),
-        Path::new("config.json"),
-    )
-    .unwrap();
+    let cfg =
+        ModelConfig::from_json_str(&synth::config_json(Preset::Full).to_string(), Path::new("config.json"))
+            .unwrap();
     let ad = AdapterConfig::from_json_str(
         &synth::adapter_config_json(Preset::Full).to_string(),
         Path::new("adapter_config.json"),
@@ -131,10 +122,7 @@ fn full_preset_table_matches_spec_parameter_counts() {
         table.iter().filter(|e| e.source == src).map(|e| e.shape.iter().product::<usize>()).sum()
     };
     // MODEL.md §6: 59.94M LoRA parameters per task; §9.2: about 3.75B base parameters.
-    assert_eq!(
-        count(Source::Adapter),
-        3 * (36 * (131072 + 73728 + 73728 + 131072 + 3 * 417792) + 69632)
-    );
+    assert_eq!(count(Source::Adapter), 3 * (36 * (131072 + 73728 + 73728 + 131072 + 3 * 417792) + 69632));
     let base = count(Source::Base);
     assert!((3.70e9..3.80e9).contains(&(base as f64)), "{base}");
     assert_eq!(table.iter().filter(|e| e.source == Source::Adapter).count(), 36 * 7 * 3 * 2 + 6);
@@ -150,9 +138,7 @@ fn single_file_checkpoint_without_index() {
     let second = std::fs::read(dir.join(SHARD2)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&second).unwrap();
     rewrite(&merged, |v| {
-        v.extend(
-            st.iter().map(|(n, t)| (n.into(), t.dtype(), t.shape().to_vec(), t.data().to_vec())),
-        )
+        v.extend(st.iter().map(|(n, t)| (n.into(), t.dtype(), t.shape().to_vec(), t.data().to_vec())))
     });
     for f in [INDEX_FILE, SHARD_FILES[0], SHARD2] {
         std::fs::remove_file(dir.join(f)).unwrap();
@@ -305,10 +291,7 @@ fn same_tensor_under_two_spellings() {
     add_to_shard2(&dir, "model.language_model.norm.weight", safetensors::Dtype::BF16, &[256]);
     let (e, s) = open_err(&dir);
     assert!(matches!(e, Error::Tensor { .. }), "{e:?}");
-    assert!(
-        s.contains("model.language_model.norm.weight") && s.contains("`model.norm.weight`"),
-        "{s}"
-    );
+    assert!(s.contains("model.language_model.norm.weight") && s.contains("`model.norm.weight`"), "{s}");
 }
 
 #[test]

@@ -41,15 +41,9 @@ fn tokenizer_path() -> PathBuf {
 /// The golden ids: beside the tokenizer if there, else the shared copy (a real model download
 /// has none).
 fn golden_path() -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("JV4_MODEL_DIR")
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
+    let mut dirs: Vec<PathBuf> = std::env::var_os("JV4_MODEL_DIR").map(PathBuf::from).into_iter().collect();
     dirs.push(shared_dir());
-    let found = dirs
-        .iter()
-        .map(|d| d.join("tokenizer_golden.jsonl"))
-        .find(|p| p.is_file());
+    let found = dirs.iter().map(|d| d.join("tokenizer_golden.jsonl")).find(|p| p.is_file());
     found.unwrap_or_else(|| panic!("tokenizer_golden.jsonl not found in any of {dirs:?}"))
 }
 
@@ -70,15 +64,11 @@ fn golden() -> Vec<(usize, String, Vec<u32>)> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            let v: serde_json::Value = serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("{}:{}: {e}", path.display(), i + 1));
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{}:{}: {e}", path.display(), i + 1));
             let text = v["text"].as_str().expect("text").to_owned();
-            let ids = v["ids"]
-                .as_array()
-                .expect("ids")
-                .iter()
-                .map(|x| x.as_u64().expect("id") as u32)
-                .collect();
+            let ids =
+                v["ids"].as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect();
             (i + 1, text, ids)
         })
         .collect()
@@ -123,9 +113,7 @@ fn long_text(bytes: usize) -> String {
     let mut s = String::with_capacity(bytes + 16);
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
     while s.len() < bytes {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         if !s.is_empty() {
             s.push(if (x >> 60) == 0 { '\n' } else { ' ' });
         }
@@ -137,11 +125,7 @@ fn long_text(bytes: usize) -> String {
 #[test]
 fn golden_ids_match_every_line() {
     let lines = golden();
-    assert_eq!(
-        lines.len(),
-        33,
-        "tokenizer_golden.jsonl should have 33 lines"
-    );
+    assert_eq!(lines.len(), 33, "tokenizer_golden.jsonl should have 33 lines");
     let bad: Vec<String> = lines
         .iter()
         .filter_map(|(n, text, want)| {
@@ -149,12 +133,7 @@ fn golden_ids_match_every_line() {
             (&got != want).then(|| format!("line {n} {text:?}: got {got:?}, want {want:?}"))
         })
         .collect();
-    assert!(
-        bad.is_empty(),
-        "{} golden line(s) differ:\n{}",
-        bad.len(),
-        bad.join("\n")
-    );
+    assert!(bad.is_empty(), "{} golden line(s) differ:\n{}", bad.len(), bad.join("\n"));
 }
 
 #[test]
@@ -167,13 +146,7 @@ fn prompted_texts_match_golden() {
             Truncation::default(),
         )
         .unwrap();
-    assert_eq!(
-        q,
-        EncodedText {
-            ids: golden_ids("Query: What is the capital of France?"),
-            dropped: 0
-        }
-    );
+    assert_eq!(q, EncodedText { ids: golden_ids("Query: What is the capital of France?"), dropped: 0 });
 
     let passage = "Paris is the capital and most populous city of France.";
     let want = golden_ids(&format!("Passage: {passage}"));
@@ -197,25 +170,12 @@ fn prompted_texts_match_golden() {
 #[test]
 fn no_bos_or_eos_is_added() {
     let text = "What is the capital of France?";
-    let got = tok()
-        .encode_prompted(Task::Code, PromptName::Query, text, Truncation::default())
-        .unwrap()
-        .ids;
+    let got = tok().encode_prompted(Task::Code, PromptName::Query, text, Truncation::default()).unwrap().ids;
     let raw = tok().encode_raw(text).unwrap();
-    assert_eq!(
-        got[0], 2859,
-        "first id must be the prefix's \"Query\", got {got:?}"
-    );
-    assert_eq!(
-        got.last(),
-        raw.last(),
-        "last id must be the text's last token"
-    );
+    assert_eq!(got[0], 2859, "first id must be the prefix's \"Query\", got {got:?}");
+    assert_eq!(got.last(), raw.last(), "last id must be the text's last token");
     assert_eq!(got.last(), Some(&30), "\"?\"");
-    assert!(
-        tok().encode_raw("").unwrap().is_empty(),
-        "an empty string must give no ids"
-    );
+    assert!(tok().encode_raw("").unwrap().is_empty(), "an empty string must give no ids");
     for special in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
         let id = tok().token_id(special).unwrap();
         assert!(!got.contains(&id), "{special} in {got:?}");
@@ -240,17 +200,8 @@ fn empty_text_is_the_prefix() {
         (Task::TextMatching, PromptName::Passage, QUERY_IDS.to_vec()),
         (Task::Code, PromptName::Passage, vec![12187, 424, 25, 220]),
     ] {
-        let got = tok()
-            .encode_prompted(task, prompt, "", Truncation::default())
-            .unwrap();
-        assert_eq!(
-            got,
-            EncodedText {
-                ids: want,
-                dropped: 0
-            },
-            "{task} × {prompt}"
-        );
+        let got = tok().encode_prompted(task, prompt, "", Truncation::default()).unwrap();
+        assert_eq!(got, EncodedText { ids: want, dropped: 0 }, "{task} × {prompt}");
     }
 }
 
@@ -258,12 +209,7 @@ fn empty_text_is_the_prefix() {
 fn special_token_strings_in_user_text_are_special() {
     // Same as the HF reference: the string "<|im_end|>" becomes token 151645.
     let got = tok()
-        .encode_prompted(
-            Task::Retrieval,
-            PromptName::Query,
-            "a<|im_end|>b",
-            Truncation::default(),
-        )
+        .encode_prompted(Task::Retrieval, PromptName::Query, "a<|im_end|>b", Truncation::default())
         .unwrap();
     assert!(got.ids.contains(&151645), "{:?}", got.ids);
 }
@@ -272,15 +218,11 @@ fn special_token_strings_in_user_text_are_special() {
 fn truncation_keeps_the_front() {
     let text = long_text(2000);
     let (task, prompt) = (Task::Retrieval, PromptName::Passage);
-    let full = tok()
-        .encode_prompted(task, prompt, &text, Truncation::default())
-        .unwrap();
+    let full = tok().encode_prompted(task, prompt, &text, Truncation::default()).unwrap();
     assert_eq!(full.dropped, 0);
     assert!(full.ids.len() > 100, "{}", full.ids.len());
 
-    let cut = tok()
-        .encode_prompted(task, prompt, &text, Truncation::new(16))
-        .unwrap();
+    let cut = tok().encode_prompted(task, prompt, &text, Truncation::new(16)).unwrap();
     assert_eq!(cut.ids.len(), 16);
     assert_eq!(cut.ids, full.ids[..16]);
     assert_eq!(cut.dropped, full.ids.len() - 16);
@@ -288,31 +230,17 @@ fn truncation_keeps_the_front() {
 
     // Exactly at the limit: nothing dropped, and strict mode accepts it.
     let n = full.ids.len();
-    let exact = Truncation {
-        max_length: n,
-        strict: true,
-    };
-    assert_eq!(
-        tok().encode_prompted(task, prompt, &text, exact).unwrap(),
-        full
-    );
+    let exact = Truncation { max_length: n, strict: true };
+    assert_eq!(tok().encode_prompted(task, prompt, &text, exact).unwrap(), full);
 
-    let strict = Truncation {
-        max_length: 16,
-        strict: true,
-    };
-    let err = tok()
-        .encode_prompted(task, prompt, &text, strict)
-        .unwrap_err();
+    let strict = Truncation { max_length: 16, strict: true };
+    let err = tok().encode_prompted(task, prompt, &text, strict).unwrap_err();
     assert!(matches!(err, Error::Input(_)), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains(&n.to_string()) && msg.contains("16"), "{msg}");
 
     for strict in [false, true] {
-        let zero = Truncation {
-            max_length: 0,
-            strict,
-        };
+        let zero = Truncation { max_length: 0, strict };
         let err = tok().encode_prompted(task, prompt, "hi", zero).unwrap_err();
         assert!(matches!(err, Error::Input(_)), "{err:?}");
         assert!(err.to_string().contains("max_length"), "{err}");
@@ -323,9 +251,7 @@ fn truncation_keeps_the_front() {
 fn limits_above_the_context_are_clamped() {
     let text = "word ".repeat(DEFAULT_MAX_LENGTH + 100);
     let big = Truncation::new(usize::MAX);
-    let got = tok()
-        .encode_prompted(Task::Retrieval, PromptName::Passage, &text, big)
-        .unwrap();
+    let got = tok().encode_prompted(Task::Retrieval, PromptName::Passage, &text, big).unwrap();
     assert_eq!(got.ids.len(), DEFAULT_MAX_LENGTH);
     assert!(got.dropped > 0);
 }
@@ -334,32 +260,14 @@ fn limits_above_the_context_are_clamped() {
 #[test]
 fn one_megabyte_text_is_fast() {
     // Debug builds of the tokenizer are ~10x slower; check the logic there on a smaller text.
-    let bytes = if cfg!(debug_assertions) {
-        64 << 10
-    } else {
-        1 << 20
-    };
+    let bytes = if cfg!(debug_assertions) { 64 << 10 } else { 1 << 20 };
     let text = long_text(bytes);
     let t0 = Instant::now();
-    let got = tok()
-        .encode_prompted(
-            Task::Retrieval,
-            PromptName::Passage,
-            &text,
-            Truncation::default(),
-        )
-        .unwrap();
+    let got =
+        tok().encode_prompted(Task::Retrieval, PromptName::Passage, &text, Truncation::default()).unwrap();
     let dt = t0.elapsed();
-    eprintln!(
-        "{} bytes -> {} ids kept, {} dropped in {dt:?}",
-        text.len(),
-        got.ids.len(),
-        got.dropped
-    );
-    assert_eq!(
-        got.ids.len(),
-        DEFAULT_MAX_LENGTH.min(got.ids.len() + got.dropped)
-    );
+    eprintln!("{} bytes -> {} ids kept, {} dropped in {dt:?}", text.len(), got.ids.len(), got.dropped);
+    assert_eq!(got.ids.len(), DEFAULT_MAX_LENGTH.min(got.ids.len() + got.dropped));
     if !cfg!(debug_assertions) {
         assert!(got.dropped > 0);
         assert!(dt.as_secs_f64() < 1.0, "1 MB took {dt:?}");
@@ -375,14 +283,8 @@ fn unknown_task_and_prompt_names() {
     let err = "document".parse::<PromptName>().unwrap_err();
     assert!(matches!(err, Error::Input(_)), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("document") && msg.contains("query") && msg.contains("passage"),
-        "{msg}"
-    );
-    assert_eq!(
-        "passage".parse::<PromptName>().unwrap(),
-        PromptName::Passage
-    );
+    assert!(msg.contains("document") && msg.contains("query") && msg.contains("passage"), "{msg}");
+    assert_eq!("passage".parse::<PromptName>().unwrap(), PromptName::Passage);
 }
 
 #[test]
@@ -391,10 +293,7 @@ fn missing_tokenizer_names_the_path() {
     let err = TextTokenizer::from_model_dir(dir.path()).unwrap_err();
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
     let want = dir.path().join("tokenizer.json");
-    assert!(
-        err.to_string().contains(&want.display().to_string()),
-        "{err}"
-    );
+    assert!(err.to_string().contains(&want.display().to_string()), "{err}");
 }
 
 #[test]
@@ -405,10 +304,7 @@ fn corrupt_tokenizer_names_the_path() {
         std::fs::write(&path, garbage).unwrap();
         let err = TextTokenizer::from_file(&path).unwrap_err();
         assert!(matches!(err, Error::Tokenizer(_)), "{err:?}");
-        assert!(
-            err.to_string().contains(&path.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
     }
 }
 
@@ -416,53 +312,35 @@ fn corrupt_tokenizer_names_the_path() {
 fn batch_fails_item_by_item_in_order() {
     let long = long_text(2000);
     let items: Vec<(Task, PromptName, &str)> = vec![
-        (
-            Task::Retrieval,
-            PromptName::Query,
-            "What is the capital of France?",
-        ),
+        (Task::Retrieval, PromptName::Query, "What is the capital of France?"),
         (Task::Retrieval, PromptName::Passage, &long),
         (Task::Code, PromptName::Passage, ""),
         (Task::TextMatching, PromptName::Passage, "hello"),
     ];
-    let trunc = Truncation {
-        max_length: 64,
-        strict: true,
-    };
+    let trunc = Truncation { max_length: 64, strict: true };
     let got = tok().encode_batch_prompted(&items, trunc);
     assert_eq!(got.len(), items.len());
     for (i, (&(task, prompt, text), res)) in items.iter().zip(&got).enumerate() {
         if i == 1 {
             let err = res.as_ref().unwrap_err();
-            assert!(
-                matches!(err, Error::Input(_)) && err.to_string().contains("64"),
-                "{err}"
-            );
+            assert!(matches!(err, Error::Input(_)) && err.to_string().contains("64"), "{err}");
         } else {
             let one = tok().encode_prompted(task, prompt, text, trunc).unwrap();
             assert_eq!(res.as_ref().unwrap(), &one, "item {i}");
         }
     }
-    assert_eq!(
-        got[0].as_ref().unwrap().ids,
-        golden_ids("Query: What is the capital of France?")
-    );
+    assert_eq!(got[0].as_ref().unwrap().ids, golden_ids("Query: What is the capital of France?"));
     assert_eq!(got[2].as_ref().unwrap().ids, [12187, 424, 25, 220]);
 
     // A bad limit fails every item, each with its own error.
     let zero = tok().encode_batch_prompted(&items, Truncation::new(0));
     assert!(zero.iter().all(|r| matches!(r, Err(Error::Input(_)))));
-    assert!(tok()
-        .encode_batch_prompted(&[], Truncation::default())
-        .is_empty());
+    assert!(tok().encode_batch_prompted(&[], Truncation::default()).is_empty());
 }
 
 #[test]
 fn prefix_table() {
     assert_eq!(prompt_prefix(Task::Retrieval, PromptName::Query), "Query: ");
     assert_eq!(prompt_prefix(Task::Code, PromptName::Passage), "Passage: ");
-    assert_eq!(
-        prompt_prefix(Task::TextMatching, PromptName::Passage),
-        "Query: "
-    );
+    assert_eq!(prompt_prefix(Task::TextMatching, PromptName::Passage), "Query: ");
 }

@@ -121,7 +121,11 @@ impl Blas {
         }
         let plan = &plans[&key];
         if let Some(b) = bias {
-            set_desc(plan.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b.ptr())?;
+            set_desc(
+                plan.desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &b.ptr(),
+            )?;
         }
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
@@ -198,9 +202,8 @@ impl Blas {
             )
         };
         // SAFETY: all handles are live.
-        let heuristic = r.and_then(|_| unsafe {
-            lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref)
-        });
+        let heuristic =
+            r.and_then(|_| unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref) });
         // SAFETY: pref was created above and is not used again.
         unsafe {
             let _ = lt::destroy_matmul_pref(pref);
@@ -218,7 +221,12 @@ fn set_desc<T: Copy>(
 ) -> Result<()> {
     // SAFETY: desc is live; value points to size_of::<T>() readable bytes, the attribute's size.
     unsafe {
-        lt::set_matmul_desc_attribute(desc, attr, value as *const T as *const c_void, std::mem::size_of::<T>())
+        lt::set_matmul_desc_attribute(
+            desc,
+            attr,
+            value as *const T as *const c_void,
+            std::mem::size_of::<T>(),
+        )
     }
     .map_err(|e| blas_err("set matmul attribute", e))
 }

@@ -19,7 +19,7 @@ use crate::{Error, Result};
 pub use alloc::{DeviceAllocator, DeviceBlock, MemStats, DEFAULT_PAGE_SIZE};
 pub use blas::Blas;
 pub use kernels::{KernelId, ModuleSource, CUDA_ARCH, MODULES};
-pub use tensor::{DTensor, DView, DViewMut};
+pub use tensor::{DTensor, DView, DViewMut, DeviceBuffer};
 
 /// Converts a driver error into [`Error::Cuda`] saying what we were doing.
 pub(crate) fn cuda_err(what: &str, e: DriverError) -> Error {
@@ -271,7 +271,9 @@ impl Gpu {
 
     /// A new timing event.
     pub fn event(&self) -> Result<cudarc::driver::CudaEvent> {
-        self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| cuda_err("create an event", e))
+        self.ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("create an event", e))
     }
 }
 

@@ -163,3 +163,65 @@ impl<'a, T> DViewMut<'a, T> {
         DView { ptr: self.ptr, shape: self.shape, _t: PhantomData }
     }
 }
+
+/// A plain device allocation outside the paged allocator, for data that lives as long as the
+/// model (the weights): one `cuMemAlloc`, freed on drop.
+pub struct DeviceBuffer {
+    ptr: CUdeviceptr,
+    bytes: usize,
+}
+
+impl DeviceBuffer {
+    /// Allocates `bytes` bytes; a refusal by the driver is [`crate::Error::OutOfMemory`].
+    pub fn new(gpu: &super::Gpu, bytes: usize) -> crate::Result<Self> {
+        gpu.bind()?;
+        // SAFETY: plain allocation; freed in Drop.
+        match unsafe { cudarc::driver::result::malloc_sync(bytes.max(1)) } {
+            Ok(ptr) => Ok(DeviceBuffer { ptr, bytes }),
+            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                Err(crate::Error::OutOfMemory { requested: bytes as u64, in_use: 0, budget: 0 })
+            }
+            Err(e) => Err(super::cuda_err(&format!("allocate {bytes} bytes"), e)),
+        }
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Copies `src` to byte offset `offset` (waits for the copy).
+    pub fn upload_at<T: Copy>(&mut self, gpu: &super::Gpu, offset: usize, src: &[T]) -> crate::Result<()> {
+        let len = std::mem::size_of_val(src);
+        if offset.checked_add(len).is_none_or(|end| end > self.bytes) {
+            return Err(crate::Error::Shape {
+                op: "upload",
+                msg: format!("{len} bytes at offset {offset} into a buffer of {}", self.bytes),
+            });
+        }
+        // SAFETY: the range [offset, offset + len) lies inside the allocation (checked).
+        unsafe { cudarc::driver::result::memcpy_htod_async(self.ptr + offset as u64, src, gpu.cu_stream()) }
+            .map_err(|e| super::cuda_err("copy to the device", e))?;
+        gpu.sync()
+    }
+
+    /// A typed view of `numel(dims)` elements at byte offset `offset`; `None` when out of range.
+    pub fn view<T>(&self, offset: usize, dims: &[usize]) -> Option<DView<'_, T>> {
+        let shape = Shape::new(dims);
+        let end = offset.checked_add(shape.numel() * std::mem::size_of::<T>())?;
+        (end <= self.bytes && offset % std::mem::align_of::<T>() == 0).then_some(DView {
+            ptr: self.ptr + offset as u64,
+            shape,
+            _t: PhantomData,
+        })
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the allocation made in new(); views borrow self, so none outlives it.
+        unsafe {
+            let _ = cudarc::driver::result::free_sync(self.ptr);
+        }
+    }
+}

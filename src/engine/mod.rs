@@ -2,6 +2,4 @@
 
 pub mod text;
 
-pub use text::{
-    prompt_prefix, EncodedText, PromptName, TextTokenizer, Truncation, DEFAULT_MAX_LENGTH,
-};
+pub use text::{prompt_prefix, EncodedText, PromptName, TextTokenizer, Truncation, DEFAULT_MAX_LENGTH};

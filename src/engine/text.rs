@@ -51,11 +51,7 @@ impl FromStr for PromptName {
         PromptName::ALL
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| {
-                Error::Input(format!(
-                    "unknown prompt name {s:?}: expected one of query, passage"
-                ))
-            })
+            .ok_or_else(|| Error::Input(format!("unknown prompt name {s:?}: expected one of query, passage")))
     }
 }
 
@@ -82,20 +78,14 @@ pub struct Truncation {
 impl Default for Truncation {
     /// The reference's behaviour: cut at 32768 tokens.
     fn default() -> Self {
-        Truncation {
-            max_length: DEFAULT_MAX_LENGTH,
-            strict: false,
-        }
+        Truncation { max_length: DEFAULT_MAX_LENGTH, strict: false }
     }
 }
 
 impl Truncation {
     /// Cut at `max_length` tokens (not strict).
     pub fn new(max_length: usize) -> Self {
-        Truncation {
-            max_length,
-            strict: false,
-        }
+        Truncation { max_length, strict: false }
     }
 
     /// The limit actually applied, or an error for a limit that can hold nothing.
@@ -127,9 +117,7 @@ pub struct TextTokenizer {
 impl fmt::Debug for TextTokenizer {
     // The derived form would print the whole vocabulary.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TextTokenizer")
-            .field("vocab_size", &self.inner.get_vocab_size(true))
-            .finish()
+        f.debug_struct("TextTokenizer").field("vocab_size", &self.inner.get_vocab_size(true)).finish()
     }
 }
 
@@ -142,15 +130,9 @@ impl TextTokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
-            Error::Tokenizer(format!(
-                "{}: not a valid tokenizer.json: {e}",
-                path.display()
-            ))
-        })?;
-        inner
-            .with_truncation(None)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::Tokenizer(format!("{}: not a valid tokenizer.json: {e}", path.display())))?;
+        inner.with_truncation(None).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         inner.with_padding(None);
         Ok(TextTokenizer { inner })
     }
@@ -209,12 +191,7 @@ impl TextTokenizer {
         items: &[(Task, PromptName, &str)],
         trunc: Truncation,
     ) -> Vec<Result<EncodedText>> {
-        let one_by_one = || {
-            items
-                .iter()
-                .map(|&(t, p, s)| self.encode_prompted(t, p, s, trunc))
-                .collect()
-        };
+        let one_by_one = || items.iter().map(|&(t, p, s)| self.encode_prompted(t, p, s, trunc)).collect();
         // A bad limit: every item gets its own copy of the error, without encoding anything.
         let Ok(limit) = trunc.limit() else {
             return one_by_one();
@@ -238,9 +215,7 @@ impl TextTokenizer {
     /// true, like the reference; for this tokenizer it adds nothing). Offsets are not needed, so
     /// the fast path that skips them is used.
     fn encode_full(&self, text: &str) -> Result<tokenizers::Encoding> {
-        self.inner
-            .encode_fast(text, true)
-            .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))
+        self.inner.encode_fast(text, true).map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))
     }
 }
 
@@ -253,18 +228,9 @@ fn prefixed(task: Task, prompt: PromptName, text: &str) -> String {
 }
 
 /// Keeps the first `limit` ids, or rejects the text in strict mode.
-fn cut(
-    ids: &[u32],
-    limit: usize,
-    strict: bool,
-    task: Task,
-    prompt: PromptName,
-) -> Result<EncodedText> {
+fn cut(ids: &[u32], limit: usize, strict: bool, task: Task, prompt: PromptName) -> Result<EncodedText> {
     if ids.len() <= limit {
-        return Ok(EncodedText {
-            ids: ids.to_vec(),
-            dropped: 0,
-        });
+        return Ok(EncodedText { ids: ids.to_vec(), dropped: 0 });
     }
     if strict {
         return Err(Error::Input(format!(
@@ -274,10 +240,7 @@ fn cut(
             prompt_prefix(task, prompt),
         )));
     }
-    Ok(EncodedText {
-        ids: ids[..limit].to_vec(),
-        dropped: ids.len() - limit,
-    })
+    Ok(EncodedText { ids: ids[..limit].to_vec(), dropped: ids.len() - limit })
 }
 
 #[cfg(test)]
@@ -307,19 +270,13 @@ mod tests {
         let err = "document".parse::<PromptName>().unwrap_err();
         assert!(matches!(err, Error::Input(_)), "{err:?}");
         let msg = err.to_string();
-        assert!(
-            msg.contains("document") && msg.contains("query") && msg.contains("passage"),
-            "{msg}"
-        );
+        assert!(msg.contains("document") && msg.contains("query") && msg.contains("passage"), "{msg}");
     }
 
     #[test]
     fn limit_is_clamped_and_zero_rejected() {
         assert_eq!(Truncation::new(16).limit().unwrap(), 16);
-        assert_eq!(
-            Truncation::new(1 << 20).limit().unwrap(),
-            DEFAULT_MAX_LENGTH
-        );
+        assert_eq!(Truncation::new(1 << 20).limit().unwrap(), DEFAULT_MAX_LENGTH);
         assert!(matches!(Truncation::new(0).limit(), Err(Error::Input(_))));
     }
 
@@ -327,21 +284,10 @@ mod tests {
     fn cut_keeps_the_front_and_counts_the_rest() {
         let ids: Vec<u32> = (0..10).collect();
         let got = cut(&ids, 4, false, Task::Retrieval, PromptName::Query).unwrap();
-        assert_eq!(
-            got,
-            EncodedText {
-                ids: vec![0, 1, 2, 3],
-                dropped: 6
-            }
-        );
+        assert_eq!(got, EncodedText { ids: vec![0, 1, 2, 3], dropped: 6 });
         let fit = cut(&ids, 10, true, Task::Retrieval, PromptName::Query).unwrap();
         assert_eq!(fit.dropped, 0);
-        let msg = cut(&ids, 4, true, Task::Code, PromptName::Passage)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("10 tokens") && msg.contains("limit of 4"),
-            "{msg}"
-        );
+        let msg = cut(&ids, 4, true, Task::Code, PromptName::Passage).unwrap_err().to_string();
+        assert!(msg.contains("10 tokens") && msg.contains("limit of 4"), "{msg}");
     }
 }

@@ -324,9 +324,8 @@ fn read_index(path: &Path) -> Result<ShardPlan> {
         .ok_or_else(|| bad("missing `weight_map` object".into()))?;
     let mut plan = ShardPlan::new();
     for (name, shard) in map {
-        let shard = shard
-            .as_str()
-            .ok_or_else(|| bad(format!("weight_map[{name:?}] is not a file name: {shard}")))?;
+        let shard =
+            shard.as_str().ok_or_else(|| bad(format!("weight_map[{name:?}] is not a file name: {shard}")))?;
         // Shards must sit inside the folder: refuse absolute paths and `..`.
         let p = Path::new(shard);
         if shard.is_empty() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
@@ -352,15 +351,8 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn admit(
-        &mut self,
-        raw: RawTensor,
-        file: &Path,
-        file_index: usize,
-        source: Source,
-    ) -> Result<()> {
-        let err =
-            |msg: String| Error::Tensor { name: raw.name.clone(), file: file.to_path_buf(), msg };
+    fn admit(&mut self, raw: RawTensor, file: &Path, file_index: usize, source: Source) -> Result<()> {
+        let err = |msg: String| Error::Tensor { name: raw.name.clone(), file: file.to_path_buf(), msg };
         let canonical = canonical_name(&raw.name);
         if is_ignored(&canonical) {
             self.ignored.push((raw.name, file.to_path_buf()));
@@ -384,10 +376,7 @@ impl Builder<'_> {
             )));
         }
         let Some(dtype) = Dtype::from_safetensors(raw.dtype) else {
-            return Err(err(format!(
-                "dtype {:?} is not supported (expected BF16, F16 or F32)",
-                raw.dtype
-            )));
+            return Err(err(format!("dtype {:?} is not supported (expected BF16, F16 or F32)", raw.dtype)));
         };
         if raw.shape != exp.shape {
             return Err(err(format!("shape {:?}, expected {:?}", raw.shape, exp.shape)));
@@ -421,11 +410,7 @@ impl Checkpoint {
         let preprocessor = PreprocessorConfig::from_file(&dir.join("preprocessor_config.json"))?;
         for (key, p, v) in [
             ("patch_size", preprocessor.patch_size, config.vision.patch_size),
-            (
-                "temporal_patch_size",
-                preprocessor.temporal_patch_size,
-                config.vision.temporal_patch_size,
-            ),
+            ("temporal_patch_size", preprocessor.temporal_patch_size, config.vision.temporal_patch_size),
             ("merge_size", preprocessor.merge_size, config.vision.spatial_merge_size),
         ] {
             if p != v {
@@ -557,18 +542,16 @@ impl Checkpoint {
     pub fn to_bf16(&self, t: &TensorInfo) -> Vec<bf16> {
         let d = self.data(t);
         match t.dtype {
-            Dtype::BF16 => d
-                .chunks_exact(2)
-                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-                .collect(),
+            Dtype::BF16 => {
+                d.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()
+            }
             Dtype::F16 => d
                 .chunks_exact(2)
                 .map(|c| bf16::from_f32(f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
                 .collect(),
-            Dtype::F32 => d
-                .chunks_exact(4)
-                .map(|c| f32_to_bf16(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
+            Dtype::F32 => {
+                d.chunks_exact(4).map(|c| f32_to_bf16(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect()
+            }
         }
     }
 
@@ -631,10 +614,10 @@ mod tests {
         let h = u / 2.0;
         let cases: [(f32, f32); 7] = [
             (1.0, 1.0),
-            (1.0 + h, 1.0), // 1.00390625: tie between 1.0 and 1+u → even (1.0)
+            (1.0 + h, 1.0),                 // 1.00390625: tie between 1.0 and 1+u → even (1.0)
             (1.0 + 3.0 * h, 1.0 + 2.0 * u), // 1.01171875: tie between 1+u and 1+2u → 1.015625
-            (1.0 + 1.5 * h, 1.0 + u), // above halfway: up
-            (1.0 + 0.5 * h, 1.0), // below halfway: down
+            (1.0 + 1.5 * h, 1.0 + u),       // above halfway: up
+            (1.0 + 0.5 * h, 1.0),           // below halfway: down
             (-(1.0 + 3.0 * h), -(1.0 + 2.0 * u)),
             (0.0, 0.0),
         ];
@@ -672,13 +655,8 @@ mod tests {
             assert_eq!(canonical_name(stored), canon);
         }
         assert!(is_ignored(&canonical_name("lm_head.weight")));
-        assert!(is_ignored(&canonical_name(
-            "base_model.model.single_vector_projector.lora_A.code.weight"
-        )));
-        assert_eq!(
-            lora_task("multi_vector_projector.lora_B.text-matching.weight"),
-            Some(Task::TextMatching)
-        );
+        assert!(is_ignored(&canonical_name("base_model.model.single_vector_projector.lora_A.code.weight")));
+        assert_eq!(lora_task("multi_vector_projector.lora_B.text-matching.weight"), Some(Task::TextMatching));
         assert_eq!(lora_task("layers.0.mlp.up_proj.weight"), None);
     }
 }

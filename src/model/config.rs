@@ -368,9 +368,7 @@ impl ModelConfig {
             text,
             vision,
             special,
-            multi_vector_projector_dim: j
-                .opt_usize(&top, "multi_vector_projector_dim")?
-                .unwrap_or(128),
+            multi_vector_projector_dim: j.opt_usize(&top, "multi_vector_projector_dim")?.unwrap_or(128),
             matryoshka_dims: match j.get(&top, "matryoshka_dims") {
                 Some(_) => j.req_usize_list(&top, "matryoshka_dims")?,
                 None => vec![128, 256, 512, 1024, 2048],
@@ -531,16 +529,11 @@ impl ModelConfig {
         }
         let m = &self.matryoshka_dims;
         if m.is_empty() || m[0] == 0 || m.windows(2).any(|w| w[0] >= w[1]) {
-            return err(format!(
-                "matryoshka_dims {m:?} must be non-empty, > 0 and strictly ascending"
-            ));
+            return err(format!("matryoshka_dims {m:?} must be non-empty, > 0 and strictly ascending"));
         }
         if let Some(&last) = m.last() {
             if last > t.hidden_size {
-                return err(format!(
-                    "matryoshka_dims {m:?}: {last} exceeds hidden_size ({})",
-                    t.hidden_size
-                ));
+                return err(format!("matryoshka_dims {m:?}: {last} exceeds hidden_size ({})", t.hidden_size));
             }
         }
         let known = Task::ALL.map(|t| t.name());
@@ -550,9 +543,7 @@ impl ModelConfig {
                 Some(i) if !seen[i] => seen[i] = true,
                 Some(_) => return err(format!("task_names repeats {name:?}")),
                 None => {
-                    return err(format!(
-                        "task_names contains unknown task {name:?} (expected {known:?})"
-                    ))
+                    return err(format!("task_names contains unknown task {name:?} (expected {known:?})"))
                 }
             }
         }
@@ -620,10 +611,7 @@ impl<'a> Lookup<'a> {
     /// The first non-null value of `key` in `scopes`, with the dotted path where it was found.
     fn find(&self, scopes: &[Scope], key: &str) -> Option<(&'a Value, String)> {
         scopes.iter().find_map(|s| {
-            self.scope(s)
-                .and_then(|m| m.get(key))
-                .filter(|v| !v.is_null())
-                .map(|v| (v, s.path(key)))
+            self.scope(s).and_then(|m| m.get(key)).filter(|v| !v.is_null()).map(|v| (v, s.path(key)))
         })
     }
 
@@ -738,9 +726,7 @@ impl<'a> Lookup<'a> {
     fn req_string_list(&self, scopes: &[Scope], key: &str) -> Result<Vec<String>> {
         let (a, p) = self.req_list(scopes, key)?;
         a.iter()
-            .map(|x| {
-                x.as_str().map(str::to_string).ok_or_else(|| self.bad(&p, "a list of strings", x))
-            })
+            .map(|x| x.as_str().map(str::to_string).ok_or_else(|| self.bad(&p, "a list of strings", x)))
             .collect()
     }
 
@@ -748,9 +734,7 @@ impl<'a> Lookup<'a> {
         let (a, p) = self.req_list(scopes, key)?;
         let v: Vec<f32> = a
             .iter()
-            .map(|x| {
-                x.as_f64().map(|f| f as f32).ok_or_else(|| self.bad(&p, "a list of numbers", x))
-            })
+            .map(|x| x.as_f64().map(|f| f as f32).ok_or_else(|| self.bad(&p, "a list of numbers", x)))
             .collect::<Result<_>>()?;
         v.try_into().map_err(|v: Vec<f32>| {
             config_err(self.file, format!("key `{p}`: expected 3 values, found {}", v.len()))
@@ -793,9 +777,9 @@ impl<'a> Lookup<'a> {
             .get("mrope_section")
             .filter(|v| !v.is_null())
             .ok_or_else(|| config_err(self.file, format!("missing key `{p}`")))?;
-        let list: Option<Vec<usize>> = v.as_array().and_then(|a| {
-            a.iter().map(|x| x.as_u64().and_then(|n| usize::try_from(n).ok())).collect()
-        });
+        let list: Option<Vec<usize>> = v
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64().and_then(|n| usize::try_from(n).ok())).collect());
         match list {
             Some(l) if l.len() == 3 => Ok([l[0], l[1], l[2]]),
             _ => Err(self.bad(p, "a list of 3 non-negative integers", v)),
@@ -910,9 +894,8 @@ mod tests {
         let mut v = json!({"text_config": text_fields(), "vision_config": vision()});
         specials(&mut v);
         v.as_object_mut().unwrap().remove("image_token_id");
-        let e = ModelConfig::from_json_str(&v.to_string(), Path::new("/m/config.json"))
-            .unwrap_err()
-            .to_string();
+        let e =
+            ModelConfig::from_json_str(&v.to_string(), Path::new("/m/config.json")).unwrap_err().to_string();
         assert!(e.contains("image_token_id") && e.contains("/m/config.json"), "{e}");
     }
 
@@ -932,8 +915,7 @@ mod tests {
             Path::new("p.json"),
         );
         assert!(bad.unwrap_err().to_string().contains("min_pixels"));
-        let a = AdapterConfig::from_json_str(r#"{"r":32,"lora_alpha":32}"#, Path::new("a.json"))
-            .unwrap();
+        let a = AdapterConfig::from_json_str(r#"{"r":32,"lora_alpha":32}"#, Path::new("a.json")).unwrap();
         assert_eq!(a.scale(), 1.0);
         let a = AdapterConfig::from_json_str(
             r#"{"r":16,"lora_alpha":32,"use_rslora":true}"#,
@@ -941,8 +923,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.scale(), 8.0);
-        assert!(
-            AdapterConfig::from_json_str(r#"{"r":0,"lora_alpha":1}"#, Path::new("a.json")).is_err()
-        );
+        assert!(AdapterConfig::from_json_str(r#"{"r":0,"lora_alpha":1}"#, Path::new("a.json")).is_err());
     }
 }

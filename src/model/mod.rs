@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod synth;
 pub mod task;
+pub mod weights;
 
 pub use checkpoint::{Checkpoint, Dtype, ExpectedTensor, Source, TensorInfo};
 pub use config::{AdapterConfig, ModelConfig, PreprocessorConfig};

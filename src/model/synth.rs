@@ -42,8 +42,7 @@ pub struct SynthSpec {
 }
 
 /// The base shard file names, as in the real checkpoint.
-pub const SHARD_FILES: [&str; 2] =
-    ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
+pub const SHARD_FILES: [&str; 2] = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
 
 /// `config.json` for a preset: nested `text_config`, special ids at the top level.
 pub fn config_json(preset: Preset) -> Value {
@@ -80,10 +79,7 @@ pub fn config_json(preset: Preset) -> Value {
         ("hidden_act", json!("silu")),
         ("rms_norm_eps", json!(1e-6)),
         ("rope_theta", json!(1000000.0)),
-        (
-            "rope_scaling",
-            json!({"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]}),
-        ),
+        ("rope_scaling", json!({"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]})),
         ("max_position_embeddings", json!(128000)),
         ("use_sliding_window", json!(false)),
         ("tie_word_embeddings", json!(true)),
@@ -167,9 +163,8 @@ pub fn adapter_config_json(preset: Preset) -> Value {
 /// The real checkpoint's spelling of a canonical name: legacy `model.` for LM base tensors,
 /// `base_model.model.model.language_model.` for LM LoRA, `base_model.model.` for projector LoRA.
 pub fn stored_name(canonical: &str, source: Source) -> String {
-    let lm = canonical.starts_with("layers.")
-        || canonical == "embed_tokens.weight"
-        || canonical == "norm.weight";
+    let lm =
+        canonical.starts_with("layers.") || canonical == "embed_tokens.weight" || canonical == "norm.weight";
     match (source, lm) {
         (Source::Base, true) => format!("model.{canonical}"),
         (Source::Base, false) => canonical.to_string(),
@@ -190,8 +185,7 @@ pub fn write_checkpoint(dir: &Path, spec: &SynthSpec) -> Result<()> {
 
     // The table comes from the parsed config, so the files match what the loader expects.
     let cfg = ModelConfig::from_json_str(&config.to_string(), &dir.join("config.json"))?;
-    let acfg =
-        AdapterConfig::from_json_str(&adapter_cfg.to_string(), &dir.join(ADAPTER_CONFIG_FILE))?;
+    let acfg = AdapterConfig::from_json_str(&adapter_cfg.to_string(), &dir.join(ADAPTER_CONFIG_FILE))?;
     let table = expected_tensors(&cfg, &acfg);
 
     // Shard 1: embed + layers before `split` + the attention half of layer `split`; shard 2 the
@@ -207,9 +201,7 @@ pub fn write_checkpoint(dir: &Path, spec: &SynthSpec) -> Result<()> {
         };
         let (l, tail) = rest.split_once('.').expect("layer names have a tail");
         let l: usize = l.parse().expect("layer index");
-        l < split
-            || (l == split
-                && (tail.starts_with("self_attn") || tail.starts_with("input_layernorm")))
+        l < split || (l == split && (tail.starts_with("self_attn") || tail.starts_with("input_layernorm")))
     };
     let mut shards: [Vec<Planned>; 2] = [Vec::new(), Vec::new()];
     for e in table.iter().filter(|e| e.source == Source::Base) {
@@ -233,10 +225,7 @@ pub fn write_checkpoint(dir: &Path, spec: &SynthSpec) -> Result<()> {
             weight_map.insert(t.stored.clone(), json!(file));
         }
     }
-    write_json(
-        &dir.join(INDEX_FILE),
-        &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
-    )?;
+    write_json(&dir.join(INDEX_FILE), &json!({"metadata": {"total_size": total}, "weight_map": weight_map}))?;
 
     let lora: Vec<Planned> = table
         .iter()
@@ -385,10 +374,7 @@ mod tests {
     #[test]
     fn stored_names_use_the_real_spellings() {
         assert_eq!(stored_name("embed_tokens.weight", Source::Base), "model.embed_tokens.weight");
-        assert_eq!(
-            stored_name("visual.merger.mlp.0.bias", Source::Base),
-            "visual.merger.mlp.0.bias"
-        );
+        assert_eq!(stored_name("visual.merger.mlp.0.bias", Source::Base), "visual.merger.mlp.0.bias");
         assert_eq!(
             stored_name("layers.7.mlp.up_proj.lora_A.code.weight", Source::Adapter),
             "base_model.model.model.language_model.layers.7.mlp.up_proj.lora_A.code.weight"

@@ -44,9 +44,7 @@ impl FromStr for Task {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         Task::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
-            Error::Input(format!(
-                "unknown task {s:?}: expected one of retrieval, text-matching, code"
-            ))
+            Error::Input(format!("unknown task {s:?}: expected one of retrieval, text-matching, code"))
         })
     }
 }

@@ -42,5 +42,7 @@ pub fn swiglu(gpu: &Gpu, gu: &DView<'_, bf16>, out: &mut DViewMut<'_, bf16>) -> 
     ];
     // SAFETY: args match swiglu_bf16(const bf16*, bf16*, int64, int64); gu holds T·2I and out
     // T·I elements (checked above), aligned for the vector path.
-    unsafe { gpu.launch(KernelId::SwigluBf16, Launch::linear(grid_for(work, THREADS), THREADS as u32), &mut args) }
+    unsafe {
+        gpu.launch(KernelId::SwigluBf16, Launch::linear(grid_for(work, THREADS), THREADS as u32), &mut args)
+    }
 }

@@ -45,8 +45,14 @@ pub fn alloc_no_growth_over_100_cycles(ctx: &mut Ctx) -> Result<(), String> {
     for cycle in 0..100 {
         let h = mem.alloc((tokens * hidden * 2) as u64).map_err(e)?;
         for _layer in 0..3 {
-            let mut gu = DTensor::<bf16>::from_block(mem.alloc((tokens * 2 * inter * 2) as u64).map_err(e)?, &[tokens, 2 * inter]);
-            let mut act = DTensor::<bf16>::from_block(mem.alloc((tokens * inter * 2) as u64).map_err(e)?, &[tokens, inter]);
+            let mut gu = DTensor::<bf16>::from_block(
+                mem.alloc((tokens * 2 * inter * 2) as u64).map_err(e)?,
+                &[tokens, 2 * inter],
+            );
+            let mut act = DTensor::<bf16>::from_block(
+                mem.alloc((tokens * inter * 2) as u64).map_err(e)?,
+                &[tokens, inter],
+            );
             ctx.gpu.fill_u16(&mut gu.view_mut(), 0x3F80).map_err(e)?; // 1.0
             ops::swiglu(&ctx.gpu, &gu.view(), &mut act.view_mut()).map_err(e)?;
             mem.free(gu.into_block());

@@ -26,8 +26,10 @@ pub fn run(tests: &[(&'static str, TestFn)]) -> ! {
         }
         std::process::exit(0);
     }
-    let selected: Vec<_> =
-        tests.iter().filter(|(n, _)| filter.is_empty() || filter.iter().any(|f| n.contains(f.as_str()))).collect();
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(n, _)| filter.is_empty() || filter.iter().any(|f| n.contains(f.as_str())))
+        .collect();
 
     let gpu = match Gpu::new(0) {
         Ok(gpu) => gpu,

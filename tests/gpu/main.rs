@@ -5,6 +5,7 @@ mod alloc;
 mod check;
 mod harness;
 mod ops;
+mod weights;
 
 fn main() {
     harness::run(&[
@@ -16,5 +17,6 @@ fn main() {
         ("alloc_round_trip", alloc::alloc_round_trip),
         ("alloc_no_growth_over_100_cycles", alloc::alloc_no_growth_over_100_cycles),
         ("alloc_budget_gives_typed_oom", alloc::alloc_budget_gives_typed_oom),
+        ("weights_upload_round_trip", weights::weights_upload_round_trip),
     ]);
 }

@@ -1,0 +1,95 @@
+//! The `jv4` binary from the outside: bad input gives a clear message and a non-zero exit, never
+//! a panic; a machine without a GPU is told so.
+
+use std::process::{Command, Output};
+
+fn jv4(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_jv4")).args(args).output().expect("run jv4")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn assert_no_panic(o: &Output) {
+    let t = text(o);
+    assert!(!t.contains("panicked"), "jv4 panicked:\n{t}");
+}
+
+#[test]
+fn gpu_report_or_clear_no_gpu_error() {
+    let o = jv4(&["gpu"]);
+    assert_no_panic(&o);
+    if o.status.success() {
+        assert!(text(&o).contains("compute capability"), "{}", text(&o));
+    } else {
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(text(&o).contains("no GPU available"), "{}", text(&o));
+    }
+}
+
+#[test]
+fn info_on_a_missing_folder_names_it() {
+    let o = jv4(&["info", "--model", "/nonexistent/jv4-model", "--no-gpu"]);
+    assert_no_panic(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("/nonexistent/jv4-model"), "{}", text(&o));
+}
+
+#[test]
+fn synth_then_info_reports_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let o = jv4(&["synth", "--out", out.to_str().unwrap(), "--seed", "3"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = jv4(&["info", "--model", out.to_str().unwrap(), "--no-gpu"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("tensors: 172 (82 base, 90 adapter)"), "{t}");
+    assert!(t.contains("retrieval, text-matching, code"), "{t}");
+    assert!(t.contains("ignored (documented): lm_head.weight"), "{t}");
+}
+
+fn shared_model_dir() -> std::path::PathBuf {
+    match std::env::var_os("JV4_MODEL_DIR") {
+        Some(d) => d.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/jina-embeddings-v4"),
+    }
+}
+
+#[test]
+fn tokenize_prints_ids_and_reports_bad_lines() {
+    let model = shared_model_dir();
+    let model = model.to_str().unwrap();
+    let o =
+        jv4(&["tokenize", "--model", model, "--task", "text-matching", "--prompt-name", "passage", "hello"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // text-matching always uses "Query: ".
+    assert_eq!(line["ids"][0], 2859, "{line}");
+
+    let o = jv4(&["tokenize", "--model", model, "--max-length", "4", "--strict", "a b c d e f g", "ok"]);
+    assert_no_panic(&o);
+    assert_eq!(o.status.code(), Some(1));
+    let lines: Vec<serde_json::Value> = o
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", text(&o));
+    assert_eq!(lines[0]["line"], 1);
+    assert!(lines[0]["error"].as_str().unwrap().contains("over the limit"), "{}", lines[0]);
+    assert!(lines[1]["ids"].is_array(), "the good text is still served: {}", lines[1]);
+}
+
+#[test]
+fn unknown_task_and_prompt_are_rejected_with_the_choices() {
+    for (flag, bad) in [("--task", "classification"), ("--prompt-name", "document")] {
+        let o = jv4(&["tokenize", "--tokenizer", "/dev/null", flag, bad, "x"]);
+        assert_no_panic(&o);
+        assert_ne!(o.status.code(), Some(0));
+        let t = text(&o);
+        assert!(t.contains(bad), "{t}");
+    }
+}
