@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use jv4::cuda::{Gpu, KernelId, CUDA_ARCH, MODULES};
+use jv4::cuda::{resolve_budget, DeviceAllocator, Gpu, KernelId, CUDA_ARCH, DEFAULT_PAGE_SIZE, MODULES};
 use jv4::engine::text::{PromptName, TextTokenizer, Truncation, DEFAULT_MAX_LENGTH};
 use jv4::model::checkpoint::{Checkpoint, Source};
 use jv4::model::synth::{write_checkpoint, Preset, SynthSpec};
@@ -88,6 +88,10 @@ enum Cmd {
         /// Which GPU (CUDA device ordinal).
         #[arg(long, default_value_t = 0)]
         device: usize,
+        /// Activation memory budget for the paged allocator (e.g. 20GiB); default
+        /// $JV4_MEM_BUDGET, else 90% of the free device memory.
+        #[arg(long)]
+        mem_budget: Option<String>,
     },
     /// List the compiled kernels and the target they were built for.
     Kernels {
@@ -145,7 +149,7 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
             println!("wrote {} in {:.1} s", out.display(), t0.elapsed().as_secs_f64());
             Ok(())
         }
-        Cmd::Gpu { device } => {
+        Cmd::Gpu { device, mem_budget } => {
             let gpu = Gpu::new(device)?;
             let i = gpu.info();
             let (free, total) = gpu.mem_info()?;
@@ -166,6 +170,15 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
                 } else {
                     format!("PTX for {:?}", i.ptx_fallbacks)
                 }
+            );
+            let budget = resolve_budget(mem_budget.as_deref(), free)?;
+            let mem = DeviceAllocator::new(&gpu, budget, DEFAULT_PAGE_SIZE)?;
+            let s = mem.stats();
+            println!(
+                "  activation allocator: budget {:.1} GiB in {} pages of {} MiB (mapped on first use)",
+                gib(s.budget),
+                s.budget / s.page_size.max(1),
+                s.page_size >> 20
             );
             Ok(())
         }

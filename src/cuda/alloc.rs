@@ -23,6 +23,46 @@ use crate::{Error, Result};
 /// Default page size: the VMM granularity of NVIDIA datacenter GPUs.
 pub const DEFAULT_PAGE_SIZE: u64 = 2 << 20;
 
+/// Environment variable that sets the activation memory budget (e.g. `20GiB`, `512MiB`, bytes).
+pub const BUDGET_ENV: &str = "JV4_MEM_BUDGET";
+
+/// Parses a byte count: a plain number, or one with a `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024)
+/// or `KB`/`MB`/`GB`/`TB` (powers of 1000) suffix, e.g. `20GiB`, `1.5GB`.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024f64.powi(2),
+        "GiB" => 1024f64.powi(3),
+        "TiB" => 1024f64.powi(4),
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        u => {
+            return Err(Error::Input(format!(
+                "memory size {s:?}: unknown unit {u:?} (use e.g. 20GiB, 512MiB)"
+            )))
+        }
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok((v * mult) as u64),
+        _ => Err(Error::Input(format!("memory size {s:?} is not a number with an optional unit"))),
+    }
+}
+
+/// The activation budget: `flag` if given, else `$JV4_MEM_BUDGET`, else 90% of the device memory
+/// free now (the weights should be loaded first).
+pub fn resolve_budget(flag: Option<&str>, free_now: u64) -> Result<u64> {
+    match flag.map(str::to_string).or_else(|| std::env::var(BUDGET_ENV).ok()) {
+        Some(s) => parse_bytes(&s),
+        None => Ok(free_now / 10 * 9),
+    }
+}
+
 /// A run of consecutive pages `[start, start + len)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageRun {
@@ -215,7 +255,6 @@ pub struct DeviceAllocator {
     pool: PagePool,
     base: sys::CUdeviceptr,
     backing: Backing,
-    device: sys::CUdevice,
 }
 
 impl DeviceAllocator {
@@ -241,7 +280,7 @@ impl DeviceAllocator {
                 .map_err(|e| cuda_err(&format!("allocate the {bytes}-byte budget"), e))?;
             let mut pool = PagePool::new(page_size, pages);
             pool.set_mapped(pages);
-            return Ok(DeviceAllocator { pool, base, backing: Backing::Eager, device });
+            return Ok(DeviceAllocator { pool, base, backing: Backing::Eager });
         }
 
         // SAFETY: a zeroed CUmemAllocationProp is the documented "no options" value; we set the
@@ -274,7 +313,6 @@ impl DeviceAllocator {
             pool: PagePool::new(page_size, pages),
             base,
             backing: Backing::Vmm { prop, chunks: Vec::new() },
-            device,
         })
     }
 
@@ -356,7 +394,6 @@ impl DeviceAllocator {
 
 impl Drop for DeviceAllocator {
     fn drop(&mut self) {
-        let _ = self.device;
         let total = self.pool.stats().budget.max(self.pool.page_size);
         match &mut self.backing {
             Backing::Vmm { chunks, .. } => {
@@ -383,6 +420,19 @@ impl Drop for DeviceAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_sizes_parse_and_bad_ones_say_why() {
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes("20GiB").unwrap(), 20 << 30);
+        assert_eq!(parse_bytes(" 512 MiB ").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
+        let e = parse_bytes("20GX").unwrap_err().to_string();
+        assert!(e.contains("GX"), "{e}");
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("-1GiB").is_err());
+        assert_eq!(resolve_budget(Some("1MiB"), 999).unwrap(), 1 << 20);
+    }
 
     const P: u64 = 1 << 20;
 
@@ -501,17 +551,15 @@ mod tests {
             if live.is_empty() || rnd() % 3 != 0 {
                 let bytes = rnd() % (9 * P);
                 if let Ok((run, _)) = pool.alloc(bytes) {
-                    for p in run.start..run.end() {
-                        assert!(!owner[p], "page {p} handed out twice");
-                        owner[p] = true;
+                    for (p, o) in owner.iter_mut().enumerate().take(run.end()).skip(run.start) {
+                        assert!(!*o, "page {p} handed out twice");
+                        *o = true;
                     }
                     live.push(run);
                 }
             } else {
                 let run = live.swap_remove((rnd() as usize) % live.len());
-                for p in run.start..run.end() {
-                    owner[p] = false;
-                }
+                owner[run.start..run.end()].fill(false);
                 pool.free(run);
             }
             let used: usize = live.iter().map(|r| r.len).sum();

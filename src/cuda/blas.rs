@@ -115,11 +115,10 @@ impl Blas {
         }
         let key = Key { m, n, k, bias: bias.is_some(), accumulate };
         let mut plans = self.plans.borrow_mut();
-        if !plans.contains_key(&key) {
-            let plan = self.plan(key)?;
-            plans.insert(key, plan);
-        }
-        let plan = &plans[&key];
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(key)?),
+        };
         if let Some(b) = bias {
             set_desc(
                 plan.desc,

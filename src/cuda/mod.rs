@@ -16,7 +16,9 @@ use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream, Dri
 use cudarc::nvrtc::Ptx;
 
 use crate::{Error, Result};
-pub use alloc::{DeviceAllocator, DeviceBlock, MemStats, DEFAULT_PAGE_SIZE};
+pub use alloc::{
+    parse_bytes, resolve_budget, DeviceAllocator, DeviceBlock, MemStats, BUDGET_ENV, DEFAULT_PAGE_SIZE,
+};
 pub use blas::Blas;
 pub use kernels::{KernelId, ModuleSource, CUDA_ARCH, MODULES};
 pub use tensor::{DTensor, DView, DViewMut, DeviceBuffer};

@@ -9,7 +9,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use super::alloc::DeviceBlock;
 
 /// Most dimensions a tensor may have.
-pub const MAX_DIMS: usize = 4;
+pub const MAX_DIMS: usize = 5;
 
 /// A shape of up to [`MAX_DIMS`] dimensions, stored inline (views are `Copy`, no allocation).
 #[derive(Clone, Copy, PartialEq, Eq)]
