@@ -256,7 +256,8 @@ fn limits_above_the_context_are_clamped() {
     assert!(got.dropped > 0);
 }
 
-/// A 1 MB text: encode fully, then cut. Must stay well under a second in release.
+/// A 1 MB text: encode fully, then cut. About 0.4 s in release on a 2-core machine; the limit of
+/// 3 s leaves room for a loaded CI machine and still catches anything quadratic.
 #[test]
 fn one_megabyte_text_is_fast() {
     // Debug builds of the tokenizer are ~10x slower; check the logic there on a smaller text.
@@ -270,7 +271,7 @@ fn one_megabyte_text_is_fast() {
     assert_eq!(got.ids.len(), DEFAULT_MAX_LENGTH.min(got.ids.len() + got.dropped));
     if !cfg!(debug_assertions) {
         assert!(got.dropped > 0);
-        assert!(dt.as_secs_f64() < 1.0, "1 MB took {dt:?}");
+        assert!(dt.as_secs_f64() < 3.0, "1 MB took {dt:?}");
     }
 }
 
