@@ -90,6 +90,9 @@ def build(model_dir, dtype, device):
     text = dict(cfg["text_config"])
     vision = dict(cfg["vision_config"])
     special = {k: cfg[k] for k in ["image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "bos_token_id", "eos_token_id"] if k in cfg}
+    for k in ["bos_token_id", "eos_token_id"]:
+        if k in special:
+            text[k] = special[k]
     qcfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **special)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(qcfg, dtype=dtype, attn_implementation="sdpa")
@@ -143,12 +146,33 @@ def build(model_dir, dtype, device):
 
 
 class Capture:
-    """Hooks that record what transformers computed: M-RoPE positions and the spliced embeddings."""
+    """Hooks that record what transformers computed: M-RoPE positions, the spliced embeddings, and in
+    the vision tower the patch embeddings, each block's input (the first one is after the window
+    permutation), its cu_seqlens and the rotary cos/sin."""
 
     def __init__(self, model):
         self.positions = None
         self.inputs_embeds = None
+        self.patch_embed = None
+        self.blocks = []
         lm = model.model.language_model
+        visual = model.model.visual
+
+        def patch_hook(_module, _args, out):
+            self.patch_embed = out.detach().float().clone()
+            self.blocks = []
+
+        def block_hook(_module, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            self.blocks.append({
+                "x": x.detach().float().clone(),
+                "cu_seqlens": kwargs.get("cu_seqlens"),
+                "pe": kwargs.get("position_embeddings"),
+            })
+
+        visual.patch_embed.register_forward_hook(patch_hook)
+        for blk in visual.blocks:
+            blk.register_forward_pre_hook(block_hook, with_kwargs=True)
 
         def rope_hook(_module, args, kwargs):
             pos = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
@@ -161,6 +185,31 @@ class Capture:
 
         lm.rotary_emb.register_forward_pre_hook(rope_hook, with_kwargs=True)
         lm.register_forward_pre_hook(lm_hook, with_kwargs=True)
+
+
+def vision_dumps(cap, fullatt):
+    """Window permutation, segment boundaries and rotary tables as transformers computed them."""
+    out = {}
+    if cap.patch_embed is None or not cap.blocks:
+        return out
+    x = cap.patch_embed
+    y = cap.blocks[0]["x"]
+    g = x.shape[0] // 4
+    xg, yg = x.reshape(g, -1), y.reshape(g, -1)
+    # Each group of 4 patch rows in block 0's input is one group of the patch embeddings.
+    match = (yg[:, None, :] == xg[None, :, :]).all(-1)
+    if bool((match.sum(1) == 1).all()):
+        out["window_index"] = match.float().argmax(1).to(torch.int32).cpu()
+    for i, b in enumerate(cap.blocks):
+        if b["cu_seqlens"] is not None:
+            key = "cu_seqlens" if i in fullatt else "cu_window_seqlens"
+            out[key] = torch.as_tensor(b["cu_seqlens"]).to(torch.int32).cpu()
+    pe = cap.blocks[0]["pe"]
+    if pe is not None:
+        out["rope_cos"] = pe[0].float().cpu()
+        out["rope_sin"] = pe[1].float().cpu()
+    out["block_inputs"] = torch.stack([b["x"] for b in cap.blocks]).cpu()
+    return out
 
 
 def forward(model, projector, ids_list, tasks, image_token_id, pixel_values=None, grid_thw=None, want_hidden=False):
@@ -214,31 +263,50 @@ def pool_span(h, ids_list, vs, ve):
 
 def image_processor(pre):
     """The reference's processor (the fast one, as jina loads it), from preprocessor_config.json."""
-    from transformers import Qwen2VLImageProcessorFast
+    try:
+        from transformers import Qwen2VLImageProcessorFast as Processor
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as Processor
 
     size = {"shortest_edge": pre["min_pixels"], "longest_edge": pre["max_pixels"]}
-    return Qwen2VLImageProcessorFast(
+    return Processor(
         size=size, min_pixels=pre["min_pixels"], max_pixels=pre["max_pixels"], patch_size=pre["patch_size"],
         temporal_patch_size=pre["temporal_patch_size"], merge_size=pre["merge_size"],
         image_mean=pre["image_mean"], image_std=pre["image_std"],
     )
 
 
-def slow_image_processor(pre):
-    try:
-        from transformers import Qwen2VLImageProcessor
-    except ImportError:
-        return None
-    size = {"shortest_edge": pre["min_pixels"], "longest_edge": pre["max_pixels"]}
-    try:
-        return Qwen2VLImageProcessor(
-            size=size, min_pixels=pre["min_pixels"], max_pixels=pre["max_pixels"], patch_size=pre["patch_size"],
-            temporal_patch_size=pre["temporal_patch_size"], merge_size=pre["merge_size"],
-            image_mean=pre["image_mean"], image_std=pre["image_std"],
-        )
-    except Exception as e:  # noqa: BLE001 - a missing slow processor is not fatal
-        print("slow processor unavailable:", e)
-        return None
+def pil_pixel_values(pil, grid, pre):
+    """The same preprocessing with PIL's bicubic resize instead of torchvision's (spec §4.1 steps 3-5),
+    to show how far the two resamplers are apart."""
+    import numpy as np
+    from PIL import Image
+
+    _, gh, gw = grid
+    p, tp, m = pre["patch_size"], pre["temporal_patch_size"], pre["merge_size"]
+    img = np.asarray(pil.resize((gw * p, gh * p), Image.BICUBIC)).astype(np.float32) / 255.0
+    img = (img - np.array(pre["image_mean"], np.float32)) / np.array(pre["image_std"], np.float32)
+    chw = img.transpose(2, 0, 1)  # [3, H, W]
+    x = np.stack([chw] * tp)  # [t, 3, H, W]
+    x = x.reshape(tp, 3, gh // m, m, p, gw // m, m, p)
+    # rows (bh, bw, mh, mw); columns (c, t, ph, pw)
+    x = x.transpose(2, 5, 3, 6, 1, 0, 4, 7).reshape(gh * gw, 3 * tp * p * p)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def unpatchify_u8(pv, grid, pre):
+    """pixel_values [gh·gw, 3·t·p·p] -> the resized image [H, W, 3] as uint8 (exact: the values
+    came from uint8 through (u/255 - mean)/std in f32)."""
+    _, gh, gw = grid
+    p, tp, m = pre["patch_size"], pre["temporal_patch_size"], pre["merge_size"]
+    x = pv.reshape(gh // m, gw // m, m, m, 3, tp, p, p)[:, :, :, :, :, 0]
+    x = x.permute(0, 2, 5, 1, 3, 6, 4).reshape(gh * p, gw * p, 3)
+    mean = torch.tensor(pre["image_mean"], dtype=torch.float32)
+    std = torch.tensor(pre["image_std"], dtype=torch.float32)
+    u = torch.round((x * std + mean) * 255.0)
+    back = ((u / 255.0) - mean) / std
+    assert (back - x).abs().max() < 1e-5, "pixel_values did not come from uint8"
+    return u.clamp(0, 255).to(torch.uint8)
 
 
 def tiny_image_ids(cfg, n_tokens):
@@ -283,7 +351,7 @@ def fixtures(args):
     meta = {"transformers": transformers.__version__, "torch": torch.__version__, "device": device,
             "texts": texts, "images": [], "mixed_batch": [0, 1, 2], "tensors": {}}
 
-    fast, slow = image_processor(pre), slow_image_processor(pre)
+    fast = image_processor(pre)
     images = []
     for im in spec["images"]:
         path = os.path.join(args.images, im["file"])
@@ -297,14 +365,16 @@ def fixtures(args):
         enc = p(images=[pil], return_tensors="pt")
         pv, thw = enc["pixel_values"].float(), enc["image_grid_thw"]
         name = os.path.splitext(im["file"])[0]
-        out_t[f"image/{name}/pixel_values"] = pv
-        out_t[f"image/{name}/rgb"] = torch.from_numpy(__import__("numpy").asarray(pil).copy())
-        if slow is not None and "max_pixels" not in im:
-            try:
-                senc = slow(images=[pil], return_tensors="pt")
-                out_t[f"image/{name}/pixel_values_slow"] = torch.as_tensor(senc["pixel_values"]).float()
-            except Exception as e:  # noqa: BLE001
-                print("slow processor failed:", e)
+        name_small = name in ("grad_224x224", "round_70x42")
+        if name_small:
+            out_t[f"image/{name}/pixel_values"] = pv
+        # The resized uint8 image each resampler produced (recovered exactly from pixel_values):
+        # one byte per value keeps the fixtures small, and normalise + patchify are checked on the
+        # two images above.
+        out_t[f"image/{name}/resized"] = unpatchify_u8(pv, thw[0].tolist(), pre)
+        out_t[f"image/{name}/resized_pil"] = unpatchify_u8(pil_pixel_values(pil, thw[0].tolist(), pre), thw[0].tolist(), pre)
+        if not im.get("embed", True) or name_small:
+            out_t[f"image/{name}/rgb"] = torch.from_numpy(__import__("numpy").asarray(pil).copy())
         n_tokens = int(thw.prod().item()) // (merge * merge)
         ids = tiny_image_ids(cfg, n_tokens)
         entry = {"file": im["file"], "grid_thw": thw[0].tolist(), "ids": ids, "task": TASKS[len(images) % 3],
@@ -326,7 +396,7 @@ def fixtures(args):
                 if mode == "fp32":
                     out_t[f"text/{i}/positions"] = cap.positions[:, 0, :].cpu().to(torch.int32)
                 if hidden is not None:
-                    out_t[f"text/{i}/hidden/{mode}"] = torch.stack([x[0] for x in hidden]).float().cpu()
+                    out_t[f"text/{i}/hidden/{mode}"] = torch.stack(hidden).float().cpu()
             # ... and three of them in one padded batch with a task per row (jina's mixed batch).
             batch = [texts[j] for j in meta["mixed_batch"]]
             seqs, _, h, mask = forward(model, projector, [b["ids"] for b in batch], [b["task"] for b in batch], cfg["image_token_id"])
@@ -346,21 +416,22 @@ def fixtures(args):
                 out_t[f"image/{name}/multi/{mode}"] = seqs[0][1].float().cpu()
                 rows = [r for r, x in enumerate(entry["ids"]) if x == cfg["image_token_id"]]
                 out_t[f"image/{name}/vision/{mode}"] = cap.inputs_embeds[0, rows].cpu()
+                dumps = vision_dumps(cap, cfg["vision_config"]["fullatt_block_indexes"])
+                vcap = {}
                 if mode == "fp32":
                     out_t[f"image/{name}/positions"] = cap.positions[:, 0, :].cpu().to(torch.int32)
-                    visual = model.model.visual
-                    try:
-                        widx, cuw = visual.get_window_index(thw.to(device))
-                        out_t[f"image/{name}/window_index"] = torch.as_tensor(widx).cpu().to(torch.int32)
-                        out_t[f"image/{name}/cu_window_seqlens"] = torch.unique_consecutive(torch.as_tensor(cuw)).to(torch.int32)
-                    except Exception as e:  # noqa: BLE001 - a renamed helper should not stop the run
-                        print("get_window_index unavailable:", e)
-                    try:
-                        out_t[f"image/{name}/rot_pos_emb"] = visual.rot_pos_emb(thw.to(device)).float().cpu()
-                    except Exception as e:  # noqa: BLE001
-                        print("rot_pos_emb unavailable:", e)
+                    for key in ["window_index", "cu_seqlens", "cu_window_seqlens", "rope_cos", "rope_sin"]:
+                        if key in dumps:
+                            out_t[f"image/{name}/{key}"] = dumps[key]
+                        else:
+                            print(f"{name}: no {key} captured")
+                if name == images[0][0]:
+                    vcap["block_inputs"] = dumps.get("block_inputs")
+                    vcap = {k: v for k, v in vcap.items() if v is not None}
                 if hidden is not None:
-                    out_t[f"image/{name}/hidden/{mode}"] = torch.stack([x[0] for x in hidden]).float().cpu()
+                    out_t[f"image/{name}/hidden/{mode}"] = torch.stack(hidden).float().cpu()
+                for key, val in vcap.items():
+                    out_t[f"image/{name}/{key}/{mode}"] = val
         del model, projector
         torch.cuda.empty_cache() if device == "cuda" else None
 
@@ -375,7 +446,9 @@ def fixtures(args):
     out_t = {k: v.contiguous() for k, v in out_t.items()}
     meta["tensors"] = {k: list(v.shape) for k, v in out_t.items()}
     os.makedirs(args.out, exist_ok=True)
-    save_file(out_t, os.path.join(args.out, "reference.safetensors"))
+    pre_keys = [k for k in out_t if k.split("/")[-1] in ("pixel_values", "resized", "resized_pil", "rgb")]
+    save_file({k: out_t[k] for k in pre_keys}, os.path.join(args.out, "preprocess.safetensors"))
+    save_file({k: v for k, v in out_t.items() if k not in pre_keys}, os.path.join(args.out, "reference.safetensors"))
     json.dump(meta, open(os.path.join(args.out, "reference.json"), "w"), indent=1)
     # The fp32 run against the bf16 run: how far apart the two references are.
     report = []
