@@ -18,9 +18,15 @@
 
 mod act;
 mod dense;
+mod layout;
+mod norm;
+mod pool;
 
 pub use act::{erf, erfc, gelu, gelu_erf, silu, swiglu, swiglu_split};
 pub use dense::{linear, linear_f32, lora};
+pub use layout::{embedding, merge_rows, permute_groups, unpermute_groups};
+pub use norm::{add_rmsnorm, l2_normalize, l2_normalize_rows, rmsnorm};
+pub use pool::{matryoshka, mean_pool};
 
 /// Runs `f(row_index, row)` for every row of `out` (rows of `row_len`), spread over the
 /// available cores. Rows are dealt out in blocks of `block_rows`, round-robin, so work that grows
