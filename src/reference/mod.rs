@@ -17,16 +17,20 @@
 //! pooling, Matryoshka), `layout.rs` (embedding gather, merger reshape, window permutation).
 
 mod act;
+mod attn;
 mod dense;
 mod layout;
 mod norm;
 mod pool;
+mod rope;
 
 pub use act::{erf, erfc, gelu, gelu_erf, silu, swiglu, swiglu_split};
+pub use attn::{attention, attention_rows};
 pub use dense::{linear, linear_f32, lora};
 pub use layout::{embedding, merge_rows, permute_groups, unpermute_groups};
 pub use norm::{add_rmsnorm, l2_normalize, l2_normalize_rows, rmsnorm};
 pub use pool::{matryoshka, mean_pool};
+pub use rope::{mrope_angles, rope_apply, vision_rope_angles};
 
 /// Runs `f(row_index, row)` for every row of `out` (rows of `row_len`), spread over the
 /// available cores. Rows are dealt out in blocks of `block_rows`, round-robin, so work that grows
