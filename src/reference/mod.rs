@@ -1,88 +1,90 @@
 //! Plain f32 CPU versions of every op the kernels implement. Slow and obvious on purpose: they
 //! are the oracle that GPU tests and benchmarks compare against. Each function has the name of
 //! its op (`kernels/<op>.cu`, `ops::<op>`).
+//!
+//! Conventions shared by every function here:
+//! - Tensors are plain row-major `f32` slices; results are fresh `Vec<f32>` (or are written in
+//!   place where the op is in place, [`rope_apply`], [`add_rmsnorm`]'s residual).
+//! - Every reduction (dot product, sum of squares, softmax denominator, pooling sum) accumulates
+//!   in f64 and rounds to f32 once at the end, so the oracle's own rounding is negligible next to
+//!   any GPU kernel's.
+//! - Inconsistent sizes panic (`assert!`): this is a test oracle, not an API.
+//! - Nothing here depends on the rest of the crate.
+//!
+//! Files, by topic (all private; everything is re-exported here): `act.rs` (SiLU, SwiGLU, erf,
+//! GELU), `dense.rs` (linear layers, LoRA), `norm.rs` (RMSNorm, L2), `rope.rs` (M-RoPE and the
+//! 2-D vision rotary), `attn.rs` (segmented attention, GQA, causal or not), `pool.rs` (mean
+//! pooling, Matryoshka), `layout.rs` (embedding gather, merger reshape, window permutation).
 
-/// `silu(x) = x · sigmoid(x)`.
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
+mod act;
+mod attn;
+mod dense;
+mod layout;
+mod norm;
+mod pool;
+mod rope;
 
-/// SwiGLU over the fused `[gate | up]` layout: `gu` is `[tokens, 2·inter]`, the result
-/// `[tokens, inter]` with `out[t, j] = silu(gu[t, j]) · gu[t, inter + j]`.
-pub fn swiglu(gu: &[f32], tokens: usize, inter: usize) -> Vec<f32> {
-    assert_eq!(gu.len(), tokens * 2 * inter);
-    let mut out = Vec::with_capacity(tokens * inter);
-    for row in gu.chunks_exact(2 * inter) {
-        let (gate, up) = row.split_at(inter);
-        out.extend(gate.iter().zip(up).map(|(&g, &u)| silu(g) * u));
+pub use act::{erf, erfc, gelu, gelu_erf, silu, swiglu, swiglu_split};
+pub use attn::{attention, attention_rows};
+pub use dense::{linear, linear_f32, lora};
+pub use layout::{embedding, merge_rows, permute_groups, unpermute_groups};
+pub use norm::{add_rmsnorm, l2_normalize, l2_normalize_rows, rmsnorm};
+pub use pool::{matryoshka, mean_pool};
+pub use rope::{mrope_angles, rope_apply, vision_rope_angles};
+
+/// Runs `f(row_index, row)` for every row of `out` (rows of `row_len`), spread over the
+/// available cores. Rows are dealt out in blocks of `block_rows`, round-robin, so work that grows
+/// with the row index (causal attention) stays balanced across threads.
+fn par_rows<F>(out: &mut [f32], row_len: usize, block_rows: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    if row_len == 0 || out.is_empty() {
+        return;
     }
-    out
-}
-
-/// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ bias[n])`, accumulated in f64 so that the reference's own
-/// rounding is negligible next to the GPU's. Also returns, per output, `Σ_k |x·w|`, the scale
-/// that bounds any f32 accumulation error (tests derive their tolerance from it).
-/// Only rows listed in `rows` are computed (all rows when `None`), so large problems can be
-/// checked on a sample.
-pub fn linear(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    (m, n, k): (usize, usize, usize),
-    rows: Option<&[usize]>,
-) -> (Vec<f32>, Vec<f32>) {
-    assert_eq!(x.len(), m * k);
-    assert_eq!(w.len(), n * k);
-    let all: Vec<usize>;
-    let rows = match rows {
-        Some(r) => r,
-        None => {
-            all = (0..m).collect();
-            &all
-        }
-    };
-    let mut y = vec![0f32; rows.len() * n];
-    let mut scale = vec![0f32; rows.len() * n];
-    // One thread per chunk of output features: the f64 loop is the slow part of the GPU tests.
-    let threads = std::thread::available_parallelism().map_or(1, |p| p.get()).min(32);
-    let chunk = n.div_ceil(threads).max(1);
+    assert_eq!(out.len() % row_len, 0);
+    let block_rows = block_rows.max(1);
+    let blocks = out.len().div_ceil(row_len * block_rows);
+    let threads = std::thread::available_parallelism().map_or(1, |p| p.get()).min(32).min(blocks);
+    let mut per_thread: Vec<Vec<(usize, &mut [f32])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (b, chunk) in out.chunks_mut(row_len * block_rows).enumerate() {
+        per_thread[b % threads].push((b * block_rows, chunk));
+    }
+    let f = &f;
     std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for c0 in (0..n).step_by(chunk) {
-            let c1 = (c0 + chunk).min(n);
-            handles.push(s.spawn(move || {
-                let mut part = Vec::with_capacity(rows.len() * (c1 - c0));
-                for &r in rows {
-                    let xr = &x[r * k..(r + 1) * k];
-                    for j in c0..c1 {
-                        let wr = &w[j * k..(j + 1) * k];
-                        let (mut acc, mut abs) = (0f64, 0f64);
-                        for (&a, &b) in xr.iter().zip(wr) {
-                            let p = a as f64 * b as f64;
-                            acc += p;
-                            abs += p.abs();
-                        }
-                        if let Some(b) = bias {
-                            acc += b[j] as f64;
-                            abs += (b[j] as f64).abs();
-                        }
-                        part.push((acc as f32, abs as f32));
+        for work in per_thread {
+            s.spawn(move || {
+                for (first_row, chunk) in work {
+                    for (i, row) in chunk.chunks_mut(row_len).enumerate() {
+                        f(first_row + i, row);
                     }
                 }
-                (c0, c1, part)
-            }));
-        }
-        for h in handles {
-            let (c0, c1, part) = h.join().expect("reference thread");
-            let width = c1 - c0;
-            for (i, (v, a)) in part.into_iter().enumerate() {
-                let (ri, j) = (i / width, c0 + i % width);
-                y[ri * n + j] = v;
-                scale[ri * n + j] = a;
-            }
+            });
         }
     });
-    (y, scale)
+}
+
+/// `Σ a·b` in f64.
+fn dot64(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+/// Deterministic test values in [-1, 1) (SplitMix64), local so that the reference layer's tests
+/// depend on nothing else in the crate either.
+#[cfg(test)]
+fn test_data(seed: u64, len: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -90,25 +92,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn swiglu_by_hand() {
-        let gu = [0.0, 1.0, 2.0, 3.0, -1.0, 4.0];
-        // tokens 1, inter 3: gate [0,1,2], up [3,-1,4]
-        let out = swiglu(&gu, 1, 3);
-        assert_eq!(out[0], 0.0);
-        assert!((out[1] - (-silu(1.0))).abs() < 1e-7);
-        assert!((out[2] - 4.0 * 2.0 / (1.0 + (-2.0f32).exp())).abs() < 1e-6);
-    }
-
-    #[test]
-    fn linear_by_hand_and_sampled_rows() {
-        // x [2,3], w [2,3] (n=2), bias [2]
-        let x = [1.0, 2.0, 3.0, -1.0, 0.5, 2.0];
-        let w = [1.0, 0.0, -1.0, 2.0, 1.0, 1.0];
-        let b = [0.5, -0.5];
-        let (y, s) = linear(&x, &w, Some(&b), (2, 2, 3), None);
-        assert_eq!(y, vec![-1.5, 6.5, -2.5, 0.0]);
-        assert_eq!(s, vec![4.5, 7.5, 3.5, 5.0]);
-        let (y1, _) = linear(&x, &w, Some(&b), (2, 2, 3), Some(&[1]));
-        assert_eq!(y1, vec![-2.5, 0.0]);
+    fn par_rows_visits_every_row_once() {
+        let mut out = vec![0f32; 3 * 37];
+        par_rows(&mut out, 3, 4, |r, row| {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v += (r * 3 + j) as f32;
+            }
+        });
+        assert!(out.iter().enumerate().all(|(i, &v)| v == i as f32));
     }
 }
