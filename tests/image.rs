@@ -9,7 +9,8 @@ use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{DynamicImage, ExtendedColorType, ImageBuffer, ImageEncoder, ImageFormat, Luma, LumaA, Rgb, Rgba};
 use jv4::engine::image::{
     decode, decode_with_limits, preprocess, preprocess_bytes, preprocess_file, preprocess_many,
-    resize_bicubic, smart_resize, AlphaMode, DecodeLimits, ImageConfig, RgbImage8, MAX_ASPECT_RATIO,
+    resize_bicubic, resize_bicubic_ordered, smart_resize, AlphaMode, DecodeLimits, ImageConfig, PassOrder,
+    RgbImage8, MAX_ASPECT_RATIO,
 };
 use jv4::Error;
 use std::io::Cursor;
@@ -230,37 +231,67 @@ fn round_clip(acc: i64) -> u8 {
     ((acc + (1 << 21)) >> 22).clamp(0, 255) as u8
 }
 
-/// Independent two-pass resize: full horizontal pass (if the width changes), then vertical.
-fn reference_resize(img: &RgbImage8, out_h: usize, out_w: usize) -> RgbImage8 {
+/// One independent separable pass along x over every row of a `w`-wide image.
+fn reference_pass_x(data: &[u8], w: usize, h: usize, out_w: usize) -> Vec<u8> {
+    let wt = reference_weights(w, out_w);
+    let mut next = vec![0u8; h * out_w * 3];
+    for y in 0..h {
+        for (x, taps) in wt.iter().enumerate() {
+            for c in 0..3 {
+                let acc: i64 = taps.iter().map(|&(i, k)| data[(y * w + i) * 3 + c] as i64 * k as i64).sum();
+                next[(y * out_w + x) * 3 + c] = round_clip(acc);
+            }
+        }
+    }
+    next
+}
+
+/// One independent separable pass along y.
+fn reference_pass_y(data: &[u8], w: usize, h: usize, out_h: usize) -> Vec<u8> {
+    let wt = reference_weights(h, out_h);
+    let mut next = vec![0u8; out_h * w * 3];
+    for (y, taps) in wt.iter().enumerate() {
+        for x in 0..w * 3 {
+            let acc: i64 = taps.iter().map(|&(i, k)| data[i * w * 3 + x] as i64 * k as i64).sum();
+            next[y * w * 3 + x] = round_clip(acc);
+        }
+    }
+    next
+}
+
+/// Independent two-pass resize, each pass over the whole image, in the given order; a pass whose
+/// side is unchanged is skipped.
+fn reference_resize(img: &RgbImage8, out_h: usize, out_w: usize, vertical_first: bool) -> RgbImage8 {
     let (w, h) = (img.width, img.height);
-    let mut cur = img.data.clone();
-    let mut cur_w = w;
-    if out_w != w {
-        let wt = reference_weights(w, out_w);
-        let mut next = vec![0u8; h * out_w * 3];
-        for y in 0..h {
-            for (x, taps) in wt.iter().enumerate() {
-                for c in 0..3 {
-                    let acc: i64 = taps.iter().map(|&(i, k)| cur[(y * w + i) * 3 + c] as i64 * k as i64).sum();
-                    next[(y * out_w + x) * 3 + c] = round_clip(acc);
-                }
-            }
+    let mut data = img.data.clone();
+    if vertical_first {
+        if out_h != h {
+            data = reference_pass_y(&data, w, h, out_h);
         }
-        cur = next;
-        cur_w = out_w;
-    }
-    if out_h != h {
-        let wt = reference_weights(h, out_h);
-        let mut next = vec![0u8; out_h * cur_w * 3];
-        for (y, taps) in wt.iter().enumerate() {
-            for x in 0..cur_w * 3 {
-                let acc: i64 = taps.iter().map(|&(i, k)| cur[i * cur_w * 3 + x] as i64 * k as i64).sum();
-                next[y * cur_w * 3 + x] = round_clip(acc);
-            }
+        if out_w != w {
+            data = reference_pass_x(&data, w, out_h, out_w);
         }
-        cur = next;
+    } else {
+        if out_w != w {
+            data = reference_pass_x(&data, w, h, out_w);
+        }
+        if out_h != h {
+            data = reference_pass_y(&data, out_w, h, out_h);
+        }
     }
-    RgbImage8::new(out_w, out_h, cur).unwrap()
+    RgbImage8::new(out_w, out_h, data).unwrap()
+}
+
+/// The pass order of each Pillow release, from its source: 13.0 `ImagingResampleInner`
+/// (`!((in_h - out_h) > 0 && (in_h - out_h) > (in_w - out_w) * 2)` means horizontal first),
+/// 12.2 `Image.resize` (`size[1] > size[0] * 100 and size[1] < self.size[1]`), older: never.
+fn reference_vertical_first(order: PassOrder, h: usize, w: usize, oh: usize, ow: usize) -> bool {
+    let (h, w, oh, ow) = (h as i64, w as i64, oh as i64, ow as i64);
+    match order {
+        PassOrder::Pillow13 => (h - oh) > 0 && (h - oh) > (w - ow) * 2,
+        PassOrder::Pillow12_2 => h > w * 100 && oh < h,
+        PassOrder::HorizontalFirst => false,
+    }
 }
 
 #[test]
@@ -318,16 +349,53 @@ fn resize_matches_an_independent_implementation() {
         (17, 13, 5, 7),    // down both ways, fractional scales
         (9, 5, 56, 28),    // up both ways
         (37, 100, 84, 56), // down in x, up in y
-        (40, 40, 40, 12),  // vertical pass skipped
-        (40, 40, 12, 40),  // horizontal pass skipped
-        (3, 3, 1, 1),      // to a single pixel
-        (1, 1, 5, 3),      // from a single pixel
-        (300, 2, 28, 28),  // very uneven
+        (70, 42, 56, 56),  // down in y, up in x: Pillow 13 goes vertical first
+        (90, 110, 84, 112),
+        (60, 20, 20, 15), // height shrinks by more than twice the width: vertical first in 13
+        (40, 40, 40, 12), // vertical pass skipped
+        (40, 40, 12, 40), // horizontal pass skipped
+        (3, 3, 1, 1),     // to a single pixel
+        (1, 1, 5, 3),     // from a single pixel
+        (300, 2, 28, 28), // very uneven; > 100× taller than wide: vertical first in 12.2 too
     ];
     for (i, &(h, w, oh, ow)) in cases.iter().enumerate() {
         let img = random_image(w, h, 100 + i as u64);
-        assert_eq!(resize_bicubic(&img, oh, ow), reference_resize(&img, oh, ow), "{h}x{w} → {oh}x{ow}");
+        for order in [PassOrder::Pillow13, PassOrder::Pillow12_2, PassOrder::HorizontalFirst] {
+            let vfirst = reference_vertical_first(order, h, w, oh, ow);
+            assert_eq!(order.vertical_first(h, w, oh, ow), vfirst);
+            assert_eq!(
+                resize_bicubic_ordered(&img, oh, ow, order),
+                reference_resize(&img, oh, ow, vfirst),
+                "{h}x{w} → {oh}x{ow} {order:?}"
+            );
+        }
+        assert_eq!(resize_bicubic(&img, oh, ow), resize_bicubic_ordered(&img, oh, ow, PassOrder::Pillow13));
     }
+}
+
+#[test]
+fn pass_order_matters_and_defaults_to_pillow_13() {
+    // Noise shows the intermediate u8 rounding: the two orders give different pixels.
+    let img = random_image(42, 70, 11);
+    let h_first = reference_resize(&img, 56, 56, false);
+    let v_first = reference_resize(&img, 56, 56, true);
+    assert_ne!(h_first, v_first);
+    assert_eq!(resize_bicubic(&img, 56, 56), v_first);
+    assert_eq!(resize_bicubic_ordered(&img, 56, 56, PassOrder::HorizontalFirst), h_first);
+    // preprocess follows the configured order.
+    let plain = ImageConfig { image_mean: [0.0; 3], image_std: [1.0; 3], ..ImageConfig::default() };
+    let old = ImageConfig { resize_order: PassOrder::HorizontalFirst, ..plain.clone() };
+    let a = preprocess(&img, &plain).unwrap();
+    let b = preprocess(&img, &old).unwrap();
+    assert_eq!(a.pixel_values[0], v_first.data[0] as f32 / 255.0);
+    assert_eq!(b.pixel_values[0], h_first.data[0] as f32 / 255.0);
+    // A 1080×2400 phone screenshot resizes to 504×1148: the height shrinks by 1252 pixels, more
+    // than twice the width's 576, so Pillow 13 runs the vertical pass first; a landscape photo
+    // does not.
+    assert_eq!(smart_resize(2400, 1080, 28, MIN, MAX).unwrap(), (1148, 504));
+    assert!(PassOrder::Pillow13.vertical_first(2400, 1080, 1148, 504));
+    assert!(!PassOrder::Pillow13.vertical_first(3000, 4000, 672, 896));
+    assert!(!PassOrder::Pillow12_2.vertical_first(2400, 1080, 1148, 504));
 }
 
 #[test]

@@ -61,11 +61,22 @@
 //! # Resize ([`resize_bicubic`])
 //! This is Pillow's `ImagingResample` with the bicubic filter, reimplemented. The filter is Keys
 //! with a = −0.5, its support is scaled by the downscale factor, and the coefficients are
-//! normalised, then converted to 22-bit fixed point. A horizontal pass runs first, then a
-//! vertical one. Each pass rounds and clamps to u8, and a pass whose size is unchanged is
-//! skipped. Results are bit-exact with PIL's `Image.resize(…, BICUBIC)` for RGB images. The fast
-//! (torchvision) processor computes in float and rounds once at the end, which differs by ≤ 1 LSB
-//! at some pixels (spec §4.1: exact bits are not required).
+//! normalised, then converted to 22-bit fixed point. The resize runs as two separable passes.
+//! Each pass rounds and clamps to u8, and a pass whose size is unchanged is skipped. Because the
+//! first pass is rounded to u8, the **order** of the passes changes some pixels, and Pillow has
+//! changed it twice ([`PassOrder`]):
+//! - Pillow ≤ 12.1 always ran the horizontal pass first.
+//! - Pillow 12.2 and 12.3 (`Image.resize`, PR #9524) run the vertical pass first when the image
+//!   is more than 100× taller than wide and its height shrinks.
+//! - Pillow ≥ 13.0 (`ImagingResampleInner`, PR #9549) runs the vertical pass first when the
+//!   height shrinks by more than twice as many pixels as the width. Portrait images more than
+//!   twice as tall as wide, such as phone screenshots, are resized in this order.
+//!
+//! The default is 13.0, the current release. [`ImageConfig::resize_order`] selects an older one.
+//! The results are bit-exact with that release's `Image.resize(…, BICUBIC)` on RGB images,
+//! checked against Pillow 13.0.0 while this was written. The fast (torchvision) processor
+//! computes in float and rounds once at the end, so it differs by about 1 LSB at some pixels
+//! whatever the order (spec §4.1: exact bits are not required).
 //!
 //! Everything here is a pure function of its arguments with no global state, so any thread may
 //! run it. [`preprocess_many`] spreads a batch over scoped threads.
@@ -122,6 +133,8 @@ pub struct ImageConfig {
     pub image_std: [f32; 3],
     /// Input size limits, checked before decoding.
     pub limits: DecodeLimits,
+    /// Which Pillow release's resize pass order to reproduce.
+    pub resize_order: PassOrder,
 }
 
 impl Default for ImageConfig {
@@ -136,6 +149,7 @@ impl Default for ImageConfig {
             image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
             image_std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
             limits: DecodeLimits::default(),
+            resize_order: PassOrder::default(),
         }
     }
 }
@@ -661,14 +675,53 @@ fn resample_vertical(src: &[u8], width: usize, offset: usize, out_h: usize, taps
     out
 }
 
-/// Resizes like Pillow's `Image.resize((out_w, out_h), Image.BICUBIC)` on an RGB image, bit for
-/// bit. The horizontal pass runs first, then the vertical one, and each pass is skipped when its
-/// side is unchanged. Only the rows that the vertical pass reads go through the horizontal pass.
+/// The order of the two resize passes, following a given Pillow release. The passes differ only
+/// when both sides change (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PassOrder {
+    /// Pillow ≥ 13.0: vertical first when `in_h − out_h > 0` and
+    /// `in_h − out_h > 2·(in_w − out_w)`, otherwise horizontal first.
+    #[default]
+    Pillow13,
+    /// Pillow 12.2 and 12.3: vertical first when `in_h > 100·in_w` and `out_h < in_h`.
+    Pillow12_2,
+    /// Pillow ≤ 12.1: always horizontal first.
+    HorizontalFirst,
+}
+
+impl PassOrder {
+    /// Whether the vertical pass runs first for this resize.
+    pub fn vertical_first(self, in_h: usize, in_w: usize, out_h: usize, out_w: usize) -> bool {
+        match self {
+            PassOrder::Pillow13 => {
+                // Pillow compares the signed shrinkages of the two sides.
+                let dh = in_h as i64 - out_h as i64;
+                let dw = in_w as i64 - out_w as i64;
+                dh > 0 && dh > 2 * dw
+            }
+            PassOrder::Pillow12_2 => in_h > 100 * in_w && out_h < in_h,
+            PassOrder::HorizontalFirst => false,
+        }
+    }
+}
+
+/// Resizes like Pillow 13's `Image.resize((out_w, out_h), Image.BICUBIC)` on an RGB image, bit
+/// for bit. See [`resize_bicubic_ordered`] for other Pillow releases.
 ///
 /// # Panics
-/// If `img.data` does not hold `width · height · 3` bytes, or an output side is zero while the
-/// input is not empty.
+/// If `img.data` does not hold `width · height · 3` bytes, or one side of either size is zero
+/// while the sizes differ.
 pub fn resize_bicubic(img: &RgbImage8, out_h: usize, out_w: usize) -> RgbImage8 {
+    resize_bicubic_ordered(img, out_h, out_w, PassOrder::default())
+}
+
+/// [`resize_bicubic`] with the pass order of a given Pillow release. A pass whose side is
+/// unchanged is skipped. When the horizontal pass runs first, it only processes the rows that
+/// the vertical pass reads, as Pillow does.
+///
+/// # Panics
+/// As [`resize_bicubic`].
+pub fn resize_bicubic_ordered(img: &RgbImage8, out_h: usize, out_w: usize, order: PassOrder) -> RgbImage8 {
     let (in_w, in_h) = (img.width, img.height);
     assert_eq!(img.data.len(), in_w * in_h * 3, "resize_bicubic: data does not match {in_h}x{in_w}");
     if in_w == out_w && in_h == out_h {
@@ -680,18 +733,24 @@ pub fn resize_bicubic(img: &RgbImage8, out_h: usize, out_w: usize) -> RgbImage8 
     );
     let need_h = out_w != in_w;
     let need_v = out_h != in_h;
-    let vtaps = precompute_taps(in_h, out_h);
-    // The rows the vertical pass will read.
-    let y_first = vtaps.bounds[0].0;
-    let (last_min, last_count) = vtaps.bounds[out_h - 1];
-    let y_last = last_min + last_count;
-    let (mid, mid_w, offset) = if need_h {
+    let data = if !need_v {
         let htaps = precompute_taps(in_w, out_w);
-        (std::borrow::Cow::Owned(resample_horizontal(&img.data, in_w, y_first, y_last, out_w, &htaps)), out_w, y_first)
+        resample_horizontal(&img.data, in_w, 0, in_h, out_w, &htaps)
+    } else if !need_h {
+        resample_vertical(&img.data, in_w, 0, out_h, &precompute_taps(in_h, out_h))
+    } else if order.vertical_first(in_h, in_w, out_h, out_w) {
+        let mid = resample_vertical(&img.data, in_w, 0, out_h, &precompute_taps(in_h, out_h));
+        resample_horizontal(&mid, in_w, 0, out_h, out_w, &precompute_taps(in_w, out_w))
     } else {
-        (std::borrow::Cow::Borrowed(&img.data[..]), in_w, 0)
+        let vtaps = precompute_taps(in_h, out_h);
+        // The rows the vertical pass will read.
+        let y_first = vtaps.bounds[0].0;
+        let (last_min, last_count) = vtaps.bounds[out_h - 1];
+        let y_last = last_min + last_count;
+        let htaps = precompute_taps(in_w, out_w);
+        let mid = resample_horizontal(&img.data, in_w, y_first, y_last, out_w, &htaps);
+        resample_vertical(&mid, out_w, y_first, out_h, &vtaps)
     };
-    let data = if need_v { resample_vertical(&mid, mid_w, offset, out_h, &vtaps) } else { mid.into_owned() };
     RgbImage8 { width: out_w, height: out_h, data }
 }
 
@@ -709,7 +768,7 @@ pub fn resize_bicubic(img: &RgbImage8, out_h: usize, out_w: usize) -> RgbImage8 
 pub fn preprocess(img: &RgbImage8, cfg: &ImageConfig) -> Result<Preprocessed> {
     img.check()?;
     let (rh, rw) = cfg.resized_size(img.height, img.width)?;
-    let resized = resize_bicubic(img, rh, rw);
+    let resized = resize_bicubic_ordered(img, rh, rw, cfg.resize_order);
     Ok(patchify(&resized, cfg))
 }
 
