@@ -6,7 +6,9 @@
 //! formula. None is pasted from a run of the code under test.
 
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
-use image::{DynamicImage, ExtendedColorType, ImageBuffer, ImageEncoder, ImageFormat, Luma, LumaA, Rgb, Rgba};
+use image::{
+    DynamicImage, ExtendedColorType, ImageBuffer, ImageEncoder, ImageFormat, Luma, LumaA, Rgb, Rgba,
+};
 use jv4::engine::image::{
     decode, decode_with_limits, preprocess, preprocess_bytes, preprocess_file, preprocess_many,
     resize_bicubic, resize_bicubic_ordered, smart_resize, AlphaMode, DecodeLimits, ImageConfig, PassOrder,
@@ -302,7 +304,9 @@ fn resize_same_size_is_identity() {
 
 #[test]
 fn resize_keeps_a_constant_image_constant() {
-    for &(h, w, oh, ow) in &[(10, 10, 3, 7), (7, 5, 56, 84), (100, 37, 28, 28), (3, 300, 28, 56), (1, 1, 56, 56)] {
+    for &(h, w, oh, ow) in
+        &[(10, 10, 3, 7), (7, 5, 56, 84), (100, 37, 28, 28), (3, 300, 28, 56), (1, 1, 56, 56)]
+    {
         for v in [0u8, 1, 77, 128, 254, 255] {
             let img = RgbImage8::new(w, h, vec![v; w * h * 3]).unwrap();
             let out = resize_bicubic(&img, oh, ow);
@@ -545,13 +549,19 @@ fn preprocess_rejects_bad_rgb_images() {
     assert!(input_msg(preprocess(&short, &cfg)).contains("needs 48 bytes"));
     let wide = RgbImage8::new(201, 1, vec![0; 603]).unwrap();
     assert!(input_msg(preprocess(&wide, &cfg)).contains("aspect ratio"));
+    // A configuration that would blow a small image up past the pixel limit.
+    let huge = ImageConfig { min_pixels: 1 << 40, max_pixels: 1 << 41, ..ImageConfig::default() };
+    assert!(input_msg(preprocess(&random_image(2, 2, 1), &huge)).contains("more than the limit"));
     let bad_cfg = ImageConfig { patch_size: 0, ..ImageConfig::default() };
     assert!(preprocess(&random_image(56, 56, 1), &bad_cfg).is_err());
 }
 
 #[test]
 fn one_pixel_image_becomes_56_by_56() {
-    let png = encode(DynamicImage::ImageRgb8(ImageBuffer::from_pixel(1, 1, Rgb([200u8, 100, 50]))), ImageFormat::Png);
+    let png = encode(
+        DynamicImage::ImageRgb8(ImageBuffer::from_pixel(1, 1, Rgb([200u8, 100, 50]))),
+        ImageFormat::Png,
+    );
     let cfg = ImageConfig::default();
     let out = preprocess_bytes(&png, &cfg, AlphaMode::Drop).unwrap();
     assert_eq!(out.resized, (56, 56));
@@ -560,7 +570,9 @@ fn one_pixel_image_becomes_56_by_56() {
     for (c, u) in [200u8, 100, 50].into_iter().enumerate() {
         let want = (u as f32 / 255.0 - cfg.image_mean[c]) / cfg.image_std[c];
         for n in 0..16 {
-            assert!(out.pixel_values[n * 1176 + c * 392..n * 1176 + (c + 1) * 392].iter().all(|&v| v == want));
+            assert!(out.pixel_values[n * 1176 + c * 392..n * 1176 + (c + 1) * 392]
+                .iter()
+                .all(|&v| v == want));
         }
     }
 }
@@ -650,7 +662,8 @@ fn sixteen_bit_png_follows_pil() {
     let png = encode(DynamicImage::ImageRgba16(rgba16), ImageFormat::Png);
     assert_eq!(decode(&png, AlphaMode::Drop).unwrap().data, [0x64, 0xc8, 0x32]);
     // a = 0x80 = 128: round((v·128 + 255·127)/255) for v = 100, 200, 50.
-    let want: Vec<u8> = [100u32, 200, 50].iter().map(|&v| round_div(v * 128 + 255 * 127, 255) as u8).collect();
+    let want: Vec<u8> =
+        [100u32, 200, 50].iter().map(|&v| round_div(v * 128 + 255 * 127, 255) as u8).collect();
     assert_eq!(decode(&png, AlphaMode::CompositeWhite).unwrap().data, want);
 
     // Gray+alpha 16-bit: PIL's LA;16B, high bytes.
@@ -669,7 +682,8 @@ fn rgba_drop_and_composite_white() {
     // Over white: v·a/255 + 255·(1 − a/255), rounded half up (PIL's integer code gives exactly
     // this; the unit tests check every (v, a)).
     let over = |v: u8, a: u8| round_div(v as u32 * a as u32 + 255 * (255 - a as u32), 255) as u8;
-    let want: Vec<u8> = px.iter().flat_map(|p| [over(p[0], p[3]), over(p[1], p[3]), over(p[2], p[3])]).collect();
+    let want: Vec<u8> =
+        px.iter().flat_map(|p| [over(p[0], p[3]), over(p[1], p[3]), over(p[2], p[3])]).collect();
     assert_eq!(decode(&png, AlphaMode::CompositeWhite).unwrap().data, want);
     assert_eq!(&want[..6], &[255, 255, 255, 40, 50, 60]);
     // WebP keeps alpha too.
@@ -782,7 +796,8 @@ fn cmyk_jpeg_matches_pil_conversion() {
     // R = (255 − K) − round(C·(255 − K)/255) = k' − round((255 − c')·k'/255) = round(c'·k'/255)
     // (255 is odd, so there is never a tie).
     let pil = |stored: [u8; 4]| -> [u8; 3] {
-        let (c, m, y, k) = (255 - stored[0] as u32, 255 - stored[1] as u32, 255 - stored[2] as u32, 255 - stored[3] as u32);
+        let (c, m, y, k) =
+            (255 - stored[0] as u32, 255 - stored[1] as u32, 255 - stored[2] as u32, 255 - stored[3] as u32);
         let nk = 255 - k;
         let f = |v: u32| (nk - round_div(v * nk, 255)) as u8;
         [f(c), f(m), f(y)]
@@ -923,7 +938,12 @@ fn limits_refuse_before_decoding() {
     let few_bytes = DecodeLimits { max_bytes: 29_999, ..DecodeLimits::default() };
     let m = input_msg(decode_with_limits(&png, AlphaMode::Drop, &few_bytes));
     assert!(m.contains("30000 bytes"), "{m}");
-    assert!(decode_with_limits(&png, AlphaMode::Drop, &DecodeLimits { max_pixels: 10_000, max_bytes: 30_000 }).is_ok());
+    assert!(decode_with_limits(
+        &png,
+        AlphaMode::Drop,
+        &DecodeLimits { max_pixels: 10_000, max_bytes: 30_000 }
+    )
+    .is_ok());
 
     // The aspect ratio is checked from the header, before the pixels are decoded.
     let wide = encode(rgb_dynamic(&RgbImage8::new(201, 1, vec![9; 603]).unwrap()), ImageFormat::Png);

@@ -33,11 +33,18 @@
 //! - **CMYK TIFF**: the `image` crate truncates `(255−c)·(1−k/255)` in f32, while PIL rounds.
 //!   The result can be 1 LSB darker. This is rare and accepted.
 //! - **32-bit float RGB(A) TIFF**: PIL cannot open these. We clamp to [0, 1] and round `v·255`.
-//! - Other known differences from PIL, all within the decoder: JPEG IDCT and chroma upsampling
-//!   (zune-jpeg vs libjpeg-turbo, typically ±1–2 LSB), lossy WebP YUV→RGB (image-webp vs
-//!   libwebp), and a GIF whose first frame does not cover the whole canvas. For that GIF, `image`
-//!   fills the rest with transparent black, while PIL fills it with the background index. No EXIF
-//!   rotation is applied, as in the reference.
+//! - Other known differences from PIL, all within the decoder:
+//!   - **JPEG** IDCT and chroma upsampling (zune-jpeg vs libjpeg-turbo) differ by ±1–2 LSB;
+//!     the mean is about 0.4 LSB for 4:2:0 and 0.02 LSB for 4:4:4. When the height is not a
+//!     multiple of the MCU, zune-jpeg upsamples the last row's chroma from the encoder's padding
+//!     row, where libjpeg repeats the last real row, so that one row can be up to ~12 LSB off.
+//!   - **Lossy WebP** YUV→RGB (image-webp vs libwebp) was identical on the test image.
+//!   - **GIF**: when the first frame does not cover the whole canvas, `image` fills the rest
+//!     with transparent black, while PIL fills it with the background index.
+//!
+//!   No EXIF rotation is applied, as in the reference. Against Pillow 13.0.0, PNG (8- and 16-bit,
+//!   gray, gray+alpha, RGB, RGBA, palette+tRNS), BMP, TIFF (RGB and CMYK), lossless and lossy WebP
+//!   and GIF gave bit-identical `pixel_values`, with both alpha modes.
 //!
 //! # Bounded decoding ([`DecodeLimits`])
 //! The header is read first. An image larger than [`DEFAULT_MAX_INPUT_PIXELS`] is refused before
@@ -114,6 +121,12 @@ impl Default for DecodeLimits {
     }
 }
 
+/// OpenAI CLIP's normalisation mean, as published. The reference holds these as Python floats
+/// (f64) and rounds them to f32 for the arithmetic, so we do the same.
+const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// OpenAI CLIP's normalisation standard deviation, as published.
+const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
 /// The image processor's settings (spec §1.3).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageConfig {
@@ -146,8 +159,8 @@ impl Default for ImageConfig {
             patch_size: 14,
             temporal_patch_size: 2,
             merge_size: 2,
-            image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-            image_std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+            image_mean: CLIP_MEAN.map(|v| v as f32),
+            image_std: CLIP_STD.map(|v| v as f32),
             limits: DecodeLimits::default(),
             resize_order: PassOrder::default(),
         }
@@ -479,7 +492,8 @@ fn to_rgb8(mut buf: Vec<u8>, color: ColorType, pixels: usize, alpha: AlphaMode) 
     let composite = alpha == AlphaMode::CompositeWhite;
     // The bytes of 16-bit and float samples are native-endian.
     let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[2 * i], b[2 * i + 1]]);
-    let f32_at = |b: &[u8], i: usize| f32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+    let f32_at =
+        |b: &[u8], i: usize| f32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
     // PIL's `I;16` → RGB clamps; everything else 16-bit keeps the high byte.
     let clamp16 = |v: u16| v.min(255) as u8;
     let high = |v: u16| (v >> 8) as u8;
@@ -768,6 +782,14 @@ pub fn resize_bicubic_ordered(img: &RgbImage8, out_h: usize, out_w: usize, order
 pub fn preprocess(img: &RgbImage8, cfg: &ImageConfig) -> Result<Preprocessed> {
     img.check()?;
     let (rh, rw) = cfg.resized_size(img.height, img.width)?;
+    // A per-request `min_pixels`/`max_pixels` could ask for an absurd output; keep it within the
+    // same pixel limit as the inputs.
+    if (rh as u64).saturating_mul(rw as u64) > cfg.limits.max_pixels {
+        return Err(Error::Input(format!(
+            "image of {}x{} pixels would be resized to {rh}x{rw}, more than the limit of {} pixels",
+            img.height, img.width, cfg.limits.max_pixels
+        )));
+    }
     let resized = resize_bicubic_ordered(img, rh, rw, cfg.resize_order);
     Ok(patchify(&resized, cfg))
 }
@@ -909,6 +931,15 @@ mod tests {
                 assert_eq!(over_white(v, a), pil_alpha_composite_white(v, a), "v={v} a={a}");
             }
         }
+    }
+
+    #[test]
+    fn types_can_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<ImageConfig>();
+        send_sync::<RgbImage8>();
+        send_sync::<Preprocessed>();
+        send_sync::<crate::Error>();
     }
 
     #[test]
