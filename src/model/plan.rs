@@ -297,7 +297,7 @@ pub fn try_vision_plan(
     for (i, g) in grids.iter().enumerate() {
         g.check(merge).map_err(|e| Error::Input(format!("image {i}: {e}")))?;
     }
-    let side = if patch_size == 0 { 0 } else { window_size / merge / patch_size };
+    let side = window_size.checked_div(merge).and_then(|x| x.checked_div(patch_size)).unwrap_or(0);
     if side == 0 {
         return Err(Error::Input(format!(
             "window of {window_size} px is smaller than one merged token ({merge} x {patch_size} px)"
@@ -371,7 +371,12 @@ pub fn try_vision_plan(
 /// Text: all tokens. Image: from the first `vision_start` through the first `vision_end`, inclusive.
 /// Errors if the sequence is empty, or if an image sequence lacks either marker or has its first
 /// `vision_end` before its first `vision_start`.
-pub fn pooling_span(ids: &[u32], vision_start: u32, vision_end: u32, has_image: bool) -> Result<(usize, usize)> {
+pub fn pooling_span(
+    ids: &[u32],
+    vision_start: u32,
+    vision_end: u32,
+    has_image: bool,
+) -> Result<(usize, usize)> {
     if ids.is_empty() {
         return Err(Error::Input("cannot pool an empty sequence".into()));
     }
@@ -379,7 +384,10 @@ pub fn pooling_span(ids: &[u32], vision_start: u32, vision_end: u32, has_image: 
         return Ok((0, ids.len()));
     }
     let start = ids.iter().position(|&x| x == vision_start).ok_or_else(|| {
-        Error::Input(format!("image sequence of {} tokens has no vision_start token {vision_start}", ids.len()))
+        Error::Input(format!(
+            "image sequence of {} tokens has no vision_start token {vision_start}",
+            ids.len()
+        ))
     })?;
     let end = ids.iter().position(|&x| x == vision_end).ok_or_else(|| {
         Error::Input(format!("image sequence of {} tokens has no vision_end token {vision_end}", ids.len()))
@@ -733,7 +741,12 @@ mod tests {
             vec![GridThw::image(48, 60)],
             vec![GridThw::image(62, 48)],
             vec![GridThw::image(48, 60), GridThw::image(62, 48)],
-            vec![GridThw::image(16, 16), GridThw::image(4, 4), GridThw::image(62, 48), GridThw::image(16, 16)],
+            vec![
+                GridThw::image(16, 16),
+                GridThw::image(4, 4),
+                GridThw::image(62, 48),
+                GridThw::image(16, 16),
+            ],
             vec![GridThw::image(2, 2)],
             vec![GridThw::image(2, 30), GridThw::image(30, 2)],
             vec![GridThw::image(8, 8)],
@@ -839,6 +852,7 @@ mod tests {
         is_input_err(try_vision_plan(&[GridThw::image(16, 15)], MERGE, WINDOW, PATCH), &["image 0"]);
         is_input_err(try_vision_plan(&[GridThw::image(16, 16)], MERGE, 14, PATCH), &["window"]);
         is_input_err(try_vision_plan(&[GridThw::image(16, 16)], MERGE, WINDOW, 0), &["window"]);
+        is_input_err(try_vision_plan(&[], 0, WINDOW, PATCH), &["window"]);
     }
 
     #[test]
