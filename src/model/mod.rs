@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod plan;
 pub mod synth;
 pub mod task;
 pub mod weights;
