@@ -309,14 +309,17 @@ def unpatchify_u8(pv, grid, pre):
     return u.clamp(0, 255).to(torch.uint8)
 
 
-def tiny_image_ids(cfg, n_tokens):
-    """The image template of spec §4.2 with the tiny model's special ids; the plain words are mapped
-    into the tiny vocabulary (the real ids 872, 198, 74785, 279, 2168, 13 taken modulo 2000)."""
+def image_ids(cfg, n_tokens):
+    """The image template of spec §4.2 with the model's special ids. In a small test vocabulary the
+    plain words are mapped into it (the real ids 872, 198, 74785, 279, 2168, 13 taken modulo 2000);
+    a full-size vocabulary gets the real ids."""
+    vocab = cfg["text_config"]["vocab_size"]
     im_start = cfg["bos_token_id"] + 1
     im_end = cfg["eos_token_id"]
-    words = [x % 2000 for x in [74785, 279, 2168, 13]]
+    fit = (lambda x: x) if vocab > 151655 else (lambda x: x % 2000)
+    words = [fit(x) for x in [74785, 279, 2168, 13]]
     return (
-        [im_start, 872 % 2000, 198, cfg["vision_start_token_id"]]
+        [im_start, fit(872), 198, cfg["vision_start_token_id"]]
         + [cfg["image_token_id"]] * n_tokens
         + [cfg["vision_end_token_id"]] + words + [im_end, 198]
     )
@@ -376,7 +379,7 @@ def fixtures(args):
         if not im.get("embed", True) or name_small:
             out_t[f"image/{name}/rgb"] = torch.from_numpy(__import__("numpy").asarray(pil).copy())
         n_tokens = int(thw.prod().item()) // (merge * merge)
-        ids = tiny_image_ids(cfg, n_tokens)
+        ids = image_ids(cfg, n_tokens)
         entry = {"file": im["file"], "grid_thw": thw[0].tolist(), "ids": ids, "task": TASKS[len(images) % 3],
                  "embed": im.get("embed", True)}
         meta["images"].append(entry)

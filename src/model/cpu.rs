@@ -100,7 +100,14 @@ impl CpuModel {
 
     /// A task-adapted linear over a packed batch: the base projection plus, per sequence segment,
     /// its task's LoRA delta.
-    fn adapted(&self, prefix: &str, x: &[f32], k: usize, bias: bool, segs: &[(usize, usize, Task)]) -> Vec<f32> {
+    fn adapted(
+        &self,
+        prefix: &str,
+        x: &[f32],
+        k: usize,
+        bias: bool,
+        segs: &[(usize, usize, Task)],
+    ) -> Vec<f32> {
         let m = x.len() / k;
         let mut y = self.linear(prefix, x, m, k, bias);
         let n = y.len() / m;
@@ -139,7 +146,8 @@ impl CpuModel {
             let p = format!("visual.blocks.{j}");
             let h = r::rmsnorm(&x, self.t(&format!("{p}.norm1.weight")), eps);
             let qkv = self.linear(&format!("{p}.attn.qkv"), &h, np, d, true);
-            let (mut q, mut k, mut vv) = (Vec::with_capacity(np * d), Vec::with_capacity(np * d), Vec::with_capacity(np * d));
+            let (mut q, mut k, mut vv) =
+                (Vec::with_capacity(np * d), Vec::with_capacity(np * d), Vec::with_capacity(np * d));
             for t in qkv.chunks_exact(3 * d) {
                 q.extend_from_slice(&t[..d]);
                 k.extend_from_slice(&t[d..2 * d]);
@@ -239,7 +247,12 @@ impl CpuModel {
         let multi = r::l2_normalize_rows(&multi, pd);
         let mut out = Vec::with_capacity(batch.len());
         for (s, &(start, end, _)) in batch.iter().zip(&segs) {
-            let (a, b) = plan::pooling_span(&s.ids, sp.vision_start_token_id, sp.vision_end_token_id, !s.images.is_empty())?;
+            let (a, b) = plan::pooling_span(
+                &s.ids,
+                sp.vision_start_token_id,
+                sp.vision_end_token_id,
+                !s.images.is_empty(),
+            )?;
             let hs = &h[start * hid..end * hid];
             let mean = r::mean_pool(hs, hid, &[(a, b)]).remove(0);
             out.push(SeqOutput {

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod cpu;
 pub mod plan;
 pub mod synth;
 pub mod task;

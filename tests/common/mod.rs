@@ -19,7 +19,8 @@ pub struct Tensor {
 /// Every tensor of a safetensors fixture file.
 pub fn load(path: &Path) -> HashMap<String, Tensor> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
