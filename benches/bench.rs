@@ -32,6 +32,22 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         iters: usize,
     },
+    /// The text path end to end on a checkpoint: tokens/s on 256 documents of 16–1024 tokens,
+    /// 32×512, 2×8192, 1×32768; latency of one 16-token query; peak device memory.
+    Text {
+        /// A checkpoint folder (e.g. `jv4 synth --preset full`).
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// JSON written by tools/torch_text_bench.py in the same device call.
+        #[arg(long)]
+        torch_json: Option<std::path::PathBuf>,
+        /// Most tokens per forward (documents are packed up to it).
+        #[arg(long, default_value_t = 16384)]
+        max_batch_tokens: usize,
+        /// Timed repetitions per workload (median reported; the query runs 20).
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+    },
 }
 
 /// Decoder GEMMs as (name, n, k): q+k+v fused, o, gate+up fused, down.
@@ -43,6 +59,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Ops { torch_json, iters } => bench_ops(torch_json, iters),
+        Cmd::Text { model, torch_json, max_batch_tokens, iters } => bench_text(&model, torch_json, max_batch_tokens, iters),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -146,5 +163,83 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize) -> Result<()>
         s.mapped >> 20,
         s.grow_events
     );
+    Ok(())
+}
+
+/// The workloads of tools/torch_text_bench.py (same lengths: a formula both sides compute).
+fn text_workloads() -> Vec<(&'static str, Vec<usize>)> {
+    vec![
+        ("docs256", (0..256).map(|i| 16 + (i * 7919) % 1009).collect()),
+        ("32x512", vec![512; 32]),
+        ("2x8192", vec![8192; 2]),
+        ("1x32768", vec![32768]),
+        ("query16", vec![16]),
+    ]
+}
+
+fn bench_text(model: &std::path::Path, torch_json: Option<std::path::PathBuf>, budget: usize, iters: usize) -> Result<()> {
+    use jv4::model::checkpoint::Checkpoint;
+    use jv4::model::gpu::{GpuModel, TextBatch};
+    use jv4::model::Task;
+    let torch: BTreeMap<String, serde_json::Value> = torch_json
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let gpu = Gpu::new(0)?;
+    let ckpt = Checkpoint::open(model)?;
+    let (m, load) = GpuModel::load(&gpu, &ckpt)?;
+    drop(ckpt);
+    let (free, _) = gpu.mem_info()?;
+    let mut mem = DeviceAllocator::new(&gpu, free / 10 * 9, DEFAULT_PAGE_SIZE)?;
+    let vocab = m.config().text.vocab_size.min(150_000);
+    let mut rng = Rng::new(2);
+    println!("device: {}; weights {:.2} GB prepared in {:.1} s", gpu.info().name, load.bytes as f64 / 1e9, load.seconds);
+    println!("{:<10} {:>10} {:>12} {:>10} {:>12} {:>8} {:>12}", "workload", "ours ms", "ours tok/s", "torch ms", "torch tok/s", "ratio", "peak GB o/t");
+    for (name, lengths) in text_workloads() {
+        let seqs: Vec<Vec<u32>> = lengths.iter().map(|&n| (0..n).map(|_| rng.below(vocab) as u32).collect()).collect();
+        let limit = budget.max(*lengths.iter().max().unwrap());
+        let mut batches: Vec<TextBatch> = Vec::new();
+        let mut cur = TextBatch::default();
+        for s in &seqs {
+            if cur.tokens() + s.len() > limit {
+                batches.push(std::mem::take(&mut cur));
+            }
+            cur.push_text(s, Task::Retrieval);
+        }
+        batches.push(cur);
+        let mut run = || -> Result<()> {
+            for b in &batches {
+                m.forward_text(&gpu, &mut mem, b, false)?;
+            }
+            Ok(())
+        };
+        run()?;
+        mem.reset_peak();
+        let reps = if name == "query16" { 20 } else { iters };
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            let t0 = std::time::Instant::now();
+            run()?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        let sec = times[times.len() / 2];
+        let tokens: usize = lengths.iter().sum();
+        let peak = (m.device_bytes() as u64 + mem.stats().peak) as f64 / 1e9;
+        let t = torch.get(name);
+        let tms = t.and_then(|v| v["ms"].as_f64());
+        let ttok = t.and_then(|v| v["tok_s"].as_f64());
+        let tpeak = t.and_then(|v| v["peak_gb"].as_f64());
+        let fmt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
+        println!(
+            "{name:<10} {:>10.2} {:>12.0} {:>10} {:>12} {:>8} {:>12}",
+            sec * 1e3,
+            tokens as f64 / sec,
+            fmt(tms, 2),
+            fmt(ttok, 0),
+            tms.map_or("-".to_string(), |t| format!("{:.2}x", t / (sec * 1e3))),
+            format!("{peak:.1}/{}", fmt(tpeak, 1)),
+        );
+    }
     Ok(())
 }

@@ -11,6 +11,9 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use jv4::cuda::{resolve_budget, DeviceAllocator, Gpu, KernelId, CUDA_ARCH, DEFAULT_PAGE_SIZE, MODULES};
 use jv4::engine::text::{PromptName, TextTokenizer, Truncation, DEFAULT_MAX_LENGTH};
+use jv4::engine::{Engine, EngineOptions, OutputKind};
+
+mod embed;
 use jv4::model::checkpoint::{Checkpoint, Source};
 use jv4::model::synth::{write_checkpoint, Preset, SynthSpec};
 use jv4::model::weights::DeviceWeights;
@@ -67,6 +70,52 @@ enum Cmd {
         /// Texts; when none are given, read one per line from standard input.
         texts: Vec<String>,
     },
+    /// Embed texts. Input: JSON lines `{"text": ..., "id"?, "task"?, "prompt_name"?}` from --input
+    /// or standard input. Output: JSON lines `{"id", "embedding"?, "multi_vector"?}` (or
+    /// `{"id", "error"}` for a line that fails; the others are still served), or a .npy matrix
+    /// of the single vectors.
+    Embed {
+        /// The model folder (checkpoint + tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// tokenizer.json, when the model folder has none (e.g. a synthetic checkpoint).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Default task for lines without "task": retrieval, text-matching or code.
+        #[arg(long, default_value = "retrieval", value_parser = parse_task)]
+        task: Task,
+        /// Default prompt for lines without "prompt_name": query or passage.
+        #[arg(long, default_value = "query", value_parser = parse_prompt)]
+        prompt_name: PromptName,
+        /// Matryoshka width of the single vector (128, 256, 512, 1024 or 2048).
+        #[arg(long)]
+        dims: Option<usize>,
+        /// Which outputs: single (pooled), multi (per token) or both.
+        #[arg(long, value_enum, default_value_t = VectorArg::Single)]
+        vector: VectorArg,
+        /// Input JSONL file (default: standard input). A progress bar goes to stderr.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Output file: .jsonl (default: standard output) or .npy (single vectors only).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Longest token sequence kept per text (prompt included); longer texts are truncated
+        /// with a warning.
+        #[arg(long, default_value_t = DEFAULT_MAX_LENGTH)]
+        max_length: usize,
+        /// Make a text longer than --max-length an error for its line instead of truncating it.
+        #[arg(long)]
+        strict: bool,
+        /// Most tokens per forward pass (requests are packed up to it).
+        #[arg(long, default_value_t = 16384)]
+        max_batch_tokens: usize,
+        /// Activation memory budget (e.g. 20GiB); default $JV4_MEM_BUDGET, else 90% of free memory.
+        #[arg(long)]
+        mem_budget: Option<String>,
+        /// Which GPU (CUDA device ordinal).
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
     /// Write a random checkpoint in the exact on-disk layout of the real one (for tests and
     /// benchmarks where the real weights are not available).
     Synth {
@@ -99,6 +148,13 @@ enum Cmd {
         #[arg(long)]
         ptxas: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VectorArg {
+    Single,
+    Multi,
+    Both,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -137,6 +193,43 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
                 (None, None) => unreachable!("clap requires one of --model, --tokenizer"),
             };
             tokenize(&tok, task, prompt_name, Truncation { max_length, strict }, texts)
+        }
+        Cmd::Embed {
+            model,
+            tokenizer,
+            task,
+            prompt_name,
+            dims,
+            vector,
+            input,
+            output,
+            max_length,
+            strict,
+            max_batch_tokens,
+            mem_budget,
+            device,
+        } => {
+            let output_kind = match vector {
+                VectorArg::Single => OutputKind::Single,
+                VectorArg::Multi => OutputKind::Multi,
+                VectorArg::Both => OutputKind::Both,
+            };
+            let npy = output.as_ref().is_some_and(|p| p.extension().is_some_and(|e| e == "npy"));
+            if npy && output_kind != OutputKind::Single {
+                return Err(Error::Input("--output .npy holds single vectors only; use .jsonl for multi".into()));
+            }
+            let opts = EngineOptions {
+                device,
+                max_batch_tokens,
+                mem_budget,
+                truncation: Truncation { max_length, strict },
+            };
+            let mut engine = match tokenizer {
+                Some(t) => Engine::with_tokenizer(&model, TextTokenizer::from_file(t)?, opts)?,
+                None => Engine::open(&model, opts)?,
+            };
+            let defaults = embed::Defaults { task, prompt: prompt_name, output: output_kind, dims };
+            embed::run(&mut engine, &defaults, input.as_deref(), output.as_deref(), npy)
         }
         Cmd::Synth { out, preset, seed, f32_adapters } => {
             let preset = match preset {

@@ -203,6 +203,16 @@ impl PagePool {
         self.mapped
     }
 
+    /// Gives every run back at once (the end of a forward). Mapped pages stay mapped.
+    pub fn free_all(&mut self) {
+        self.free.clear();
+        if self.capacity > 0 {
+            self.free.insert(0, self.capacity);
+        }
+        self.in_use_pages = 0;
+        self.live = 0;
+    }
+
     /// Restarts peak tracking from the current use.
     pub fn reset_peak(&mut self) {
         self.peak_pages = self.in_use_pages;
@@ -331,6 +341,12 @@ impl DeviceAllocator {
     /// Gives a block back. Its pages stay mapped for the next allocation.
     pub fn free(&mut self, block: DeviceBlock) {
         self.pool.free(block.run);
+    }
+
+    /// Gives every block back at once: the end of a forward, whose tensors are gone. A
+    /// [`DeviceBlock`] still held afterwards must not be used or freed.
+    pub fn free_all(&mut self) {
+        self.pool.free_all();
     }
 
     /// Current statistics.
@@ -492,6 +508,20 @@ mod tests {
         assert_eq!(pool.stats().live_allocations, 1);
         pool.free(a);
         assert!(pool.alloc(4 * P).is_ok());
+    }
+
+    #[test]
+    fn free_all_returns_everything_and_keeps_the_mapping() {
+        let mut pool = PagePool::new(P, 8);
+        let (a, _) = pool.alloc(3 * P).unwrap();
+        pool.set_mapped(a.end());
+        let _ = pool.alloc(2 * P).unwrap();
+        pool.set_mapped(5);
+        pool.free_all();
+        assert_eq!(pool.stats().in_use, 0);
+        assert_eq!(pool.stats().live_allocations, 0);
+        assert_eq!(pool.mapped(), 5);
+        assert_eq!(pool.alloc(8 * P).unwrap().0, PageRun { start: 0, len: 8 });
     }
 
     #[test]

@@ -83,6 +83,17 @@ impl<T> DTensor<T> {
     pub fn view_mut(&mut self) -> DViewMut<'_, T> {
         DViewMut { ptr: self.block.ptr(), shape: self.shape, _t: PhantomData }
     }
+    /// A writable view of the first `numel(dims)` elements with another shape: one scratch
+    /// buffer serves several widths. Panics if the block cannot hold them (a programming error).
+    pub fn view_mut_as(&mut self, dims: &[usize]) -> DViewMut<'_, T> {
+        let shape = Shape::new(dims);
+        assert!(
+            (shape.numel() * std::mem::size_of::<T>()) as u64 <= self.block.bytes(),
+            "view {shape:?} larger than its block ({} bytes)",
+            self.block.bytes()
+        );
+        DViewMut { ptr: self.block.ptr(), shape, _t: PhantomData }
+    }
 }
 
 /// A read-only view of device memory holding `shape.numel()` elements of `T`.

@@ -179,6 +179,13 @@ impl CpuModel {
     /// One packed forward over `batch` (spec §3–§8): every sequence's final hidden states and
     /// both heads. Sequences never see each other.
     pub fn forward(&self, batch: &[SeqInput]) -> Result<Vec<SeqOutput>> {
+        self.forward_traced(batch, None)
+    }
+
+    /// [`CpuModel::forward`] that also records the packed residual stream `[tokens, hidden]`
+    /// after the embeddings (with the image rows spliced in), after every decoder layer, and the
+    /// final-norm states: the checkpoints at which the GPU forward is compared layer by layer.
+    pub fn forward_traced(&self, batch: &[SeqInput], mut trace: Option<&mut Vec<Vec<f32>>>) -> Result<Vec<SeqOutput>> {
         let t = &self.cfg.text;
         let sp = &self.cfg.special;
         let merge = self.cfg.vision.spatial_merge_size;
@@ -218,6 +225,9 @@ impl CpuModel {
             }
         }
 
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.push(h.clone());
+        }
         let angles = r::mrope_angles(&pt, &ph, &pw, t.head_dim, t.rope_theta, t.mrope_section);
         let (heads, kvh, hd) = (t.num_attention_heads, t.num_key_value_heads, t.head_dim);
         for l in 0..t.num_hidden_layers {
@@ -238,8 +248,14 @@ impl CpuModel {
             let act = r::swiglu_split(&g, &u);
             let o = self.adapted(&proj(6), &act, t.intermediate_size, false, &segs);
             add_into(&mut h, &o);
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push(h.clone());
+            }
         }
         let h = r::rmsnorm(&h, self.t("norm.weight"), eps);
+        if let Some(tr) = trace {
+            tr.push(h.clone());
+        }
 
         // Heads (spec §8): both from the one pass.
         let multi = self.adapted("multi_vector_projector", &h, hid, true, &segs);

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod gpu;
 pub mod plan;
 pub mod synth;
 pub mod task;

@@ -1,6 +1,9 @@
-//! The checkpoint on the GPU: every tensor of a validated [`Checkpoint`] in one device
-//! allocation, as bf16 (F16/F32 tensors, e.g. adapters stored in f32, are converted on the host:
-//! the reference runs them under bf16 autocast, which rounds them the same way).
+//! Weights on the GPU: named bf16 tensors in one device allocation. Either the checkpoint as is
+//! ([`DeviceWeights::upload`]), or any set of prepared tensors (fused projections, stacked
+//! adapters: [`DeviceWeights::allocate`] then [`DeviceWeights::fill`] one at a time, so the host
+//! never holds more than one prepared tensor). F16/F32 checkpoint tensors (e.g. adapters stored in
+//! f32) are converted to bf16 on the host: the reference runs them under bf16 autocast, which
+//! rounds them the same way.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -9,13 +12,13 @@ use half::bf16;
 
 use crate::cuda::{DView, DeviceBuffer, Gpu};
 use crate::model::checkpoint::{Checkpoint, Dtype};
-use crate::Result;
+use crate::{Error, Result};
 
 /// Each tensor starts on a 256-byte boundary: what cuBLASLt and vector loads like best.
 const ALIGN: usize = 256;
 
 /// What a load did, for reports.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct LoadReport {
     /// Tensors uploaded.
     pub tensors: usize,
@@ -27,44 +30,72 @@ pub struct LoadReport {
     pub seconds: f64,
 }
 
-/// The weights on the device, by canonical name.
+/// Named bf16 tensors on the device.
 pub struct DeviceWeights {
     buffer: DeviceBuffer,
     index: HashMap<String, (usize, Vec<usize>)>,
 }
 
 impl DeviceWeights {
-    /// Uploads every tensor of `ckpt`.
-    pub fn upload(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(DeviceWeights, LoadReport)> {
-        let t0 = Instant::now();
-        let mut index = HashMap::with_capacity(ckpt.tensors().len());
+    /// One allocation holding every tensor of `layout` (name, shape), contents undefined until
+    /// [`DeviceWeights::fill`]ed.
+    pub fn allocate(gpu: &Gpu, layout: &[(String, Vec<usize>)]) -> Result<Self> {
+        let mut index = HashMap::with_capacity(layout.len());
         let mut offset = 0usize;
-        for t in ckpt.tensors() {
-            index.insert(t.name.clone(), (offset, t.shape.clone()));
-            offset = (offset + t.numel() * 2).div_ceil(ALIGN) * ALIGN;
+        for (name, shape) in layout {
+            index.insert(name.clone(), (offset, shape.clone()));
+            offset = (offset + shape.iter().product::<usize>() * 2).div_ceil(ALIGN) * ALIGN;
         }
-        let mut buffer = DeviceBuffer::new(gpu, offset)?;
-        let (mut bytes, mut converted) = (0u64, 0usize);
-        for t in ckpt.tensors() {
-            let at = index[&t.name].0;
-            if t.dtype == Dtype::BF16 {
-                // Straight from the memory map: no host copy.
-                buffer.upload_at(gpu, at, ckpt.data(t))?;
-            } else {
-                buffer.upload_at(gpu, at, &ckpt.to_bf16(t))?;
-                converted += 1;
-            }
-            bytes += (t.numel() * 2) as u64;
-        }
-        let report =
-            LoadReport { tensors: index.len(), bytes, converted, seconds: t0.elapsed().as_secs_f64() };
-        Ok((DeviceWeights { buffer, index }, report))
+        Ok(DeviceWeights { buffer: DeviceBuffer::new(gpu, offset)?, index })
     }
 
-    /// The tensor with this canonical name.
+    /// Copies `data` into the tensor `name` (waits for the copy).
+    pub fn fill(&mut self, gpu: &Gpu, name: &str, data: &[bf16]) -> Result<()> {
+        let (offset, shape) = self.index.get(name).ok_or_else(|| Error::Shape {
+            op: "weights",
+            msg: format!("no tensor {name} in the layout"),
+        })?;
+        let numel: usize = shape.iter().product();
+        if data.len() != numel {
+            return Err(Error::Shape {
+                op: "weights",
+                msg: format!("{name}: {} values for shape {shape:?}", data.len()),
+            });
+        }
+        self.buffer.upload_at(gpu, *offset, data)
+    }
+
+    /// Uploads every tensor of `ckpt` under its canonical name.
+    pub fn upload(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(DeviceWeights, LoadReport)> {
+        let t0 = Instant::now();
+        let layout: Vec<_> = ckpt.tensors().iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+        let mut w = DeviceWeights::allocate(gpu, &layout)?;
+        let mut report = LoadReport::default();
+        for t in ckpt.tensors() {
+            let at = w.index[&t.name].0;
+            if t.dtype == Dtype::BF16 {
+                // Straight from the memory map: no host copy.
+                w.buffer.upload_at(gpu, at, ckpt.data(t))?;
+            } else {
+                w.buffer.upload_at(gpu, at, &ckpt.to_bf16(t))?;
+                report.converted += 1;
+            }
+            report.bytes += (t.numel() * 2) as u64;
+        }
+        report.tensors = w.index.len();
+        report.seconds = t0.elapsed().as_secs_f64();
+        Ok((w, report))
+    }
+
+    /// The tensor with this name.
     pub fn get(&self, name: &str) -> Option<DView<'_, bf16>> {
         let (offset, shape) = self.index.get(name)?;
         self.buffer.view(*offset, shape)
+    }
+
+    /// The tensor with this name; a missing one is a bug in the layout (validated at load).
+    pub fn expect(&self, name: &str) -> DView<'_, bf16> {
+        self.get(name).unwrap_or_else(|| panic!("weight {name} missing from the device layout"))
     }
 
     /// Number of tensors.

@@ -1,0 +1,189 @@
+//! The `jv4 embed` command: JSON lines in, JSON lines (or .npy) out. Every line is answered; a
+//! line that cannot be read, parsed or embedded gets `{"id", "error"}` and the others go on.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+
+use jv4::engine::{Embedding, Engine, OutputKind, PromptName, TextRequest};
+use jv4::model::Task;
+use jv4::{Error, Result};
+use serde_json::{json, Value};
+
+/// Values for lines that do not set their own.
+pub struct Defaults {
+    pub task: Task,
+    pub prompt: PromptName,
+    pub output: OutputKind,
+    pub dims: Option<usize>,
+}
+
+/// Requests are embedded in chunks of this many lines, so a large file streams.
+const CHUNK: usize = 1024;
+
+enum Line {
+    Ok(Value, TextRequest),
+    Err(Value, String),
+}
+
+fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line {
+    let line_id = json!(n);
+    let bytes = match raw {
+        Ok(b) => b,
+        Err(e) => return Line::Err(line_id, format!("line {n}: read error: {e}")),
+    };
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => return Line::Err(line_id, format!("line {n}: not valid UTF-8 ({e})")),
+    };
+    let v: Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => return Line::Err(line_id, format!("line {n}: not a JSON object: {e}")),
+    };
+    let id = v.get("id").cloned().unwrap_or(line_id);
+    let Some(t) = v.get("text").and_then(Value::as_str) else {
+        return Line::Err(id, format!("line {n}: no \"text\" string"));
+    };
+    let task = match v.get("task").and_then(Value::as_str).map(str::parse::<Task>) {
+        None => d.task,
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return Line::Err(id, format!("line {n}: {e}")),
+    };
+    let prompt = match v.get("prompt_name").and_then(Value::as_str).map(str::parse::<PromptName>) {
+        None => d.prompt,
+        Some(Ok(p)) => p,
+        Some(Err(e)) => return Line::Err(id, format!("line {n}: {e}")),
+    };
+    let dims = match v.get("dims") {
+        None => d.dims,
+        Some(x) => match x.as_u64() {
+            Some(v) => Some(v as usize),
+            None => return Line::Err(id, format!("line {n}: dims must be a number")),
+        },
+    };
+    Line::Ok(id, TextRequest { text: t.to_string(), task, prompt, output: d.output, dims })
+}
+
+pub fn run(engine: &mut Engine, d: &Defaults, input: Option<&Path>, output: Option<&Path>, npy: bool) -> Result<()> {
+    let (reader, total): (Box<dyn Read>, Option<u64>) = match input {
+        Some(p) => {
+            let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+            let len = f.metadata().map(|m| m.len()).ok();
+            (Box::new(f), len)
+        }
+        None => (Box::new(std::io::stdin().lock()), None),
+    };
+    let mut out: Box<dyn Write> = match output.filter(|_| !npy) {
+        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut reader = BufReader::new(reader);
+    let mut consumed = 0u64;
+    let (mut n, mut failed) = (0usize, 0usize);
+    let mut npy_rows: Vec<Vec<f32>> = Vec::new();
+    loop {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        while chunk.len() < CHUNK {
+            let mut buf = Vec::new();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) => break,
+                Ok(k) => {
+                    consumed += k as u64;
+                    while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+                        buf.pop();
+                    }
+                    n += 1;
+                    if buf.iter().all(u8::is_ascii_whitespace) {
+                        continue; // blank lines are not requests
+                    }
+                    chunk.push(parse_line(n, Ok(buf), d));
+                }
+                Err(e) => {
+                    n += 1;
+                    chunk.push(parse_line(n, Err(e), d));
+                    break;
+                }
+            }
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        let reqs: Vec<TextRequest> =
+            chunk.iter().filter_map(|l| if let Line::Ok(_, r) = l { Some(r.clone()) } else { None }).collect();
+        let mut results = engine.embed_texts(&reqs).into_iter();
+        for line in chunk {
+            let (id, result) = match line {
+                Line::Ok(id, _) => (id, results.next().expect("one result per request").map_err(|e| e.to_string())),
+                Line::Err(id, msg) => (id, Err(msg)),
+            };
+            match result {
+                Ok(emb) => {
+                    if emb.dropped > 0 {
+                        eprintln!("warning: {id}: truncated to {} tokens ({} dropped)", emb.tokens, emb.dropped);
+                    }
+                    if npy {
+                        npy_rows.push(emb.single.clone().unwrap_or_default());
+                    } else {
+                        writeln!(out, "{}", to_json(&id, &emb)).map_err(|e| Error::io("output", e))?;
+                    }
+                }
+                Err(msg) => {
+                    failed += 1;
+                    eprintln!("error: {id}: {msg}");
+                    if !npy {
+                        writeln!(out, "{}", json!({"id": id, "error": msg})).map_err(|e| Error::io("output", e))?;
+                    }
+                }
+            }
+        }
+        if let Some(total) = total {
+            eprint!("\r{:>3}% {n} lines", consumed * 100 / total.max(1));
+        }
+    }
+    if total.is_some() {
+        eprintln!();
+    }
+    out.flush().map_err(|e| Error::io("output", e))?;
+    if npy {
+        let path = output.expect("npy implies --output");
+        if failed > 0 {
+            return Err(Error::Input(format!("{failed} of {n} lines failed; no .npy written (rows would not line up)")));
+        }
+        write_npy(path, &npy_rows)?;
+    }
+    if failed > 0 {
+        return Err(Error::Input(format!("{failed} of {n} lines failed (their errors are in the output)")));
+    }
+    Ok(())
+}
+
+fn to_json(id: &Value, e: &Embedding) -> Value {
+    let mut v = json!({"id": id});
+    if let Some(s) = &e.single {
+        v["embedding"] = json!(s);
+    }
+    if let Some(m) = &e.multi {
+        let rows: Vec<&[f32]> = m.chunks(m.len() / e.tokens.max(1)).collect();
+        v["multi_vector"] = json!(rows);
+    }
+    v
+}
+
+/// A little-endian f32 `.npy` (format 1.0) of equal-length rows.
+fn write_npy(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
+    let cols = rows.first().map_or(0, Vec::len);
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {cols}), }}", rows.len());
+    // Pad so that magic (6) + version (2) + length (2) + header ends on a 64-byte boundary.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for r in rows {
+        for v in r {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}

@@ -1,0 +1,413 @@
+//! The text decoder on the GPU (spec §3, §7, §8): packed variable-length batches, one stream,
+//! activations from the paged allocator, both heads from one pass.
+//!
+//! Weights are prepared once at load: q/k/v fused into one `[q+k+v, hidden]` projection (with
+//! its bias), gate/up into one `[2·inter, hidden]` projection (the SwiGLU kernel reads that
+//! layout), and each adapted projection's LoRA stacked for all tasks:
+//! `A_all = [A_{τ0,p0}; A_{τ0,p1}; …; A_{τ2,pP}]` (task-major) and a block matrix `B_all` whose
+//! output rows of projection `p` hold `scale·B_{τ,p}` in the columns of `(τ, p)` and zeros
+//! elsewhere. A batch that mixes tasks then costs two extra GEMMs per projection whatever the mix:
+//! `t = x·A_allᵀ`, zero in each row the column groups of the other tasks (`lora_mask`), and
+//! `y += t·B_allᵀ`. Every row gets exactly its own task's delta, so a request's vectors do not
+//! depend on what else shares its batch.
+//!
+//! The residual adds ride on the GEMMs (cuBLASLt with beta = 1 into the residual stream).
+
+use half::bf16;
+
+use crate::cuda::{DTensor, DView, DViewMut, DeviceAllocator, DeviceBuffer, Gpu};
+use crate::model::checkpoint::Checkpoint;
+use crate::model::config::ModelConfig;
+use crate::model::weights::{DeviceWeights, LoadReport};
+use crate::model::Task;
+use crate::ops;
+use crate::{Error, Result};
+
+/// One packed batch of text sequences, planned on the host.
+#[derive(Clone, Debug, Default)]
+pub struct TextBatch {
+    /// Token ids of all sequences, concatenated.
+    pub ids: Vec<u32>,
+    /// Sequence boundaries, `[0, len0, len0+len1, …]`.
+    pub cu_seqlens: Vec<i32>,
+    /// M-RoPE positions as three planes `[t…, h…, w…]` of `ids.len()` each.
+    pub positions: Vec<i32>,
+    /// Each token's task index ([`Task::index`]).
+    pub row_task: Vec<u8>,
+    /// Per sequence, the `[start, end)` rows (packed-batch indices) its single vector pools.
+    pub spans: Vec<[u32; 2]>,
+}
+
+impl TextBatch {
+    /// Appends one text sequence (positions 0..len on all three planes, spec §3.2).
+    pub fn push_text(&mut self, ids: &[u32], task: Task) {
+        if self.cu_seqlens.is_empty() {
+            self.cu_seqlens.push(0);
+        }
+        let start = self.ids.len() as u32;
+        self.ids.extend_from_slice(ids);
+        self.row_task.extend(std::iter::repeat_n(task.index() as u8, ids.len()));
+        self.cu_seqlens.push(self.ids.len() as i32);
+        self.spans.push([start, self.ids.len() as u32]);
+    }
+
+    /// Number of tokens.
+    pub fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Number of sequences.
+    pub fn sequences(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// The position planes for text-only sequences.
+    fn text_positions(&self) -> Vec<i32> {
+        let mut p = Vec::with_capacity(self.ids.len());
+        for w in self.cu_seqlens.windows(2) {
+            p.extend(0..(w[1] - w[0]));
+        }
+        [p.clone(), p.clone(), p].concat()
+    }
+}
+
+/// What one forward returns, on the host.
+#[derive(Clone, Debug)]
+pub struct BatchOutput {
+    /// `[sequences, hidden]` L2-normalised single vectors (f32).
+    pub single: Vec<f32>,
+    /// `[tokens, proj_dim]` L2-normalised multi-vector rows (f32), when asked for.
+    pub multi: Option<Vec<f32>>,
+}
+
+/// The model on the GPU (text path).
+pub struct GpuModel {
+    cfg: ModelConfig,
+    w: DeviceWeights,
+    /// f32 constants: the M-RoPE inverse frequencies.
+    consts: DeviceBuffer,
+    rank: usize,
+}
+
+/// An adapted projection's name in the prepared layout and the checkpoint projections it fuses.
+struct Fused {
+    name: &'static str,
+    parts: &'static [&'static str],
+}
+
+const QKV: Fused = Fused { name: "qkv", parts: &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] };
+const O: Fused = Fused { name: "o_proj", parts: &["self_attn.o_proj"] };
+const GATE_UP: Fused = Fused { name: "gate_up", parts: &["mlp.gate_proj", "mlp.up_proj"] };
+const DOWN: Fused = Fused { name: "down_proj", parts: &["mlp.down_proj"] };
+const LAYER_PROJ: [Fused; 4] = [QKV, O, GATE_UP, DOWN];
+
+fn dims(shape: &[usize]) -> (usize, usize) {
+    (shape[0], shape[1])
+}
+
+impl GpuModel {
+    /// Prepares and uploads the text path's weights (see the module documentation).
+    pub fn load(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(GpuModel, LoadReport)> {
+        let t0 = std::time::Instant::now();
+        let cfg = ckpt.config.clone();
+        let t = &cfg.text;
+        let tasks = Task::ALL;
+        let rank = ckpt.adapter.r;
+        let scale = ckpt.adapter.scale();
+        let shape_of = |name: &str| -> Result<Vec<usize>> {
+            ckpt.get(name).map(|t| t.shape.clone()).ok_or_else(|| Error::Tensor {
+                name: name.into(),
+                file: ckpt.dir.clone(),
+                msg: "missing".into(),
+            })
+        };
+
+        // The layout: name and shape of every prepared tensor.
+        let mut layout: Vec<(String, Vec<usize>)> = Vec::new();
+        layout.push(("embed_tokens.weight".into(), shape_of("embed_tokens.weight")?));
+        layout.push(("norm.weight".into(), shape_of("norm.weight")?));
+        for l in 0..t.num_hidden_layers {
+            for n in ["input_layernorm", "post_attention_layernorm"] {
+                let name = format!("layers.{l}.{n}.weight");
+                layout.push((name.clone(), shape_of(&name)?));
+            }
+            for f in &LAYER_PROJ {
+                let mut rows = 0;
+                let mut k = 0;
+                for p in f.parts {
+                    let (n, kk) = dims(&shape_of(&format!("layers.{l}.{p}.weight"))?);
+                    rows += n;
+                    k = kk;
+                }
+                let g = f.parts.len() * rank;
+                layout.push((format!("layers.{l}.{}.weight", f.name), vec![rows, k]));
+                if f.name == "qkv" {
+                    layout.push((format!("layers.{l}.qkv.bias"), vec![rows]));
+                }
+                layout.push((format!("layers.{l}.{}.lora_a", f.name), vec![tasks.len() * g, k]));
+                layout.push((format!("layers.{l}.{}.lora_b", f.name), vec![rows, tasks.len() * g]));
+            }
+        }
+        let (pn, pk) = dims(&shape_of("multi_vector_projector.weight")?);
+        layout.push(("multi_vector_projector.weight".into(), vec![pn, pk]));
+        layout.push(("multi_vector_projector.bias".into(), vec![pn]));
+        layout.push(("multi_vector_projector.lora_a".into(), vec![tasks.len() * rank, pk]));
+        layout.push(("multi_vector_projector.lora_b".into(), vec![pn, tasks.len() * rank]));
+
+        let mut w = DeviceWeights::allocate(gpu, &layout)?;
+        let mut report = LoadReport::default();
+        let get = |name: &str| -> Vec<bf16> { ckpt.to_bf16(ckpt.get(name).expect("validated at open")) };
+        for name in ["embed_tokens.weight", "norm.weight"] {
+            w.fill(gpu, name, &get(name))?;
+        }
+        for l in 0..t.num_hidden_layers {
+            for n in ["input_layernorm", "post_attention_layernorm"] {
+                let name = format!("layers.{l}.{n}.weight");
+                w.fill(gpu, &name, &get(&name))?;
+            }
+            for f in &LAYER_PROJ {
+                let parts: Vec<String> = f.parts.iter().map(|p| format!("layers.{l}.{p}")).collect();
+                let fused: Vec<bf16> = parts.iter().flat_map(|p| get(&format!("{p}.weight"))).collect();
+                w.fill(gpu, &format!("layers.{l}.{}.weight", f.name), &fused)?;
+                if f.name == "qkv" {
+                    let bias: Vec<bf16> = parts.iter().flat_map(|p| get(&format!("{p}.bias"))).collect();
+                    w.fill(gpu, &format!("layers.{l}.qkv.bias"), &bias)?;
+                }
+                let (a, b) = stack_lora(ckpt, &parts, rank, scale);
+                w.fill(gpu, &format!("layers.{l}.{}.lora_a", f.name), &a)?;
+                w.fill(gpu, &format!("layers.{l}.{}.lora_b", f.name), &b)?;
+            }
+        }
+        for name in ["multi_vector_projector.weight", "multi_vector_projector.bias"] {
+            w.fill(gpu, name, &get(name))?;
+        }
+        let (a, b) = stack_lora(ckpt, &["multi_vector_projector".to_string()], rank, scale);
+        w.fill(gpu, "multi_vector_projector.lora_a", &a)?;
+        w.fill(gpu, "multi_vector_projector.lora_b", &b)?;
+
+        // inv_freq[j] = theta^(-2j/head_dim), computed in f64 (spec §7.2).
+        let half = t.head_dim / 2;
+        let inv: Vec<f32> =
+            (0..half).map(|j| t.rope_theta.powf(-2.0 * j as f64 / t.head_dim as f64) as f32).collect();
+        let mut consts = DeviceBuffer::new(gpu, half * 4)?;
+        consts.upload_at(gpu, 0, &inv)?;
+
+        report.tensors = w.len();
+        report.bytes = layout.iter().map(|(_, s)| s.iter().product::<usize>() as u64 * 2).sum();
+        report.seconds = t0.elapsed().as_secs_f64();
+        Ok((GpuModel { cfg, w, consts, rank }, report))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Device bytes held by the weights.
+    pub fn device_bytes(&self) -> usize {
+        self.w.device_bytes() + self.consts.bytes()
+    }
+
+    /// One packed forward of text sequences: single vectors always, multi-vector rows when
+    /// `want_multi`. Everything runs on the GPU's stream; the only waits are the input uploads
+    /// before the first kernel and the output downloads after the last.
+    pub fn forward_text(
+        &self,
+        gpu: &Gpu,
+        mem: &mut DeviceAllocator,
+        batch: &TextBatch,
+        want_multi: bool,
+    ) -> Result<BatchOutput> {
+        let n = batch.tokens();
+        if n == 0 || batch.sequences() == 0 {
+            return Err(Error::Input("an empty batch".into()));
+        }
+        let vocab = self.cfg.text.vocab_size as u32;
+        if let Some(&bad) = batch.ids.iter().find(|&&id| id >= vocab) {
+            return Err(Error::Input(format!("token id {bad} is outside the vocabulary ({vocab})")));
+        }
+        let result = self.forward_in(gpu, mem, batch, want_multi, None);
+        // Every block of the forward goes back, also after an error (e.g. out of memory half
+        // way); the tensors holding them are gone by now.
+        mem.free_all();
+        result
+    }
+
+    /// [`GpuModel::forward_text`] that also downloads the residual stream after the embeddings,
+    /// after every layer, and the final-norm states (the checkpoints of
+    /// [`crate::model::cpu::CpuModel::forward_traced`]), for layer-by-layer comparison. Slow: it
+    /// waits for the GPU at every checkpoint.
+    pub fn forward_text_traced(
+        &self,
+        gpu: &Gpu,
+        mem: &mut DeviceAllocator,
+        batch: &TextBatch,
+        trace: &mut Vec<Vec<f32>>,
+    ) -> Result<BatchOutput> {
+        let result = self.forward_in(gpu, mem, batch, true, Some(trace));
+        mem.free_all();
+        result
+    }
+
+    fn forward_in(
+        &self,
+        gpu: &Gpu,
+        mem: &mut DeviceAllocator,
+        batch: &TextBatch,
+        want_multi: bool,
+        mut trace: Option<&mut Vec<Vec<f32>>>,
+    ) -> Result<BatchOutput> {
+        let mut record = |gpu: &Gpu, t: &DTensor<bf16>| -> Result<()> {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push(gpu.download(&t.view())?.iter().map(|v| v.to_f32()).collect());
+            }
+            Ok(())
+        };
+        let t = &self.cfg.text;
+        let n = batch.tokens();
+        let (hid, heads, kvh, hd) = (t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim);
+        let qkv_w = (heads + 2 * kvh) * hd;
+        let eps = t.rms_norm_eps as f32;
+        let groups = 3 * Task::ALL.len() * self.rank; // widest stacked LoRA (qkv)
+
+        // Inputs.
+        let ids = upload(gpu, mem, &batch.ids, &[n])?;
+        let positions = if batch.positions.len() == 3 * n { batch.positions.clone() } else { batch.text_positions() };
+        let pos = upload(gpu, mem, &positions, &[3, n])?;
+        let cu = upload(gpu, mem, &batch.cu_seqlens, &[batch.cu_seqlens.len()])?;
+        let row_task = upload(gpu, mem, &batch.row_task, &[n])?;
+        let spans_flat: Vec<u32> = batch.spans.iter().flatten().copied().collect();
+        let spans = upload(gpu, mem, &spans_flat, &[batch.sequences(), 2])?;
+        let max_seqlen = batch.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+
+        // Activations.
+        let mut h = alloc::<bf16>(mem, &[n, hid])?;
+        let mut x = alloc::<bf16>(mem, &[n, hid])?;
+        let mut qkv = alloc::<bf16>(mem, &[n, qkv_w])?;
+        let mut attn = alloc::<bf16>(mem, &[n, heads * hd])?;
+        let mut gu = alloc::<bf16>(mem, &[n, 2 * t.intermediate_size])?;
+        let mut act = alloc::<bf16>(mem, &[n, t.intermediate_size])?;
+        let mut lora_t = alloc::<bf16>(mem, &[n, groups])?;
+
+        let w = &self.w;
+        // SAFETY: the f32 constants buffer holds head_dim/2 values (uploaded at load).
+        let inv_freq: DView<'_, f32> = self.consts.view(0, &[hd / 2]).expect("inv_freq");
+        let section = t.mrope_section.map(|v| v as u32);
+        ops::embedding(gpu, &w.expect("embed_tokens.weight"), &ids.view(), &mut h.view_mut())?;
+        record(gpu, &h)?;
+        for l in 0..t.num_hidden_layers {
+            let lw = |n: &str| w.expect(&format!("layers.{l}.{n}"));
+            ops::rmsnorm(gpu, &h.view(), &lw("input_layernorm.weight"), eps, &mut x.view_mut())?;
+            ops::linear(gpu, &x.view(), &lw("qkv.weight"), Some(&lw("qkv.bias")), &mut qkv.view_mut(), false)?;
+            self.lora(gpu, &x, &mut lora_t, &lw("qkv.lora_a"), &lw("qkv.lora_b"), &row_task, &mut qkv, 3)?;
+            ops::mrope(gpu, &mut qkv.view_mut(), heads, kvh, hd, &pos.view(), &inv_freq, section)?;
+            ops::flash_attn(
+                gpu,
+                &qkv.view(),
+                &mut attn.view_mut(),
+                &cu.view(),
+                max_seqlen,
+                heads,
+                kvh,
+                hd,
+                true,
+                (hd as f32).powf(-0.5),
+            )?;
+            ops::linear(gpu, &attn.view(), &lw("o_proj.weight"), None, &mut h.view_mut(), true)?;
+            self.lora(gpu, &attn, &mut lora_t, &lw("o_proj.lora_a"), &lw("o_proj.lora_b"), &row_task, &mut h, 1)?;
+            ops::rmsnorm(gpu, &h.view(), &lw("post_attention_layernorm.weight"), eps, &mut x.view_mut())?;
+            ops::linear(gpu, &x.view(), &lw("gate_up.weight"), None, &mut gu.view_mut(), false)?;
+            self.lora(gpu, &x, &mut lora_t, &lw("gate_up.lora_a"), &lw("gate_up.lora_b"), &row_task, &mut gu, 2)?;
+            ops::swiglu(gpu, &gu.view(), &mut act.view_mut())?;
+            ops::linear(gpu, &act.view(), &lw("down_proj.weight"), None, &mut h.view_mut(), true)?;
+            self.lora(gpu, &act, &mut lora_t, &lw("down_proj.lora_a"), &lw("down_proj.lora_b"), &row_task, &mut h, 1)?;
+            record(gpu, &h)?;
+        }
+        ops::rmsnorm(gpu, &h.view(), &w.expect("norm.weight"), eps, &mut x.view_mut())?;
+        record(gpu, &x)?;
+
+        // Heads from the one pass (spec §8).
+        let mut single = alloc::<f32>(mem, &[batch.sequences(), hid])?;
+        ops::mean_pool_l2(gpu, &x.view(), &spans.view(), &mut single.view_mut())?;
+        let multi = if want_multi {
+            let pd = self.cfg.multi_vector_projector_dim;
+            let mut m = alloc::<bf16>(mem, &[n, pd])?;
+            ops::linear(
+                gpu,
+                &x.view(),
+                &w.expect("multi_vector_projector.weight"),
+                Some(&w.expect("multi_vector_projector.bias")),
+                &mut m.view_mut(),
+                false,
+            )?;
+            let (a, b) = (w.expect("multi_vector_projector.lora_a"), w.expect("multi_vector_projector.lora_b"));
+            self.lora(gpu, &x, &mut lora_t, &a, &b, &row_task, &mut m, 1)?;
+            let mut mf = alloc::<f32>(mem, &[n, pd])?;
+            ops::l2_rows(gpu, &m.view(), &mut mf.view_mut())?;
+            Some(gpu.download(&mf.view())?)
+        } else {
+            None
+        };
+        let single = gpu.download(&single.view())?;
+        Ok(BatchOutput { single, multi })
+    }
+
+    /// `y += mask(x·A_allᵀ)·B_allᵀ` for a projection that fuses `parts` checkpoint projections.
+    #[allow(clippy::too_many_arguments)]
+    fn lora(
+        &self,
+        gpu: &Gpu,
+        x: &DTensor<bf16>,
+        t: &mut DTensor<bf16>,
+        a: &DView<'_, bf16>,
+        b: &DView<'_, bf16>,
+        row_task: &DTensor<u8>,
+        y: &mut DTensor<bf16>,
+        parts: usize,
+    ) -> Result<()> {
+        let n = x.shape()[0];
+        let width = a.shape()[0];
+        let mut tv = t.view_mut_as(&[n, width]);
+        ops::linear(gpu, &x.view(), a, None, &mut tv, false)?;
+        ops::lora_mask(gpu, &mut tv, &row_task.view(), parts * self.rank)?;
+        ops::linear(gpu, &tv.as_view(), b, None, &mut y.view_mut(), true)
+    }
+}
+
+/// Stacks the LoRA of the checkpoint projections `parts` for all tasks (module documentation):
+/// `A_all [tasks·P·r, k]` task-major, `B_all [Σn_p, tasks·P·r]` block-structured, scale folded in.
+fn stack_lora(ckpt: &Checkpoint, parts: &[String], rank: usize, scale: f32) -> (Vec<bf16>, Vec<bf16>) {
+    let get = |name: String| -> Vec<bf16> { ckpt.to_bf16(ckpt.get(&name).expect("validated at open")) };
+    let p = parts.len();
+    let cols = Task::ALL.len() * p * rank;
+    let mut a = Vec::new();
+    let outs: Vec<usize> = parts.iter().map(|q| ckpt.get(&format!("{q}.lora_B.retrieval.weight")).unwrap().shape[0]).collect();
+    let rows: usize = outs.iter().sum();
+    let mut b = vec![bf16::ZERO; rows * cols];
+    for (ti, task) in Task::ALL.iter().enumerate() {
+        let mut row0 = 0;
+        for (pi, q) in parts.iter().enumerate() {
+            a.extend(get(format!("{q}.lora_A.{}.weight", task.name())));
+            let bt = get(format!("{q}.lora_B.{}.weight", task.name())); // [n_p, r]
+            let col0 = (ti * p + pi) * rank;
+            for (i, row) in bt.chunks(rank).enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    b[(row0 + i) * cols + col0 + j] = bf16::from_f32(v.to_f32() * scale);
+                }
+            }
+            row0 += outs[pi];
+        }
+    }
+    (a, b)
+}
+
+fn alloc<T>(mem: &mut DeviceAllocator, dims: &[usize]) -> Result<DTensor<T>> {
+    let bytes = dims.iter().product::<usize>() * std::mem::size_of::<T>();
+    Ok(DTensor::from_block(mem.alloc(bytes as u64)?, dims))
+}
+
+fn upload<T: Copy>(gpu: &Gpu, mem: &mut DeviceAllocator, data: &[T], dims: &[usize]) -> Result<DTensor<T>> {
+    let mut t = alloc::<T>(mem, dims)?;
+    gpu.upload(&mut t.view_mut(), data)?;
+    Ok(t)
+}

@@ -1,0 +1,166 @@
+//! The text path end to end on the GPU, on the tiny fixture model (tests/fixtures/README.md):
+//! layer by layer against the CPU forward (the model's wiring must not exist twice unchecked),
+//! and the outputs against the PyTorch fp32 reference with the thresholds.
+
+use std::path::PathBuf;
+
+use crate::harness::{e, Ctx};
+use jv4::cuda::{DeviceAllocator, DEFAULT_PAGE_SIZE};
+use jv4::model::checkpoint::Checkpoint;
+use jv4::model::cpu::{CpuModel, SeqInput};
+use jv4::model::gpu::{GpuModel, TextBatch};
+use jv4::model::Task;
+use serde_json::Value;
+
+/// The fixtures: `$JV4_FIXTURES` (the packed suite sets it), else the source tree's.
+pub fn fixtures() -> PathBuf {
+    std::env::var_os("JV4_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
+}
+
+fn cos(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        ab += x as f64 * y as f64;
+        aa += (x as f64).powi(2);
+        bb += (y as f64).powi(2);
+    }
+    ab / (aa.sqrt() * bb.sqrt()).max(1e-300)
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut n) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        d += (x as f64 - y as f64).powi(2);
+        n += (y as f64).powi(2);
+    }
+    (d / n.max(1e-300)).sqrt()
+}
+
+struct Tiny {
+    ckpt: Checkpoint,
+    meta: Value,
+    refs: std::collections::HashMap<String, Vec<f32>>,
+}
+
+fn tiny() -> Result<Tiny, String> {
+    let dir = fixtures().join("tiny");
+    let ckpt = Checkpoint::open(&dir.join("model")).map_err(e)?;
+    let meta: Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).map_err(e)?).map_err(e)?;
+    let bytes = std::fs::read(dir.join("reference.safetensors")).map_err(e)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(e)?;
+    let refs = st
+        .tensors()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
+        .map(|(k, v)| {
+            (k, v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        })
+        .collect();
+    Ok(Tiny { ckpt, meta, refs })
+}
+
+fn texts(t: &Tiny) -> Vec<(Vec<u32>, Task)> {
+    t.meta["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            let ids = x["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            (ids, x["task"].as_str().unwrap().parse().unwrap())
+        })
+        .collect()
+}
+
+pub fn text_forward_matches_cpu_layer_by_layer(ctx: &mut Ctx) -> Result<(), String> {
+    let t = tiny()?;
+    let (model, _) = GpuModel::load(&ctx.gpu, &t.ckpt).map_err(e)?;
+    let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
+    let cpu = CpuModel::from_checkpoint(&t.ckpt);
+    // A packed batch mixing all three tasks and lengths 1..200.
+    let all = texts(&t);
+    let mut batch = TextBatch::default();
+    let mut seqs = Vec::new();
+    for (ids, task) in &all {
+        batch.push_text(ids, *task);
+        seqs.push(SeqInput { ids: ids.clone(), task: *task, images: vec![] });
+    }
+    let mut gtrace = Vec::new();
+    let mut ctrace = Vec::new();
+    let gout = model.forward_text_traced(&ctx.gpu, &mut mem, &batch, &mut gtrace).map_err(e)?;
+    let cout = cpu.forward_traced(&seqs, Some(&mut ctrace)).map_err(e)?;
+    if gtrace.len() != ctrace.len() {
+        return Err(format!("{} GPU checkpoints vs {} CPU", gtrace.len(), ctrace.len()));
+    }
+    // bf16 storage of every activation on the GPU against f32 on the CPU: a few 1e-3 relative
+    // per layer; a wiring mistake is of order 1.
+    let mut line = Vec::new();
+    for (i, (g, c)) in gtrace.iter().zip(&ctrace).enumerate() {
+        let r = rel(g, c);
+        line.push(format!("{r:.1e}"));
+        if r > 2e-2 {
+            return Err(format!("checkpoint {i} (0 = embeddings, last = final norm): rel err {r:.3e}"));
+        }
+    }
+    println!("  GPU vs CPU per checkpoint: {}", line.join(" "));
+    let hid = t.ckpt.config.text.hidden_size;
+    for (k, c) in cout.iter().enumerate() {
+        let g = &gout.single[k * hid..(k + 1) * hid];
+        let cs = cos(g, &c.single);
+        if cs < 0.9999 {
+            return Err(format!("text {k}: single-vector cos vs CPU {cs:.6}"));
+        }
+    }
+    Ok(())
+}
+
+pub fn text_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
+    let t = tiny()?;
+    let (model, _) = GpuModel::load(&ctx.gpu, &t.ckpt).map_err(e)?;
+    let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
+    let pd = t.ckpt.config.multi_vector_projector_dim;
+    let (mut worst_single, mut worst_multi) = (1f64, 1f64);
+    let mut alone = Vec::new();
+    for (i, (ids, task)) in texts(&t).iter().enumerate() {
+        let mut batch = TextBatch::default();
+        batch.push_text(ids, *task);
+        let out = model.forward_text(&ctx.gpu, &mut mem, &batch, true).map_err(e)?;
+        let single = &t.refs[&format!("text/{i}/single/fp32")];
+        let multi = &t.refs[&format!("text/{i}/multi/fp32")];
+        let cs = cos(&out.single, single);
+        let got = out.multi.unwrap();
+        let rows = got.len() / pd;
+        let mc = (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &multi[r * pd..(r + 1) * pd])).sum::<f64>() / rows as f64;
+        if cs < 0.9999 || mc < 0.999 {
+            return Err(format!("text {i}: single cos {cs:.6} (≥ 0.9999), multi mean cos {mc:.6} (≥ 0.999)"));
+        }
+        worst_single = worst_single.min(cs);
+        worst_multi = worst_multi.min(mc);
+        alone.push((out.single, got));
+    }
+    // The mixed-task batch: same vectors as the separate requests.
+    let members: Vec<usize> =
+        t.meta["mixed_batch"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let all = texts(&t);
+    let mut batch = TextBatch::default();
+    for &j in &members {
+        batch.push_text(&all[j].0, all[j].1);
+    }
+    let out = model.forward_text(&ctx.gpu, &mut mem, &batch, true).map_err(e)?;
+    let hid = t.ckpt.config.text.hidden_size;
+    let mut max_diff = 0f32;
+    for (k, &j) in members.iter().enumerate() {
+        let packed = &out.single[k * hid..(k + 1) * hid];
+        max_diff = packed.iter().zip(&alone[j].0).map(|(a, b)| (a - b).abs()).fold(max_diff, f32::max);
+        let cs = cos(packed, &t.refs[&format!("mixed/{j}/single/fp32")]);
+        if cs < 0.9999 {
+            return Err(format!("mixed batch, text {j}: single cos {cs:.6}"));
+        }
+    }
+    println!(
+        "  worst single cos {worst_single:.6}, worst multi mean cos {worst_multi:.6}; mixed batch vs alone: max |diff| {max_diff:.2e}{}",
+        if max_diff == 0.0 { " (bitwise equal)" } else { "" }
+    );
+    Ok(())
+}
