@@ -10,8 +10,14 @@ use crate::{Error, Result};
 /// Shapes the tests run: (vocab, dim, tokens). The real table (151936 × 2048, vector path) at one
 /// token, an odd count and 4097 tokens; a small table; dims that are not multiples of 8 (scalar
 /// path).
-pub const CASES: &[(usize, usize, usize)] =
-    &[(151936, 2048, 1), (151936, 2048, 4097), (151936, 2048, 333), (1000, 2048, 7), (50, 12, 33), (300, 8, 5)];
+pub const CASES: &[(usize, usize, usize)] = &[
+    (151936, 2048, 1),
+    (151936, 2048, 4097),
+    (151936, 2048, 333),
+    (1000, 2048, 7),
+    (50, 12, 33),
+    (300, 8, 5),
+];
 
 const THREADS: usize = 256;
 
@@ -28,7 +34,11 @@ pub fn embedding(
     let (&[vocab, dim], &[tokens]) = (table.shape(), ids.shape()) else {
         return Err(Error::Shape {
             op: "embedding",
-            msg: format!("expected table [vocab, d] and ids [T], got {:?} and {:?}", table.shape(), ids.shape()),
+            msg: format!(
+                "expected table [vocab, d] and ids [T], got {:?} and {:?}",
+                table.shape(),
+                ids.shape()
+            ),
         });
     };
     if out.shape() != [tokens, dim] || vocab == 0 || dim == 0 || tokens == 0 {
@@ -54,6 +64,10 @@ pub fn embedding(
     // table holds vocab·d, ids T and out T·d elements (checked above), aligned for the vector
     // path; the kernel reads table rows only for ids < vocab.
     unsafe {
-        gpu.launch(KernelId::EmbeddingBf16, Launch::linear(grid_for(work, THREADS), THREADS as u32), &mut args)
+        gpu.launch(
+            KernelId::EmbeddingBf16,
+            Launch::linear(grid_for(work, THREADS), THREADS as u32),
+            &mut args,
+        )
     }
 }

@@ -12,7 +12,8 @@ use crate::{Error, Result};
 
 /// Shapes the tests run: (tokens, tasks, r). The model (3 tasks of rank 32, vector path) at one
 /// token, odd counts and 4097 tokens; a rank that is not a multiple of 8 (scalar path).
-pub const CASES: &[(usize, usize, usize)] = &[(1, 3, 32), (7, 3, 32), (4097, 3, 32), (333, 3, 32), (5, 3, 5), (17, 2, 8)];
+pub const CASES: &[(usize, usize, usize)] =
+    &[(1, 3, 32), (7, 3, 32), (4097, 3, 32), (333, 3, 32), (5, 3, 5), (17, 2, 8)];
 
 const THREADS: usize = 256;
 

@@ -69,6 +69,9 @@ fn check_rows(
             ),
         ));
     }
+    if row > i32::MAX as usize {
+        return Err(shape_err(op, format!("qkv rows of {row} elements exceed the kernel's int range")));
+    }
     let half = head_dim / 2;
     if half % 8 == 0 {
         check_aligned(op, "qkv", qkv.ptr(), 16)?;
@@ -94,7 +97,8 @@ pub fn mrope(
     inv_freq: &DView<'_, f32>,
     section: [u32; 3],
 ) -> Result<()> {
-    let (tokens, threads, smem) = check_rows("mrope", qkv, q_heads + 2 * kv_heads, q_heads + kv_heads, head_dim)?;
+    let (tokens, threads, smem) =
+        check_rows("mrope", qkv, q_heads + 2 * kv_heads, q_heads + kv_heads, head_dim)?;
     if q_heads == 0 || kv_heads == 0 {
         return Err(shape_err("mrope", format!("q_heads {q_heads} and kv_heads {kv_heads} must be > 0")));
     }
@@ -110,7 +114,10 @@ pub fn mrope(
         ));
     }
     if section.iter().map(|&s| s as usize).sum::<usize>() != head_dim / 2 {
-        return Err(shape_err("mrope", format!("section {section:?} does not sum to head_dim/2 = {}", head_dim / 2)));
+        return Err(shape_err(
+            "mrope",
+            format!("section {section:?} does not sum to head_dim/2 = {}", head_dim / 2),
+        ));
     }
     let (mut qp, mut pp, mut fp) = (qkv.ptr(), pos.ptr(), inv_freq.ptr());
     let (mut t, mut hq, mut hkv, mut hd) = (tokens as i64, q_heads as i64, kv_heads as i64, head_dim as i64);

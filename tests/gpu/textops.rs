@@ -68,9 +68,12 @@ fn check_bits(what: &str, got: &[u16], want: &[u16]) -> Result<(), String> {
     }
 }
 
+/// An embedding table on the host: its (vocab, dim), bf16 values and their f32 images.
+type HostTable = ((usize, usize), Vec<bf16>, Vec<f32>);
+
 pub fn embedding_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
     // The real table is 151936 × 2048 (622 MB): generated once, shared by the cases that use it.
-    let mut table: Option<((usize, usize), Vec<bf16>, Vec<f32>)> = None;
+    let mut table: Option<HostTable> = None;
     for &(vocab, dim, tokens) in ops::embedding::CASES {
         if table.as_ref().map(|t| t.0) != Some((vocab, dim)) {
             drop(table.take()); // free the previous one first
@@ -202,7 +205,9 @@ fn check_rotated(
 ) -> Result<f32, String> {
     let (half, rot) = (head_dim / 2, rot_heads * head_dim);
     let prefix = |v: &[bf16]| -> Vec<f32> {
-        (0..tokens).flat_map(|t| v[t * row..t * row + rot].iter().map(|x| x.to_f32()).collect::<Vec<_>>()).collect()
+        (0..tokens)
+            .flat_map(|t| v[t * row..t * row + rot].iter().map(|x| x.to_f32()).collect::<Vec<_>>())
+            .collect()
     };
     let mut want = prefix(input);
     reference::rope_apply(&mut want, tokens, rot_heads, head_dim, angles);
@@ -337,7 +342,8 @@ pub fn mean_pool_l2_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
     for &(tokens, dim, lens) in ops::pool::CASES {
         // Hidden states have per-column offsets: a column bias plus noise.
         let bias: Vec<f32> = (0..dim).map(|_| 0.5 * ctx.rng.normal()).collect();
-        let h_h: Vec<bf16> = (0..tokens * dim).map(|i| bf16::from_f32(bias[i % dim] + ctx.rng.normal())).collect();
+        let h_h: Vec<bf16> =
+            (0..tokens * dim).map(|i| bf16::from_f32(bias[i % dim] + ctx.rng.normal())).collect();
         let h_f = to_f32(&h_h);
         let mut spans = Vec::new();
         let mut s = 0;
@@ -413,7 +419,9 @@ pub fn mean_pool_l2_invalid_spans_give_nan(ctx: &mut Ctx) -> Result<(), String> 
         let row = &got[b * dim..(b + 1) * dim];
         if s < e && e <= tokens {
             let want = reference::l2_normalize(&reference::mean_pool(&h_f, dim, &[(s, e)])[0]);
-            check_close(&format!("mean_pool_l2 valid span {b}"), row, &want, |i| 1e-5 * want[i].abs() + 1e-9)?;
+            check_close(&format!("mean_pool_l2 valid span {b}"), row, &want, |i| {
+                1e-5 * want[i].abs() + 1e-9
+            })?;
         } else if let Some(c) = row.iter().position(|v| !v.is_nan()) {
             return Err(format!("invalid span ({s}, {e}) gave {} at column {c}, expected NaN", row[c]));
         }
@@ -443,7 +451,9 @@ pub fn l2_rows_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
         // Exact inputs; f32 sum of squares (d/32 per lane, 5 shuffle levels), sqrt, division:
         // ≤ ~(d/32 + 8)·2^-24 relative. We allow twice that plus 16.
         let rel = (2 * dim.div_ceil(32) + 32) as f32 * U32;
-        let s = check_close(&format!("l2_rows T={tokens} d={dim}"), &got, &want, |i| rel * want[i].abs() + 1e-12)?;
+        let s = check_close(&format!("l2_rows T={tokens} d={dim}"), &got, &want, |i| {
+            rel * want[i].abs() + 1e-12
+        })?;
         worst = worst.max(s.max_tol_ratio);
     }
     println!("  l2_rows: worst error / tolerance {worst:.3}");
