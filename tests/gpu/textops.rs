@@ -419,8 +419,10 @@ pub fn mean_pool_l2_invalid_spans_give_nan(ctx: &mut Ctx) -> Result<(), String> 
         let row = &got[b * dim..(b + 1) * dim];
         if s < e && e <= tokens {
             let want = reference::l2_normalize(&reference::mean_pool(&h_f, dim, &[(s, e)])[0]);
+            // Loose (1e-5 relative, 1e-6 absolute for columns whose mean cancels): this test is
+            // about the invalid rows; precision is mean_pool_l2_matches_reference's business.
             check_close(&format!("mean_pool_l2 valid span {b}"), row, &want, |i| {
-                1e-5 * want[i].abs() + 1e-9
+                1e-5 * want[i].abs() + 1e-6
             })?;
         } else if let Some(c) = row.iter().position(|v| !v.is_nan()) {
             return Err(format!("invalid span ({s}, {e}) gave {} at column {c}, expected NaN", row[c]));
