@@ -156,6 +156,49 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize) -> Result<()>
         mem.free(gu.into_block());
         mem.free(out.into_block());
     }
+    // rmsnorm at the decoder's width: reads x and writes y (the 4 KiB weight stays in cache).
+    let (m, d) = (4096, 2048);
+    let x = random_tensor(&gpu, &mut mem, &mut rng, &[m, d], 1.0)?;
+    let w = random_tensor(&gpu, &mut mem, &mut rng, &[d], 1.0)?;
+    let mut out = DTensor::<bf16>::from_block(mem.alloc((m * d * 2) as u64)?, &[m, d]);
+    let ms = time_ms(&gpu, iters, || {
+        ops::rmsnorm(&gpu, &x.view(), &w.view(), ops::rmsnorm::EPS, &mut out.view_mut())
+    })?;
+    let gbs = (m * d * 4) as f64 / (ms * 1e-3) / 1e9;
+    row(format!("rmsnorm/{d}/m={m}"), ms, format!("{gbs:.0} GB/s"));
+    mem.free(x.into_block());
+    mem.free(w.into_block());
+    mem.free(out.into_block());
+
+    // M-RoPE in place on the fused qkv output [m, 2560]: reads and writes the q and k columns
+    // (18 heads of 128), reads the positions; text positions (0..m on all three planes).
+    let (q_heads, kv_heads, hd) = (16, 2, 128);
+    let rowlen = (q_heads + 2 * kv_heads) * hd;
+    let mut qkv = random_tensor(&gpu, &mut mem, &mut rng, &[m, rowlen], 1.0)?;
+    let pos_host: Vec<i32> = (0..3).flat_map(|_| 0..m as i32).collect();
+    let mut pos = DTensor::<i32>::from_block(mem.alloc((3 * m * 4) as u64)?, &[3, m]);
+    gpu.upload(&mut pos.view_mut(), &pos_host)?;
+    let freq_host = ops::rope::inv_freq(ops::rope::THETA, hd);
+    let mut freq = DTensor::<f32>::from_block(mem.alloc((hd / 2 * 4) as u64)?, &[hd / 2]);
+    gpu.upload(&mut freq.view_mut(), &freq_host)?;
+    let ms = time_ms(&gpu, iters, || {
+        ops::mrope(
+            &gpu,
+            &mut qkv.view_mut(),
+            q_heads,
+            kv_heads,
+            hd,
+            &pos.view(),
+            &freq.view(),
+            ops::rope::SECTION,
+        )
+    })?;
+    let gbs = (m * (q_heads + kv_heads) * hd * 4 + 3 * m * 4) as f64 / (ms * 1e-3) / 1e9;
+    row(format!("mrope/{rowlen}/m={m}"), ms, format!("{gbs:.0} GB/s"));
+    mem.free(qkv.into_block());
+    mem.free(pos.into_block());
+    mem.free(freq.into_block());
+
     let s = mem.stats();
     println!(
         "allocator: peak {} MiB, mapped {} MiB, {} growth events",

@@ -24,3 +24,36 @@ __device__ __forceinline__ bf16x8 pack8(const float (&f)[8]) {
     for (int i = 0; i < 4; ++i) v.h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
     return v;
 }
+
+// bf16 quiet NaN (0x7FC0): what kernels write where an input is invalid (an id past the
+// vocabulary, an empty pooling span), so that a host-side validation bug shows up as NaN instead
+// of an out-of-bounds read.
+__device__ __forceinline__ __nv_bfloat16 bf16_nan() { return __ushort_as_bfloat16((unsigned short)0x7FC0); }
+
+__device__ __forceinline__ bf16x8 bf16x8_fill(__nv_bfloat16 x) {
+    bf16x8 v;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v.h[i] = __halves2bfloat162(x, x);
+    return v;
+}
+
+// Sum over the 32 lanes of a warp (all lanes active). Butterfly: every lane combines the same two
+// partial sums at every level (f32 addition is commutative), so every lane gets the same bits.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block; every thread gets the same result. blockDim.x must be a multiple of 32
+// (at most 1024) and every thread of the block must call it (it synchronises). `scratch` is a
+// __shared__ float[32]. The order of the additions depends only on blockDim.x: deterministic.
+__device__ __forceinline__ float block_sum(float v, float *scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = warp_sum(lane < warps ? scratch[lane] : 0.0f);
+    __syncthreads(); // scratch may be reused as soon as we return
+    return total;
+}

@@ -13,6 +13,45 @@ GEMMS = [("qkv", 2560, 2048), ("o", 2048, 2048), ("gate_up", 22016, 2048), ("dow
 TOKENS = [16, 512, 4096, 16384]
 
 
+def rmsnorm_hf(x, weight, eps):
+    """Qwen2RMSNorm.forward."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(dtype)
+
+
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def mrope_cos_sin(position_ids, head_dim, theta, dtype):
+    """Qwen2_5_VLRotaryEmbedding.forward: position_ids [3, B, S] -> cos, sin [3, B, S, head_dim]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float().to(position_ids.device) / head_dim))
+    inv_freq_expanded = inv_freq[None, None, :, None].float().expand(3, position_ids.shape[1], -1, 1)
+    position_ids_expanded = position_ids[:, :, None, :].float()
+    freqs = (inv_freq_expanded @ position_ids_expanded).transpose(2, 3)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+    """HF Qwen2.5-VL: q [B, Hq, S, hd], k [B, Hkv, S, hd], cos/sin [3, B, S, hd]."""
+    mrope_section = mrope_section * 2
+    cos = torch.cat([m[i % 3] for i, m in enumerate(cos.split(mrope_section, dim=-1))], dim=-1).unsqueeze(
+        unsqueeze_dim
+    )
+    sin = torch.cat([m[i % 3] for i, m in enumerate(sin.split(mrope_section, dim=-1))], dim=-1).unsqueeze(
+        unsqueeze_dim
+    )
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
 def time_ms(fn, iters):
     for _ in range(3):
         fn()
@@ -47,6 +86,21 @@ def main():
         # What the HF Qwen2 MLP does: act(gate) * up on two separate projections' outputs.
         g, u = gu[:, :inter].contiguous(), gu[:, inter:].contiguous()
         out[f"swiglu/{inter}/m={m}"] = time_ms(lambda: F.silu(g) * u, args.iters)
+    # Qwen2RMSNorm.forward (HF): f32 math, x·rsqrt rounded to bf16, then times the weight.
+    m, d = 4096, 2048
+    x = torch.randn(m, d, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(d, device=dev, dtype=torch.bfloat16)
+    out[f"rmsnorm/{d}/m={m}"] = time_ms(lambda: rmsnorm_hf(x, w, 1e-6), args.iters)
+    # apply_multimodal_rotary_pos_emb (HF Qwen2.5-VL) on q, k views of the fused qkv output, with
+    # the cos/sin tables precomputed (HF computes them once per forward, outside the layers).
+    qh, kvh, hd = 16, 2, 128
+    qkv = torch.randn(m, (qh + 2 * kvh) * hd, device=dev, dtype=torch.bfloat16)
+    q = qkv[:, : qh * hd].view(1, m, qh, hd).transpose(1, 2)
+    k = qkv[:, qh * hd : (qh + kvh) * hd].view(1, m, kvh, hd).transpose(1, 2)
+    cos, sin = mrope_cos_sin(torch.arange(m, device=dev).expand(3, 1, m), hd, 1e6, torch.bfloat16)
+    out[f"mrope/{qkv.shape[1]}/m={m}"] = time_ms(
+        lambda: apply_multimodal_rotary_pos_emb(q, k, cos, sin, [16, 24, 24]), args.iters
+    )
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
     for k, v in out.items():

@@ -271,6 +271,15 @@ impl Gpu {
             .map_err(|e| cuda_err("fill device memory", e))
     }
 
+    /// Fills a tensor of 4-byte elements with one bit pattern (tests poison f32 outputs with NaN).
+    pub fn fill_u32<T>(&self, dst: &mut DViewMut<'_, T>, bits: u32) -> Result<()> {
+        assert_eq!(std::mem::size_of::<T>(), 4, "fill_u32 on a {}-byte type", std::mem::size_of::<T>());
+        // SAFETY: dst holds numel() 4-byte elements.
+        unsafe { sys::cuMemsetD32Async(dst.ptr(), bits, dst.numel(), self.cu_stream()) }
+            .result()
+            .map_err(|e| cuda_err("fill device memory", e))
+    }
+
     /// A new timing event.
     pub fn event(&self) -> Result<cudarc::driver::CudaEvent> {
         self.ctx

@@ -1,11 +1,23 @@
 //! Typed, validated launches: one file per op. Each op checks shapes, sizes and alignment and
 //! returns [`crate::Error::Shape`] before anything is enqueued; kernels trust their inputs.
 
+pub mod embedding;
 pub mod linear;
+pub mod lora;
+pub mod pool;
+pub mod rmsnorm;
+pub mod rope;
 pub mod swiglu;
 
+pub use embedding::embedding;
 pub use linear::linear;
+pub use lora::lora_mask;
+pub use pool::{l2_rows, mean_pool_l2};
+pub use rmsnorm::rmsnorm;
+pub use rope::{mrope, vision_rope};
 pub use swiglu::swiglu;
+
+use std::ffi::c_void;
 
 use crate::cuda::{DView, DViewMut};
 use crate::{Error, Result};
@@ -27,4 +39,18 @@ pub(crate) fn grid_for(work: usize, threads: usize) -> u32 {
 /// Shapes of an input and output view, for error messages.
 pub(crate) fn shapes<T, U>(a: &DView<'_, T>, b: &DViewMut<'_, U>) -> String {
     format!("{:?} -> {:?}", a.shape(), b.shape())
+}
+
+/// A kernel argument: the address of a value of the parameter's type.
+pub(crate) fn arg<T>(v: &mut T) -> *mut c_void {
+    v as *mut T as *mut c_void
+}
+
+/// Most blocks a row-per-block kernel is launched with (its kernels loop over further rows).
+pub(crate) const MAX_ROW_BLOCKS: usize = 65535;
+
+/// Threads for a kernel that spreads `work` items of one row over a block: a multiple of 32,
+/// from 32 to `max`. Depends on the row size only, so reductions keep one order.
+pub(crate) fn threads_for_row(work: usize, max: usize) -> u32 {
+    work.div_ceil(32).clamp(1, max / 32) as u32 * 32
 }

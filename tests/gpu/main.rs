@@ -5,6 +5,7 @@ mod alloc;
 mod check;
 mod harness;
 mod ops;
+mod textops;
 mod weights;
 
 fn main() {
@@ -14,6 +15,15 @@ fn main() {
         ("swiglu_rejects_bad_shapes", ops::swiglu_rejects_bad_shapes),
         ("linear_matches_reference", ops::linear_matches_reference),
         ("linear_rejects_bad_shapes", ops::linear_rejects_bad_shapes),
+        ("embedding_matches_reference", textops::embedding_matches_reference),
+        ("rmsnorm_matches_reference", textops::rmsnorm_matches_reference),
+        ("mrope_matches_reference", textops::mrope_matches_reference),
+        ("vision_rope_matches_reference", textops::vision_rope_matches_reference),
+        ("mean_pool_l2_matches_reference", textops::mean_pool_l2_matches_reference),
+        ("mean_pool_l2_invalid_spans_give_nan", textops::mean_pool_l2_invalid_spans_give_nan),
+        ("l2_rows_matches_reference", textops::l2_rows_matches_reference),
+        ("lora_mask_matches_cpu", textops::lora_mask_matches_cpu),
+        ("textops_reject_bad_shapes", textops::textops_reject_bad_shapes),
         ("alloc_round_trip", alloc::alloc_round_trip),
         ("alloc_no_growth_over_100_cycles", alloc::alloc_no_growth_over_100_cycles),
         ("alloc_budget_gives_typed_oom", alloc::alloc_budget_gives_typed_oom),

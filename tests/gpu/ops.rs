@@ -8,17 +8,17 @@ use jv4::cuda::{DTensor, DeviceAllocator, KernelId, DEFAULT_PAGE_SIZE, MODULES};
 use jv4::{ops, reference};
 
 /// Random bf16 values and their exact f32 images (the reference computes on the latter).
-fn random_bf16(ctx: &mut Ctx, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
+pub fn random_bf16(ctx: &mut Ctx, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
     let h: Vec<bf16> = (0..n).map(|_| bf16::from_f32(ctx.rng.normal() * scale)).collect();
     let f = h.iter().map(|v| v.to_f32()).collect();
     (h, f)
 }
 
-fn to_f32(v: &[bf16]) -> Vec<f32> {
+pub fn to_f32(v: &[bf16]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
 
-fn allocator(ctx: &Ctx, budget: u64) -> Result<DeviceAllocator, String> {
+pub fn allocator(ctx: &Ctx, budget: u64) -> Result<DeviceAllocator, String> {
     DeviceAllocator::new(&ctx.gpu, budget, DEFAULT_PAGE_SIZE).map_err(e)
 }
 

@@ -1,0 +1,73 @@
+//! `embedding`: `out[t, :] = table[ids[t], :]`, the token-embedding gather.
+//! Kernel: `kernels/embedding.cu`; reference: [`crate::reference::embedding`].
+
+use half::bf16;
+
+use super::{arg, check_aligned, grid_for};
+use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
+use crate::{Error, Result};
+
+/// Shapes the tests run: (vocab, dim, tokens). The real table (151936 × 2048, vector path) at one
+/// token, an odd count and 4097 tokens; a small table; dims that are not multiples of 8 (scalar
+/// path).
+pub const CASES: &[(usize, usize, usize)] = &[
+    (151936, 2048, 1),
+    (151936, 2048, 4097),
+    (151936, 2048, 333),
+    (1000, 2048, 7),
+    (50, 12, 33),
+    (300, 8, 5),
+];
+
+const THREADS: usize = 256;
+
+/// `out [T, d] = table [vocab, d] [ids [T]]`.
+///
+/// Ids must be below `vocab`: the engine validates them on the host before this launch. The
+/// kernel never reads out of bounds all the same: an id ≥ vocab gets a row of NaN.
+pub fn embedding(
+    gpu: &Gpu,
+    table: &DView<'_, bf16>,
+    ids: &DView<'_, u32>,
+    out: &mut DViewMut<'_, bf16>,
+) -> Result<()> {
+    let (&[vocab, dim], &[tokens]) = (table.shape(), ids.shape()) else {
+        return Err(Error::Shape {
+            op: "embedding",
+            msg: format!(
+                "expected table [vocab, d] and ids [T], got {:?} and {:?}",
+                table.shape(),
+                ids.shape()
+            ),
+        });
+    };
+    if out.shape() != [tokens, dim] || vocab == 0 || dim == 0 || tokens == 0 {
+        return Err(Error::Shape {
+            op: "embedding",
+            msg: format!(
+                "table {:?}, ids {:?} -> out {:?}: expected out [T, d] with vocab, d, T > 0",
+                table.shape(),
+                ids.shape(),
+                out.shape()
+            ),
+        });
+    }
+    if dim % 8 == 0 {
+        check_aligned("embedding", "table", table.ptr(), 16)?;
+        check_aligned("embedding", "out", out.ptr(), 16)?;
+    }
+    let work = if dim % 8 == 0 { tokens * dim / 8 } else { tokens * dim };
+    let (mut tp, mut ip, mut op) = (table.ptr(), ids.ptr(), out.ptr());
+    let (mut t, mut d, mut v) = (tokens as i64, dim as i64, vocab as i64);
+    let mut args = [arg(&mut tp), arg(&mut ip), arg(&mut op), arg(&mut t), arg(&mut d), arg(&mut v)];
+    // SAFETY: args match embedding_bf16(const bf16*, const u32*, bf16*, int64, int64, int64);
+    // table holds vocab·d, ids T and out T·d elements (checked above), aligned for the vector
+    // path; the kernel reads table rows only for ids < vocab.
+    unsafe {
+        gpu.launch(
+            KernelId::EmbeddingBf16,
+            Launch::linear(grid_for(work, THREADS), THREADS as u32),
+            &mut args,
+        )
+    }
+}
