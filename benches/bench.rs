@@ -48,6 +48,17 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         iters: usize,
     },
+    /// Parity of the text path against `tools/reference.py texts` output (PyTorch bf16, same
+    /// checkpoint): per text the single-vector cosine, the multi-vector mean per-token cosine, and
+    /// the error against the distance between different texts' embeddings.
+    Parity {
+        /// The checkpoint folder the reference used.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// The reference file.
+        #[arg(long)]
+        reference: std::path::PathBuf,
+    },
 }
 
 /// Decoder GEMMs as (name, n, k): q+k+v fused, o, gate+up fused, down.
@@ -60,6 +71,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Ops { torch_json, iters } => bench_ops(torch_json, iters),
         Cmd::Text { model, torch_json, max_batch_tokens, iters } => bench_text(&model, torch_json, max_batch_tokens, iters),
+        Cmd::Parity { model, reference } => parity(&model, &reference),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -284,5 +296,82 @@ fn bench_text(model: &std::path::Path, torch_json: Option<std::path::PathBuf>, b
             format!("{peak:.1}/{}", fmt(tpeak, 1)),
         );
     }
+    Ok(())
+}
+
+fn cos(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        ab += x as f64 * y as f64;
+        aa += (x as f64).powi(2);
+        bb += (y as f64).powi(2);
+    }
+    ab / (aa.sqrt() * bb.sqrt()).max(1e-300)
+}
+
+fn parity(model: &std::path::Path, reference: &std::path::Path) -> Result<()> {
+    use jv4::model::checkpoint::Checkpoint;
+    use jv4::model::gpu::{GpuModel, TextBatch};
+    use jv4::model::Task;
+    let bytes = std::fs::read(reference).map_err(|e| jv4::Error::io(reference, e))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| jv4::Error::Input(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| jv4::Error::Input(e.to_string()))?;
+    let texts: Vec<serde_json::Value> = serde_json::from_str(
+        meta.metadata().as_ref().and_then(|m| m.get("texts")).map(String::as_str).unwrap_or("[]"),
+    )
+    .unwrap_or_default();
+    let f32s = |name: &str| -> Option<Vec<f32>> {
+        st.tensor(name).ok().map(|t| t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    };
+    let gpu = Gpu::new(0)?;
+    let ckpt = Checkpoint::open(model)?;
+    let (m, _) = GpuModel::load(&gpu, &ckpt)?;
+    drop(ckpt);
+    let (free, _) = gpu.mem_info()?;
+    let mut mem = DeviceAllocator::new(&gpu, free / 10 * 9, DEFAULT_PAGE_SIZE)?;
+    let pd = m.config().multi_vector_projector_dim;
+    let mut ours = Vec::new();
+    let mut refs = Vec::new();
+    println!("{:<6} {:>7} {:<14} {:>12} {:>14}", "text", "tokens", "task", "single cos", "multi mean cos");
+    for (i, t) in texts.iter().enumerate() {
+        let ids: Vec<u32> = st
+            .tensor(&format!("{i}/ids"))
+            .map_err(|e| jv4::Error::Input(e.to_string()))?
+            .data()
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32)
+            .collect();
+        let task: Task = t["task"].as_str().unwrap_or("retrieval").parse()?;
+        let mut b = TextBatch::default();
+        b.push_text(&ids, task);
+        let out = m.forward_text(&gpu, &mut mem, &b, true)?;
+        let single_ref = f32s(&format!("{i}/single")).unwrap_or_default();
+        let c = cos(&out.single, &single_ref);
+        let mc = match f32s(&format!("{i}/multi")) {
+            Some(mr) => {
+                let got = out.multi.as_ref().unwrap();
+                let rows = mr.len() / pd;
+                format!("{:.6}", (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &mr[r * pd..(r + 1) * pd])).sum::<f64>() / rows as f64)
+            }
+            None => "-".into(),
+        };
+        println!("{i:<6} {:>7} {:<14} {c:>12.6} {mc:>14}", ids.len(), task.name());
+        ours.push(out.single);
+        refs.push(single_ref);
+    }
+    // The error must be far below the distance between different inputs' embeddings, or the
+    // check passes trivially (random weights can make all embeddings alike).
+    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let max_err = ours.iter().zip(&refs).map(|(a, b)| dist(a, b)).fold(0f64, f64::max);
+    let mut min_between = f64::MAX;
+    for i in 0..refs.len() {
+        for j in i + 1..refs.len() {
+            min_between = min_between.min(dist(&refs[i], &refs[j]));
+        }
+    }
+    println!(
+        "max |ours - ref| = {max_err:.4}, min distance between different texts' reference vectors = {min_between:.4}, ratio {:.1}x",
+        min_between / max_err.max(1e-12)
+    );
     Ok(())
 }

@@ -1,31 +1,69 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine, from the packed folder made by tools/pack_gpu.sh: device facts, a
-# benchmark of the ops beside PyTorch (when python3 has torch), then the GPU test suite, whose
-# summary `N passed, M failed` is the last line. Full logs go to $OUT (or <this folder>/out).
+# Runs on the GPU machine, from the packed folder made by tools/pack_gpu.sh. Stages (all by
+# default; pick with JV4_STAGES="device load ops text parity embed tests"):
+#   device  the GPU, kernels, allocator
+#   load    write a random full-size checkpoint in the real layout (or use $JV4_MODEL_DIR) and load it
+#   ops     op benchmarks beside PyTorch (same call, ratio column)
+#   text    text-path benchmark beside PyTorch (tokens/s, latency, peak memory)
+#   parity  the full model against PyTorch bf16 (tools/reference.py texts), incl. 8k and 32k tokens
+#   embed   the runner on real text (tokenizer.json packed alongside)
+#   tests   the GPU test suite; its summary `N passed, M failed` is the last line
+# Full logs go to $OUT (or <this folder>/out).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 cd "$here"
+stages="${JV4_STAGES:-device load ops text parity embed tests}"
+has() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+torch_ok() { python3 -c "import torch" 2>/dev/null; }
+model="${JV4_MODEL_DIR:-/tmp/jv4-synth-full}"
+export JV4_FIXTURES="$here/fixtures"
 
-echo "== device"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | tee "$out/device.txt"
-./jv4 gpu 2>&1 | tee -a "$out/device.txt"
-
-echo "== checkpoint load (a random full-size checkpoint in the real layout, written here)"
-model="${JV4_MODEL_DIR:-}"
-if [ -z "$model" ]; then
-    model=/tmp/jv4-synth-full
-    ./jv4 synth --preset full --out "$model" 2>&1 | tee "$out/synth.txt"
+if has device; then
+    echo "== device"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | tee "$out/device.txt"
+    ./jv4 gpu 2>&1 | tee -a "$out/device.txt"
 fi
-./jv4 info --model "$model" 2>&1 | tee "$out/info.txt"
-
-echo "== benchmark (ours vs PyTorch, same call)"
-if python3 -c "import torch" 2>/dev/null; then
-    python3 torch_ops_bench.py --json "$out/torch_ops.json" > "$out/torch_ops.txt" 2>&1 || echo "torch benchmark failed: see $out/torch_ops.txt"
+if has load || has text || has parity || has embed; then
+    if [ ! -f "$model/config.json" ]; then
+        ./jv4 synth --preset full --out "$model" 2>&1 | tee "$out/synth.txt"
+    fi
 fi
-./jv4-bench ops --torch-json "$out/torch_ops.json" 2>&1 | tee "$out/bench_ops.txt"
-
-echo "== GPU test suite"
-./gpu-tests 2>&1 | tee "$out/gpu-tests.log"
-exit "${PIPESTATUS[0]}"
+if has load; then
+    echo "== checkpoint load"
+    ./jv4 info --model "$model" 2>&1 | tee "$out/info.txt"
+fi
+if has ops; then
+    echo "== op benchmark (ours vs PyTorch, same call)"
+    torch_ok && { python3 torch_ops_bench.py --json "$out/torch_ops.json" > "$out/torch_ops.txt" 2>&1 || echo "torch ops benchmark failed: see $out/torch_ops.txt"; }
+    ./jv4-bench ops --torch-json "$out/torch_ops.json" 2>&1 | tee "$out/bench_ops.txt"
+fi
+if has text; then
+    echo "== text benchmark (ours vs PyTorch, same call)"
+    torch_ok && { python3 torch_text_bench.py --model "$model" --json "$out/torch_text.json" > "$out/torch_text.txt" 2>&1 || echo "torch text benchmark failed: see $out/torch_text.txt"; }
+    ./jv4-bench text --model "$model" --torch-json "$out/torch_text.json" --max-batch-tokens 32768 2>&1 | tee "$out/bench_text.txt"
+fi
+if has parity; then
+    echo "== full-model parity against PyTorch bf16"
+    if torch_ok && python3 reference.py texts --model "$model" --out "$out/ref_texts.safetensors" > "$out/ref_texts.txt" 2>&1; then
+        ./jv4-bench parity --model "$model" --reference "$out/ref_texts.safetensors" 2>&1 | tee "$out/parity.txt"
+    else
+        echo "reference run failed: see $out/ref_texts.txt"
+    fi
+fi
+if has embed && [ -f tokenizer.json ]; then
+    echo "== the runner on real text"
+    printf '%s\n' '{"id": "q1", "text": "What is the capital of France?"}' \
+        '{"id": "p1", "text": "Paris is the capital of France.", "prompt_name": "passage"}' \
+        '{"id": "bad", "text": 42}' 'not json' \
+        '{"id": "c1", "text": "fn main() {}", "task": "code", "prompt_name": "passage"}' > "$out/embed_in.jsonl"
+    ./jv4 embed --model "$model" --tokenizer tokenizer.json --input "$out/embed_in.jsonl" --output "$out/embed_out.jsonl" --dims 128 --vector both 2> "$out/embed_err.txt"
+    echo "exit $? ; $(wc -l < "$out/embed_out.jsonl") output lines; errors:"; cat "$out/embed_err.txt" | tail -5
+    python3 -c "import json,sys; [print(d.get('id'), len(d.get('embedding', [])), len(d.get('multi_vector', [])), d.get('error','')) for d in map(json.loads, open(sys.argv[1]))]" "$out/embed_out.jsonl"
+fi
+if has tests; then
+    echo "== GPU test suite"
+    ./gpu-tests 2>&1 | tee "$out/gpu-tests.log"
+    exit "${PIPESTATUS[0]}"
+fi

@@ -463,9 +463,40 @@ def fixtures(args):
     print(f"wrote {len(out_t)} tensors to {args.out}")
 
 
+def texts(args):
+    """Random-id texts of the given lengths (tasks cycling) through the model as jina runs it (bf16
+    weights under bf16 autocast, one request per forward): the single vectors, and the multi-vector
+    rows of the texts up to 1024 tokens. For GPU parity on the full model (jv4-bench parity)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = "cuda"
+    model, projector, cfg = build(args.model, torch.bfloat16, device)
+    vocab = min(cfg["text_config"]["vocab_size"], 150000)
+    g = torch.Generator().manual_seed(args.seed)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    out, meta = {}, []
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for i, n in enumerate(lengths):
+            ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+            task = TASKS[i % 3]
+            seqs, _, h, mask = forward(model, projector, [ids], [task], cfg["image_token_id"])
+            out[f"{i}/single"] = pool_text(h, mask)[0].float().cpu()
+            if n <= 1024:
+                out[f"{i}/multi"] = seqs[0][1].float().cpu()
+            out[f"{i}/ids"] = torch.tensor(ids, dtype=torch.int32)
+            meta.append({"task": task, "len": n})
+            print(f"text {i}: {n} tokens, {task}", flush=True)
+    out = {k: v.contiguous() for k, v in out.items()}
+    save_file(out, args.out, metadata={"texts": json.dumps(meta)})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    tx = sub.add_parser("texts", help="bf16 reference vectors of random-id texts (full-model GPU parity)")
+    tx.add_argument("--model", required=True)
+    tx.add_argument("--lengths", default="16,100,512,1000,2048,8192,32768")
+    tx.add_argument("--out", required=True)
+    tx.add_argument("--seed", type=int, default=0)
     f = sub.add_parser("fixtures", help="reference outputs and dumps for the tiny fixture model")
     f.add_argument("--model", required=True)
     f.add_argument("--images", required=True)
@@ -475,6 +506,8 @@ def main():
     t0 = time.time()
     if args.cmd == "fixtures":
         fixtures(args)
+    elif args.cmd == "texts":
+        texts(args)
     print(f"done in {time.time() - t0:.1f} s")
 
 
