@@ -23,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// GEMMs at the decoder's shapes and the elementwise kernels, per op.
+    /// GEMMs at the decoder's shapes, the elementwise kernels and attention, per op.
     Ops {
         /// JSON written by tools/torch_ops_bench.py in the same device call: {case: ms}.
         #[arg(long)]
@@ -38,6 +38,9 @@ enum Cmd {
 const GEMMS: &[(&str, usize, usize)] =
     &[("qkv", 2560, 2048), ("o", 2048, 2048), ("gate_up", 22016, 2048), ("down", 2048, 11008)];
 const TOKENS: &[usize] = &[16, 512, 4096, 16384];
+/// Attention cases as (name, (segments, tokens per segment)).
+const ATTENTION: &[(&str, (usize, usize))] =
+    &[("L=512", (1, 512)), ("L=4096", (1, 4096)), ("L=32768", (1, 32768)), ("32x512", (32, 512))];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -138,6 +141,39 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize) -> Result<()>
         row(format!("swiglu/{inter}/m={m}"), ms, format!("{gbs:.0} GB/s"));
         mem.free(gu.into_block());
         mem.free(out.into_block());
+    }
+    // Causal GQA attention at the LM's shape (16 query heads, 2 kv heads, d 128) on one document
+    // of L tokens, or 32 documents of 512. FLOPs: 2 matmuls · 2·L²·d·H, halved by the mask.
+    let (heads, kv_heads, d) = (16usize, 2usize, 128usize);
+    for (name, segments) in ATTENTION {
+        let segs = vec![segments.1; segments.0];
+        let tokens: usize = segs.iter().sum();
+        let qkv = random_tensor(&gpu, &mut mem, &mut rng, &[tokens, (heads + 2 * kv_heads) * d], 1.0)?;
+        let mut out =
+            DTensor::<bf16>::from_block(mem.alloc((tokens * heads * d * 2) as u64)?, &[tokens, heads * d]);
+        let cu_h = ops::attention::cu_seqlens(&segs);
+        let mut cu = DTensor::<i32>::from_block(mem.alloc((cu_h.len() * 4) as u64)?, &[cu_h.len()]);
+        gpu.upload(&mut cu.view_mut(), &cu_h)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let ms = time_ms(&gpu, iters, || {
+            ops::flash_attn(
+                &gpu,
+                &qkv.view(),
+                &mut out.view_mut(),
+                &cu.view(),
+                segments.1,
+                heads,
+                kv_heads,
+                d,
+                true,
+                scale,
+            )
+        })?;
+        let flops = segs.iter().map(|&l| 2.0 * 2.0 * (l * l * d * heads) as f64 / 2.0).sum::<f64>();
+        row(format!("attention/causal/{name}"), ms, format!("{:.0} TFLOP/s", flops / (ms * 1e-3) / 1e12));
+        mem.free(qkv.into_block());
+        mem.free(out.into_block());
+        mem.free(cu.into_block());
     }
     let s = mem.stats();
     println!(

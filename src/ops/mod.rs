@@ -1,9 +1,11 @@
 //! Typed, validated launches: one file per op. Each op checks shapes, sizes and alignment and
 //! returns [`crate::Error::Shape`] before anything is enqueued; kernels trust their inputs.
 
+pub mod attention;
 pub mod linear;
 pub mod swiglu;
 
+pub use attention::flash_attn;
 pub use linear::linear;
 pub use swiglu::swiglu;
 
