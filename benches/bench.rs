@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use half::bf16;
 use jv4::cuda::{DTensor, DeviceAllocator, Gpu, DEFAULT_PAGE_SIZE};
+use jv4::ops::attention::QueryTile;
 use jv4::rng::Rng;
 use jv4::{ops, Result};
 
@@ -155,22 +156,24 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize) -> Result<()>
         let mut cu = DTensor::<i32>::from_block(mem.alloc((cu_h.len() * 4) as u64)?, &[cu_h.len()]);
         gpu.upload(&mut cu.view_mut(), &cu_h)?;
         let scale = 1.0 / (d as f32).sqrt();
-        let ms = time_ms(&gpu, iters, || {
-            ops::flash_attn(
-                &gpu,
-                &qkv.view(),
-                &mut out.view_mut(),
-                &cu.view(),
-                segments.1,
-                heads,
-                kv_heads,
-                d,
-                true,
-                scale,
-            )
-        })?;
         let flops = segs.iter().map(|&l| 2.0 * 2.0 * (l * l * d * heads) as f64 / 2.0).sum::<f64>();
-        row(format!("attention/causal/{name}"), ms, format!("{:.0} TFLOP/s", flops / (ms * 1e-3) / 1e12));
+        let max_seqlen = segments.1;
+        // The op's own choice of tiling under the shared case name, then each tiling.
+        let tiles = [None, Some(QueryTile::M64), Some(QueryTile::M128)];
+        for tile in tiles {
+            let t = tile.unwrap_or(QueryTile::for_max_seqlen(max_seqlen));
+            #[rustfmt::skip]
+            let ms = time_ms(&gpu, iters, || {
+                ops::attention::flash_attn_tiled(
+                    &gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, heads, kv_heads, d, true, scale, t,
+                )
+            })?;
+            let case = match tile {
+                None => format!("attention/causal/{name}"),
+                Some(t) => format!("attention/causal/{name}/{t:?}"),
+            };
+            row(case, ms, format!("{:.0} TFLOP/s", flops / (ms * 1e-3) / 1e12));
+        }
         mem.free(qkv.into_block());
         mem.free(out.into_block());
         mem.free(cu.into_block());

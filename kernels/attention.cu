@@ -22,14 +22,21 @@
 //
 // Decomposition: grid (ceil(max_seqlen / BM), H, S); the CTA at blockIdx (x, h, s) owns query
 //   block m = gridDim.x − 1 − x of segment s (the longest causal rows are launched first) and
-//   exits at once when that block starts past the segment's end. 4 warps, BM = 64 query rows
-//   (16 per warp: one m16 MMA tile), BN = 64 keys per k/v tile. Key blocks are visited from the
-//   last one needed down to 0 (causal: the last is the diagonal block, so it alone needs the
-//   causal mask; the segment-end mask likewise falls on the first block visited).
+//   exits at once when that block starts past the segment's end. 4 warps; BN = 64 keys per k/v
+//   tile; two query tilings (the op picks one, tests run both):
+//   - BM = 64 (MT = 1): 16 rows per warp, one m16 MMA tile; the warp's Q fragments are loaded
+//     once into registers. Fewest registers (3 CTAs per SM); no idle rows on 64-patch windows.
+//   - BM = 128 (MT = 2): 32 rows per warp, two m16 tiles sharing every K and V fragment (half
+//     the shared-memory reads and half the L2 → SM traffic per FLOP); Q fragments are re-read
+//     from smem at each k16 step, as FlashAttention-2 does for head dim 128 (2 CTAs per SM).
+//   Key blocks are visited from the last one needed down to 0, so the masked blocks (the
+//   causal diagonal, the segment end) come first and the rest run without mask code. A warp
+//   whose rows all lie before a causal block's first key, or past the segment end, skips that
+//   block's math but still joins the loads and barriers.
 //
 // Per key block (one k buffer and one v buffer, FlashAttention-2's overlap):
-//   1. cp.async v[nb] (lands while 2 runs);   2. S = Q·K[nb]ᵀ (Q fragments live in registers);
-//   3. mask (only blocks that reach past the diagonal or the segment end);
+//   1. cp.async v[nb] (lands while 2 runs);   2. S = Q·K[nb]ᵀ;
+//   3. mask (only blocks that reach past the warp's first row or the segment end);
 //   4. wait v, barrier; cp.async k[nb−1] (lands while 5 runs);
 //   5. online softmax in registers, P → bf16 A fragments (the S accumulator layout of m16n8 is
 //      the A layout of m16k16), O += P·V[nb];   6. wait k, barrier.
@@ -39,28 +46,37 @@
 //
 // Shared memory: Q [BM][D+8], K [BN][D+8], V [BN][D+8] bf16; rows padded by 16 bytes so that the
 //   8 rows of every ldmatrix 8×8 block fall in 8 distinct 16-byte bank groups (row strides of 17
-//   and 11 chunks for D = 128 and 80). D = 128: 52,224 B (above the 48 KB default: the launcher
-//   raises the function's limit); D = 80: 33,792 B. The output is staged through each warp's own
-//   16 Q rows (read only by that warp) and written with 16-byte stores.
+//   and 11 chunks for D = 128 and 80). (BM + 128)·(D + 8)·2 bytes: 52,224 / 69,632 B for
+//   D = 128 and 33,792 / 45,056 B for D = 80 (BM 64 / 128); above 48 KB the launcher raises the
+//   function's limit. The output is staged through each warp's own Q rows (read only by that
+//   warp) and written with 16-byte stores.
 //
 // Head dims: D = 128 (8 k16 steps for q·kᵀ, 16 n8 tiles for p·v) and D = 80 (5 k16 steps, 10 n8
 //   tiles): both multiples of 16, so no padding of the MMA shapes is needed.
+//
+// ptxas (13.0, sm_90a): d128: 168 registers (BM 64; 4 B spilled: one L1 reload per key block), 255 (BM 128,
+//   88 B spill stores); d80: 158 (BM 64), 253 (BM 128); no other spills.
 #include "common.cuh"
 
 namespace {
 
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
-constexpr int BM = 16 * WARPS; // query rows per CTA
-constexpr int BN = 64;         // keys per k/v tile
-constexpr int NT_S = BN / 8;   // n8 tiles of a score row block
+constexpr int BN = 64;       // keys per k/v tile
+constexpr int NT_S = BN / 8; // n8 tiles of a score row block
 
-template <int D> struct Dims {
+// Head dim D, MT m16 row tiles per warp (1 or 2).
+template <int D, int MT> struct Cfg {
     static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
-    static constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-    static constexpr int STRIDE = D + 8;  // smem row stride in elements (one chunk of padding)
-    static constexpr int KSTEPS = D / 16; // k16 steps of q·kᵀ
-    static constexpr int NT_O = D / 8;    // n8 tiles of the output
+    static_assert(MT == 1 || MT == 2, "one or two m16 tiles per warp");
+    static constexpr int BM = 16 * MT * WARPS; // query rows per CTA
+    static constexpr int CHUNKS = D / 8;       // 16-byte chunks per row
+    static constexpr int STRIDE = D + 8;       // smem row stride in elements (one chunk of padding)
+    static constexpr int KSTEPS = D / 16;      // k16 steps of q·kᵀ
+    static constexpr int NT_O = D / 8;         // n8 tiles of the output
+    // One m16 tile per warp: the warp's Q fragments stay in registers for the whole loop. Two:
+    // they are re-read from smem at every k16 step (registers go to the doubled O and S).
+    static constexpr bool Q_IN_REGS = MT == 1;
     static constexpr int SMEM_BYTES = (BM + 2 * BN) * STRIDE * 2;
 };
 
@@ -103,37 +119,43 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 
 // Rows [r0, r0 + ROWS) of one head's [len, D] slice (row stride `stride` elements) into smem
-// [ROWS][STRIDE]; rows at or past len become zeros. Every thread issues ROWS·CHUNKS/THREADS
-// copies (exact for both head dims), consecutive threads take consecutive 16-byte chunks.
+// [ROWS][STRIDE]; rows at or past len become zeros. Thread i copies 16-byte chunk i % 16 of rows
+// i / 16, i / 16 + 8, …: 8 rows per pass, consecutive threads on consecutive chunks (for D = 80
+// only 10 of the 16 lanes per row have a chunk), so a thread keeps one source pointer and one
+// destination address and steps them by 8 rows.
 template <int D, int ROWS>
 __device__ __forceinline__ void load_tile(__nv_bfloat16 *s, const __nv_bfloat16 *g, int64_t stride, int r0,
                                           int len) {
-    using P = Dims<D>;
-    constexpr int TOTAL = ROWS * P::CHUNKS;
-    static_assert(TOTAL % THREADS == 0, "tile chunks must divide among the threads");
+    using C = Cfg<D, 1>;
+    static_assert(C::CHUNKS <= 16 && ROWS % (THREADS / 16) == 0, "tile shape");
+    constexpr int PASS_ROWS = THREADS / 16;
+    const int c = threadIdx.x % 16;
+    const int r = threadIdx.x / 16;
+    if (c < C::CHUNKS) {
+        const __nv_bfloat16 *src = g + (int64_t)(r0 + r) * stride + c * 8;
+        const uint32_t dst = smem_addr(s + r * C::STRIDE + c * 8);
 #pragma unroll
-    for (int it = 0; it < TOTAL / THREADS; ++it) {
-        const int i = it * THREADS + threadIdx.x;
-        const int r = i / P::CHUNKS;
-        const int c = i - r * P::CHUNKS;
-        const bool valid = r0 + r < len;
-        // An invalid row reads nothing; point it at row 0 (always inside the segment) anyway.
-        const __nv_bfloat16 *src = g + (valid ? (int64_t)(r0 + r) * stride : 0) + c * 8;
-        cp_async16(smem_addr(s + r * P::STRIDE + c * 8), src, valid ? 16 : 0);
+        for (int it = 0; it < ROWS / PASS_ROWS; ++it) {
+            const bool valid = r0 + r + it * PASS_ROWS < len;
+            // An invalid row reads nothing; point it at row 0 (inside the segment) anyway.
+            cp_async16(dst + it * PASS_ROWS * C::STRIDE * 2, valid ? src + it * PASS_ROWS * stride : g,
+                       valid ? 16 : 0);
+        }
     }
 }
 
-template <int D>
+template <int D, int MT>
 __device__ __forceinline__ void flash_attn_block(const __nv_bfloat16 *__restrict__ qkv,
                                                  __nv_bfloat16 *__restrict__ out,
                                                  const int *__restrict__ cu_seqlens, int64_t tokens,
                                                  int64_t row, int heads, int kv_heads, int causal,
                                                  float scale_log2) {
-    using P = Dims<D>;
+    using C = Cfg<D, MT>;
+    constexpr int BM = C::BM;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16 *sQ = reinterpret_cast<__nv_bfloat16 *>(smem_raw);
-    __nv_bfloat16 *sK = sQ + BM * P::STRIDE;
-    __nv_bfloat16 *sV = sK + BN * P::STRIDE;
+    __nv_bfloat16 *sK = sQ + BM * C::STRIDE;
+    __nv_bfloat16 *sV = sK + BN * C::STRIDE;
 
     const int seg = blockIdx.z;
     const int head = blockIdx.y;
@@ -161,60 +183,92 @@ __device__ __forceinline__ void flash_attn_block(const __nv_bfloat16 *__restrict
     cp_async_wait_all();
     __syncthreads();
 
-    // Q fragments of this warp's 16 rows, all k16 steps (A layout: ldmatrix matrices 0..3 =
-    // rows 0-7 / 8-15 × cols 0-7 / 8-15; lane l addresses row l % 16, column 8·(l / 16)).
-    uint32_t qf[P::KSTEPS][4];
+    // This warp's rows: [wq0, wq0 + 16·MT) of the CTA's block (segment-relative indices).
+    const int wq0 = q0 + warp * 16 * MT;
+    // Q fragments (A layout: ldmatrix matrices 0..3 = rows 0-7 / 8-15 × cols 0-7 / 8-15 of a
+    // 16×16 block; lane l addresses row l % 16, column 8·(l / 16)).
+    const uint32_t sQ_lane = smem_addr(sQ + (warp * 16 * MT + lane % 16) * C::STRIDE + (lane / 16) * 8);
+    uint32_t qf[C::Q_IN_REGS ? C::KSTEPS : 1][4];
+    if constexpr (C::Q_IN_REGS) {
 #pragma unroll
-    for (int ks = 0; ks < P::KSTEPS; ++ks)
-        ldmatrix_x4(qf[ks], smem_addr(sQ + (warp * 16 + lane % 16) * P::STRIDE + ks * 16 + (lane / 16) * 8));
+        for (int ks = 0; ks < C::KSTEPS; ++ks) ldmatrix_x4(qf[ks], sQ_lane + ks * 16 * 2);
+    }
 
-    // This thread's two rows of the m16 tile: g and g + 8 (g = lane / 4), columns 2t, 2t + 1.
+    // This thread's rows of each m16 tile: g and g + 8 (g = lane / 4); columns 2t, 2t + 1.
     const int g = lane / 4, t = lane % 4;
-    const int qrow0 = q0 + warp * 16 + g; // segment-relative query index of row g (row g+8: +8)
 
-    float o[P::NT_O][4];
+    float o[MT][C::NT_O][4];
+    float row_max[MT][2], row_sum[MT][2]; // max of raw scores; this thread's partial sums
 #pragma unroll
-    for (int j = 0; j < P::NT_O; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY}; // raw scores (before the scale)
-    float row_sum[2] = {0.f, 0.f};             // this thread's partial sums; quad-reduced at the end
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < C::NT_O; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+        row_max[mt][0] = row_max[mt][1] = -INFINITY;
+        row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    }
 
-    // ldmatrix lane offsets (elements) into K (non-transposed: B fragments of q·kᵀ, matrices =
-    // keys 0-7 / 8-15 × dims 0-7 / 8-15 in the order b0, b1 of n-tile 0, b0, b1 of n-tile 1) and
-    // into V (transposed: B fragments of p·v, matrices = keys 0-7 / 8-15 × dims 0-7 / 8-15 in the
-    // order b0, b1 of d-tile 0, b0, b1 of d-tile 1).
-    const int k_off = ((lane % 8) + 8 * (lane / 16)) * P::STRIDE + 8 * ((lane / 8) % 2);
-    const int v_off = ((lane % 8) + 8 * ((lane / 8) % 2)) * P::STRIDE + 8 * (lane / 16);
-    const uint32_t sK_lane = smem_addr(sK + k_off);
-    const uint32_t sV_lane = smem_addr(sV + v_off);
+    // ldmatrix lane offsets into K (non-transposed: B fragments of q·kᵀ; matrices = keys 0-7 /
+    // 8-15 × dims 0-7 / 8-15 in the order b0, b1 of n-tile 0, b0, b1 of n-tile 1) and into V
+    // (transposed: B fragments of p·v; matrices = keys 0-7 / 8-15 × dims 0-7 / 8-15 in the order
+    // b0, b1 of d-tile 0, b0, b1 of d-tile 1).
+    const uint32_t sK_lane =
+        smem_addr(sK + ((lane % 8) + 8 * (lane / 16)) * C::STRIDE + 8 * ((lane / 8) % 2));
+    const uint32_t sV_lane =
+        smem_addr(sV + ((lane % 8) + 8 * ((lane / 8) % 2)) * C::STRIDE + 8 * (lane / 16));
 
     for (int nb = n_end - 1; nb >= 0; --nb) {
         // Here K[nb] is in smem, visible to all, and no warp reads V any more.
         load_tile<D, BN>(sV, gV, row, nb * BN, len);
         cp_async_commit();
 
-        float s[NT_S][4];
-#pragma unroll
-        for (int j = 0; j < NT_S; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-        for (int ks = 0; ks < P::KSTEPS; ++ks) {
-#pragma unroll
-            for (int np = 0; np < NT_S / 2; ++np) {
-                uint32_t kb[4];
-                ldmatrix_x4(kb, sK_lane + (np * 16 * P::STRIDE + ks * 16) * 2);
-                mma_bf16(s[2 * np], qf[ks], kb[0], kb[1]);
-                mma_bf16(s[2 * np + 1], qf[ks], kb[2], kb[3]);
-            }
-        }
-
         const int k0 = nb * BN;
-        if (k0 + BN > len || (causal && k0 + BN - 1 > q0)) {
+        // A warp whose rows all lie past the segment end, or (causal) all before this block's
+        // first key, would only see −∞ scores: it skips the math (its state stays as it is) but
+        // still takes part in the loads and barriers.
+        const bool active = wq0 < len && (!causal || k0 <= wq0 + 16 * MT - 1);
+
+        float s[MT][NT_S][4];
+        if (active) {
 #pragma unroll
-            for (int j = 0; j < NT_S; ++j) {
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = k0 + j * 8 + 2 * t + (e & 1);
-                    const int qi = qrow0 + 8 * (e >> 1);
-                    if (key >= len || (causal && key > qi)) s[j][e] = -INFINITY;
+                for (int j = 0; j < NT_S; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < C::KSTEPS; ++ks) {
+                uint32_t qa[MT][4];
+                if constexpr (C::Q_IN_REGS) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) qa[0][i] = qf[ks][i];
+                } else {
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt)
+                        ldmatrix_x4(qa[mt], sQ_lane + (mt * 16 * C::STRIDE + ks * 16) * 2);
+                }
+#pragma unroll
+                for (int np = 0; np < NT_S / 2; ++np) {
+                    uint32_t kb[4];
+                    ldmatrix_x4(kb, sK_lane + (np * 16 * C::STRIDE + ks * 16) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_bf16(s[mt][2 * np], qa[mt], kb[0], kb[1]);
+                        mma_bf16(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+                    }
+                }
+            }
+            // Masks: keys past the segment end, and (causal) keys after the query. Only blocks
+            // that reach past the segment end or past the warp's first row need them.
+            if (k0 + BN > len || (causal && k0 + BN - 1 > wq0)) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                    for (int j = 0; j < NT_S; ++j) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int key = k0 + j * 8 + 2 * t + (e & 1);
+                            const int qi = wq0 + mt * 16 + g + 8 * (e >> 1);
+                            if (key >= len || (causal && key > qi)) s[mt][j][e] = -INFINITY;
+                        }
+                    }
                 }
             }
         }
@@ -226,55 +280,66 @@ __device__ __forceinline__ void flash_attn_block(const __nv_bfloat16 *__restrict
             cp_async_commit();
         }
 
-        // Online softmax. Each row's 64 scores are spread over the 4 threads of a quad.
-        float mx[2] = {row_max[0], row_max[1]};
+        if (active) {
 #pragma unroll
-        for (int j = 0; j < NT_S; ++j) {
-            mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
-            mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
-        }
-        float m_scaled[2], corr[2];
+            for (int mt = 0; mt < MT; ++mt) {
+                // Online softmax. Each row's 64 scores are spread over the 4 threads of a quad.
+                float mx[2] = {row_max[mt][0], row_max[mt][1]};
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            // A row with every key masked so far keeps −∞; 0 stands in so exp2 gives 0, not NaN.
-            m_scaled[r] = mx[r] == -INFINITY ? 0.f : mx[r] * scale_log2;
-            corr[r] = exp2f(row_max[r] * scale_log2 - m_scaled[r]); // 0 on the first block
-            row_max[r] = mx[r];
-            row_sum[r] *= corr[r];
-        }
+                for (int j = 0; j < NT_S; ++j) {
+                    mx[0] = fmaxf(mx[0], fmaxf(s[mt][j][0], s[mt][j][1]));
+                    mx[1] = fmaxf(mx[1], fmaxf(s[mt][j][2], s[mt][j][3]));
+                }
+                float m_scaled[2], corr[2];
 #pragma unroll
-        for (int j = 0; j < P::NT_O; ++j) {
-            o[j][0] *= corr[0];
-            o[j][1] *= corr[0];
-            o[j][2] *= corr[1];
-            o[j][3] *= corr[1];
-        }
+                for (int r = 0; r < 2; ++r) {
+                    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                    // A row with every key masked so far keeps −∞; 0 stands in so that exp2
+                    // gives 0, not NaN.
+                    m_scaled[r] = mx[r] == -INFINITY ? 0.f : mx[r] * scale_log2;
+                    corr[r] = exp2f(row_max[mt][r] * scale_log2 - m_scaled[r]); // 0 at the start
+                    row_max[mt][r] = mx[r];
+                    row_sum[mt][r] *= corr[r];
+                }
 #pragma unroll
-        for (int j = 0; j < NT_S; ++j) {
-            s[j][0] = exp2f(fmaf(s[j][0], scale_log2, -m_scaled[0]));
-            s[j][1] = exp2f(fmaf(s[j][1], scale_log2, -m_scaled[0]));
-            s[j][2] = exp2f(fmaf(s[j][2], scale_log2, -m_scaled[1]));
-            s[j][3] = exp2f(fmaf(s[j][3], scale_log2, -m_scaled[1]));
-            row_sum[0] += s[j][0] + s[j][1];
-            row_sum[1] += s[j][2] + s[j][3];
-        }
-
-        // O += P·V: the C fragments of n-tiles 2kk, 2kk+1 are the A fragment of k16 step kk.
+                for (int j = 0; j < C::NT_O; ++j) {
+                    o[mt][j][0] *= corr[0];
+                    o[mt][j][1] *= corr[0];
+                    o[mt][j][2] *= corr[1];
+                    o[mt][j][3] *= corr[1];
+                }
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            uint32_t a[4];
-            a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                for (int j = 0; j < NT_S; ++j) {
 #pragma unroll
-            for (int dp = 0; dp < P::NT_O / 2; ++dp) {
-                uint32_t vb[4];
-                ldmatrix_x4_trans(vb, sV_lane + (kk * 16 * P::STRIDE + dp * 16) * 2);
-                mma_bf16(o[2 * dp], a, vb[0], vb[1]);
-                mma_bf16(o[2 * dp + 1], a, vb[2], vb[3]);
+                    for (int e = 0; e < 4; ++e)
+                        s[mt][j][e] = exp2f(fmaf(s[mt][j][e], scale_log2, -m_scaled[e >> 1]));
+                    row_sum[mt][0] += s[mt][j][0] + s[mt][j][1];
+                    row_sum[mt][1] += s[mt][j][2] + s[mt][j][3];
+                }
+            }
+            // O += P·V, P rounded to bf16: the C fragments of n-tiles 2kk, 2kk+1 are the A
+            // fragment of k16 step kk.
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                uint32_t pa[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    pa[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    pa[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    pa[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    pa[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < C::NT_O / 2; ++dp) {
+                    uint32_t vb[4];
+                    ldmatrix_x4_trans(vb, sV_lane + (kk * 16 * C::STRIDE + dp * 16) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_bf16(o[mt][2 * dp], pa[mt], vb[0], vb[1]);
+                        mma_bf16(o[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
+                    }
+                }
             }
         }
 
@@ -282,59 +347,64 @@ __device__ __forceinline__ void flash_attn_block(const __nv_bfloat16 *__restrict
         __syncthreads();     // ... for every thread; and every warp is done reading V[nb]
     }
 
-    // Epilogue: full row sums, O / l, staged in this warp's own Q rows, 16-byte stores.
-    float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-        inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
-    }
-    __nv_bfloat16 *sO = sQ + warp * 16 * P::STRIDE;
+    // Epilogue: full row sums, O / l, staged in this warp's own Q rows (which no other warp
+    // reads), then 16-byte stores of the rows inside the segment.
+    __nv_bfloat16 *sO = sQ + warp * 16 * MT * C::STRIDE;
     __syncwarp();
 #pragma unroll
-    for (int j = 0; j < P::NT_O; ++j) {
-        const int col = j * 8 + 2 * t;
-        *reinterpret_cast<__nv_bfloat162 *>(sO + g * P::STRIDE + col) =
-            __floats2bfloat162_rn(o[j][0] * inv[0], o[j][1] * inv[0]);
-        *reinterpret_cast<__nv_bfloat162 *>(sO + (g + 8) * P::STRIDE + col) =
-            __floats2bfloat162_rn(o[j][2] * inv[1], o[j][3] * inv[1]);
+    for (int mt = 0; mt < MT; ++mt) {
+        float inv[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = row_sum[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            inv[r] = l > 0.f ? 1.f / l : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < C::NT_O; ++j) {
+            const int col = j * 8 + 2 * t;
+            *reinterpret_cast<__nv_bfloat162 *>(sO + (mt * 16 + g) * C::STRIDE + col) =
+                __floats2bfloat162_rn(o[mt][j][0] * inv[0], o[mt][j][1] * inv[0]);
+            *reinterpret_cast<__nv_bfloat162 *>(sO + (mt * 16 + g + 8) * C::STRIDE + col) =
+                __floats2bfloat162_rn(o[mt][j][2] * inv[1], o[mt][j][3] * inv[1]);
+        }
     }
     __syncwarp();
     const int64_t out_stride = (int64_t)heads * D;
     __nv_bfloat16 *gO = out + start * out_stride + (int64_t)head * D;
-    constexpr int OUT_CHUNKS = 16 * P::CHUNKS;
+    constexpr int OUT_CHUNKS = 16 * MT * C::CHUNKS;
     static_assert(OUT_CHUNKS % 32 == 0, "output chunks must divide among the lanes");
 #pragma unroll
     for (int it = 0; it < OUT_CHUNKS / 32; ++it) {
         const int i = it * 32 + lane;
-        const int r = i / P::CHUNKS;
-        const int c = i - r * P::CHUNKS;
-        const int q = q0 + warp * 16 + r;
+        const int r = i / C::CHUNKS;
+        const int c = i - r * C::CHUNKS;
+        const int q = wq0 + r;
         if (q < len)
             *reinterpret_cast<bf16x8 *>(gO + (int64_t)q * out_stride + c * 8) =
-                *reinterpret_cast<const bf16x8 *>(sO + r * P::STRIDE + c * 8);
+                *reinterpret_cast<const bf16x8 *>(sO + r * C::STRIDE + c * 8);
     }
 }
 
-static_assert(Dims<128>::SMEM_BYTES == 52224 && Dims<80>::SMEM_BYTES == 33792,
+static_assert(Cfg<128, 1>::SMEM_BYTES == 52224 && Cfg<80, 1>::SMEM_BYTES == 33792 &&
+                  Cfg<128, 2>::SMEM_BYTES == 69632 && Cfg<80, 2>::SMEM_BYTES == 45056,
               "src/ops/attention.rs passes these shared-memory sizes");
 
 } // namespace
 
-// One entry per head dim. row: the qkv row stride in elements; scale_log2 = scale · log2(e);
-// causal: 0 or 1. Launch: grid (ceil(max_seqlen / 64), heads, segments), 128 threads, dynamic
-// shared memory Dims<D>::SMEM_BYTES (52,224 B for 128, 33,792 B for 80).
-extern "C" __global__ void __launch_bounds__(THREADS, 2)
-    flash_attn_bf16_d128(const __nv_bfloat16 *__restrict__ qkv, __nv_bfloat16 *__restrict__ out,
-                         const int *__restrict__ cu_seqlens, int64_t tokens, int64_t row, int heads,
-                         int kv_heads, int causal, float scale_log2) {
-    flash_attn_block<128>(qkv, out, cu_seqlens, tokens, row, heads, kv_heads, causal, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS, 2)
-    flash_attn_bf16_d80(const __nv_bfloat16 *__restrict__ qkv, __nv_bfloat16 *__restrict__ out,
-                        const int *__restrict__ cu_seqlens, int64_t tokens, int64_t row, int heads,
-                        int kv_heads, int causal, float scale_log2) {
-    flash_attn_block<80>(qkv, out, cu_seqlens, tokens, row, heads, kv_heads, causal, scale_log2);
-}
+// One entry per head dim and query tile (BM = 64: one m16 tile per warp, Q in registers;
+// BM = 128: two, Q re-read from smem). row: the qkv row stride in elements; scale_log2 = scale ·
+// log2(e); causal: 0 or 1. Launch: grid (ceil(max_seqlen / BM), heads, segments), 128 threads,
+// dynamic shared memory Cfg<D, MT>::SMEM_BYTES = (BM + 128) · (D + 8) · 2 bytes.
+#define FLASH_ATTN_ENTRY(name, D, MT, MIN_CTAS)                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_CTAS)                                               \
+        name(const __nv_bfloat16 *__restrict__ qkv, __nv_bfloat16 *__restrict__ out,                        \
+             const int *__restrict__ cu_seqlens, int64_t tokens, int64_t row, int heads, int kv_heads,      \
+             int causal, float scale_log2) {                                                                \
+        flash_attn_block<D, MT>(qkv, out, cu_seqlens, tokens, row, heads, kv_heads, causal, scale_log2);   \
+    }
+FLASH_ATTN_ENTRY(flash_attn_bf16_d128_m64, 128, 1, 3)
+FLASH_ATTN_ENTRY(flash_attn_bf16_d128_m128, 128, 2, 2)
+FLASH_ATTN_ENTRY(flash_attn_bf16_d80_m64, 80, 1, 3)
+FLASH_ATTN_ENTRY(flash_attn_bf16_d80_m128, 80, 2, 2)

@@ -10,12 +10,53 @@ use super::check_aligned;
 use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
 use crate::{Error, Result};
 
-/// Query rows per CTA (`BM` in the kernel).
-const BLOCK_M: usize = 64;
 /// Keys per k/v tile (`BN` in the kernel).
 const BLOCK_N: usize = 64;
 /// Threads per CTA (4 warps).
 const THREADS: u32 = 128;
+
+/// Query rows per CTA: the kernel's two tilings (`MT` = 1 or 2 m16 tiles per warp).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryTile {
+    /// 64 rows, 16 per warp, the warp's Q fragments held in registers (fewer registers: 3 CTAs
+    /// per SM; no wasted rows for the ViT's 64-patch windows).
+    M64,
+    /// 128 rows, 32 per warp, Q re-read from shared memory (every K/V fragment serves twice the
+    /// rows: half the shared-memory and L2 traffic per FLOP; 2 CTAs per SM).
+    M128,
+}
+
+impl QueryTile {
+    /// Both tilings, for tests and benchmarks.
+    pub const ALL: [QueryTile; 2] = [QueryTile::M64, QueryTile::M128];
+
+    /// Query rows per CTA.
+    pub fn rows(self) -> usize {
+        match self {
+            QueryTile::M64 => 64,
+            QueryTile::M128 => 128,
+        }
+    }
+
+    /// The tiling [`flash_attn`] uses: 64 rows when no segment is longer (windows), else 128.
+    pub fn for_max_seqlen(max_seqlen: usize) -> QueryTile {
+        if max_seqlen <= 64 {
+            QueryTile::M64
+        } else {
+            QueryTile::M128
+        }
+    }
+
+    fn kernel(self, head_dim: usize) -> Option<KernelId> {
+        Some(match (head_dim, self) {
+            (128, QueryTile::M64) => KernelId::FlashAttnBf16D128M64,
+            (128, QueryTile::M128) => KernelId::FlashAttnBf16D128M128,
+            (80, QueryTile::M64) => KernelId::FlashAttnBf16D80M64,
+            (80, QueryTile::M128) => KernelId::FlashAttnBf16D80M128,
+            _ => return None,
+        })
+    }
+}
 
 /// One test/benchmark configuration: the model's two attention shapes over a segment mix.
 #[derive(Clone, Copy, Debug)]
@@ -101,10 +142,28 @@ pub fn flash_attn(
     causal: bool,
     scale: f32,
 ) -> Result<()> {
-    let id = match head_dim {
-        128 => KernelId::FlashAttnBf16D128,
-        80 => KernelId::FlashAttnBf16D80,
-        _ => return Err(shape_err(format!("head_dim {head_dim} is not supported (128 or 80)"))),
+    let tile = QueryTile::for_max_seqlen(max_seqlen);
+    flash_attn_tiled(gpu, qkv, out, cu_seqlens, max_seqlen, heads, kv_heads, head_dim, causal, scale, tile)
+}
+
+/// [`flash_attn`] with the query tiling chosen by the caller (tests and benchmarks run both;
+/// the results agree up to rounding).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_tiled(
+    gpu: &Gpu,
+    qkv: &DView<'_, bf16>,
+    out: &mut DViewMut<'_, bf16>,
+    cu_seqlens: &DView<'_, i32>,
+    max_seqlen: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    causal: bool,
+    scale: f32,
+    tile: QueryTile,
+) -> Result<()> {
+    let Some(id) = tile.kernel(head_dim) else {
+        return Err(shape_err(format!("head_dim {head_dim} is not supported (128 or 80)")));
     };
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || heads > 65535 {
         return Err(shape_err(format!(
@@ -145,11 +204,12 @@ pub fn flash_attn(
     check_aligned("flash_attn", "out", out.ptr(), 16)?;
     check_aligned("flash_attn", "cu_seqlens", cu_seqlens.ptr(), 4)?;
 
-    // Q, K and V tiles in smem, rows padded by 8 elements (52,224 B for d 128, 33,792 B for d 80).
-    let smem = ((BLOCK_M + 2 * BLOCK_N) * (head_dim + 8) * 2) as u32;
+    // Q, K and V tiles in smem, rows padded by 8 elements: (BM + 128)·(d + 8)·2 bytes, 52,224 /
+    // 69,632 B for d 128 and 33,792 / 45,056 B for d 80 (BM 64 / 128).
+    let smem = ((tile.rows() + 2 * BLOCK_N) * (head_dim + 8) * 2) as u32;
     gpu.set_max_dynamic_smem(id, smem)?;
     let launch = Launch {
-        grid: (max_seqlen.div_ceil(BLOCK_M) as u32, heads as u32, segments as u32),
+        grid: (max_seqlen.div_ceil(tile.rows()) as u32, heads as u32, segments as u32),
         block: (THREADS, 1, 1),
         smem,
     };
@@ -168,7 +228,7 @@ pub fn flash_attn(
         &mut c as *mut i32 as *mut c_void,
         &mut scale_log2 as *mut f32 as *mut c_void,
     ];
-    // SAFETY: args match flash_attn_bf16_d{128,80}(const bf16*, bf16*, const int*, int64, int64,
+    // SAFETY: args match flash_attn_bf16_d{128,80}_m{64,128}(const bf16*, bf16*, const int*, int64, int64,
     // int, int, int, float). qkv holds T·row and out T·heads·head_dim elements, 16-byte aligned
     // (checked above); cu_seqlens holds S+1 ints and the kernel clamps its values to [0, T], so
     // every row it touches is < T; the dynamic shared memory limit was raised to `smem` above.

@@ -26,7 +26,7 @@ use half::bf16;
 use crate::check::{check_close, BF16_NAN_BITS, BF16_REL};
 use crate::harness::{e, Ctx};
 use jv4::cuda::{DTensor, DeviceAllocator, DEFAULT_PAGE_SIZE};
-use jv4::ops::attention::{cu_seqlens, Case, CASES};
+use jv4::ops::attention::{cu_seqlens, Case, QueryTile, CASES};
 use jv4::{ops, reference};
 
 /// Standard deviation of q (k and v are standard normal): with scale 1/√d the logits have this
@@ -43,8 +43,8 @@ struct Run {
     k: Vec<f32>,
     v: Vec<f32>,
     cu: Vec<usize>,
-    /// The GPU output, all rows `[T, heads·head_dim]`.
-    out: Vec<f32>,
+    /// The GPU output of each tiling, all rows `[T, heads·head_dim]`.
+    outs: Vec<(QueryTile, Vec<f32>)>,
 }
 
 fn normal_bf16(ctx: &mut Ctx, n: usize, std: f32) -> Vec<f32> {
@@ -52,7 +52,8 @@ fn normal_bf16(ctx: &mut Ctx, n: usize, std: f32) -> Vec<f32> {
 }
 
 /// Random q, k, v for the case, packed into one qkv tensor the way the fused projection writes
-/// it; runs `flash_attn` on a NaN-poisoned output and downloads it.
+/// it; runs `flash_attn` with each query tiling on a NaN-poisoned output and downloads the
+/// results (one per tiling, in `QueryTile::ALL` order).
 fn run_case(ctx: &mut Ctx, mem: &mut DeviceAllocator, c: &Case) -> Result<Run, String> {
     let tokens: usize = c.segments.iter().sum();
     let (h, kvh, d) = (c.heads, c.kv_heads, c.head_dim);
@@ -76,26 +77,21 @@ fn run_case(ctx: &mut Ctx, mem: &mut DeviceAllocator, c: &Case) -> Result<Run, S
     let mut cu = DTensor::<i32>::from_block(mem.alloc((cu_h.len() * 4) as u64).map_err(e)?, &[cu_h.len()]);
     ctx.gpu.upload(&mut qkv.view_mut(), &qkv_h).map_err(e)?;
     ctx.gpu.upload(&mut cu.view_mut(), &cu_h).map_err(e)?;
-    ctx.gpu.fill_u16(&mut out.view_mut(), BF16_NAN_BITS).map_err(e)?;
     let scale = 1.0 / (d as f32).sqrt();
-    ops::flash_attn(
-        &ctx.gpu,
-        &qkv.view(),
-        &mut out.view_mut(),
-        &cu.view(),
-        max_seqlen,
-        h,
-        kvh,
-        d,
-        c.causal,
-        scale,
-    )
-    .map_err(e)?;
-    let got: Vec<f32> = ctx.gpu.download(&out.view()).map_err(e)?.iter().map(|x| x.to_f32()).collect();
+    let mut outs = Vec::new();
+    for tile in QueryTile::ALL {
+        ctx.gpu.fill_u16(&mut out.view_mut(), BF16_NAN_BITS).map_err(e)?;
+        #[rustfmt::skip]
+        ops::attention::flash_attn_tiled(
+            &ctx.gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, h, kvh, d, c.causal, scale, tile,
+        )
+        .map_err(e)?;
+        outs.push((tile, ctx.gpu.download(&out.view()).map_err(e)?.iter().map(|x| x.to_f32()).collect()));
+    }
     mem.free(qkv.into_block());
     mem.free(out.into_block());
     mem.free(cu.into_block());
-    Ok(Run { q, k, v, cu: cu_h.iter().map(|&x| x as usize).collect(), out: got })
+    Ok(Run { q, k, v, cu: cu_h.iter().map(|&x| x as usize).collect(), outs })
 }
 
 /// Query rows to check: all of them, or `n` spread over the batch plus the tile edges around
@@ -147,26 +143,28 @@ pub fn attention_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
         let tokens = *run.cu.last().unwrap();
         let width = c.heads * c.head_dim;
         let rows = rows_to_check(ctx, tokens, c.sample_rows);
-        let got = gather(&run.out, width, &rows);
         let (want, tol) = reference_and_tol(c, &run.q, &run.k, &run.v, &run.cu, c.causal, &rows);
-        let what = format!("flash_attn {} ({} of {tokens} rows)", c.name, rows.len());
-        let s = check_close(&what, &got, &want, |i| tol[i])?;
-        // Causal: the first token of a segment sees only itself, p = 1 exactly, so its output
-        // is its own v row (of its kv head) bit for bit.
-        if c.causal {
-            let group = c.heads / c.kv_heads;
-            for w in run.cu.windows(2).filter(|w| w[1] > w[0]) {
-                let t = w[0];
-                for hh in 0..c.heads {
-                    let o = &run.out[t * width + hh * c.head_dim..][..c.head_dim];
-                    let vv = &run.v[(t * c.kv_heads + hh / group) * c.head_dim..][..c.head_dim];
-                    if o != vv {
-                        return Err(format!("{what}: token {t} head {hh} is not exactly its v row"));
+        for (tile, out) in &run.outs {
+            let got = gather(out, width, &rows);
+            let what = format!("flash_attn {} {tile:?} ({} of {tokens} rows)", c.name, rows.len());
+            let s = check_close(&what, &got, &want, |i| tol[i])?;
+            // Causal: the first token of a segment sees only itself, p = 1 exactly, so its
+            // output is its own v row (of its kv head) bit for bit.
+            if c.causal {
+                let group = c.heads / c.kv_heads;
+                for w in run.cu.windows(2).filter(|w| w[1] > w[0]) {
+                    let t = w[0];
+                    for hh in 0..c.heads {
+                        let o = &out[t * width + hh * c.head_dim..][..c.head_dim];
+                        let vv = &run.v[(t * c.kv_heads + hh / group) * c.head_dim..][..c.head_dim];
+                        if o != vv {
+                            return Err(format!("{what}: token {t} head {hh} is not exactly its v row"));
+                        }
                     }
                 }
             }
+            println!("  {what}: max |err| {:.2e}, worst err/tol {:.3}", s.max_abs, s.max_tol_ratio);
         }
-        println!("  {what}: max |err| {:.2e}, worst err/tol {:.3}", s.max_abs, s.max_tol_ratio);
     }
     Ok(())
 }
@@ -201,9 +199,7 @@ pub fn attention_tolerance_catches_mistakes(ctx: &mut Ctx) -> Result<(), String>
         let tokens = *run.cu.last().unwrap();
         let width = c.heads * c.head_dim;
         let rows: Vec<usize> = (0..tokens).collect();
-        let got = gather(&run.out, width, &rows);
         let (want, tol) = reference_and_tol(c, &run.q, &run.k, &run.v, &run.cu, c.causal, &rows);
-        let right = worst_ratio(&got, &want, &tol);
 
         // Wrong head mapping: query head h reads the kv head after its own.
         let d = c.head_dim;
@@ -232,18 +228,28 @@ pub fn attention_tolerance_catches_mistakes(ctx: &mut Ctx) -> Result<(), String>
             reference_and_tol(c, &run.q, &run.k, &run.v, &merged, c.causal, &rows),
         ));
 
-        let mut report = format!("right {right:.3}");
-        for (name, (bad_want, bad_tol)) in &mistakes {
-            let r = worst_ratio(&got, bad_want, bad_tol);
-            report += &format!(", {name} {r:.0}");
-            if r < 30.0 {
-                return Err(format!("{}: a reference with '{name}' is only {r:.1}x over tolerance", c.name));
+        for (tile, out) in &run.outs {
+            let got = gather(out, width, &rows);
+            let right = worst_ratio(&got, &want, &tol);
+            if right > 1.0 {
+                return Err(format!(
+                    "{} {tile:?}: the right reference is {right:.3}x over tolerance",
+                    c.name
+                ));
             }
+            let mut report = format!("right {right:.3}");
+            for (name, (bad_want, bad_tol)) in &mistakes {
+                let r = worst_ratio(&got, bad_want, bad_tol);
+                report += &format!(", {name} {r:.0}");
+                if r < 30.0 {
+                    return Err(format!(
+                        "{} {tile:?}: a reference with '{name}' is only {r:.1}x over tolerance",
+                        c.name
+                    ));
+                }
+            }
+            println!("  {} {tile:?}: worst err/tol: {report}", c.name);
         }
-        if right > 1.0 {
-            return Err(format!("{}: the right reference is {right:.3}x over tolerance", c.name));
-        }
-        println!("  {}: worst err/tol: {report}", c.name);
     }
     Ok(())
 }
