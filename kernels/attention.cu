@@ -54,8 +54,8 @@
 // Head dims: D = 128 (8 k16 steps for q·kᵀ, 16 n8 tiles for p·v) and D = 80 (5 k16 steps, 10 n8
 //   tiles): both multiples of 16, so no padding of the MMA shapes is needed.
 //
-// ptxas (13.0, sm_90a): d128: 168 registers (BM 64; 4 B spilled: one L1 reload per key block), 255 (BM 128,
-//   88 B spill stores); d80: 158 (BM 64), 253 (BM 128); no other spills.
+// ptxas (13.0, sm_90a): d128: 168 registers (BM 64; 4 B spilled: one L1 reload per key block),
+//   255 (BM 128; 88 B spill stores, a few per key block); d80: 158 (BM 64), 253 (BM 128), no spills.
 #include "common.cuh"
 
 namespace {
