@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use half::bf16;
 use jv4::cuda::{DTensor, DeviceAllocator, Gpu, DEFAULT_PAGE_SIZE};
+use jv4::ops::attention::QueryTile;
 use jv4::rng::Rng;
 use jv4::{ops, Result};
 
@@ -23,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// GEMMs at the decoder's shapes and the elementwise kernels, per op.
+    /// GEMMs at the decoder's shapes, the elementwise kernels and attention, per op.
     Ops {
         /// JSON written by tools/torch_ops_bench.py in the same device call: {case: ms}.
         #[arg(long)]
@@ -65,12 +66,17 @@ enum Cmd {
 const GEMMS: &[(&str, usize, usize)] =
     &[("qkv", 2560, 2048), ("o", 2048, 2048), ("gate_up", 22016, 2048), ("down", 2048, 11008)];
 const TOKENS: &[usize] = &[16, 512, 4096, 16384];
+/// Attention cases as (name, (segments, tokens per segment)).
+const ATTENTION: &[(&str, (usize, usize))] =
+    &[("L=512", (1, 512)), ("L=4096", (1, 4096)), ("L=32768", (1, 32768)), ("32x512", (32, 512))];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Ops { torch_json, iters } => bench_ops(torch_json, iters),
-        Cmd::Text { model, torch_json, max_batch_tokens, iters } => bench_text(&model, torch_json, max_batch_tokens, iters),
+        Cmd::Text { model, torch_json, max_batch_tokens, iters } => {
+            bench_text(&model, torch_json, max_batch_tokens, iters)
+        }
         Cmd::Parity { model, reference } => parity(&model, &reference),
     };
     match result {
@@ -211,6 +217,41 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize) -> Result<()>
     mem.free(pos.into_block());
     mem.free(freq.into_block());
 
+    // Causal GQA attention at the LM's shape (16 query heads, 2 kv heads, d 128) on one document
+    // of L tokens, or 32 documents of 512. FLOPs: 2 matmuls · 2·L²·d·H, halved by the mask.
+    let (heads, kv_heads, d) = (16usize, 2usize, 128usize);
+    for (name, segments) in ATTENTION {
+        let segs = vec![segments.1; segments.0];
+        let tokens: usize = segs.iter().sum();
+        let qkv = random_tensor(&gpu, &mut mem, &mut rng, &[tokens, (heads + 2 * kv_heads) * d], 1.0)?;
+        let mut out =
+            DTensor::<bf16>::from_block(mem.alloc((tokens * heads * d * 2) as u64)?, &[tokens, heads * d]);
+        let cu_h = ops::attention::cu_seqlens(&segs);
+        let mut cu = DTensor::<i32>::from_block(mem.alloc((cu_h.len() * 4) as u64)?, &[cu_h.len()]);
+        gpu.upload(&mut cu.view_mut(), &cu_h)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let flops = segs.iter().map(|&l| 2.0 * 2.0 * (l * l * d * heads) as f64 / 2.0).sum::<f64>();
+        let max_seqlen = segments.1;
+        // The op's own choice of tiling under the shared case name, then each tiling.
+        let tiles = [None, Some(QueryTile::M64), Some(QueryTile::M128)];
+        for tile in tiles {
+            let t = tile.unwrap_or(QueryTile::for_max_seqlen(max_seqlen));
+            #[rustfmt::skip]
+            let ms = time_ms(&gpu, iters, || {
+                ops::attention::flash_attn_tiled(
+                    &gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, heads, kv_heads, d, true, scale, t,
+                )
+            })?;
+            let case = match tile {
+                None => format!("attention/causal/{name}"),
+                Some(t) => format!("attention/causal/{name}/{t:?}"),
+            };
+            row(case, ms, format!("{:.0} TFLOP/s", flops / (ms * 1e-3) / 1e12));
+        }
+        mem.free(qkv.into_block());
+        mem.free(out.into_block());
+        mem.free(cu.into_block());
+    }
     let s = mem.stats();
     println!(
         "allocator: peak {} MiB, mapped {} MiB, {} growth events",
@@ -232,7 +273,12 @@ fn text_workloads() -> Vec<(&'static str, Vec<usize>)> {
     ]
 }
 
-fn bench_text(model: &std::path::Path, torch_json: Option<std::path::PathBuf>, budget: usize, iters: usize) -> Result<()> {
+fn bench_text(
+    model: &std::path::Path,
+    torch_json: Option<std::path::PathBuf>,
+    budget: usize,
+    iters: usize,
+) -> Result<()> {
     use jv4::model::checkpoint::Checkpoint;
     use jv4::model::gpu::{GpuModel, TextBatch};
     use jv4::model::Task;
@@ -248,10 +294,19 @@ fn bench_text(model: &std::path::Path, torch_json: Option<std::path::PathBuf>, b
     let mut mem = DeviceAllocator::new(&gpu, free / 10 * 9, DEFAULT_PAGE_SIZE)?;
     let vocab = m.config().text.vocab_size.min(150_000);
     let mut rng = Rng::new(2);
-    println!("device: {}; weights {:.2} GB prepared in {:.1} s", gpu.info().name, load.bytes as f64 / 1e9, load.seconds);
-    println!("{:<10} {:>10} {:>12} {:>10} {:>12} {:>8} {:>12}", "workload", "ours ms", "ours tok/s", "torch ms", "torch tok/s", "ratio", "peak GB o/t");
+    println!(
+        "device: {}; weights {:.2} GB prepared in {:.1} s",
+        gpu.info().name,
+        load.bytes as f64 / 1e9,
+        load.seconds
+    );
+    println!(
+        "{:<10} {:>10} {:>12} {:>10} {:>12} {:>8} {:>12}",
+        "workload", "ours ms", "ours tok/s", "torch ms", "torch tok/s", "ratio", "peak GB o/t"
+    );
     for (name, lengths) in text_workloads() {
-        let seqs: Vec<Vec<u32>> = lengths.iter().map(|&n| (0..n).map(|_| rng.below(vocab) as u32).collect()).collect();
+        let seqs: Vec<Vec<u32>> =
+            lengths.iter().map(|&n| (0..n).map(|_| rng.below(vocab) as u32).collect()).collect();
         let limit = budget.max(*lengths.iter().max().unwrap());
         let mut batches: Vec<TextBatch> = Vec::new();
         let mut cur = TextBatch::default();
@@ -262,19 +317,19 @@ fn bench_text(model: &std::path::Path, torch_json: Option<std::path::PathBuf>, b
             cur.push_text(s, Task::Retrieval);
         }
         batches.push(cur);
-        let mut run = || -> Result<()> {
+        let run = |mem: &mut DeviceAllocator| -> Result<()> {
             for b in &batches {
-                m.forward_text(&gpu, &mut mem, b, false)?;
+                m.forward_text(&gpu, mem, b, false)?;
             }
             Ok(())
         };
-        run()?;
+        run(&mut mem)?;
         mem.reset_peak();
         let reps = if name == "query16" { 20 } else { iters };
         let mut times = Vec::new();
         for _ in 0..reps {
             let t0 = std::time::Instant::now();
-            run()?;
+            run(&mut mem)?;
             times.push(t0.elapsed().as_secs_f64());
         }
         times.sort_by(|a, b| a.total_cmp(b));
@@ -314,14 +369,17 @@ fn parity(model: &std::path::Path, reference: &std::path::Path) -> Result<()> {
     use jv4::model::gpu::{GpuModel, TextBatch};
     use jv4::model::Task;
     let bytes = std::fs::read(reference).map_err(|e| jv4::Error::io(reference, e))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| jv4::Error::Input(e.to_string()))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| jv4::Error::Input(e.to_string()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| jv4::Error::Input(e.to_string()))?;
     let texts: Vec<serde_json::Value> = serde_json::from_str(
         meta.metadata().as_ref().and_then(|m| m.get("texts")).map(String::as_str).unwrap_or("[]"),
     )
     .unwrap_or_default();
     let f32s = |name: &str| -> Option<Vec<f32>> {
-        st.tensor(name).ok().map(|t| t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        st.tensor(name)
+            .ok()
+            .map(|t| t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     };
     let gpu = Gpu::new(0)?;
     let ckpt = Checkpoint::open(model)?;
@@ -351,7 +409,13 @@ fn parity(model: &std::path::Path, reference: &std::path::Path) -> Result<()> {
             Some(mr) => {
                 let got = out.multi.as_ref().unwrap();
                 let rows = mr.len() / pd;
-                format!("{:.6}", (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &mr[r * pd..(r + 1) * pd])).sum::<f64>() / rows as f64)
+                format!(
+                    "{:.6}",
+                    (0..rows)
+                        .map(|r| cos(&got[r * pd..(r + 1) * pd], &mr[r * pd..(r + 1) * pd]))
+                        .sum::<f64>()
+                        / rows as f64
+                )
             }
             None => "-".into(),
         };
@@ -361,7 +425,8 @@ fn parity(model: &std::path::Path, reference: &std::path::Path) -> Result<()> {
     }
     // The error must be far below the distance between different inputs' embeddings, or the
     // check passes trivially (random weights can make all embeddings alike).
-    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let dist =
+        |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
     let max_err = ours.iter().zip(&refs).map(|(a, b)| dist(a, b)).fold(0f64, f64::max);
     let mut min_between = f64::MAX;
     for i in 0..refs.len() {

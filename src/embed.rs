@@ -63,7 +63,13 @@ fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line {
     Line::Ok(id, TextRequest { text: t.to_string(), task, prompt, output: d.output, dims })
 }
 
-pub fn run(engine: &mut Engine, d: &Defaults, input: Option<&Path>, output: Option<&Path>, npy: bool) -> Result<()> {
+pub fn run(
+    engine: &mut Engine,
+    d: &Defaults,
+    input: Option<&Path>,
+    output: Option<&Path>,
+    npy: bool,
+) -> Result<()> {
     let (reader, total): (Box<dyn Read>, Option<u64>) = match input {
         Some(p) => {
             let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
@@ -107,18 +113,25 @@ pub fn run(engine: &mut Engine, d: &Defaults, input: Option<&Path>, output: Opti
         if chunk.is_empty() {
             break;
         }
-        let reqs: Vec<TextRequest> =
-            chunk.iter().filter_map(|l| if let Line::Ok(_, r) = l { Some(r.clone()) } else { None }).collect();
+        let reqs: Vec<TextRequest> = chunk
+            .iter()
+            .filter_map(|l| if let Line::Ok(_, r) = l { Some(r.clone()) } else { None })
+            .collect();
         let mut results = engine.embed_texts(&reqs).into_iter();
         for line in chunk {
             let (id, result) = match line {
-                Line::Ok(id, _) => (id, results.next().expect("one result per request").map_err(|e| e.to_string())),
+                Line::Ok(id, _) => {
+                    (id, results.next().expect("one result per request").map_err(|e| e.to_string()))
+                }
                 Line::Err(id, msg) => (id, Err(msg)),
             };
             match result {
                 Ok(emb) => {
                     if emb.dropped > 0 {
-                        eprintln!("warning: {id}: truncated to {} tokens ({} dropped)", emb.tokens, emb.dropped);
+                        eprintln!(
+                            "warning: {id}: truncated to {} tokens ({} dropped)",
+                            emb.tokens, emb.dropped
+                        );
                     }
                     if npy {
                         npy_rows.push(emb.single.clone().unwrap_or_default());
@@ -130,7 +143,8 @@ pub fn run(engine: &mut Engine, d: &Defaults, input: Option<&Path>, output: Opti
                     failed += 1;
                     eprintln!("error: {id}: {msg}");
                     if !npy {
-                        writeln!(out, "{}", json!({"id": id, "error": msg})).map_err(|e| Error::io("output", e))?;
+                        writeln!(out, "{}", json!({"id": id, "error": msg}))
+                            .map_err(|e| Error::io("output", e))?;
                     }
                 }
             }
@@ -146,7 +160,9 @@ pub fn run(engine: &mut Engine, d: &Defaults, input: Option<&Path>, output: Opti
     if npy {
         let path = output.expect("npy implies --output");
         if failed > 0 {
-            return Err(Error::Input(format!("{failed} of {n} lines failed; no .npy written (rows would not line up)")));
+            return Err(Error::Input(format!(
+                "{failed} of {n} lines failed; no .npy written (rows would not line up)"
+            )));
         }
         write_npy(path, &npy_rows)?;
     }
@@ -171,7 +187,8 @@ fn to_json(id: &Value, e: &Embedding) -> Value {
 /// A little-endian f32 `.npy` (format 1.0) of equal-length rows.
 fn write_npy(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
     let cols = rows.first().map_or(0, Vec::len);
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {cols}), }}", rows.len());
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {cols}), }}", rows.len());
     // Pad so that magic (6) + version (2) + length (2) + header ends on a 64-byte boundary.
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');

@@ -216,7 +216,9 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
             };
             let npy = output.as_ref().is_some_and(|p| p.extension().is_some_and(|e| e == "npy"));
             if npy && output_kind != OutputKind::Single {
-                return Err(Error::Input("--output .npy holds single vectors only; use .jsonl for multi".into()));
+                return Err(Error::Input(
+                    "--output .npy holds single vectors only; use .jsonl for multi".into(),
+                ));
             }
             let opts = EngineOptions {
                 device,

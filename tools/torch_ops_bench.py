@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 GEMMS = [("qkv", 2560, 2048), ("o", 2048, 2048), ("gate_up", 22016, 2048), ("down", 2048, 11008)]
 TOKENS = [16, 512, 4096, 16384]
+# Causal GQA attention at the LM's shape: (name, segments, tokens per segment).
+ATTENTION = [("L=512", 1, 512), ("L=4096", 1, 4096), ("L=32768", 1, 32768), ("32x512", 32, 512)]
+HEADS, KV_HEADS, HEAD_DIM = 16, 2, 128
 
 
 def rmsnorm_hf(x, weight, eps):
@@ -101,6 +104,21 @@ def main():
     out[f"mrope/{qkv.shape[1]}/m={m}"] = time_ms(
         lambda: apply_multimodal_rotary_pos_emb(q, k, cos, sin, [16, 24, 24]), args.iters
     )
+    # SDPA with is_causal on [B, H, L, d] views of [B, L, H, d] tensors (how HF calls it). GQA:
+    # k and v are expanded to 16 heads once, outside the timed call (HF's repeat_kv copies them
+    # inside every forward), so torch is timed at its best: its flash kernel alone.
+    for name, batch, seq in ATTENTION:
+        q = torch.randn(batch, seq, HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+        k, v = (
+            torch.randn(batch, seq, KV_HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+            .transpose(1, 2)
+            .repeat_interleave(HEADS // KV_HEADS, dim=1)
+            for _ in range(2)
+        )
+        out[f"attention/causal/{name}"] = time_ms(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), args.iters
+        )
+        del q, k, v
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
     for k, v in out.items():

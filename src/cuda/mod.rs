@@ -10,6 +10,7 @@ pub mod kernels;
 pub mod tensor;
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
@@ -73,6 +74,9 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     _modules: Vec<Arc<CudaModule>>,
     functions: Vec<CudaFunction>,
+    /// Per kernel: the dynamic shared memory limit set with [`Gpu::set_max_dynamic_smem`]
+    /// (0 = the 48 KB default), so that the driver call happens once per kernel and size.
+    smem_limits: Vec<AtomicU32>,
     blas: Blas,
     info: DeviceInfo,
 }
@@ -178,7 +182,8 @@ impl Gpu {
             kernels_arch: CUDA_ARCH,
             ptx_fallbacks,
         };
-        Ok(Gpu { ctx, stream, _modules: modules, functions, blas, info })
+        let smem_limits = functions.iter().map(|_| AtomicU32::new(0)).collect();
+        Ok(Gpu { ctx, stream, _modules: modules, functions, smem_limits, blas, info })
     }
 
     /// Device facts.
@@ -230,6 +235,28 @@ impl Gpu {
             cudarc::driver::result::launch_kernel(f, cfg.grid, cfg.block, cfg.smem, self.cu_stream(), args)
         }
         .map_err(|e| Error::Kernel { kernel: id.symbol(), msg: format!("launch failed: {e:?}") })
+    }
+
+    /// Lets kernel `id` launch with up to `bytes` of dynamic shared memory. Above 48 KB a kernel
+    /// needs this before its first such launch (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`);
+    /// ops call it before launching, and only the first call for a kernel (or a larger size)
+    /// reaches the driver. Fails with the kernel's name when the device allows less.
+    pub fn set_max_dynamic_smem(&self, id: KernelId, bytes: u32) -> Result<()> {
+        let limit = &self.smem_limits[id as usize];
+        if limit.load(Ordering::Relaxed) >= bytes {
+            return Ok(());
+        }
+        self.functions[id as usize]
+            .set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(|e| Error::Kernel {
+                kernel: id.symbol(),
+                msg: format!("cannot allow {bytes} bytes of dynamic shared memory: {e:?}"),
+            })?;
+        limit.fetch_max(bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Waits for all enqueued work; reports asynchronous kernel faults.

@@ -224,10 +224,9 @@ impl Engine {
                             Some(d) if d < hid => matryoshka(single, d),
                             _ => single.to_vec(),
                         }),
-                        multi: req
-                            .output
-                            .multi()
-                            .then(|| out.multi.as_ref().expect("multi computed")[row * pd..(row + n) * pd].to_vec()),
+                        multi: req.output.multi().then(|| {
+                            out.multi.as_ref().expect("multi computed")[row * pd..(row + n) * pd].to_vec()
+                        }),
                         tokens: n,
                         dropped: e.dropped,
                     };

@@ -185,7 +185,11 @@ impl CpuModel {
     /// [`CpuModel::forward`] that also records the packed residual stream `[tokens, hidden]`
     /// after the embeddings (with the image rows spliced in), after every decoder layer, and the
     /// final-norm states: the checkpoints at which the GPU forward is compared layer by layer.
-    pub fn forward_traced(&self, batch: &[SeqInput], mut trace: Option<&mut Vec<Vec<f32>>>) -> Result<Vec<SeqOutput>> {
+    pub fn forward_traced(
+        &self,
+        batch: &[SeqInput],
+        mut trace: Option<&mut Vec<Vec<f32>>>,
+    ) -> Result<Vec<SeqOutput>> {
         let t = &self.cfg.text;
         let sp = &self.cfg.special;
         let merge = self.cfg.vision.spatial_merge_size;

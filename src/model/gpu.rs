@@ -15,7 +15,7 @@
 
 use half::bf16;
 
-use crate::cuda::{DTensor, DView, DViewMut, DeviceAllocator, DeviceBuffer, Gpu};
+use crate::cuda::{DTensor, DView, DeviceAllocator, DeviceBuffer, Gpu};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{DeviceWeights, LoadReport};
@@ -95,7 +95,8 @@ struct Fused {
     parts: &'static [&'static str],
 }
 
-const QKV: Fused = Fused { name: "qkv", parts: &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] };
+const QKV: Fused =
+    Fused { name: "qkv", parts: &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] };
 const O: Fused = Fused { name: "o_proj", parts: &["self_attn.o_proj"] };
 const GATE_UP: Fused = Fused { name: "gate_up", parts: &["mlp.gate_proj", "mlp.up_proj"] };
 const DOWN: Fused = Fused { name: "down_proj", parts: &["mlp.down_proj"] };
@@ -272,7 +273,8 @@ impl GpuModel {
 
         // Inputs.
         let ids = upload(gpu, mem, &batch.ids, &[n])?;
-        let positions = if batch.positions.len() == 3 * n { batch.positions.clone() } else { batch.text_positions() };
+        let positions =
+            if batch.positions.len() == 3 * n { batch.positions.clone() } else { batch.text_positions() };
         let pos = upload(gpu, mem, &positions, &[3, n])?;
         let cu = upload(gpu, mem, &batch.cu_seqlens, &[batch.cu_seqlens.len()])?;
         let row_task = upload(gpu, mem, &batch.row_task, &[n])?;
@@ -298,7 +300,14 @@ impl GpuModel {
         for l in 0..t.num_hidden_layers {
             let lw = |n: &str| w.expect(&format!("layers.{l}.{n}"));
             ops::rmsnorm(gpu, &h.view(), &lw("input_layernorm.weight"), eps, &mut x.view_mut())?;
-            ops::linear(gpu, &x.view(), &lw("qkv.weight"), Some(&lw("qkv.bias")), &mut qkv.view_mut(), false)?;
+            ops::linear(
+                gpu,
+                &x.view(),
+                &lw("qkv.weight"),
+                Some(&lw("qkv.bias")),
+                &mut qkv.view_mut(),
+                false,
+            )?;
             self.lora(gpu, &x, &mut lora_t, &lw("qkv.lora_a"), &lw("qkv.lora_b"), &row_task, &mut qkv, 3)?;
             ops::mrope(gpu, &mut qkv.view_mut(), heads, kvh, hd, &pos.view(), &inv_freq, section)?;
             ops::flash_attn(
@@ -314,13 +323,40 @@ impl GpuModel {
                 (hd as f32).powf(-0.5),
             )?;
             ops::linear(gpu, &attn.view(), &lw("o_proj.weight"), None, &mut h.view_mut(), true)?;
-            self.lora(gpu, &attn, &mut lora_t, &lw("o_proj.lora_a"), &lw("o_proj.lora_b"), &row_task, &mut h, 1)?;
+            self.lora(
+                gpu,
+                &attn,
+                &mut lora_t,
+                &lw("o_proj.lora_a"),
+                &lw("o_proj.lora_b"),
+                &row_task,
+                &mut h,
+                1,
+            )?;
             ops::rmsnorm(gpu, &h.view(), &lw("post_attention_layernorm.weight"), eps, &mut x.view_mut())?;
             ops::linear(gpu, &x.view(), &lw("gate_up.weight"), None, &mut gu.view_mut(), false)?;
-            self.lora(gpu, &x, &mut lora_t, &lw("gate_up.lora_a"), &lw("gate_up.lora_b"), &row_task, &mut gu, 2)?;
+            self.lora(
+                gpu,
+                &x,
+                &mut lora_t,
+                &lw("gate_up.lora_a"),
+                &lw("gate_up.lora_b"),
+                &row_task,
+                &mut gu,
+                2,
+            )?;
             ops::swiglu(gpu, &gu.view(), &mut act.view_mut())?;
             ops::linear(gpu, &act.view(), &lw("down_proj.weight"), None, &mut h.view_mut(), true)?;
-            self.lora(gpu, &act, &mut lora_t, &lw("down_proj.lora_a"), &lw("down_proj.lora_b"), &row_task, &mut h, 1)?;
+            self.lora(
+                gpu,
+                &act,
+                &mut lora_t,
+                &lw("down_proj.lora_a"),
+                &lw("down_proj.lora_b"),
+                &row_task,
+                &mut h,
+                1,
+            )?;
             record(gpu, &h)?;
         }
         ops::rmsnorm(gpu, &h.view(), &w.expect("norm.weight"), eps, &mut x.view_mut())?;
@@ -340,7 +376,8 @@ impl GpuModel {
                 &mut m.view_mut(),
                 false,
             )?;
-            let (a, b) = (w.expect("multi_vector_projector.lora_a"), w.expect("multi_vector_projector.lora_b"));
+            let (a, b) =
+                (w.expect("multi_vector_projector.lora_a"), w.expect("multi_vector_projector.lora_b"));
             self.lora(gpu, &x, &mut lora_t, &a, &b, &row_task, &mut m, 1)?;
             let mut mf = alloc::<f32>(mem, &[n, pd])?;
             ops::l2_rows(gpu, &m.view(), &mut mf.view_mut())?;
@@ -381,7 +418,8 @@ fn stack_lora(ckpt: &Checkpoint, parts: &[String], rank: usize, scale: f32) -> (
     let p = parts.len();
     let cols = Task::ALL.len() * p * rank;
     let mut a = Vec::new();
-    let outs: Vec<usize> = parts.iter().map(|q| ckpt.get(&format!("{q}.lora_B.retrieval.weight")).unwrap().shape[0]).collect();
+    let outs: Vec<usize> =
+        parts.iter().map(|q| ckpt.get(&format!("{q}.lora_B.retrieval.weight")).unwrap().shape[0]).collect();
     let rows: usize = outs.iter().sum();
     let mut b = vec![bf16::ZERO; rows * cols];
     for (ti, task) in Task::ALL.iter().enumerate() {

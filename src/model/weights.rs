@@ -51,10 +51,10 @@ impl DeviceWeights {
 
     /// Copies `data` into the tensor `name` (waits for the copy).
     pub fn fill(&mut self, gpu: &Gpu, name: &str, data: &[bf16]) -> Result<()> {
-        let (offset, shape) = self.index.get(name).ok_or_else(|| Error::Shape {
-            op: "weights",
-            msg: format!("no tensor {name} in the layout"),
-        })?;
+        let (offset, shape) = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::Shape { op: "weights", msg: format!("no tensor {name} in the layout") })?;
         let numel: usize = shape.iter().product();
         if data.len() != numel {
             return Err(Error::Shape {

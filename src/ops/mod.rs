@@ -1,6 +1,7 @@
 //! Typed, validated launches: one file per op. Each op checks shapes, sizes and alignment and
 //! returns [`crate::Error::Shape`] before anything is enqueued; kernels trust their inputs.
 
+pub mod attention;
 pub mod embedding;
 pub mod linear;
 pub mod lora;
@@ -9,6 +10,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
 
+pub use attention::flash_attn;
 pub use embedding::embedding;
 pub use linear::linear;
 pub use lora::lora_mask;

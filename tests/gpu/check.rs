@@ -1,8 +1,9 @@
 //! Comparing GPU output with the CPU reference: every element, with a per-element tolerance the
 //! caller derives from the dtype and the computation.
 
-/// bf16 keeps 8 significant bits: rounding to it moves a value by at most half an ulp, 2^-9
-/// relative. We allow 2^-8 so that a reference that itself rounds once more stays inside.
+/// bf16 keeps 8 significant bits: rounding to nearest moves a value by at most 2^-8 of itself
+/// (half an ulp at the bottom of a binade). This is exactly one rounding, no slack; tests that
+/// round more than once add a term per extra rounding.
 pub const BF16_REL: f32 = 1.0 / 256.0;
 
 /// NaN in bf16: what outputs are poisoned with before a kernel runs, so an element the kernel

@@ -2,8 +2,10 @@
 //! tools/pack_gpu.sh). Skips with a message where there is no GPU.
 
 mod alloc;
+mod attention;
 mod check;
 mod harness;
+mod model;
 mod ops;
 mod textops;
 mod weights;
@@ -24,9 +26,14 @@ fn main() {
         ("l2_rows_matches_reference", textops::l2_rows_matches_reference),
         ("lora_mask_matches_cpu", textops::lora_mask_matches_cpu),
         ("textops_reject_bad_shapes", textops::textops_reject_bad_shapes),
+        ("attention_matches_reference", attention::attention_matches_reference),
+        ("attention_tolerance_catches_mistakes", attention::attention_tolerance_catches_mistakes),
+        ("attention_rejects_bad_shapes", attention::attention_rejects_bad_shapes),
         ("alloc_round_trip", alloc::alloc_round_trip),
         ("alloc_no_growth_over_100_cycles", alloc::alloc_no_growth_over_100_cycles),
         ("alloc_budget_gives_typed_oom", alloc::alloc_budget_gives_typed_oom),
         ("weights_upload_round_trip", weights::weights_upload_round_trip),
+        ("text_forward_matches_cpu_layer_by_layer", model::text_forward_matches_cpu_layer_by_layer),
+        ("text_outputs_match_fp32_reference", model::text_outputs_match_fp32_reference),
     ]);
 }

@@ -47,7 +47,8 @@ struct Tiny {
 fn tiny() -> Result<Tiny, String> {
     let dir = fixtures().join("tiny");
     let ckpt = Checkpoint::open(&dir.join("model")).map_err(e)?;
-    let meta: Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).map_err(e)?).map_err(e)?;
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).map_err(e)?).map_err(e)?;
     let bytes = std::fs::read(dir.join("reference.safetensors")).map_err(e)?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(e)?;
     let refs = st
@@ -131,7 +132,9 @@ pub fn text_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
         let cs = cos(&out.single, single);
         let got = out.multi.unwrap();
         let rows = got.len() / pd;
-        let mc = (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &multi[r * pd..(r + 1) * pd])).sum::<f64>() / rows as f64;
+        let mc =
+            (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &multi[r * pd..(r + 1) * pd])).sum::<f64>()
+                / rows as f64;
         if cs < 0.9999 || mc < 0.999 {
             return Err(format!("text {i}: single cos {cs:.6} (≥ 0.9999), multi mean cos {mc:.6} (≥ 0.999)"));
         }
