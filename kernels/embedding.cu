@@ -41,3 +41,18 @@ extern "C" __global__ void embedding_bf16(const __nv_bfloat16 *__restrict__ tabl
         }
     }
 }
+
+// embedding_f32: the same gather into an f32 row (the start of the decoder's f32 residual
+// stream); bf16 → f32 is exact. One column per thread: the f32 rows are twice as wide in bytes.
+extern "C" __global__ void embedding_f32(const __nv_bfloat16 *__restrict__ table,
+                                         const uint32_t *__restrict__ ids, float *__restrict__ out,
+                                         int64_t tokens, int64_t dim, int64_t vocab) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    const int64_t n = tokens * dim;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += stride) {
+        const int64_t t = i / dim;
+        const int64_t c = i - t * dim;
+        const int64_t id = ids[t];
+        out[i] = id < vocab ? __bfloat162float(table[id * dim + c]) : __int_as_float(0x7fc00000);
+    }
+}

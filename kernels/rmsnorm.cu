@@ -53,3 +53,41 @@ extern "C" __global__ void rmsnorm_bf16(const __nv_bfloat16 *__restrict__ x,
         // block_sum ends with __syncthreads, so the next row may reuse scratch right away.
     }
 }
+
+// rmsnorm_f32: the same norm over an f32 input: the decoder keeps its residual stream in f32 (the
+// GEMMs accumulate into it without rounding to bf16 each time), and normalises it into the bf16
+// activations the next GEMM reads. Same launch shape; when D % 4 == 0 each thread reads 4 columns
+// with one 16-byte load.
+extern "C" __global__ void rmsnorm_f32_bf16(const float *__restrict__ x,
+                                            const __nv_bfloat16 *__restrict__ w,
+                                            __nv_bfloat16 *__restrict__ out, int64_t tokens,
+                                            int64_t dim, float eps) {
+    __shared__ float scratch[32];
+    for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+        const float *xr = x + t * dim;
+        __nv_bfloat16 *yr = out + t * dim;
+        float ss = 0.0f;
+        if (dim % 4 == 0) {
+            const int64_t groups = dim / 4;
+            for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+                const float4 f = *reinterpret_cast<const float4 *>(xr + g * 4);
+                ss += f.x * f.x + f.y * f.y + f.z * f.z + f.w * f.w;
+            }
+            const float inv = rsqrtf(block_sum(ss, scratch) / (float)dim + eps);
+            for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+                const float4 f = *reinterpret_cast<const float4 *>(xr + g * 4);
+                const __nv_bfloat16 *wg = w + g * 4;
+                yr[g * 4 + 0] = __float2bfloat16_rn(__bfloat162float(wg[0]) * (f.x * inv));
+                yr[g * 4 + 1] = __float2bfloat16_rn(__bfloat162float(wg[1]) * (f.y * inv));
+                yr[g * 4 + 2] = __float2bfloat16_rn(__bfloat162float(wg[2]) * (f.z * inv));
+                yr[g * 4 + 3] = __float2bfloat16_rn(__bfloat162float(wg[3]) * (f.w * inv));
+            }
+        } else {
+            for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) ss += xr[c] * xr[c];
+            const float inv = rsqrtf(block_sum(ss, scratch) / (float)dim + eps);
+            for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
+                yr[c] = __float2bfloat16_rn(__bfloat162float(w[c]) * (xr[c] * inv));
+            }
+        }
+    }
+}

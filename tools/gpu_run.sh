@@ -18,7 +18,7 @@ stages="${JV4_STAGES:-device load ops text parity embed tests}"
 has() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 torch_ok() { python3 -c "import torch" 2>/dev/null; }
 model="${JV4_MODEL_DIR:-/tmp/jv4-synth-full}"
-export JV4_FIXTURES="$here/fixtures"
+export JV4_FIXTURES="${JV4_FIXTURES:-$here/../tests/fixtures}"
 
 if has device; then
     echo "== device"

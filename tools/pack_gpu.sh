@@ -26,9 +26,8 @@ cp "$test_exe" "$out/gpu-tests"
 strip "$out/jv4" "$out/jv4-bench" "$out/gpu-tests"
 cp tools/gpu_run.sh "$out/run.sh"
 cp tools/torch_ops_bench.py tools/torch_text_bench.py tools/reference.py "$out/"
-# The tiny fixture model and its reference (GPU parity tests), and the real tokenizer (runner demo).
-mkdir -p "$out/fixtures"
-cp -r tests/fixtures/tiny "$out/fixtures/"
+# The real tokenizer (runner demo). The GPU tests read tests/fixtures of the repository, which
+# travels with the working tree.
 tok=../shared/models/jina-embeddings-v4/tokenizer.json
 [ -f "$tok" ] && cp "$tok" "$out/"
 

@@ -38,6 +38,7 @@ struct Key {
     k: usize,
     bias: bool,
     accumulate: bool,
+    out_f32: bool,
 }
 
 struct Plan {
@@ -93,16 +94,42 @@ impl Blas {
         y: &mut DViewMut<'_, bf16>,
         accumulate: bool,
     ) -> Result<()> {
+        self.gemm(x, w, bias, y.ptr(), y.shape(), false, accumulate)
+    }
+
+    /// [`Blas::linear`] with an f32 output (no bias): `y [m, n] (f32) = x·wᵀ (+ y)`. The decoder
+    /// accumulates its residual stream this way, so adding a projection rounds nothing to bf16.
+    pub fn linear_f32(
+        &self,
+        x: &DView<'_, bf16>,
+        w: &DView<'_, bf16>,
+        y: &mut DViewMut<'_, f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.gemm(x, w, None, y.ptr(), y.shape(), true, accumulate)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        x: &DView<'_, bf16>,
+        w: &DView<'_, bf16>,
+        bias: Option<&DView<'_, bf16>>,
+        y_ptr: dsys::CUdeviceptr,
+        y_shape: &[usize],
+        out_f32: bool,
+        accumulate: bool,
+    ) -> Result<()> {
         let shape_err = |msg: String| Error::Shape { op: "linear", msg };
         let (&[m, k], &[n, k2]) = (x.shape(), w.shape()) else {
             return Err(shape_err(format!("x {:?} and w {:?} must be 2-D", x.shape(), w.shape())));
         };
-        if k != k2 || y.shape() != [m, n] {
+        if k != k2 || y_shape != [m, n] {
             return Err(shape_err(format!(
                 "x {:?} · w {:?}ᵀ -> y {:?}: expected x [m, k], w [n, k], y [m, n]",
                 x.shape(),
                 w.shape(),
-                y.shape()
+                y_shape
             )));
         }
         if let Some(b) = bias {
@@ -113,7 +140,7 @@ impl Blas {
         if m == 0 || n == 0 || k == 0 {
             return Err(shape_err(format!("empty problem m={m} n={n} k={k}")));
         }
-        let key = Key { m, n, k, bias: bias.is_some(), accumulate };
+        let key = Key { m, n, k, bias: bias.is_some(), accumulate, out_f32 };
         let mut plans = self.plans.borrow_mut();
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -140,9 +167,9 @@ impl Blas {
                 plan.layouts[0],
                 x.ptr() as *const c_void,
                 plan.layouts[1],
-                y.ptr() as *const c_void,
+                y_ptr as *const c_void,
                 plan.layouts[2],
-                y.ptr() as *mut c_void,
+                y_ptr as *mut c_void,
                 plan.layouts[2],
                 &plan.algo,
                 self.workspace as *mut c_void,
@@ -159,7 +186,7 @@ impl Blas {
     }
 
     fn plan(&self, key: Key) -> Result<Plan> {
-        let Key { m, n, k, bias, .. } = key;
+        let Key { m, n, k, bias, out_f32, .. } = key;
         let bf = sys::cudaDataType_t::CUDA_R_16BF;
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -168,7 +195,8 @@ impl Blas {
         .map_err(|e| blas_err("create matmul desc", e))?;
         let a = lt::create_matrix_layout(bf, k as u64, n as u64, k as i64);
         let b = lt::create_matrix_layout(bf, k as u64, m as u64, k as i64);
-        let c = lt::create_matrix_layout(bf, n as u64, m as u64, n as i64);
+        let out_type = if out_f32 { sys::cudaDataType_t::CUDA_R_32F } else { bf };
+        let c = lt::create_matrix_layout(out_type, n as u64, m as u64, n as i64);
         let (a, b, c) = match (a, b, c) {
             (Ok(a), Ok(b), Ok(c)) => (a, b, c),
             (a, b, c) => {

@@ -11,7 +11,10 @@
 //! `y += t·B_allᵀ`. Every row gets exactly its own task's delta, so a request's vectors do not
 //! depend on what else shares its batch.
 //!
-//! The residual adds ride on the GEMMs (cuBLASLt with beta = 1 into the residual stream).
+//! The residual stream is f32 and the residual adds ride on the GEMMs (cuBLASLt with beta = 1 and
+//! an f32 output), so adding a projection (and its LoRA delta) to it rounds nothing to bf16; the
+//! norms read it and write the bf16 activations the next GEMM takes. (HF keeps it in bf16: ours is
+//! the more accurate of the two, at 8 extra bytes per token and layer of traffic.)
 
 use half::bf16;
 
@@ -258,9 +261,13 @@ impl GpuModel {
         want_multi: bool,
         mut trace: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<BatchOutput> {
-        let mut record = |gpu: &Gpu, t: &DTensor<bf16>| -> Result<()> {
+        let mut record = |gpu: &Gpu, h: Option<&DTensor<f32>>, x: Option<&DTensor<bf16>>| -> Result<()> {
             if let Some(tr) = trace.as_deref_mut() {
-                tr.push(gpu.download(&t.view())?.iter().map(|v| v.to_f32()).collect());
+                match (h, x) {
+                    (Some(h), _) => tr.push(gpu.download(&h.view())?),
+                    (None, Some(x)) => tr.push(gpu.download(&x.view())?.iter().map(|v| v.to_f32()).collect()),
+                    (None, None) => {}
+                }
             }
             Ok(())
         };
@@ -283,7 +290,8 @@ impl GpuModel {
         let max_seqlen = batch.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
 
         // Activations.
-        let mut h = alloc::<bf16>(mem, &[n, hid])?;
+        // The residual stream stays f32: the projections accumulate into it without rounding.
+        let mut h = alloc::<f32>(mem, &[n, hid])?;
         let mut x = alloc::<bf16>(mem, &[n, hid])?;
         let mut qkv = alloc::<bf16>(mem, &[n, qkv_w])?;
         let mut attn = alloc::<bf16>(mem, &[n, heads * hd])?;
@@ -292,14 +300,14 @@ impl GpuModel {
         let mut lora_t = alloc::<bf16>(mem, &[n, groups])?;
 
         let w = &self.w;
-        // SAFETY: the f32 constants buffer holds head_dim/2 values (uploaded at load).
+        // The f32 constants buffer holds head_dim/2 values (uploaded at load).
         let inv_freq: DView<'_, f32> = self.consts.view(0, &[hd / 2]).expect("inv_freq");
         let section = t.mrope_section.map(|v| v as u32);
-        ops::embedding(gpu, &w.expect("embed_tokens.weight"), &ids.view(), &mut h.view_mut())?;
-        record(gpu, &h)?;
+        ops::embedding_f32(gpu, &w.expect("embed_tokens.weight"), &ids.view(), &mut h.view_mut())?;
+        record(gpu, Some(&h), None)?;
         for l in 0..t.num_hidden_layers {
             let lw = |n: &str| w.expect(&format!("layers.{l}.{n}"));
-            ops::rmsnorm(gpu, &h.view(), &lw("input_layernorm.weight"), eps, &mut x.view_mut())?;
+            ops::rmsnorm_f32(gpu, &h.view(), &lw("input_layernorm.weight"), eps, &mut x.view_mut())?;
             ops::linear(
                 gpu,
                 &x.view(),
@@ -308,7 +316,8 @@ impl GpuModel {
                 &mut qkv.view_mut(),
                 false,
             )?;
-            self.lora(gpu, &x, &mut lora_t, &lw("qkv.lora_a"), &lw("qkv.lora_b"), &row_task, &mut qkv, 3)?;
+            let t = self.lora_t(gpu, &x, &mut lora_t, &lw("qkv.lora_a"), &row_task, 3)?;
+            ops::linear(gpu, &t.as_view(), &lw("qkv.lora_b"), None, &mut qkv.view_mut(), true)?;
             ops::mrope(gpu, &mut qkv.view_mut(), heads, kvh, hd, &pos.view(), &inv_freq, section)?;
             ops::flash_attn(
                 gpu,
@@ -322,45 +331,21 @@ impl GpuModel {
                 true,
                 (hd as f32).powf(-0.5),
             )?;
-            ops::linear(gpu, &attn.view(), &lw("o_proj.weight"), None, &mut h.view_mut(), true)?;
-            self.lora(
-                gpu,
-                &attn,
-                &mut lora_t,
-                &lw("o_proj.lora_a"),
-                &lw("o_proj.lora_b"),
-                &row_task,
-                &mut h,
-                1,
-            )?;
-            ops::rmsnorm(gpu, &h.view(), &lw("post_attention_layernorm.weight"), eps, &mut x.view_mut())?;
+            ops::linear_f32(gpu, &attn.view(), &lw("o_proj.weight"), &mut h.view_mut(), true)?;
+            let t = self.lora_t(gpu, &attn, &mut lora_t, &lw("o_proj.lora_a"), &row_task, 1)?;
+            ops::linear_f32(gpu, &t.as_view(), &lw("o_proj.lora_b"), &mut h.view_mut(), true)?;
+            ops::rmsnorm_f32(gpu, &h.view(), &lw("post_attention_layernorm.weight"), eps, &mut x.view_mut())?;
             ops::linear(gpu, &x.view(), &lw("gate_up.weight"), None, &mut gu.view_mut(), false)?;
-            self.lora(
-                gpu,
-                &x,
-                &mut lora_t,
-                &lw("gate_up.lora_a"),
-                &lw("gate_up.lora_b"),
-                &row_task,
-                &mut gu,
-                2,
-            )?;
+            let t = self.lora_t(gpu, &x, &mut lora_t, &lw("gate_up.lora_a"), &row_task, 2)?;
+            ops::linear(gpu, &t.as_view(), &lw("gate_up.lora_b"), None, &mut gu.view_mut(), true)?;
             ops::swiglu(gpu, &gu.view(), &mut act.view_mut())?;
-            ops::linear(gpu, &act.view(), &lw("down_proj.weight"), None, &mut h.view_mut(), true)?;
-            self.lora(
-                gpu,
-                &act,
-                &mut lora_t,
-                &lw("down_proj.lora_a"),
-                &lw("down_proj.lora_b"),
-                &row_task,
-                &mut h,
-                1,
-            )?;
-            record(gpu, &h)?;
+            ops::linear_f32(gpu, &act.view(), &lw("down_proj.weight"), &mut h.view_mut(), true)?;
+            let t = self.lora_t(gpu, &act, &mut lora_t, &lw("down_proj.lora_a"), &row_task, 1)?;
+            ops::linear_f32(gpu, &t.as_view(), &lw("down_proj.lora_b"), &mut h.view_mut(), true)?;
+            record(gpu, Some(&h), None)?;
         }
-        ops::rmsnorm(gpu, &h.view(), &w.expect("norm.weight"), eps, &mut x.view_mut())?;
-        record(gpu, &x)?;
+        ops::rmsnorm_f32(gpu, &h.view(), &w.expect("norm.weight"), eps, &mut x.view_mut())?;
+        record(gpu, None, Some(&x))?;
 
         // Heads from the one pass (spec §8).
         let mut single = alloc::<f32>(mem, &[batch.sequences(), hid])?;
@@ -376,9 +361,10 @@ impl GpuModel {
                 &mut m.view_mut(),
                 false,
             )?;
-            let (a, b) =
-                (w.expect("multi_vector_projector.lora_a"), w.expect("multi_vector_projector.lora_b"));
-            self.lora(gpu, &x, &mut lora_t, &a, &b, &row_task, &mut m, 1)?;
+            let t =
+                self.lora_t(gpu, &x, &mut lora_t, &w.expect("multi_vector_projector.lora_a"), &row_task, 1)?;
+            let b = w.expect("multi_vector_projector.lora_b");
+            ops::linear(gpu, &t.as_view(), &b, None, &mut m.view_mut(), true)?;
             let mut mf = alloc::<f32>(mem, &[n, pd])?;
             ops::l2_rows(gpu, &m.view(), &mut mf.view_mut())?;
             Some(gpu.download(&mf.view())?)
@@ -389,25 +375,23 @@ impl GpuModel {
         Ok(BatchOutput { single, multi })
     }
 
-    /// `y += mask(x·A_allᵀ)·B_allᵀ` for a projection that fuses `parts` checkpoint projections.
-    #[allow(clippy::too_many_arguments)]
-    fn lora(
+    /// The LoRA shrink of a projection that fuses `parts` checkpoint projections: `x·A_allᵀ` with
+    /// the other tasks' column groups of each row zeroed. The caller adds `t·B_allᵀ` to the
+    /// projection's output (bf16 activation or the f32 residual stream).
+    fn lora_t<'t>(
         &self,
         gpu: &Gpu,
         x: &DTensor<bf16>,
-        t: &mut DTensor<bf16>,
+        t: &'t mut DTensor<bf16>,
         a: &DView<'_, bf16>,
-        b: &DView<'_, bf16>,
         row_task: &DTensor<u8>,
-        y: &mut DTensor<bf16>,
         parts: usize,
-    ) -> Result<()> {
+    ) -> Result<crate::cuda::DViewMut<'t, bf16>> {
         let n = x.shape()[0];
-        let width = a.shape()[0];
-        let mut tv = t.view_mut_as(&[n, width]);
+        let mut tv = t.view_mut_as(&[n, a.shape()[0]]);
         ops::linear(gpu, &x.view(), a, None, &mut tv, false)?;
         ops::lora_mask(gpu, &mut tv, &row_task.view(), parts * self.rank)?;
-        ops::linear(gpu, &tv.as_view(), b, None, &mut y.view_mut(), true)
+        Ok(tv)
     }
 }
 

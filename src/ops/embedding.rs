@@ -71,3 +71,37 @@ pub fn embedding(
         )
     }
 }
+
+/// [`embedding`] into an f32 output (the start of the decoder's f32 residual stream; exact).
+/// Kernel `embedding_f32`.
+pub fn embedding_f32(
+    gpu: &Gpu,
+    table: &DView<'_, bf16>,
+    ids: &DView<'_, u32>,
+    out: &mut DViewMut<'_, f32>,
+) -> Result<()> {
+    let (&[vocab, dim], &[tokens]) = (table.shape(), ids.shape()) else {
+        return Err(Error::Shape {
+            op: "embedding_f32",
+            msg: format!(
+                "expected table [vocab, d] and ids [T], got {:?} and {:?}",
+                table.shape(),
+                ids.shape()
+            ),
+        });
+    };
+    if out.shape() != [tokens, dim] || vocab == 0 || dim == 0 || tokens == 0 {
+        return Err(Error::Shape {
+            op: "embedding_f32",
+            msg: format!("table {:?}, ids {:?} -> out {:?}", table.shape(), ids.shape(), out.shape()),
+        });
+    }
+    let (mut tp, mut ip, mut op) = (table.ptr(), ids.ptr(), out.ptr());
+    let (mut t, mut d, mut v) = (tokens as i64, dim as i64, vocab as i64);
+    let mut args = [arg(&mut tp), arg(&mut ip), arg(&mut op), arg(&mut t), arg(&mut d), arg(&mut v)];
+    // SAFETY: args match embedding_f32(const bf16*, const u32*, float*, int64, int64, int64);
+    // table holds vocab·d, ids T and out T·d elements (checked above); ids ≥ vocab are not read.
+    unsafe {
+        gpu.launch(KernelId::EmbeddingF32, Launch::linear(super::grid_for(tokens * dim, 256), 256), &mut args)
+    }
+}

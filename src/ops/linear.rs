@@ -24,3 +24,15 @@ pub fn linear(
 ) -> Result<()> {
     gpu.blas().linear(x, w, bias, y, accumulate)
 }
+
+/// [`linear`] into an f32 output, no bias: `y [m, n] (f32) = x·wᵀ (+ y when accumulate)`, the
+/// residual adds of the decoder (its residual stream is f32).
+pub fn linear_f32(
+    gpu: &Gpu,
+    x: &DView<'_, bf16>,
+    w: &DView<'_, bf16>,
+    y: &mut DViewMut<'_, f32>,
+    accumulate: bool,
+) -> Result<()> {
+    gpu.blas().linear_f32(x, w, y, accumulate)
+}

@@ -11,11 +11,11 @@ pub mod rope;
 pub mod swiglu;
 
 pub use attention::flash_attn;
-pub use embedding::embedding;
-pub use linear::linear;
+pub use embedding::{embedding, embedding_f32};
+pub use linear::{linear, linear_f32};
 pub use lora::lora_mask;
 pub use pool::{l2_rows, mean_pool_l2};
-pub use rmsnorm::rmsnorm;
+pub use rmsnorm::{rmsnorm, rmsnorm_f32};
 pub use rope::{mrope, vision_rope};
 pub use swiglu::swiglu;
 

@@ -55,3 +55,40 @@ pub fn rmsnorm(
     // a multiple of 32 (block_sum's requirement).
     unsafe { gpu.launch(KernelId::RmsnormBf16, Launch::linear(blocks, threads), &mut args) }
 }
+
+/// `out [T, d] (bf16) = rmsnorm(x [T, d] (f32)) ⊙ w [d]`: the norm of the decoder's f32 residual
+/// stream. Kernel `rmsnorm_f32_bf16`; same reference and tolerance as [`rmsnorm`].
+pub fn rmsnorm_f32(
+    gpu: &Gpu,
+    x: &DView<'_, f32>,
+    w: &DView<'_, bf16>,
+    eps: f32,
+    out: &mut DViewMut<'_, bf16>,
+) -> Result<()> {
+    let &[tokens, dim] = x.shape() else {
+        return Err(Error::Shape { op: "rmsnorm_f32", msg: format!("x must be 2-D, got {:?}", x.shape()) });
+    };
+    if out.shape() != [tokens, dim] || w.shape() != [dim] || tokens == 0 || dim == 0 {
+        return Err(Error::Shape {
+            op: "rmsnorm_f32",
+            msg: format!("{} with w {:?}: expected x [T, d], w [d] -> out [T, d]", shapes(x, out), w.shape()),
+        });
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::Shape {
+            op: "rmsnorm_f32",
+            msg: format!("eps must be finite and >= 0, got {eps}"),
+        });
+    }
+    if dim % 4 == 0 {
+        check_aligned("rmsnorm_f32", "x", x.ptr(), 16)?;
+    }
+    let threads = threads_for_row(if dim % 4 == 0 { dim / 4 } else { dim }, 256);
+    let blocks = tokens.min(MAX_ROW_BLOCKS) as u32;
+    let (mut xp, mut wp, mut op) = (x.ptr(), w.ptr(), out.ptr());
+    let (mut t, mut d, mut e) = (tokens as i64, dim as i64, eps);
+    let mut args = [arg(&mut xp), arg(&mut wp), arg(&mut op), arg(&mut t), arg(&mut d), arg(&mut e)];
+    // SAFETY: args match rmsnorm_f32_bf16(const float*, const bf16*, bf16*, int64, int64, float);
+    // x and out hold T·d and w d elements (checked above); x aligned for the float4 path.
+    unsafe { gpu.launch(KernelId::RmsnormF32Bf16, Launch::linear(blocks, threads), &mut args) }
+}

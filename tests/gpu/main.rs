@@ -26,6 +26,7 @@ fn main() {
         ("l2_rows_matches_reference", textops::l2_rows_matches_reference),
         ("lora_mask_matches_cpu", textops::lora_mask_matches_cpu),
         ("textops_reject_bad_shapes", textops::textops_reject_bad_shapes),
+        ("residual_f32_ops_match_reference", textops::residual_f32_ops_match_reference),
         ("attention_matches_reference", attention::attention_matches_reference),
         ("attention_tolerance_catches_mistakes", attention::attention_tolerance_catches_mistakes),
         ("attention_rejects_bad_shapes", attention::attention_rejects_bad_shapes),

@@ -541,3 +541,63 @@ pub fn textops_reject_bad_shapes(ctx: &mut Ctx) -> Result<(), String> {
     expect("lora_mask", ops::lora_mask(gpu, &mut lt.view_mut(), &tasks2.view(), 32))?;
     Ok(())
 }
+
+/// The f32-residual variants the decoder uses: `embedding_f32` (exact), `rmsnorm_f32` (same
+/// tolerance as `rmsnorm`), and `linear_f32` accumulating into f32 (no output rounding: only the
+/// f32 accumulation error of `linear`'s test remains).
+pub fn residual_f32_ops_match_reference(ctx: &mut Ctx) -> Result<(), String> {
+    let mut mem = allocator(ctx, 1 << 30)?;
+    // embedding_f32
+    let (vocab, dim, tokens) = (1000, 2048, 37);
+    let (t_h, t_f) = random_bf16(ctx, vocab * dim, 1.0);
+    let table = upload(ctx, &mut mem, &[vocab, dim], &t_h)?;
+    let ids_h: Vec<u32> = (0..tokens).map(|_| ctx.rng.below(vocab) as u32).collect();
+    let ids = upload(ctx, &mut mem, &[tokens], &ids_h)?;
+    let mut h = dtensor::<f32>(&mut mem, &[tokens, dim])?;
+    ctx.gpu.fill_u32(&mut h.view_mut(), 0x7fc0_0000).map_err(e)?;
+    ops::embedding_f32(&ctx.gpu, &table.view(), &ids.view(), &mut h.view_mut()).map_err(e)?;
+    let got = ctx.gpu.download(&h.view()).map_err(e)?;
+    let want = reference::embedding(&t_f, dim, &ids_h);
+    if got.iter().zip(&want).any(|(a, b)| a.to_bits() != b.to_bits()) {
+        return Err("embedding_f32 is not an exact gather".into());
+    }
+    // rmsnorm_f32 on an f32 input that is not bf16-representable.
+    for &(tokens, dim) in ops::rmsnorm::CASES {
+        let x_f: Vec<f32> = (0..tokens * dim).map(|_| ctx.rng.normal() * 3.0).collect();
+        let w_h: Vec<bf16> = (0..dim).map(|_| bf16::from_f32(1.0 + 0.5 * ctx.rng.normal())).collect();
+        let x = upload(ctx, &mut mem, &[tokens, dim], &x_f)?;
+        let w = upload(ctx, &mut mem, &[dim], &w_h)?;
+        let mut out = dtensor::<bf16>(&mut mem, &[tokens, dim])?;
+        ctx.gpu.fill_u16(&mut out.view_mut(), BF16_NAN_BITS).map_err(e)?;
+        ops::rmsnorm_f32(&ctx.gpu, &x.view(), &w.view(), ops::rmsnorm::EPS, &mut out.view_mut())
+            .map_err(e)?;
+        let got = to_f32(&ctx.gpu.download(&out.view()).map_err(e)?);
+        let want = reference::rmsnorm(&x_f, &to_f32(&w_h), ops::rmsnorm::EPS);
+        check_close(&format!("rmsnorm_f32 T={tokens} d={dim}"), &got, &want, |i| {
+            (BF16_REL + 64.0 * U32) * want[i].abs() + 1e-12
+        })?;
+    }
+    // linear_f32, accumulating into an f32 y.
+    for &(m, n, k) in &[(1usize, 2048usize, 2048usize), (129, 2048, 11008), (1000, 2048, 96)] {
+        let (x_h, x_f) = random_bf16(ctx, m * k, 1.0);
+        let (w_h, w_f) = random_bf16(ctx, n * k, 1.0 / (k as f32).sqrt());
+        let y0: Vec<f32> = (0..m * n).map(|_| ctx.rng.normal()).collect();
+        let x = upload(ctx, &mut mem, &[m, k], &x_h)?;
+        let w = upload(ctx, &mut mem, &[n, k], &w_h)?;
+        let mut y = upload(ctx, &mut mem, &[m, n], &y0)?;
+        ops::linear_f32(&ctx.gpu, &x.view(), &w.view(), &mut y.view_mut(), true).map_err(e)?;
+        let got = ctx.gpu.download(&y.view()).map_err(e)?;
+        let (mut want, mut scale) = reference::linear(&x_f, &w_f, None, (m, n, k), None);
+        for i in 0..m * n {
+            want[i] += y0[i];
+            scale[i] += y0[i].abs();
+        }
+        // No bf16 rounding of the output: f32 accumulation (statistical bound, 8x) and the final
+        // f32 add only.
+        let acc = 8.0 * (k as f32).sqrt() * U32;
+        check_close(&format!("linear_f32 m={m} n={n} k={k}"), &got, &want, |i| {
+            acc * scale[i] + U32 * want[i].abs()
+        })?;
+    }
+    Ok(())
+}
