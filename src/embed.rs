@@ -4,64 +4,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
-use jv4::engine::{Embedding, Engine, OutputKind, PromptName, TextRequest};
-use jv4::model::Task;
+use jv4::engine::jsonl::{parse_line, Defaults, Line};
+use jv4::engine::{Embedding, Engine, TextRequest};
 use jv4::{Error, Result};
 use serde_json::{json, Value};
 
-/// Values for lines that do not set their own.
-pub struct Defaults {
-    pub task: Task,
-    pub prompt: PromptName,
-    pub output: OutputKind,
-    pub dims: Option<usize>,
-}
-
 /// Requests are embedded in chunks of this many lines, so a large file streams.
 const CHUNK: usize = 1024;
-
-enum Line {
-    Ok(Value, TextRequest),
-    Err(Value, String),
-}
-
-fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line {
-    let line_id = json!(n);
-    let bytes = match raw {
-        Ok(b) => b,
-        Err(e) => return Line::Err(line_id, format!("line {n}: read error: {e}")),
-    };
-    let text = match String::from_utf8(bytes) {
-        Ok(t) => t,
-        Err(e) => return Line::Err(line_id, format!("line {n}: not valid UTF-8 ({e})")),
-    };
-    let v: Value = match serde_json::from_str(&text) {
-        Ok(v) => v,
-        Err(e) => return Line::Err(line_id, format!("line {n}: not a JSON object: {e}")),
-    };
-    let id = v.get("id").cloned().unwrap_or(line_id);
-    let Some(t) = v.get("text").and_then(Value::as_str) else {
-        return Line::Err(id, format!("line {n}: no \"text\" string"));
-    };
-    let task = match v.get("task").and_then(Value::as_str).map(str::parse::<Task>) {
-        None => d.task,
-        Some(Ok(t)) => t,
-        Some(Err(e)) => return Line::Err(id, format!("line {n}: {e}")),
-    };
-    let prompt = match v.get("prompt_name").and_then(Value::as_str).map(str::parse::<PromptName>) {
-        None => d.prompt,
-        Some(Ok(p)) => p,
-        Some(Err(e)) => return Line::Err(id, format!("line {n}: {e}")),
-    };
-    let dims = match v.get("dims") {
-        None => d.dims,
-        Some(x) => match x.as_u64() {
-            Some(v) => Some(v as usize),
-            None => return Line::Err(id, format!("line {n}: dims must be a number")),
-        },
-    };
-    Line::Ok(id, TextRequest { text: t.to_string(), task, prompt, output: d.output, dims })
-}
 
 pub fn run(
     engine: &mut Engine,

@@ -230,7 +230,8 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
                 Some(t) => Engine::with_tokenizer(&model, TextTokenizer::from_file(t)?, opts)?,
                 None => Engine::open(&model, opts)?,
             };
-            let defaults = embed::Defaults { task, prompt: prompt_name, output: output_kind, dims };
+            let defaults =
+                jv4::engine::jsonl::Defaults { task, prompt: prompt_name, output: output_kind, dims };
             embed::run(&mut engine, &defaults, input.as_deref(), output.as_deref(), npy)
         }
         Cmd::Synth { out, preset, seed, f32_adapters } => {

@@ -4,6 +4,7 @@
 //! one result per request, in order. A bad request fails alone; the rest are served.
 
 pub mod image;
+pub mod jsonl;
 pub mod text;
 
 use std::path::Path;
@@ -88,6 +89,31 @@ impl Default for EngineOptions {
             truncation: Truncation::default(),
         }
     }
+}
+
+/// Checks what can be checked before a request reaches the GPU: its Matryoshka width is one of
+/// the model's, and its token count fits the batch budget.
+pub fn check_request(
+    req: &TextRequest,
+    tokens: usize,
+    matryoshka_dims: &[usize],
+    hidden: usize,
+    max_batch_tokens: usize,
+) -> Result<()> {
+    if let Some(d) = req.dims {
+        if !matryoshka_dims.contains(&d) && d != hidden {
+            return Err(Error::Input(format!(
+                "dims {d} is not one of the Matryoshka sizes {matryoshka_dims:?}"
+            )));
+        }
+    }
+    if tokens > max_batch_tokens {
+        return Err(Error::Input(format!(
+            "the text has {tokens} tokens, more than the batch budget of {max_batch_tokens} tokens \
+             (max_batch_tokens): raise the budget or lower --max-length"
+        )));
+    }
+    Ok(())
 }
 
 /// The engine: see the module documentation.
@@ -182,19 +208,14 @@ impl Engine {
     }
 
     fn check(&self, req: &TextRequest, enc: EncodedText) -> Result<EncodedText> {
-        if let Some(d) = req.dims {
-            let dims = &self.model.config().matryoshka_dims;
-            if !dims.contains(&d) && d != self.model.config().text.hidden_size {
-                return Err(Error::Input(format!("dims {d} is not one of the Matryoshka sizes {dims:?}")));
-            }
-        }
-        if enc.ids.len() > self.opts.max_batch_tokens {
-            return Err(Error::Input(format!(
-                "the text has {} tokens, more than the batch budget of {} tokens (max_batch_tokens)",
-                enc.ids.len(),
-                self.opts.max_batch_tokens
-            )));
-        }
+        let cfg = self.model.config();
+        check_request(
+            req,
+            enc.ids.len(),
+            &cfg.matryoshka_dims,
+            cfg.text.hidden_size,
+            self.opts.max_batch_tokens,
+        )?;
         Ok(enc)
     }
 

@@ -1,0 +1,82 @@
+//! Bad requests of the embedding runner and engine, checked on the CPU: every one is an error for
+//! its own line, with a message that says what is wrong; nothing else is affected.
+
+use jv4::engine::jsonl::{parse_line, Defaults, Line};
+use jv4::engine::{check_request, OutputKind, PromptName, TextRequest};
+use jv4::model::Task;
+
+fn defaults() -> Defaults {
+    Defaults { task: Task::Retrieval, prompt: PromptName::Query, output: OutputKind::Single, dims: None }
+}
+
+fn err(line: Line) -> String {
+    match line {
+        Line::Err(_, msg) => msg,
+        Line::Ok(id, r) => panic!("line {id} parsed as {r:?}"),
+    }
+}
+
+#[test]
+fn good_lines_take_their_own_settings_or_the_defaults() {
+    let l = parse_line(1, Ok(br#"{"text": "hi"}"#.to_vec()), &defaults());
+    let Line::Ok(id, r) = l else { panic!("{l:?}") };
+    assert_eq!(id, 1);
+    assert_eq!((r.task, r.prompt, r.dims), (Task::Retrieval, PromptName::Query, None));
+    let l = parse_line(
+        7,
+        Ok(br#"{"id": "a", "text": "", "task": "code", "prompt_name": "passage", "dims": 256}"#.to_vec()),
+        &defaults(),
+    );
+    let Line::Ok(id, r) = l else { panic!("{l:?}") };
+    assert_eq!(id, "a");
+    assert_eq!((r.task, r.prompt, r.dims, r.text.as_str()), (Task::Code, PromptName::Passage, Some(256), ""));
+}
+
+#[test]
+fn invalid_utf8_is_an_error_for_its_line() {
+    let m = err(parse_line(3, Ok(vec![b'{', 0xff, 0xfe, b'}']), &defaults()));
+    assert!(m.contains("line 3") && m.contains("UTF-8"), "{m}");
+}
+
+#[test]
+fn malformed_json_is_an_error_for_its_line() {
+    for bad in [&b"not json"[..], b"{\"text\": \"unterminated", b"[1, 2]", b"{\"text\": 42}"] {
+        let m = err(parse_line(5, Ok(bad.to_vec()), &defaults()));
+        assert!(m.contains("line 5"), "{m}");
+    }
+}
+
+#[test]
+fn unknown_task_prompt_or_bad_dims_on_one_line() {
+    let m = err(parse_line(2, Ok(br#"{"text": "x", "task": "classification"}"#.to_vec()), &defaults()));
+    assert!(m.contains("classification"), "{m}");
+    let m = err(parse_line(2, Ok(br#"{"text": "x", "prompt_name": "document"}"#.to_vec()), &defaults()));
+    assert!(m.contains("document"), "{m}");
+    let m = err(parse_line(2, Ok(br#"{"text": "x", "dims": "big"}"#.to_vec()), &defaults()));
+    assert!(m.contains("dims"), "{m}");
+    // A number that is not a Matryoshka size is caught before the GPU.
+    let req = TextRequest {
+        text: "x".into(),
+        task: Task::Retrieval,
+        prompt: PromptName::Query,
+        output: OutputKind::Single,
+        dims: Some(300),
+    };
+    let e = check_request(&req, 5, &[128, 256, 512, 1024, 2048], 2048, 16384).unwrap_err().to_string();
+    assert!(e.contains("300") && e.contains("Matryoshka"), "{e}");
+    let ok = TextRequest { dims: Some(512), ..req.clone() };
+    assert!(check_request(&ok, 5, &[128, 256, 512, 1024, 2048], 2048, 16384).is_ok());
+}
+
+#[test]
+fn a_budget_too_small_for_one_request_is_a_clear_error() {
+    let req = TextRequest {
+        text: "x".into(),
+        task: Task::Code,
+        prompt: PromptName::Passage,
+        output: OutputKind::Both,
+        dims: None,
+    };
+    let e = check_request(&req, 9000, &[128, 2048], 2048, 8192).unwrap_err().to_string();
+    assert!(e.contains("9000") && e.contains("8192") && e.contains("max_batch_tokens"), "{e}");
+}
