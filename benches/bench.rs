@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use half::bf16;
 use jv4::cuda::{DTensor, DeviceAllocator, Gpu, DEFAULT_PAGE_SIZE};
 use jv4::ops::attention::QueryTile;
+use jv4::reference::cosine as cos;
 use jv4::rng::Rng;
 use jv4::{ops, Result};
 
@@ -352,16 +353,6 @@ fn bench_text(
         );
     }
     Ok(())
-}
-
-fn cos(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        ab += x as f64 * y as f64;
-        aa += (x as f64).powi(2);
-        bb += (y as f64).powi(2);
-    }
-    ab / (aa.sqrt() * bb.sqrt()).max(1e-300)
 }
 
 fn parity(model: &std::path::Path, reference: &std::path::Path) -> Result<()> {

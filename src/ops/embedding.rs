@@ -31,27 +31,7 @@ pub fn embedding(
     ids: &DView<'_, u32>,
     out: &mut DViewMut<'_, bf16>,
 ) -> Result<()> {
-    let (&[vocab, dim], &[tokens]) = (table.shape(), ids.shape()) else {
-        return Err(Error::Shape {
-            op: "embedding",
-            msg: format!(
-                "expected table [vocab, d] and ids [T], got {:?} and {:?}",
-                table.shape(),
-                ids.shape()
-            ),
-        });
-    };
-    if out.shape() != [tokens, dim] || vocab == 0 || dim == 0 || tokens == 0 {
-        return Err(Error::Shape {
-            op: "embedding",
-            msg: format!(
-                "table {:?}, ids {:?} -> out {:?}: expected out [T, d] with vocab, d, T > 0",
-                table.shape(),
-                ids.shape(),
-                out.shape()
-            ),
-        });
-    }
+    let (vocab, dim, tokens) = check_shapes("embedding", table, ids, out.shape())?;
     if dim % 8 == 0 {
         check_aligned("embedding", "table", table.ptr(), 16)?;
         check_aligned("embedding", "out", out.ptr(), 16)?;
@@ -80,22 +60,7 @@ pub fn embedding_f32(
     ids: &DView<'_, u32>,
     out: &mut DViewMut<'_, f32>,
 ) -> Result<()> {
-    let (&[vocab, dim], &[tokens]) = (table.shape(), ids.shape()) else {
-        return Err(Error::Shape {
-            op: "embedding_f32",
-            msg: format!(
-                "expected table [vocab, d] and ids [T], got {:?} and {:?}",
-                table.shape(),
-                ids.shape()
-            ),
-        });
-    };
-    if out.shape() != [tokens, dim] || vocab == 0 || dim == 0 || tokens == 0 {
-        return Err(Error::Shape {
-            op: "embedding_f32",
-            msg: format!("table {:?}, ids {:?} -> out {:?}", table.shape(), ids.shape(), out.shape()),
-        });
-    }
+    let (vocab, dim, tokens) = check_shapes("embedding_f32", table, ids, out.shape())?;
     let (mut tp, mut ip, mut op) = (table.ptr(), ids.ptr(), out.ptr());
     let (mut t, mut d, mut v) = (tokens as i64, dim as i64, vocab as i64);
     let mut args = [arg(&mut tp), arg(&mut ip), arg(&mut op), arg(&mut t), arg(&mut d), arg(&mut v)];
@@ -104,4 +69,30 @@ pub fn embedding_f32(
     unsafe {
         gpu.launch(KernelId::EmbeddingF32, Launch::linear(super::grid_for(tokens * dim, 256), 256), &mut args)
     }
+}
+
+/// Checks table `[vocab, d]`, ids `[T]` and out `[T, d]` (all non-empty); returns (vocab, d, T).
+fn check_shapes(
+    op: &'static str,
+    table: &DView<'_, bf16>,
+    ids: &DView<'_, u32>,
+    out: &[usize],
+) -> Result<(usize, usize, usize)> {
+    let bad = || {
+        Error::Shape {
+        op,
+        msg: format!(
+            "table {:?}, ids {:?} -> out {out:?}: expected table [vocab, d], ids [T], out [T, d], all non-empty",
+            table.shape(),
+            ids.shape()
+        ),
+    }
+    };
+    let (&[vocab, dim], &[tokens]) = (table.shape(), ids.shape()) else {
+        return Err(bad());
+    };
+    if out != [tokens, dim] || vocab == 0 || dim == 0 || tokens == 0 {
+        return Err(bad());
+    }
+    Ok((vocab, dim, tokens))
 }

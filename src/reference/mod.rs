@@ -28,7 +28,7 @@ pub use act::{erf, erfc, gelu, gelu_erf, silu, swiglu, swiglu_split};
 pub use attn::{attention, attention_rows};
 pub use dense::{linear, linear_f32, lora};
 pub use layout::{embedding, merge_rows, permute_groups, unpermute_groups};
-pub use norm::{add_rmsnorm, l2_normalize, l2_normalize_rows, rmsnorm};
+pub use norm::{add_rmsnorm, cosine, l2_normalize, l2_normalize_rows, rmsnorm};
 pub use pool::{matryoshka, mean_pool};
 pub use rope::{mrope_angles, rope_apply, vision_rope_angles};
 

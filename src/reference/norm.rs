@@ -45,6 +45,19 @@ pub fn l2_normalize_rows(x: &[f32], dim: usize) -> Vec<f32> {
     x.chunks_exact(dim).flat_map(l2_normalize).collect()
 }
 
+/// Cosine similarity in f64 (0 when either vector is zero): how parity is measured against
+/// reference embeddings.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "cosine of vectors of different lengths");
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        ab += x as f64 * y as f64;
+        aa += (x as f64).powi(2);
+        bb += (y as f64).powi(2);
+    }
+    ab / (aa.sqrt() * bb.sqrt()).max(1e-300)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

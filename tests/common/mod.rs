@@ -40,17 +40,7 @@ pub fn load(path: &Path) -> HashMap<String, Tensor> {
         .collect()
 }
 
-/// Cosine similarity in f64.
-pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        ab += x as f64 * y as f64;
-        aa += (x as f64).powi(2);
-        bb += (y as f64).powi(2);
-    }
-    ab / (aa.sqrt() * bb.sqrt()).max(1e-300)
-}
+pub use jv4::reference::cosine;
 
 /// ‖a − b‖ / ‖b‖ in f64.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {

@@ -10,6 +10,7 @@ use jv4::model::checkpoint::Checkpoint;
 use jv4::model::cpu::{CpuModel, SeqInput};
 use jv4::model::gpu::{GpuModel, TextBatch};
 use jv4::model::Task;
+use jv4::reference::cosine as cos;
 use serde_json::Value;
 
 /// The fixtures: `$JV4_FIXTURES` (the packed suite sets it), else the source tree's.
@@ -17,16 +18,6 @@ pub fn fixtures() -> PathBuf {
     std::env::var_os("JV4_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
-}
-
-fn cos(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        ab += x as f64 * y as f64;
-        aa += (x as f64).powi(2);
-        bb += (y as f64).powi(2);
-    }
-    ab / (aa.sqrt() * bb.sqrt()).max(1e-300)
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
