@@ -61,6 +61,17 @@ enum Cmd {
         #[arg(long)]
         reference: std::path::PathBuf,
     },
+    /// Images end to end against `tools/reference.py images` (same checkpoint, same call): per
+    /// image the single-vector cosine, the multi-vector mean per-token cosine, the latency beside
+    /// PyTorch's; then images/s for the default-cap images packed in one forward.
+    Images {
+        /// The checkpoint folder the reference used.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// The reference file.
+        #[arg(long)]
+        reference: std::path::PathBuf,
+    },
 }
 
 /// Decoder GEMMs as (name, n, k): q+k+v fused, o, gate+up fused, down.
@@ -79,6 +90,7 @@ fn main() -> ExitCode {
             bench_text(&model, torch_json, max_batch_tokens, iters)
         }
         Cmd::Parity { model, reference } => parity(&model, &reference),
+        Cmd::Images { model, reference } => bench_images(&model, &reference),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -429,5 +441,106 @@ fn parity(model: &std::path::Path, reference: &std::path::Path) -> Result<()> {
         "max |ours - ref| = {max_err:.4}, min distance between different texts' reference vectors = {min_between:.4}, ratio {:.1}x",
         min_between / max_err.max(1e-12)
     );
+    Ok(())
+}
+
+fn bench_images(model: &std::path::Path, reference: &std::path::Path) -> Result<()> {
+    use jv4::model::checkpoint::Checkpoint;
+    use jv4::model::gpu::{GpuModel, TextBatch};
+    use jv4::model::plan::GridThw;
+    use jv4::model::Task;
+    let bytes = std::fs::read(reference).map_err(|e| jv4::Error::io(reference, e))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| jv4::Error::Input(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| jv4::Error::Input(e.to_string()))?;
+    let images: Vec<serde_json::Value> = serde_json::from_str(
+        meta.metadata().as_ref().and_then(|m| m.get("images")).map(String::as_str).unwrap_or("[]"),
+    )
+    .unwrap_or_default();
+    let raw = |name: &str| -> Result<Vec<u8>> {
+        Ok(st.tensor(name).map_err(|e| jv4::Error::Input(format!("{name}: {e}")))?.data().to_vec())
+    };
+    let f32s = |name: &str| -> Result<Vec<f32>> {
+        Ok(raw(name)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    };
+    let gpu = Gpu::new(0)?;
+    let ckpt = Checkpoint::open(model)?;
+    let (m, _) = GpuModel::load(&gpu, &ckpt)?;
+    drop(ckpt);
+    let cfg = m.config().clone();
+    let (free, _) = gpu.mem_info()?;
+    let mut mem = DeviceAllocator::new(&gpu, free / 10 * 9, DEFAULT_PAGE_SIZE)?;
+    let pd = cfg.multi_vector_projector_dim;
+    let mut inputs = Vec::new();
+    println!("{:<5} {:>11} {:>8} {:>7} {:>11} {:>14} {:>9} {:>9} {:>7}", "image", "size", "patches", "tokens", "single cos", "multi mean cos", "ours ms", "torch ms", "ratio");
+    let (mut ours_v, mut refs_v) = (Vec::new(), Vec::new());
+    let mut cap_torch_ms = 0.0;
+    for (i, im) in images.iter().enumerate() {
+        let g = &im["grid"];
+        let grid = GridThw { t: g[0].as_u64().unwrap_or(1) as usize, h: g[1].as_u64().unwrap_or(0) as usize, w: g[2].as_u64().unwrap_or(0) as usize };
+        let ids: Vec<u32> = raw(&format!("{i}/ids"))?.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32).collect();
+        let pv = f32s(&format!("{i}/pixel_values"))?;
+        let task: Task = im["task"].as_str().unwrap_or("retrieval").parse()?;
+        let mut b = TextBatch::default();
+        b.push_with_images(&cfg, &ids, task, &[(grid, pv.as_slice())])?;
+        let out = m.forward_text(&gpu, &mut mem, &b, true)?;
+        let single_ref = f32s(&format!("{i}/single"))?;
+        let multi_ref = f32s(&format!("{i}/multi"))?;
+        let c = cos(&out.single, &single_ref);
+        let got = out.multi.as_ref().unwrap();
+        let rows = multi_ref.len() / pd;
+        let mc = (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &multi_ref[r * pd..(r + 1) * pd])).sum::<f64>() / rows as f64;
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t0 = std::time::Instant::now();
+            m.forward_text(&gpu, &mut mem, &b, false)?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        let torch_ms = im["torch_ms"].as_f64().unwrap_or(f64::NAN);
+        let hw = &im["hw"];
+        println!(
+            "{i:<5} {:>11} {:>8} {:>7} {c:>11.6} {mc:>14.6} {:>9.2} {torch_ms:>9.2} {:>6.2}x",
+            format!("{}x{}", hw[0], hw[1]),
+            grid.patches(),
+            ids.len(),
+            times[2],
+            torch_ms / times[2]
+        );
+        if grid.patches() <= 3072 {
+            cap_torch_ms += torch_ms;
+            inputs.push((ids, task, grid, pv));
+        }
+        ours_v.push(out.single);
+        refs_v.push(single_ref);
+    }
+    // Images/s at the default cap: those images packed into one forward.
+    let mut b = TextBatch::default();
+    for (ids, task, grid, pv) in &inputs {
+        b.push_with_images(&cfg, ids, *task, &[(*grid, pv.as_slice())])?;
+    }
+    m.forward_text(&gpu, &mut mem, &b, false)?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t0 = std::time::Instant::now();
+        m.forward_text(&gpu, &mut mem, &b, false)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let n = inputs.len() as f64;
+    println!(
+        "default-cap images packed: {:.1} images/s (ours) vs {:.1} images/s (torch, one per forward as jina runs them): {:.2}x",
+        n / times[2],
+        n / (cap_torch_ms / 1e3),
+        (cap_torch_ms / 1e3) / times[2]
+    );
+    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let max_err = ours_v.iter().zip(&refs_v).map(|(a, b)| dist(a, b)).fold(0f64, f64::max);
+    let mut min_between = f64::MAX;
+    for i in 0..refs_v.len() {
+        for j in i + 1..refs_v.len() {
+            min_between = min_between.min(dist(&refs_v[i], &refs_v[j]));
+        }
+    }
+    println!("max |ours - ref| = {max_err:.4}, min distance between different images = {min_between:.4}, ratio {:.1}x", min_between / max_err.max(1e-12));
     Ok(())
 }

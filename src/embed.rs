@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
 use jv4::engine::jsonl::{parse_line, Defaults, Line};
-use jv4::engine::{Embedding, Engine, TextRequest};
+use jv4::engine::{Embedding, Engine, Request};
 use jv4::{Error, Result};
 use serde_json::{json, Value};
 
@@ -62,11 +62,11 @@ pub fn run(
         if chunk.is_empty() {
             break;
         }
-        let reqs: Vec<TextRequest> = chunk
+        let reqs: Vec<Request> = chunk
             .iter()
             .filter_map(|l| if let Line::Ok(_, r) = l { Some(r.clone()) } else { None })
             .collect();
-        let mut results = engine.embed_texts(&reqs).into_iter();
+        let mut results = engine.embed(&reqs).into_iter();
         for line in chunk {
             let (id, result) = match line {
                 Line::Ok(id, _) => {

@@ -2,7 +2,7 @@
 //! its own line, with a message that says what is wrong; nothing else is affected.
 
 use jv4::engine::jsonl::{parse_line, Defaults, Line};
-use jv4::engine::{check_request, OutputKind, PromptName, TextRequest};
+use jv4::engine::{check_request, OutputKind, PromptName, Request, TextRequest};
 use jv4::model::Task;
 
 fn defaults() -> Defaults {
@@ -19,7 +19,7 @@ fn err(line: Line) -> String {
 #[test]
 fn good_lines_take_their_own_settings_or_the_defaults() {
     let l = parse_line(1, Ok(br#"{"text": "hi"}"#.to_vec()), &defaults());
-    let Line::Ok(id, r) = l else { panic!("{l:?}") };
+    let Line::Ok(id, Request::Text(r)) = l else { panic!("{l:?}") };
     assert_eq!(id, 1);
     assert_eq!((r.task, r.prompt, r.dims), (Task::Retrieval, PromptName::Query, None));
     let l = parse_line(
@@ -27,7 +27,7 @@ fn good_lines_take_their_own_settings_or_the_defaults() {
         Ok(br#"{"id": "a", "text": "", "task": "code", "prompt_name": "passage", "dims": 256}"#.to_vec()),
         &defaults(),
     );
-    let Line::Ok(id, r) = l else { panic!("{l:?}") };
+    let Line::Ok(id, Request::Text(r)) = l else { panic!("{l:?}") };
     assert_eq!(id, "a");
     assert_eq!((r.task, r.prompt, r.dims, r.text.as_str()), (Task::Code, PromptName::Passage, Some(256), ""));
 }
@@ -79,4 +79,23 @@ fn a_budget_too_small_for_one_request_is_a_clear_error() {
     };
     let e = check_request(&req, 9000, &[128, 2048], 2048, 8192).unwrap_err().to_string();
     assert!(e.contains("9000") && e.contains("8192") && e.contains("max_batch_tokens"), "{e}");
+}
+
+#[test]
+fn image_lines_read_a_file_or_base64_and_bad_ones_fail_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.png");
+    std::fs::write(&path, b"\x89PNG fake").unwrap();
+    let line = format!(r#"{{"id": 9, "image": "{}", "task": "code", "max_pixels": 100352}}"#, path.display());
+    let Line::Ok(_, Request::Image(r)) = parse_line(1, Ok(line.into_bytes()), &defaults()) else { panic!() };
+    assert_eq!((r.task, r.max_pixels, r.bytes.len()), (Task::Code, Some(100352), 9));
+    let Line::Ok(_, Request::Image(r)) = parse_line(2, Ok(br#"{"image_base64": "aGVsbG8="}"#.to_vec()), &defaults())
+    else {
+        panic!()
+    };
+    assert_eq!(r.bytes, b"hello");
+    let m = err(parse_line(3, Ok(br#"{"image_base64": "not base64!"}"#.to_vec()), &defaults()));
+    assert!(m.contains("base64"), "{m}");
+    let m = err(parse_line(4, Ok(br#"{"image": "/nonexistent/x.png"}"#.to_vec()), &defaults()));
+    assert!(m.contains("/nonexistent/x.png"), "{m}");
 }

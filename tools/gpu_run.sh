@@ -6,6 +6,7 @@
 #   ops     op benchmarks beside PyTorch (same call, ratio column)
 #   text    text-path benchmark beside PyTorch (tokens/s, latency, peak memory)
 #   parity  the full model against PyTorch bf16 (tools/reference.py texts), incl. 8k and 32k tokens
+#   images  images on the full model against PyTorch bf16: parity, latency, images/s
 #   embed   the runner on real text (tokenizer.json packed alongside)
 #   tests   the GPU test suite; its summary `N passed, M failed` is the last line
 # Full logs go to $OUT (or <this folder>/out).
@@ -14,7 +15,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 cd "$here"
-stages="${JV4_STAGES:-device load ops text parity embed tests}"
+stages="${JV4_STAGES:-device load ops text parity images embed tests}"
 has() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 torch_ok() { python3 -c "import torch" 2>/dev/null; }
 model="${JV4_MODEL_DIR:-/tmp/jv4-synth-full}"
@@ -25,7 +26,7 @@ if has device; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | tee "$out/device.txt"
     ./jv4 gpu 2>&1 | tee -a "$out/device.txt"
 fi
-if has load || has text || has parity || has embed; then
+if has load || has text || has parity || has images || has embed; then
     if [ ! -f "$model/config.json" ]; then
         ./jv4 synth --preset full --out "$model" 2>&1 | tee "$out/synth.txt"
     fi
@@ -50,6 +51,14 @@ if has parity; then
         ./jv4-bench parity --model "$model" --reference "$out/ref_texts.safetensors" 2>&1 | tee "$out/parity.txt"
     else
         echo "reference run failed: see $out/ref_texts.txt"
+    fi
+fi
+if has images; then
+    echo "== images: full-model parity and speed against PyTorch bf16"
+    if torch_ok && python3 reference.py images --model "$model" --out /tmp/ref_images.safetensors > "$out/ref_images.txt" 2>&1; then
+        ./jv4-bench images --model "$model" --reference /tmp/ref_images.safetensors 2>&1 | tee "$out/images.txt"
+    else
+        echo "reference run failed:"; tail -5 "$out/ref_images.txt"
     fi
 fi
 if has embed && [ -f tokenizer.json ]; then

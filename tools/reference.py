@@ -489,9 +489,64 @@ def texts(args):
     save_file(out, args.out, metadata={"texts": json.dumps(meta)})
 
 
+def images(args):
+    """Synthetic images of several sizes through the reference processor and the model as jina runs
+    it (bf16 autocast, one image per forward): writes pixel_values, grids, ids and the single and
+    multi vectors (GPU parity, jv4-bench images), and times the forwards (the PyTorch column of the
+    image benchmark)."""
+    import numpy as np
+    from PIL import Image
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = "cuda"
+    model, projector, cfg = build(args.model, torch.bfloat16, device)
+    pre = json.load(open(os.path.join(args.model, "preprocessor_config.json")))
+    merge = pre["merge_size"]
+    rng = np.random.default_rng(args.seed)
+    # (h, w, max_pixels): default-cap photos and documents of several aspects, a 4096-patch and a
+    # 9216-patch image (larger max_pixels, as jina recommends for dense documents).
+    cases = [(800, 1000, None), (2200, 1700, None), (224, 224, None), (1000, 300, None), (640, 480, None),
+             (896, 896, 4096 * 196), (1344, 1344, 9216 * 196)]
+    out, meta = {}, []
+    for i, (h, w, mp) in enumerate(cases):
+        y, x = np.mgrid[0:h, 0:w]
+        img = np.stack([127 + 100 * np.sin(x / (5.0 + i)) * np.cos(y / 9.0), 255 * (x + y) / (h + w),
+                        255 * ((x // 17 + y // 23) % 2)], -1) + rng.normal(0, 20, (h, w, 3))
+        pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+        p = image_processor({**pre, "max_pixels": mp or pre["max_pixels"]})
+        enc = p(images=[pil], return_tensors="pt")
+        pv, thw = enc["pixel_values"].float(), enc["image_grid_thw"]
+        ids = image_ids(cfg, int(thw.prod().item()) // (merge * merge))
+        task = TASKS[i % 3]
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            run = lambda: forward(model, projector, [ids], [task], cfg["image_token_id"],
+                                  pixel_values=pv.to(device=device, dtype=torch.bfloat16), grid_thw=thw.to(device))
+            seqs, _, hh, mask = run()
+            single = pool_span(hh, [ids], cfg["vision_start_token_id"], cfg["vision_end_token_id"])[0]
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                run()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        out[f"{i}/pixel_values"] = pv.contiguous()
+        out[f"{i}/ids"] = torch.tensor(ids, dtype=torch.int32)
+        out[f"{i}/single"] = single.float().cpu()
+        out[f"{i}/multi"] = seqs[0][1].float().cpu().contiguous()
+        meta.append({"task": task, "grid": thw[0].tolist(), "hw": [h, w], "torch_ms": times[len(times) // 2] * 1e3})
+        print(f"image {i}: {h}x{w} grid {thw[0].tolist()} {len(ids)} tokens, torch {times[2] * 1e3:.1f} ms", flush=True)
+    save_file(out, args.out, metadata={"images": json.dumps(meta)})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    im = sub.add_parser("images", help="bf16 reference vectors and timings of synthetic images (full model)")
+    im.add_argument("--model", required=True)
+    im.add_argument("--out", required=True)
+    im.add_argument("--seed", type=int, default=0)
     tx = sub.add_parser("texts", help="bf16 reference vectors of random-id texts (full-model GPU parity)")
     tx.add_argument("--model", required=True)
     tx.add_argument("--lengths", default="16,100,512,1000,2048,8192,32768")
@@ -508,6 +563,8 @@ def main():
         fixtures(args)
     elif args.cmd == "texts":
         texts(args)
+    elif args.cmd == "images":
+        images(args)
     print(f"done in {time.time() - t0:.1f} s")
 
 

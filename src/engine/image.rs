@@ -152,6 +152,22 @@ pub struct ImageConfig {
     pub resize_order: PassOrder,
 }
 
+impl From<&crate::model::config::PreprocessorConfig> for ImageConfig {
+    /// The checkpoint's preprocessor_config.json (its max_pixels is the one to use: spec §1.3).
+    fn from(p: &crate::model::config::PreprocessorConfig) -> Self {
+        ImageConfig {
+            min_pixels: p.min_pixels,
+            max_pixels: p.max_pixels,
+            patch_size: p.patch_size,
+            temporal_patch_size: p.temporal_patch_size,
+            merge_size: p.merge_size,
+            image_mean: p.image_mean,
+            image_std: p.image_std,
+            ..ImageConfig::default()
+        }
+    }
+}
+
 impl Default for ImageConfig {
     /// jina-embeddings-v4's `preprocessor_config.json` (spec §1.3).
     fn default() -> Self {

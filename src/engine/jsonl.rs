@@ -1,10 +1,11 @@
 //! The JSON-lines request format of `jv4 embed`: `{"text": ..., "id"?, "task"?, "prompt_name"?,
-//! "dims"?}` per line. Parsing never fails as a whole: each line is a request or an error of its
+//! "dims"?}` per line, or `{"image": "<path>" | "image_base64": "...", "id"?, "task"?, "dims"?,
+//! "max_pixels"?}` for an image. Parsing never fails as a whole: each line is a request or an error of its
 //! own, so one bad line never takes down the rest of a file.
 
 use serde_json::{json, Value};
 
-use crate::engine::{OutputKind, PromptName, TextRequest};
+use crate::engine::{ImageRequest, OutputKind, PromptName, Request, TextRequest};
 use crate::model::Task;
 
 /// Values for lines that do not set their own.
@@ -23,7 +24,7 @@ pub struct Defaults {
 #[derive(Debug)]
 pub enum Line {
     /// A request to embed.
-    Ok(Value, TextRequest),
+    Ok(Value, Request),
     /// A line that cannot be served, with the message for its output line.
     Err(Value, String),
 }
@@ -45,9 +46,24 @@ pub fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line
         Err(e) => return Line::Err(line_id, format!("line {n}: not a JSON object: {e}")),
     };
     let id = v.get("id").cloned().unwrap_or(line_id);
-    let Some(t) = v.get("text").and_then(Value::as_str) else {
-        return Line::Err(id, format!("line {n}: no \"text\" string"));
+    let image = match (v.get("image"), v.get("image_base64")) {
+        (None, None) => None,
+        (Some(p), None) => match p.as_str().map(|p| std::fs::read(p).map_err(|e| format!("{p}: {e}"))) {
+            Some(Ok(bytes)) => Some(bytes),
+            Some(Err(e)) => return Line::Err(id, format!("line {n}: image {e}")),
+            None => return Line::Err(id, format!("line {n}: \"image\" must be a file path")),
+        },
+        (None, Some(b)) => match b.as_str().map(base64_decode) {
+            Some(Ok(bytes)) => Some(bytes),
+            Some(Err(e)) => return Line::Err(id, format!("line {n}: image_base64: {e}")),
+            None => return Line::Err(id, format!("line {n}: \"image_base64\" must be a string")),
+        },
+        (Some(_), Some(_)) => return Line::Err(id, format!("line {n}: give \"image\" or \"image_base64\", not both")),
     };
+    let text = v.get("text").and_then(Value::as_str);
+    if image.is_none() && text.is_none() {
+        return Line::Err(id, format!("line {n}: no \"text\" string (or \"image\" / \"image_base64\")"));
+    }
     let task = match v.get("task").and_then(Value::as_str).map(str::parse::<Task>) {
         None => d.task,
         Some(Ok(t)) => t,
@@ -65,5 +81,67 @@ pub fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line
             None => return Line::Err(id, format!("line {n}: dims must be a number")),
         },
     };
-    Line::Ok(id, TextRequest { text: t.to_string(), task, prompt, output: d.output, dims })
+    if let Some(bytes) = image {
+        let max_pixels = match v.get("max_pixels") {
+            None => None,
+            Some(x) => match x.as_u64() {
+                Some(m) => Some(m as usize),
+                None => return Line::Err(id, format!("line {n}: max_pixels must be a number")),
+            },
+        };
+        return Line::Ok(id, Request::Image(ImageRequest { bytes, task, output: d.output, dims, max_pixels }));
+    }
+    let t = text.unwrap_or_default();
+    Line::Ok(id, Request::Text(TextRequest { text: t.to_string(), task, prompt, output: d.output, dims }))
+}
+
+/// Standard base64 (RFC 4648, `+/`, optional `=` padding, whitespace ignored).
+pub fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    let mut padding = 0;
+    for (i, c) in s.bytes().enumerate() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' => {
+                padding += 1;
+                continue;
+            }
+            b' ' | b'\n' | b'\r' | b'\t' => continue,
+            _ => return Err(format!("not base64: byte {c:#04x} at {i}")),
+        };
+        if padding > 0 {
+            return Err(format!("not base64: data after '=' at {i}"));
+        }
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    if bits >= 6 || padding > 2 {
+        return Err("not base64: truncated".into());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base64_decode;
+
+    #[test]
+    fn base64_round_trips_and_rejects_junk() {
+        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGVsbG8").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGVs\nbG8h").unwrap(), b"hello!");
+        assert_eq!(base64_decode("").unwrap(), b"");
+        assert!(base64_decode("aGV*bG8=").is_err());
+        assert!(base64_decode("a").is_err());
+    }
 }

@@ -12,6 +12,7 @@ use std::path::Path;
 use crate::cuda::{resolve_budget, DeviceAllocator, Gpu, MemStats, DEFAULT_PAGE_SIZE};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::gpu::{GpuModel, TextBatch};
+use crate::model::plan::GridThw;
 use crate::model::weights::LoadReport;
 use crate::model::Task;
 use crate::reference::matryoshka;
@@ -54,6 +55,51 @@ pub struct TextRequest {
     pub dims: Option<usize>,
 }
 
+/// One image to embed (spec §4): the encoded file's bytes (JPEG, PNG, WebP, GIF, BMP, TIFF).
+#[derive(Clone, Debug)]
+pub struct ImageRequest {
+    /// The image file's bytes.
+    pub bytes: Vec<u8>,
+    /// Task adapter (images take no prompt).
+    pub task: Task,
+    /// Which outputs.
+    pub output: OutputKind,
+    /// Matryoshka width of the single vector.
+    pub dims: Option<usize>,
+    /// Resize ceiling for this image (default: the checkpoint's preprocessor max_pixels).
+    pub max_pixels: Option<usize>,
+}
+
+/// A text or an image.
+#[derive(Clone, Debug)]
+pub enum Request {
+    /// A text.
+    Text(TextRequest),
+    /// An image.
+    Image(ImageRequest),
+}
+
+impl Request {
+    fn output(&self) -> OutputKind {
+        match self {
+            Request::Text(r) => r.output,
+            Request::Image(r) => r.output,
+        }
+    }
+    fn dims(&self) -> Option<usize> {
+        match self {
+            Request::Text(r) => r.dims,
+            Request::Image(r) => r.dims,
+        }
+    }
+    fn task(&self) -> Task {
+        match self {
+            Request::Text(r) => r.task,
+            Request::Image(r) => r.task,
+        }
+    }
+}
+
 /// The result for one request.
 #[derive(Clone, Debug, Default)]
 pub struct Embedding {
@@ -78,6 +124,11 @@ pub struct EngineOptions {
     pub mem_budget: Option<String>,
     /// Truncation of long texts.
     pub truncation: Truncation,
+    /// Most image patches in one forward; a larger image is resized down to fit (its
+    /// max_pixels lowered), never an out-of-memory.
+    pub max_batch_patches: usize,
+    /// CPU threads for image decoding and preprocessing.
+    pub preprocess_threads: usize,
 }
 
 impl Default for EngineOptions {
@@ -87,6 +138,8 @@ impl Default for EngineOptions {
             max_batch_tokens: 16384,
             mem_budget: None,
             truncation: Truncation::default(),
+            max_batch_patches: 16384,
+            preprocess_threads: std::thread::available_parallelism().map_or(4, |n| n.get()).min(16),
         }
     }
 }
@@ -124,6 +177,9 @@ pub struct Engine {
     tok: TextTokenizer,
     opts: EngineOptions,
     load: LoadReport,
+    image_cfg: image::ImageConfig,
+    /// The image prompt's ids around the `<|image_pad|>` run (spec §4.2).
+    image_template: (Vec<u32>, Vec<u32>),
 }
 
 impl Engine {
@@ -141,13 +197,18 @@ impl Engine {
             return Err(Error::Input("max_batch_tokens must be at least 1".into()));
         }
         let ckpt = Checkpoint::open(model_dir)?;
+        let image_cfg = image::ImageConfig::from(&ckpt.preprocessor);
+        let image_template = (
+            tok.encode_raw("<|im_start|>user\n<|vision_start|>")?,
+            tok.encode_raw("<|vision_end|>Describe the image.<|im_end|>\n")?,
+        );
         let gpu = Gpu::new(opts.device)?;
         let (model, load) = GpuModel::load(&gpu, &ckpt)?;
         drop(ckpt);
         let (free, _) = gpu.mem_info()?;
         let budget = resolve_budget(opts.mem_budget.as_deref(), free)?;
         let mem = DeviceAllocator::new(&gpu, budget, DEFAULT_PAGE_SIZE)?;
-        Ok(Engine { gpu, model, mem, tok, opts, load })
+        Ok(Engine { gpu, model, mem, tok, opts, load, image_cfg, image_template })
     }
 
     /// The GPU.
@@ -182,23 +243,88 @@ impl Engine {
 
     /// Embeds text requests: one result per request, in order.
     pub fn embed_texts(&mut self, reqs: &[TextRequest]) -> Vec<Result<Embedding>> {
-        let items: Vec<_> = reqs.iter().map(|r| (r.task, r.prompt, r.text.as_str())).collect();
-        let encoded = self.tok.encode_batch_prompted(&items, self.opts.truncation);
+        let all: Vec<Request> = reqs.iter().cloned().map(Request::Text).collect();
+        self.embed(&all)
+    }
+
+    /// Embeds any mix of texts and images, tasks and outputs: one result per request, in order.
+    /// Texts are tokenized and images decoded and preprocessed (on CPU threads) first; then the
+    /// requests are packed in order into forwards under the token and patch budgets.
+    pub fn embed(&mut self, reqs: &[Request]) -> Vec<Result<Embedding>> {
+        let mut prepared: Vec<Option<Result<Prepared>>> = (0..reqs.len()).map(|_| None).collect();
+        // Texts, tokenized in one call.
+        let texts: Vec<(usize, &TextRequest)> = reqs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| if let Request::Text(t) = r { Some((i, t)) } else { None })
+            .collect();
+        let items: Vec<_> = texts.iter().map(|(_, r)| (r.task, r.prompt, r.text.as_str())).collect();
+        for ((i, _), enc) in texts.iter().zip(self.tok.encode_batch_prompted(&items, self.opts.truncation)) {
+            prepared[*i] = Some(enc.map(|e| Prepared { ids: e.ids, dropped: e.dropped, image: None }));
+        }
+        // Images, on CPU threads; an image over the patch budget is resized down to fit.
+        let images: Vec<(usize, &ImageRequest)> = reqs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| if let Request::Image(m) = r { Some((i, m)) } else { None })
+            .collect();
+        let ceiling = self.opts.max_batch_patches * self.image_cfg.patch_size * self.image_cfg.patch_size;
+        let threads = self.opts.preprocess_threads.max(1);
+        let cfg = &self.image_cfg;
+        let done: Vec<Result<image::Preprocessed>> = std::thread::scope(|s| {
+            let chunk = images.len().div_ceil(threads).max(1);
+            let handles: Vec<_> = images
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|(_, r)| {
+                                let mut c = cfg.clone();
+                                c.max_pixels = r.max_pixels.unwrap_or(cfg.max_pixels).min(ceiling);
+                                c.min_pixels = c.min_pixels.min(c.max_pixels);
+                                image::preprocess_bytes(&r.bytes, &c, image::AlphaMode::Drop)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().expect("preprocessing thread")).collect()
+        });
+        let merge = self.image_cfg.merge_size;
+        let pad = self.model.config().special.image_token_id;
+        for ((i, _), p) in images.iter().zip(done) {
+            prepared[*i] = Some(p.map(|p| {
+                let grid = GridThw { t: p.grid_thw[0], h: p.grid_thw[1], w: p.grid_thw[2] };
+                let (pre, post) = &self.image_template;
+                let mut ids = pre.clone();
+                ids.extend(std::iter::repeat_n(pad, grid.merged_tokens(merge)));
+                ids.extend_from_slice(post);
+                Prepared { ids, dropped: 0, image: Some((grid, p.pixel_values)) }
+            }));
+        }
+
         let mut results: Vec<Option<Result<Embedding>>> = (0..reqs.len()).map(|_| None).collect();
-        let mut ready: Vec<(usize, EncodedText)> = Vec::new();
-        for (i, (req, enc)) in reqs.iter().zip(encoded).enumerate() {
-            match enc.and_then(|e| self.check(req, e)) {
-                Ok(e) => ready.push((i, e)),
+        let mut ready: Vec<(usize, Prepared)> = Vec::new();
+        for (i, p) in prepared.into_iter().enumerate() {
+            match p.expect("every request prepared").and_then(|p| self.check(&reqs[i], p)) {
+                Ok(p) => ready.push((i, p)),
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        // Pack in request order up to the token budget.
+        // Pack in request order up to the token and patch budgets.
         let mut start = 0;
         while start < ready.len() {
-            let mut end = start;
-            let mut tokens = 0;
-            while end < ready.len() && tokens + ready[end].1.ids.len() <= self.opts.max_batch_tokens {
-                tokens += ready[end].1.ids.len();
+            let (mut end, mut tokens, mut patches) = (start, 0, 0);
+            while end < ready.len() {
+                let p = &ready[end].1;
+                let np = p.image.as_ref().map_or(0, |(g, _)| g.patches());
+                let over = tokens + p.ids.len() > self.opts.max_batch_tokens
+                    || patches + np > self.opts.max_batch_patches;
+                if end > start && over {
+                    break;
+                }
+                tokens += p.ids.len();
+                patches += np;
                 end += 1;
             }
             self.run_batch(reqs, &ready[start..end], &mut results);
@@ -207,62 +333,74 @@ impl Engine {
         results.into_iter().map(|r| r.expect("every request answered")).collect()
     }
 
-    fn check(&self, req: &TextRequest, enc: EncodedText) -> Result<EncodedText> {
+    fn check(&self, req: &Request, p: Prepared) -> Result<Prepared> {
         let cfg = self.model.config();
-        check_request(
-            req,
-            enc.ids.len(),
-            &cfg.matryoshka_dims,
-            cfg.text.hidden_size,
-            self.opts.max_batch_tokens,
-        )?;
-        Ok(enc)
+        let probe = TextRequest {
+            text: String::new(),
+            task: req.task(),
+            prompt: PromptName::Query,
+            output: req.output(),
+            dims: req.dims(),
+        };
+        check_request(&probe, p.ids.len(), &cfg.matryoshka_dims, cfg.text.hidden_size, self.opts.max_batch_tokens)?;
+        Ok(p)
     }
 
     /// One forward for `group`; on out-of-memory, halves the group and tries again.
-    fn run_batch(
-        &mut self,
-        reqs: &[TextRequest],
-        group: &[(usize, EncodedText)],
-        results: &mut [Option<Result<Embedding>>],
-    ) {
+    fn run_batch(&mut self, reqs: &[Request], group: &[(usize, Prepared)], results: &mut [Option<Result<Embedding>>]) {
         let mut batch = TextBatch::default();
-        for (i, e) in group {
-            batch.push_text(&e.ids, reqs[*i].task);
+        let mut served = Vec::with_capacity(group.len());
+        for (i, p) in group {
+            let pushed = match &p.image {
+                None => {
+                    batch.push_text(&p.ids, reqs[*i].task());
+                    Ok(())
+                }
+                Some((g, pv)) => batch.push_with_images(self.model.config(), &p.ids, reqs[*i].task(), &[(*g, pv)]),
+            };
+            match pushed {
+                Ok(()) => served.push((*i, p)),
+                Err(e) => results[*i] = Some(Err(e)),
+            }
         }
-        let want_multi = group.iter().any(|(i, _)| reqs[*i].output.multi());
+        if served.is_empty() {
+            return;
+        }
+        let want_multi = served.iter().any(|(i, _)| reqs[*i].output().multi());
         match self.model.forward_text(&self.gpu, &mut self.mem, &batch, want_multi) {
             Ok(out) => {
                 let hid = self.model.config().text.hidden_size;
                 let pd = self.model.config().multi_vector_projector_dim;
                 let mut row = 0;
-                for (k, (i, e)) in group.iter().enumerate() {
+                for (k, (i, p)) in served.iter().enumerate() {
                     let req = &reqs[*i];
-                    let n = e.ids.len();
+                    let n = p.ids.len();
                     let single = &out.single[k * hid..(k + 1) * hid];
                     let emb = Embedding {
-                        single: req.output.single().then(|| match req.dims {
+                        single: req.output().single().then(|| match req.dims() {
                             Some(d) if d < hid => matryoshka(single, d),
                             _ => single.to_vec(),
                         }),
-                        multi: req.output.multi().then(|| {
-                            out.multi.as_ref().expect("multi computed")[row * pd..(row + n) * pd].to_vec()
-                        }),
+                        multi: req
+                            .output()
+                            .multi()
+                            .then(|| out.multi.as_ref().expect("multi computed")[row * pd..(row + n) * pd].to_vec()),
                         tokens: n,
-                        dropped: e.dropped,
+                        dropped: p.dropped,
                     };
                     results[*i] = Some(Ok(emb));
                     row += n;
                 }
             }
-            Err(Error::OutOfMemory { .. }) if group.len() > 1 => {
-                let mid = group.len() / 2;
-                self.run_batch(reqs, &group[..mid], results);
-                self.run_batch(reqs, &group[mid..], results);
+            Err(Error::OutOfMemory { .. }) if served.len() > 1 => {
+                let rest: Vec<(usize, Prepared)> = served.iter().map(|(i, p)| (*i, (*p).clone())).collect();
+                let mid = rest.len() / 2;
+                self.run_batch(reqs, &rest[..mid], results);
+                self.run_batch(reqs, &rest[mid..], results);
             }
             Err(e) => {
                 let msg = e.to_string();
-                for (i, _) in group {
+                for (i, _) in &served {
                     results[*i] = Some(Err(match &e {
                         Error::OutOfMemory { requested, in_use, budget } => {
                             Error::OutOfMemory { requested: *requested, in_use: *in_use, budget: *budget }
@@ -275,3 +413,12 @@ impl Engine {
         }
     }
 }
+
+/// A request ready for the GPU: its token ids and, for an image, its grid and patch rows.
+#[derive(Clone, Debug)]
+struct Prepared {
+    ids: Vec<u32>,
+    dropped: usize,
+    image: Option<(GridThw, Vec<f32>)>,
+}
+

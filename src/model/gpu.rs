@@ -21,29 +21,75 @@ use half::bf16;
 use crate::cuda::{DTensor, DView, DeviceAllocator, DeviceBuffer, Gpu};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
+use crate::model::plan::{self, GridThw};
 use crate::model::weights::{DeviceWeights, LoadReport};
 use crate::model::Task;
 use crate::ops;
 use crate::{Error, Result};
 
-/// One packed batch of text sequences, planned on the host.
+/// One packed batch of sequences (text, or text with image blocks), planned on the host.
 #[derive(Clone, Debug, Default)]
 pub struct TextBatch {
     /// Token ids of all sequences, concatenated.
     pub ids: Vec<u32>,
     /// Sequence boundaries, `[0, len0, len0+len1, …]`.
     pub cu_seqlens: Vec<i32>,
-    /// M-RoPE positions as three planes `[t…, h…, w…]` of `ids.len()` each.
-    pub positions: Vec<i32>,
+    /// M-RoPE position components of every token (spec §7.3).
+    pos: [Vec<i32>; 3],
     /// Each token's task index ([`Task::index`]).
     pub row_task: Vec<u8>,
     /// Per sequence, the `[start, end)` rows (packed-batch indices) its single vector pools.
     pub spans: Vec<[u32; 2]>,
+    /// The images of all sequences, in the order of their blocks: patch rows (bf16, as the
+    /// reference feeds the patch embedding) and grids.
+    pub pixel_values: Vec<bf16>,
+    /// Patch grids of the images.
+    pub grids: Vec<GridThw>,
 }
 
 impl TextBatch {
     /// Appends one text sequence (positions 0..len on all three planes, spec §3.2).
     pub fn push_text(&mut self, ids: &[u32], task: Task) {
+        let start = self.begin(ids, task);
+        for p in &mut self.pos {
+            p.extend(0..ids.len() as i32);
+        }
+        self.spans.push([start, self.ids.len() as u32]);
+    }
+
+    /// Appends one sequence whose `<|image_pad|>` runs are the blocks of `images` (patch rows
+    /// `[grid.patches(), row]` each, in order): M-RoPE image positions and the single vector's
+    /// vision span from the host plan (spec §7.3, §8.1).
+    pub fn push_with_images(
+        &mut self,
+        cfg: &ModelConfig,
+        ids: &[u32],
+        task: Task,
+        images: &[(GridThw, &[f32])],
+    ) -> Result<()> {
+        let sp = &cfg.special;
+        let merge = cfg.vision.spatial_merge_size;
+        let grids: Vec<GridThw> = images.iter().map(|(g, _)| *g).collect();
+        let pos = plan::mrope_positions(ids, sp.image_token_id, &grids, merge)?;
+        let (a, b) = plan::pooling_span(ids, sp.vision_start_token_id, sp.vision_end_token_id, !images.is_empty())?;
+        for (g, pv) in images {
+            if pv.is_empty() || pv.len() % g.patches() != 0 {
+                return Err(Error::Input(format!("{} pixel values for a {g} grid", pv.len())));
+            }
+        }
+        let start = self.begin(ids, task);
+        self.pos[0].extend(pos.t);
+        self.pos[1].extend(pos.h);
+        self.pos[2].extend(pos.w);
+        self.spans.push([start + a as u32, start + b as u32]);
+        for (g, pv) in images {
+            self.grids.push(*g);
+            self.pixel_values.extend(pv.iter().map(|&v| bf16::from_f32(v)));
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self, ids: &[u32], task: Task) -> u32 {
         if self.cu_seqlens.is_empty() {
             self.cu_seqlens.push(0);
         }
@@ -51,7 +97,7 @@ impl TextBatch {
         self.ids.extend_from_slice(ids);
         self.row_task.extend(std::iter::repeat_n(task.index() as u8, ids.len()));
         self.cu_seqlens.push(self.ids.len() as i32);
-        self.spans.push([start, self.ids.len() as u32]);
+        start
     }
 
     /// Number of tokens.
@@ -62,15 +108,6 @@ impl TextBatch {
     /// Number of sequences.
     pub fn sequences(&self) -> usize {
         self.spans.len()
-    }
-
-    /// The position planes for text-only sequences.
-    fn text_positions(&self) -> Vec<i32> {
-        let mut p = Vec::with_capacity(self.ids.len());
-        for w in self.cu_seqlens.windows(2) {
-            p.extend(0..(w[1] - w[0]));
-        }
-        [p.clone(), p.clone(), p].concat()
     }
 }
 
@@ -158,6 +195,25 @@ impl GpuModel {
         layout.push(("multi_vector_projector.lora_a".into(), vec![tasks.len() * rank, pk]));
         layout.push(("multi_vector_projector.lora_b".into(), vec![pn, tasks.len() * rank]));
 
+        // The vision tower (spec §5): names as in the checkpoint, but the patch embedding as the
+        // [hidden, c·t·p·p] matrix its Conv3d is, and gate/up fused like the decoder's.
+        let v = &cfg.vision;
+        let pe = shape_of("visual.patch_embed.proj.weight")?;
+        layout.push(("visual.patch_embed".into(), vec![pe[0], pe[1..].iter().product()]));
+        for j in 0..v.depth {
+            let b = format!("visual.blocks.{j}");
+            for n in ["norm1.weight", "norm2.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias"] {
+                layout.push((format!("{b}.{n}"), shape_of(&format!("{b}.{n}"))?));
+            }
+            let (gi, gk) = dims(&shape_of(&format!("{b}.mlp.gate_proj.weight"))?);
+            layout.push((format!("{b}.mlp.gate_up.weight"), vec![2 * gi, gk]));
+            layout.push((format!("{b}.mlp.gate_up.bias"), vec![2 * gi]));
+        }
+        for n in ["ln_q.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"] {
+            let name = format!("visual.merger.{n}");
+            layout.push((name.clone(), shape_of(&name)?));
+        }
+
         let mut w = DeviceWeights::allocate(gpu, &layout)?;
         let mut report = LoadReport::default();
         let get = |name: &str| -> Vec<bf16> { ckpt.to_bf16(ckpt.get(name).expect("validated at open")) };
@@ -188,6 +244,22 @@ impl GpuModel {
         let (a, b) = stack_lora(ckpt, &["multi_vector_projector".to_string()], rank, scale);
         w.fill(gpu, "multi_vector_projector.lora_a", &a)?;
         w.fill(gpu, "multi_vector_projector.lora_b", &b)?;
+
+        w.fill(gpu, "visual.patch_embed", &get("visual.patch_embed.proj.weight"))?;
+        for j in 0..v.depth {
+            let b = format!("visual.blocks.{j}");
+            for n in ["norm1.weight", "norm2.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias"] {
+                w.fill(gpu, &format!("{b}.{n}"), &get(&format!("{b}.{n}")))?;
+            }
+            for kind in ["weight", "bias"] {
+                let fused = [get(&format!("{b}.mlp.gate_proj.{kind}")), get(&format!("{b}.mlp.up_proj.{kind}"))].concat();
+                w.fill(gpu, &format!("{b}.mlp.gate_up.{kind}"), &fused)?;
+            }
+        }
+        for n in ["ln_q.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"] {
+            let name = format!("visual.merger.{n}");
+            w.fill(gpu, &name, &get(&name))?;
+        }
 
         // inv_freq[j] = theta^(-2j/head_dim), computed in f64 (spec §7.2).
         let half = t.head_dim / 2;
@@ -280,8 +352,7 @@ impl GpuModel {
 
         // Inputs.
         let ids = upload(gpu, mem, &batch.ids, &[n])?;
-        let positions =
-            if batch.positions.len() == 3 * n { batch.positions.clone() } else { batch.text_positions() };
+        let positions = batch.pos.concat();
         let pos = upload(gpu, mem, &positions, &[3, n])?;
         let cu = upload(gpu, mem, &batch.cu_seqlens, &[batch.cu_seqlens.len()])?;
         let row_task = upload(gpu, mem, &batch.row_task, &[n])?;
@@ -304,6 +375,13 @@ impl GpuModel {
         let inv_freq: DView<'_, f32> = self.consts.view(0, &[hd / 2]).expect("inv_freq");
         let section = t.mrope_section.map(|v| v as u32);
         ops::embedding_f32(gpu, &w.expect("embed_tokens.weight"), &ids.view(), &mut h.view_mut())?;
+        if !batch.grids.is_empty() {
+            // The vision tower's rows replace the embeddings of the <|image_pad|> tokens (§4.3).
+            let vis = self.vision(gpu, mem, batch)?;
+            let rows = plan::image_token_rows(&batch.ids, self.cfg.special.image_token_id, vis.shape()[0])?;
+            let rows = upload(gpu, mem, &rows, &[rows.len()])?;
+            ops::scatter_rows_f32(gpu, &vis.view(), &rows.view(), &mut h.view_mut())?;
+        }
         record(gpu, Some(&h), None)?;
         for l in 0..t.num_hidden_layers {
             let lw = |n: &str| w.expect(&format!("layers.{l}.{n}"));
@@ -373,6 +451,72 @@ impl GpuModel {
         };
         let single = gpu.download(&single.view())?;
         Ok(BatchOutput { single, multi })
+    }
+
+    /// The vision tower over the batch's images (spec §5): `[merged tokens, out_hidden]` bf16, in
+    /// raster order per image, images in order. The residual stream is bf16 here, as in the
+    /// reference; every block's adds ride on the GEMMs (bias and accumulate epilogues).
+    pub fn vision(&self, gpu: &Gpu, mem: &mut DeviceAllocator, batch: &TextBatch) -> Result<DTensor<bf16>> {
+        let v = &self.cfg.vision;
+        let unit = v.spatial_merge_size * v.spatial_merge_size;
+        let vp = plan::try_vision_plan(&batch.grids, v.spatial_merge_size, v.window_size, v.patch_size)?;
+        let (np, d, heads, hd) = (vp.patches, v.hidden_size, v.num_heads, v.head_dim());
+        let row = batch.pixel_values.len() / np.max(1);
+        let w = &self.w;
+        // Host planning, uploaded once.
+        let idx = |v: &[usize]| v.iter().map(|&i| i as u32).collect::<Vec<u32>>();
+        let window = upload(gpu, mem, &idx(&vp.window_index), &[vp.window_index.len()])?;
+        let reverse = upload(gpu, mem, &idx(&vp.reverse_index), &[vp.reverse_index.len()])?;
+        let cu_win = upload(gpu, mem, &vp.cu_window_seqlens, &[vp.cu_window_seqlens.len()])?;
+        let cu_full = upload(gpu, mem, &vp.cu_seqlens, &[vp.cu_seqlens.len()])?;
+        let max_win = vp.cu_window_seqlens.windows(2).map(|p| (p[1] - p[0]) as usize).max().unwrap_or(0);
+        let max_full = vp.cu_seqlens.windows(2).map(|p| (p[1] - p[0]) as usize).max().unwrap_or(0);
+        // The same angle table the CPU oracle uses (host math, f64 → f32), after the permutation.
+        let angles =
+            crate::reference::vision_rope_angles(&vp.rot_pos_windowed(v.spatial_merge_size), hd, 10000.0);
+        let angles = upload(gpu, mem, &angles, &[np, hd / 2])?;
+        let pix = upload(gpu, mem, &batch.pixel_values, &[np, row])?;
+
+        let mut x0 = alloc::<bf16>(mem, &[np, d])?;
+        ops::linear(gpu, &pix.view(), &w.expect("visual.patch_embed"), None, &mut x0.view_mut(), false)?;
+        // Window order: groups of merge² patches permuted as whole rows.
+        let mut h = alloc::<bf16>(mem, &[np, d])?;
+        ops::gather_rows(gpu, &x0.view().reshape(&[np / unit, unit * d]), &window.view(), &mut h.view_mut().reshape(&[np / unit, unit * d]))?;
+        let mut x = x0;
+        let mut qkv = alloc::<bf16>(mem, &[np, 3 * d])?;
+        let mut attn = alloc::<bf16>(mem, &[np, d])?;
+        let mut gu = alloc::<bf16>(mem, &[np, 2 * v.intermediate_size])?;
+        let mut act = alloc::<bf16>(mem, &[np, v.intermediate_size])?;
+        let eps = 1e-6; // the vision RMSNorm's, fixed in the reference code
+        for j in 0..v.depth {
+            let bw = |n: &str| w.expect(&format!("visual.blocks.{j}.{n}"));
+            ops::rmsnorm(gpu, &h.view(), &bw("norm1.weight"), eps, &mut x.view_mut())?;
+            ops::linear(gpu, &x.view(), &bw("attn.qkv.weight"), Some(&bw("attn.qkv.bias")), &mut qkv.view_mut(), false)?;
+            ops::vision_rope(gpu, &mut qkv.view_mut(), heads, hd, &angles.view())?;
+            let full = v.fullatt_block_indexes.contains(&j);
+            let (cu, max) = if full { (&cu_full, max_full) } else { (&cu_win, max_win) };
+            ops::flash_attn(gpu, &qkv.view(), &mut attn.view_mut(), &cu.view(), max, heads, heads, hd, false, (hd as f32).powf(-0.5))?;
+            ops::linear(gpu, &attn.view(), &bw("attn.proj.weight"), Some(&bw("attn.proj.bias")), &mut h.view_mut(), true)?;
+            ops::rmsnorm(gpu, &h.view(), &bw("norm2.weight"), eps, &mut x.view_mut())?;
+            ops::linear(gpu, &x.view(), &bw("mlp.gate_up.weight"), Some(&bw("mlp.gate_up.bias")), &mut gu.view_mut(), false)?;
+            ops::swiglu(gpu, &gu.view(), &mut act.view_mut())?;
+            ops::linear(gpu, &act.view(), &bw("mlp.down_proj.weight"), Some(&bw("mlp.down_proj.bias")), &mut h.view_mut(), true)?;
+        }
+        // Patch merger: RMSNorm per patch, merge² patches as one row, MLP with exact GELU.
+        ops::rmsnorm(gpu, &h.view(), &w.expect("visual.merger.ln_q.weight"), eps, &mut x.view_mut())?;
+        let groups = np / unit;
+        let merged = x.view().reshape(&[groups, unit * d]);
+        let mut z = alloc::<bf16>(mem, &[groups, unit * d])?;
+        ops::linear(gpu, &merged, &w.expect("visual.merger.mlp.0.weight"), Some(&w.expect("visual.merger.mlp.0.bias")), &mut z.view_mut(), false)?;
+        let mut zg = alloc::<bf16>(mem, &[groups, unit * d])?;
+        ops::gelu(gpu, &z.view(), &mut zg.view_mut())?;
+        let out_d = v.out_hidden_size;
+        let mut y = alloc::<bf16>(mem, &[groups, out_d])?;
+        ops::linear(gpu, &zg.view(), &w.expect("visual.merger.mlp.2.weight"), Some(&w.expect("visual.merger.mlp.2.bias")), &mut y.view_mut(), false)?;
+        // Back to raster order: out[window_index[i]] = y[i], i.e. a gather with the inverse.
+        let mut out = alloc::<bf16>(mem, &[groups, out_d])?;
+        ops::gather_rows(gpu, &y.view(), &reverse.view(), &mut out.view_mut())?;
+        Ok(out)
     }
 
     /// The LoRA shrink of a projection that fuses `parts` checkpoint projections: `x·A_allᵀ` with

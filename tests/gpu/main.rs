@@ -36,5 +36,6 @@ fn main() {
         ("weights_upload_round_trip", weights::weights_upload_round_trip),
         ("text_forward_matches_cpu_layer_by_layer", model::text_forward_matches_cpu_layer_by_layer),
         ("text_outputs_match_fp32_reference", model::text_outputs_match_fp32_reference),
+        ("image_outputs_match_fp32_reference", model::image_outputs_match_fp32_reference),
     ]);
 }

@@ -158,3 +158,76 @@ pub fn text_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
     );
     Ok(())
 }
+
+/// The fixture images as the reference resized them, through our normalise + patchify (the
+/// resampler's ±1 LSB stays out of the model comparison), with their ids and tasks.
+fn fixture_images(t: &Tiny) -> Result<Vec<(String, Vec<u32>, Task, jv4::model::plan::GridThw, Vec<f32>)>, String> {
+    use jv4::engine::image::{preprocess, ImageConfig, RgbImage8};
+    let dir = fixtures();
+    let bytes = std::fs::read(dir.join("tiny/preprocess.safetensors")).map_err(e)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(e)?;
+    let spec: Value = serde_json::from_slice(&std::fs::read(dir.join("images/images.json")).map_err(e)?).map_err(e)?;
+    let mut out = Vec::new();
+    for entry in t.meta["images"].as_array().unwrap().iter().filter(|x| x["embed"].as_bool().unwrap_or(true)) {
+        let file = entry["file"].as_str().unwrap();
+        let name = file.rsplit_once('.').unwrap().0.to_string();
+        let resized = st.tensor(&format!("image/{name}/resized")).map_err(e)?;
+        let (h, w) = (resized.shape()[0], resized.shape()[1]);
+        let img = RgbImage8 { width: w, height: h, data: resized.data().to_vec() };
+        let mut cfg = ImageConfig::default();
+        if let Some(mp) = spec["images"].as_array().unwrap().iter().find(|i| i["file"] == file).and_then(|i| i["max_pixels"].as_u64()) {
+            cfg.max_pixels = mp as usize;
+        }
+        let p = preprocess(&img, &cfg).map_err(e)?;
+        let grid = jv4::model::plan::GridThw { t: p.grid_thw[0], h: p.grid_thw[1], w: p.grid_thw[2] };
+        let ids = entry["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        out.push((name, ids, entry["task"].as_str().unwrap().parse().unwrap(), grid, p.pixel_values));
+    }
+    Ok(out)
+}
+
+pub fn image_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
+    let t = tiny()?;
+    let (model, _) = GpuModel::load(&ctx.gpu, &t.ckpt).map_err(e)?;
+    let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
+    let cpu = CpuModel::from_checkpoint(&t.ckpt);
+    let pd = t.ckpt.config.multi_vector_projector_dim;
+    let hid = t.ckpt.config.text.hidden_size;
+    let images = fixture_images(&t)?;
+    let mut line = Vec::new();
+    for (name, ids, task, grid, pv) in &images {
+        // The vision tower alone, against the rows transformers spliced in.
+        let mut b = TextBatch::default();
+        b.push_with_images(&t.ckpt.config, ids, *task, &[(*grid, pv.as_slice())]).map_err(e)?;
+        let vis = model.vision(&ctx.gpu, &mut mem, &b).map_err(e)?;
+        let vis: Vec<f32> = ctx.gpu.download(&vis.view()).map_err(e)?.iter().map(|v| v.to_f32()).collect();
+        mem.free_all();
+        let vref = &t.refs[&format!("image/{name}/vision/fp32")];
+        let vcos = (0..vref.len() / hid)
+            .map(|r| cos(&vis[r * hid..(r + 1) * hid], &vref[r * hid..(r + 1) * hid]))
+            .fold(1f64, f64::min);
+        // The whole sequence: single vector over the vision span, multi-vector over all tokens.
+        let out = model.forward_text(&ctx.gpu, &mut mem, &b, true).map_err(e)?;
+        let single = cos(&out.single, &t.refs[&format!("image/{name}/single/fp32")]);
+        let got = out.multi.unwrap();
+        let mref = &t.refs[&format!("image/{name}/multi/fp32")];
+        let rows = got.len() / pd;
+        let mc = (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &mref[r * pd..(r + 1) * pd])).sum::<f64>() / rows as f64;
+        // And the CPU forward of the same input (the wiring is checked twice).
+        let seq = SeqInput {
+            ids: ids.clone(),
+            task: *task,
+            images: vec![jv4::model::cpu::ImageInput { pixel_values: pv.clone(), grid: *grid }],
+        };
+        let c = cpu.forward(&[seq]).map_err(e)?.remove(0);
+        let vs_cpu = cos(&out.single, &c.single);
+        line.push(format!("{name}: vision min row cos {vcos:.5}, single {single:.6}, multi {mc:.6}, vs CPU {vs_cpu:.6}"));
+        if vcos < 0.99 || single < 0.999 || mc < 0.99 || vs_cpu < 0.999 {
+            return Err(line.join("; "));
+        }
+    }
+    for l in line {
+        println!("  {l}");
+    }
+    Ok(())
+}
