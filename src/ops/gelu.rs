@@ -31,5 +31,7 @@ pub fn gelu(gpu: &Gpu, x: &DView<'_, bf16>, out: &mut DViewMut<'_, bf16>) -> Res
     let mut args = [arg(&mut xp), arg(&mut op), arg(&mut nn)];
     // SAFETY: args match gelu_bf16(const bf16*, bf16*, int64); x and out hold n elements each
     // (checked above), aligned for the vector path.
-    unsafe { gpu.launch(KernelId::GeluBf16, Launch::linear(grid_for(work, THREADS), THREADS as u32), &mut args) }
+    unsafe {
+        gpu.launch(KernelId::GeluBf16, Launch::linear(grid_for(work, THREADS), THREADS as u32), &mut args)
+    }
 }

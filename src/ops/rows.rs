@@ -11,7 +11,14 @@ use crate::{Error, Result};
 
 /// Shapes the tests run: (rows, row_len). Merge groups of 4·1280 (vector path) at one and many
 /// rows, decoder-width rows of 2048, and odd rows of 7 (scalar path).
-pub const CASES: &[(usize, usize)] = &[(1, 5120), (117, 5120), (1024, 5120), (33, 2048), (300, 2048), (5, 7), (129, 7)];
+pub const CASES: &[(usize, usize)] =
+    &[(1, 5120), (117, 5120), (1024, 5120), (33, 2048), (300, 2048), (5, 7), (129, 7)];
+
+/// Shapes the scatter tests run: (R, N, L), N image rows spliced into R decoder rows of L. One
+/// row, a prompt of 1024 image tokens among 1200 at the decoder width 2048, all rows replaced,
+/// and an odd row length.
+pub const SCATTER_CASES: &[(usize, usize, usize)] =
+    &[(1, 1, 2048), (1200, 1024, 2048), (333, 333, 2048), (4097, 17, 2048), (50, 20, 7)];
 
 const THREADS: usize = 256;
 
@@ -24,7 +31,8 @@ pub fn gather_rows(
     index: &DView<'_, u32>,
     out: &mut DViewMut<'_, bf16>,
 ) -> Result<()> {
-    let bad = || Error::Shape {
+    let bad = || {
+        Error::Shape {
         op: "gather_rows",
         msg: format!(
             "x {:?}, index {:?} -> out {:?}: expected x [R_in, L], index [R_out], out [R_out, L], all non-empty",
@@ -32,6 +40,7 @@ pub fn gather_rows(
             index.shape(),
             out.shape()
         ),
+    }
     };
     let (&[rows_in, len], &[rows_out]) = (x.shape(), index.shape()) else {
         return Err(bad());
@@ -51,7 +60,11 @@ pub fn gather_rows(
     // x holds R_in·L, index R_out and out R_out·L elements (checked above), aligned for the
     // vector path; the kernel reads x rows only for indices < R_in.
     unsafe {
-        gpu.launch(KernelId::GatherRowsBf16, Launch::linear(grid_for(work, THREADS), THREADS as u32), &mut args)
+        gpu.launch(
+            KernelId::GatherRowsBf16,
+            Launch::linear(grid_for(work, THREADS), THREADS as u32),
+            &mut args,
+        )
     }
 }
 
@@ -85,6 +98,10 @@ pub fn scatter_rows_f32(
     // SAFETY: args match scatter_rows_f32(const bf16*, const u32*, float*, int64, int64, int64);
     // v holds N·L, rows N and out R·L elements (checked above); rows ≥ R are not written.
     unsafe {
-        gpu.launch(KernelId::ScatterRowsF32, Launch::linear(grid_for(n * len, THREADS), THREADS as u32), &mut args)
+        gpu.launch(
+            KernelId::ScatterRowsF32,
+            Launch::linear(grid_for(n * len, THREADS), THREADS as u32),
+            &mut args,
+        )
     }
 }
