@@ -3,20 +3,24 @@
 
 pub mod attention;
 pub mod embedding;
+pub mod gelu;
 pub mod linear;
 pub mod lora;
 pub mod pool;
 pub mod rmsnorm;
 pub mod rope;
+pub mod rows;
 pub mod swiglu;
 
 pub use attention::flash_attn;
 pub use embedding::{embedding, embedding_f32};
+pub use gelu::gelu;
 pub use linear::{linear, linear_f32};
 pub use lora::lora_mask;
 pub use pool::{l2_rows, mean_pool_l2};
 pub use rmsnorm::{rmsnorm, rmsnorm_f32};
 pub use rope::{mrope, vision_rope};
+pub use rows::{gather_rows, scatter_rows_f32};
 pub use swiglu::swiglu;
 
 use std::ffi::c_void;

@@ -8,6 +8,7 @@ mod harness;
 mod model;
 mod ops;
 mod textops;
+mod visionops;
 mod weights;
 
 fn main() {
@@ -27,6 +28,9 @@ fn main() {
         ("lora_mask_matches_cpu", textops::lora_mask_matches_cpu),
         ("textops_reject_bad_shapes", textops::textops_reject_bad_shapes),
         ("residual_f32_ops_match_reference", textops::residual_f32_ops_match_reference),
+        ("gelu_matches_reference", visionops::gelu_matches_reference),
+        ("gather_rows_matches_reference", visionops::gather_rows_matches_reference),
+        ("scatter_rows_f32_matches_reference", visionops::scatter_rows_f32_matches_reference),
         ("attention_matches_reference", attention::attention_matches_reference),
         ("attention_tolerance_catches_mistakes", attention::attention_tolerance_catches_mistakes),
         ("attention_rejects_bad_shapes", attention::attention_rejects_bad_shapes),

@@ -13,17 +13,17 @@ use jv4::cuda::{DTensor, DView, DeviceAllocator};
 use jv4::{ops, reference};
 
 /// f32 unit roundoff, 2^-24: the relative error of one f32 rounding.
-const U32: f32 = f32::EPSILON / 2.0;
+pub(crate) const U32: f32 = f32::EPSILON / 2.0;
 
 /// NaN in f32: the poison of f32 outputs.
-const F32_NAN_BITS: u32 = 0x7FC0_0000;
+pub(crate) const F32_NAN_BITS: u32 = 0x7FC0_0000;
 
-fn dtensor<T>(mem: &mut DeviceAllocator, dims: &[usize]) -> Result<DTensor<T>, String> {
+pub(crate) fn dtensor<T>(mem: &mut DeviceAllocator, dims: &[usize]) -> Result<DTensor<T>, String> {
     let n: usize = dims.iter().product();
     Ok(DTensor::from_block(mem.alloc((n * std::mem::size_of::<T>()).max(1) as u64).map_err(e)?, dims))
 }
 
-fn upload<T: Copy>(
+pub(crate) fn upload<T: Copy>(
     ctx: &Ctx,
     mem: &mut DeviceAllocator,
     dims: &[usize],
@@ -36,7 +36,7 @@ fn upload<T: Copy>(
 
 /// Random finite bf16 values of every magnitude (random bits; an all-ones exponent, inf or NaN,
 /// gets its top exponent bit cleared).
-fn random_bf16_bits(ctx: &mut Ctx, n: usize) -> Vec<bf16> {
+pub(crate) fn random_bf16_bits(ctx: &mut Ctx, n: usize) -> Vec<bf16> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let r = ctx.rng.next_u64();
@@ -52,7 +52,7 @@ fn random_bf16_bits(ctx: &mut Ctx, n: usize) -> Vec<bf16> {
 }
 
 /// First element where two bit patterns differ, as an error message.
-fn check_bits(what: &str, got: &[u16], want: &[u16]) -> Result<(), String> {
+pub(crate) fn check_bits(what: &str, got: &[u16], want: &[u16]) -> Result<(), String> {
     if got.len() != want.len() {
         return Err(format!("{what}: {} values, expected {}", got.len(), want.len()));
     }
