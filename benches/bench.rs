@@ -450,7 +450,8 @@ fn bench_images(model: &std::path::Path, reference: &std::path::Path) -> Result<
     use jv4::model::plan::GridThw;
     use jv4::model::Task;
     let bytes = std::fs::read(reference).map_err(|e| jv4::Error::io(reference, e))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| jv4::Error::Input(e.to_string()))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| jv4::Error::Input(e.to_string()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| jv4::Error::Input(e.to_string()))?;
     let images: Vec<serde_json::Value> = serde_json::from_str(
         meta.metadata().as_ref().and_then(|m| m.get("images")).map(String::as_str).unwrap_or("[]"),
@@ -471,13 +472,23 @@ fn bench_images(model: &std::path::Path, reference: &std::path::Path) -> Result<
     let mut mem = DeviceAllocator::new(&gpu, free / 10 * 9, DEFAULT_PAGE_SIZE)?;
     let pd = cfg.multi_vector_projector_dim;
     let mut inputs = Vec::new();
-    println!("{:<5} {:>11} {:>8} {:>7} {:>11} {:>14} {:>9} {:>9} {:>7}", "image", "size", "patches", "tokens", "single cos", "multi mean cos", "ours ms", "torch ms", "ratio");
+    println!(
+        "{:<5} {:>11} {:>8} {:>7} {:>11} {:>14} {:>9} {:>9} {:>7}",
+        "image", "size", "patches", "tokens", "single cos", "multi mean cos", "ours ms", "torch ms", "ratio"
+    );
     let (mut ours_v, mut refs_v) = (Vec::new(), Vec::new());
     let mut cap_torch_ms = 0.0;
     for (i, im) in images.iter().enumerate() {
         let g = &im["grid"];
-        let grid = GridThw { t: g[0].as_u64().unwrap_or(1) as usize, h: g[1].as_u64().unwrap_or(0) as usize, w: g[2].as_u64().unwrap_or(0) as usize };
-        let ids: Vec<u32> = raw(&format!("{i}/ids"))?.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32).collect();
+        let grid = GridThw {
+            t: g[0].as_u64().unwrap_or(1) as usize,
+            h: g[1].as_u64().unwrap_or(0) as usize,
+            w: g[2].as_u64().unwrap_or(0) as usize,
+        };
+        let ids: Vec<u32> = raw(&format!("{i}/ids"))?
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32)
+            .collect();
         let pv = f32s(&format!("{i}/pixel_values"))?;
         let task: Task = im["task"].as_str().unwrap_or("retrieval").parse()?;
         let mut b = TextBatch::default();
@@ -488,7 +499,9 @@ fn bench_images(model: &std::path::Path, reference: &std::path::Path) -> Result<
         let c = cos(&out.single, &single_ref);
         let got = out.multi.as_ref().unwrap();
         let rows = multi_ref.len() / pd;
-        let mc = (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &multi_ref[r * pd..(r + 1) * pd])).sum::<f64>() / rows as f64;
+        let mc =
+            (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &multi_ref[r * pd..(r + 1) * pd])).sum::<f64>()
+                / rows as f64;
         let mut times = Vec::new();
         for _ in 0..5 {
             let t0 = std::time::Instant::now();
@@ -533,7 +546,8 @@ fn bench_images(model: &std::path::Path, reference: &std::path::Path) -> Result<
         n / (cap_torch_ms / 1e3),
         (cap_torch_ms / 1e3) / times[2]
     );
-    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let dist =
+        |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
     let max_err = ours_v.iter().zip(&refs_v).map(|(a, b)| dist(a, b)).fold(0f64, f64::max);
     let mut min_between = f64::MAX;
     for i in 0..refs_v.len() {

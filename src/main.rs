@@ -70,8 +70,9 @@ enum Cmd {
         /// Texts; when none are given, read one per line from standard input.
         texts: Vec<String>,
     },
-    /// Embed texts. Input: JSON lines `{"text": ..., "id"?, "task"?, "prompt_name"?}` from --input
-    /// or standard input. Output: JSON lines `{"id", "embedding"?, "multi_vector"?}` (or
+    /// Embed texts and images. Input: JSON lines `{"text": ..., "id"?, "task"?, "prompt_name"?}` or
+    /// `{"image": "<path>" | "image_base64": "...", "id"?, "task"?, "max_pixels"?}` from --input or
+    /// standard input. Output: JSON lines `{"id", "embedding"?, "multi_vector"?}` (or
     /// `{"id", "error"}` for a line that fails; the others are still served), or a .npy matrix
     /// of the single vectors.
     Embed {
@@ -109,6 +110,9 @@ enum Cmd {
         /// Most tokens per forward pass (requests are packed up to it).
         #[arg(long, default_value_t = 16384)]
         max_batch_tokens: usize,
+        /// Most image patches per forward pass; a larger image is resized down to fit.
+        #[arg(long, default_value_t = 16384)]
+        max_batch_patches: usize,
         /// Activation memory budget (e.g. 20GiB); default $JV4_MEM_BUDGET, else 90% of free memory.
         #[arg(long)]
         mem_budget: Option<String>,
@@ -206,6 +210,7 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
             max_length,
             strict,
             max_batch_tokens,
+            max_batch_patches,
             mem_budget,
             device,
         } => {
@@ -225,6 +230,8 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
                 max_batch_tokens,
                 mem_budget,
                 truncation: Truncation { max_length, strict },
+                max_batch_patches,
+                ..EngineOptions::default()
             };
             let mut engine = match tokenizer {
                 Some(t) => Engine::with_tokenizer(&model, TextTokenizer::from_file(t)?, opts)?,

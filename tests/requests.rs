@@ -89,7 +89,8 @@ fn image_lines_read_a_file_or_base64_and_bad_ones_fail_alone() {
     let line = format!(r#"{{"id": 9, "image": "{}", "task": "code", "max_pixels": 100352}}"#, path.display());
     let Line::Ok(_, Request::Image(r)) = parse_line(1, Ok(line.into_bytes()), &defaults()) else { panic!() };
     assert_eq!((r.task, r.max_pixels, r.bytes.len()), (Task::Code, Some(100352), 9));
-    let Line::Ok(_, Request::Image(r)) = parse_line(2, Ok(br#"{"image_base64": "aGVsbG8="}"#.to_vec()), &defaults())
+    let Line::Ok(_, Request::Image(r)) =
+        parse_line(2, Ok(br#"{"image_base64": "aGVsbG8="}"#.to_vec()), &defaults())
     else {
         panic!()
     };

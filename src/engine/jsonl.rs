@@ -58,7 +58,9 @@ pub fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line
             Some(Err(e)) => return Line::Err(id, format!("line {n}: image_base64: {e}")),
             None => return Line::Err(id, format!("line {n}: \"image_base64\" must be a string")),
         },
-        (Some(_), Some(_)) => return Line::Err(id, format!("line {n}: give \"image\" or \"image_base64\", not both")),
+        (Some(_), Some(_)) => {
+            return Line::Err(id, format!("line {n}: give \"image\" or \"image_base64\", not both"))
+        }
     };
     let text = v.get("text").and_then(Value::as_str);
     if image.is_none() && text.is_none() {
@@ -89,7 +91,10 @@ pub fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line
                 None => return Line::Err(id, format!("line {n}: max_pixels must be a number")),
             },
         };
-        return Line::Ok(id, Request::Image(ImageRequest { bytes, task, output: d.output, dims, max_pixels }));
+        return Line::Ok(
+            id,
+            Request::Image(ImageRequest { bytes, task, output: d.output, dims, max_pixels }),
+        );
     }
     let t = text.unwrap_or_default();
     Line::Ok(id, Request::Text(TextRequest { text: t.to_string(), task, prompt, output: d.output, dims }))

@@ -342,12 +342,23 @@ impl Engine {
             output: req.output(),
             dims: req.dims(),
         };
-        check_request(&probe, p.ids.len(), &cfg.matryoshka_dims, cfg.text.hidden_size, self.opts.max_batch_tokens)?;
+        check_request(
+            &probe,
+            p.ids.len(),
+            &cfg.matryoshka_dims,
+            cfg.text.hidden_size,
+            self.opts.max_batch_tokens,
+        )?;
         Ok(p)
     }
 
     /// One forward for `group`; on out-of-memory, halves the group and tries again.
-    fn run_batch(&mut self, reqs: &[Request], group: &[(usize, Prepared)], results: &mut [Option<Result<Embedding>>]) {
+    fn run_batch(
+        &mut self,
+        reqs: &[Request],
+        group: &[(usize, Prepared)],
+        results: &mut [Option<Result<Embedding>>],
+    ) {
         let mut batch = TextBatch::default();
         let mut served = Vec::with_capacity(group.len());
         for (i, p) in group {
@@ -356,7 +367,9 @@ impl Engine {
                     batch.push_text(&p.ids, reqs[*i].task());
                     Ok(())
                 }
-                Some((g, pv)) => batch.push_with_images(self.model.config(), &p.ids, reqs[*i].task(), &[(*g, pv)]),
+                Some((g, pv)) => {
+                    batch.push_with_images(self.model.config(), &p.ids, reqs[*i].task(), &[(*g, pv)])
+                }
             };
             match pushed {
                 Ok(()) => served.push((*i, p)),
@@ -381,10 +394,9 @@ impl Engine {
                             Some(d) if d < hid => matryoshka(single, d),
                             _ => single.to_vec(),
                         }),
-                        multi: req
-                            .output()
-                            .multi()
-                            .then(|| out.multi.as_ref().expect("multi computed")[row * pd..(row + n) * pd].to_vec()),
+                        multi: req.output().multi().then(|| {
+                            out.multi.as_ref().expect("multi computed")[row * pd..(row + n) * pd].to_vec()
+                        }),
                         tokens: n,
                         dropped: p.dropped,
                     };
@@ -421,4 +433,3 @@ struct Prepared {
     dropped: usize,
     image: Option<(GridThw, Vec<f32>)>,
 }
-

@@ -71,7 +71,8 @@ impl TextBatch {
         let merge = cfg.vision.spatial_merge_size;
         let grids: Vec<GridThw> = images.iter().map(|(g, _)| *g).collect();
         let pos = plan::mrope_positions(ids, sp.image_token_id, &grids, merge)?;
-        let (a, b) = plan::pooling_span(ids, sp.vision_start_token_id, sp.vision_end_token_id, !images.is_empty())?;
+        let (a, b) =
+            plan::pooling_span(ids, sp.vision_start_token_id, sp.vision_end_token_id, !images.is_empty())?;
         for (g, pv) in images {
             if pv.is_empty() || pv.len() % g.patches() != 0 {
                 return Err(Error::Input(format!("{} pixel values for a {g} grid", pv.len())));
@@ -202,7 +203,16 @@ impl GpuModel {
         layout.push(("visual.patch_embed".into(), vec![pe[0], pe[1..].iter().product()]));
         for j in 0..v.depth {
             let b = format!("visual.blocks.{j}");
-            for n in ["norm1.weight", "norm2.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias"] {
+            for n in [
+                "norm1.weight",
+                "norm2.weight",
+                "attn.qkv.weight",
+                "attn.qkv.bias",
+                "attn.proj.weight",
+                "attn.proj.bias",
+                "mlp.down_proj.weight",
+                "mlp.down_proj.bias",
+            ] {
                 layout.push((format!("{b}.{n}"), shape_of(&format!("{b}.{n}"))?));
             }
             let (gi, gk) = dims(&shape_of(&format!("{b}.mlp.gate_proj.weight"))?);
@@ -248,11 +258,22 @@ impl GpuModel {
         w.fill(gpu, "visual.patch_embed", &get("visual.patch_embed.proj.weight"))?;
         for j in 0..v.depth {
             let b = format!("visual.blocks.{j}");
-            for n in ["norm1.weight", "norm2.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias"] {
+            for n in [
+                "norm1.weight",
+                "norm2.weight",
+                "attn.qkv.weight",
+                "attn.qkv.bias",
+                "attn.proj.weight",
+                "attn.proj.bias",
+                "mlp.down_proj.weight",
+                "mlp.down_proj.bias",
+            ] {
                 w.fill(gpu, &format!("{b}.{n}"), &get(&format!("{b}.{n}")))?;
             }
             for kind in ["weight", "bias"] {
-                let fused = [get(&format!("{b}.mlp.gate_proj.{kind}")), get(&format!("{b}.mlp.up_proj.{kind}"))].concat();
+                let fused =
+                    [get(&format!("{b}.mlp.gate_proj.{kind}")), get(&format!("{b}.mlp.up_proj.{kind}"))]
+                        .concat();
                 w.fill(gpu, &format!("{b}.mlp.gate_up.{kind}"), &fused)?;
             }
         }
@@ -481,7 +502,12 @@ impl GpuModel {
         ops::linear(gpu, &pix.view(), &w.expect("visual.patch_embed"), None, &mut x0.view_mut(), false)?;
         // Window order: groups of merge² patches permuted as whole rows.
         let mut h = alloc::<bf16>(mem, &[np, d])?;
-        ops::gather_rows(gpu, &x0.view().reshape(&[np / unit, unit * d]), &window.view(), &mut h.view_mut().reshape(&[np / unit, unit * d]))?;
+        ops::gather_rows(
+            gpu,
+            &x0.view().reshape(&[np / unit, unit * d]),
+            &window.view(),
+            &mut h.view_mut().reshape(&[np / unit, unit * d]),
+        )?;
         let mut x = x0;
         let mut qkv = alloc::<bf16>(mem, &[np, 3 * d])?;
         let mut attn = alloc::<bf16>(mem, &[np, d])?;
@@ -491,28 +517,81 @@ impl GpuModel {
         for j in 0..v.depth {
             let bw = |n: &str| w.expect(&format!("visual.blocks.{j}.{n}"));
             ops::rmsnorm(gpu, &h.view(), &bw("norm1.weight"), eps, &mut x.view_mut())?;
-            ops::linear(gpu, &x.view(), &bw("attn.qkv.weight"), Some(&bw("attn.qkv.bias")), &mut qkv.view_mut(), false)?;
+            ops::linear(
+                gpu,
+                &x.view(),
+                &bw("attn.qkv.weight"),
+                Some(&bw("attn.qkv.bias")),
+                &mut qkv.view_mut(),
+                false,
+            )?;
             ops::vision_rope(gpu, &mut qkv.view_mut(), heads, hd, &angles.view())?;
             let full = v.fullatt_block_indexes.contains(&j);
             let (cu, max) = if full { (&cu_full, max_full) } else { (&cu_win, max_win) };
-            ops::flash_attn(gpu, &qkv.view(), &mut attn.view_mut(), &cu.view(), max, heads, heads, hd, false, (hd as f32).powf(-0.5))?;
-            ops::linear(gpu, &attn.view(), &bw("attn.proj.weight"), Some(&bw("attn.proj.bias")), &mut h.view_mut(), true)?;
+            ops::flash_attn(
+                gpu,
+                &qkv.view(),
+                &mut attn.view_mut(),
+                &cu.view(),
+                max,
+                heads,
+                heads,
+                hd,
+                false,
+                (hd as f32).powf(-0.5),
+            )?;
+            ops::linear(
+                gpu,
+                &attn.view(),
+                &bw("attn.proj.weight"),
+                Some(&bw("attn.proj.bias")),
+                &mut h.view_mut(),
+                true,
+            )?;
             ops::rmsnorm(gpu, &h.view(), &bw("norm2.weight"), eps, &mut x.view_mut())?;
-            ops::linear(gpu, &x.view(), &bw("mlp.gate_up.weight"), Some(&bw("mlp.gate_up.bias")), &mut gu.view_mut(), false)?;
+            ops::linear(
+                gpu,
+                &x.view(),
+                &bw("mlp.gate_up.weight"),
+                Some(&bw("mlp.gate_up.bias")),
+                &mut gu.view_mut(),
+                false,
+            )?;
             ops::swiglu(gpu, &gu.view(), &mut act.view_mut())?;
-            ops::linear(gpu, &act.view(), &bw("mlp.down_proj.weight"), Some(&bw("mlp.down_proj.bias")), &mut h.view_mut(), true)?;
+            ops::linear(
+                gpu,
+                &act.view(),
+                &bw("mlp.down_proj.weight"),
+                Some(&bw("mlp.down_proj.bias")),
+                &mut h.view_mut(),
+                true,
+            )?;
         }
         // Patch merger: RMSNorm per patch, merge² patches as one row, MLP with exact GELU.
         ops::rmsnorm(gpu, &h.view(), &w.expect("visual.merger.ln_q.weight"), eps, &mut x.view_mut())?;
         let groups = np / unit;
         let merged = x.view().reshape(&[groups, unit * d]);
         let mut z = alloc::<bf16>(mem, &[groups, unit * d])?;
-        ops::linear(gpu, &merged, &w.expect("visual.merger.mlp.0.weight"), Some(&w.expect("visual.merger.mlp.0.bias")), &mut z.view_mut(), false)?;
+        ops::linear(
+            gpu,
+            &merged,
+            &w.expect("visual.merger.mlp.0.weight"),
+            Some(&w.expect("visual.merger.mlp.0.bias")),
+            &mut z.view_mut(),
+            false,
+        )?;
         let mut zg = alloc::<bf16>(mem, &[groups, unit * d])?;
         ops::gelu(gpu, &z.view(), &mut zg.view_mut())?;
         let out_d = v.out_hidden_size;
         let mut y = alloc::<bf16>(mem, &[groups, out_d])?;
-        ops::linear(gpu, &zg.view(), &w.expect("visual.merger.mlp.2.weight"), Some(&w.expect("visual.merger.mlp.2.bias")), &mut y.view_mut(), false)?;
+        ops::linear(
+            gpu,
+            &zg.view(),
+            &w.expect("visual.merger.mlp.2.weight"),
+            Some(&w.expect("visual.merger.mlp.2.bias")),
+            &mut y.view_mut(),
+            false,
+        )?;
         // Back to raster order: out[window_index[i]] = y[i], i.e. a gather with the inverse.
         let mut out = alloc::<bf16>(mem, &[groups, out_d])?;
         ops::gather_rows(gpu, &y.view(), &reverse.view(), &mut out.view_mut())?;

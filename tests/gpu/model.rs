@@ -159,23 +159,34 @@ pub fn text_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
+/// A fixture image ready for the model: name, ids, task, grid, patch rows.
+type FixtureImage = (String, Vec<u32>, Task, jv4::model::plan::GridThw, Vec<f32>);
+
 /// The fixture images as the reference resized them, through our normalise + patchify (the
 /// resampler's ±1 LSB stays out of the model comparison), with their ids and tasks.
-fn fixture_images(t: &Tiny) -> Result<Vec<(String, Vec<u32>, Task, jv4::model::plan::GridThw, Vec<f32>)>, String> {
+fn fixture_images(t: &Tiny) -> Result<Vec<FixtureImage>, String> {
     use jv4::engine::image::{preprocess, ImageConfig, RgbImage8};
     let dir = fixtures();
     let bytes = std::fs::read(dir.join("tiny/preprocess.safetensors")).map_err(e)?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(e)?;
-    let spec: Value = serde_json::from_slice(&std::fs::read(dir.join("images/images.json")).map_err(e)?).map_err(e)?;
+    let spec: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("images/images.json")).map_err(e)?).map_err(e)?;
     let mut out = Vec::new();
-    for entry in t.meta["images"].as_array().unwrap().iter().filter(|x| x["embed"].as_bool().unwrap_or(true)) {
+    for entry in t.meta["images"].as_array().unwrap().iter().filter(|x| x["embed"].as_bool().unwrap_or(true))
+    {
         let file = entry["file"].as_str().unwrap();
         let name = file.rsplit_once('.').unwrap().0.to_string();
         let resized = st.tensor(&format!("image/{name}/resized")).map_err(e)?;
         let (h, w) = (resized.shape()[0], resized.shape()[1]);
         let img = RgbImage8 { width: w, height: h, data: resized.data().to_vec() };
         let mut cfg = ImageConfig::default();
-        if let Some(mp) = spec["images"].as_array().unwrap().iter().find(|i| i["file"] == file).and_then(|i| i["max_pixels"].as_u64()) {
+        if let Some(mp) = spec["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["file"] == file)
+            .and_then(|i| i["max_pixels"].as_u64())
+        {
             cfg.max_pixels = mp as usize;
         }
         let p = preprocess(&img, &cfg).map_err(e)?;
@@ -212,7 +223,8 @@ pub fn image_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
         let got = out.multi.unwrap();
         let mref = &t.refs[&format!("image/{name}/multi/fp32")];
         let rows = got.len() / pd;
-        let mc = (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &mref[r * pd..(r + 1) * pd])).sum::<f64>() / rows as f64;
+        let mc = (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &mref[r * pd..(r + 1) * pd])).sum::<f64>()
+            / rows as f64;
         // And the CPU forward of the same input (the wiring is checked twice).
         let seq = SeqInput {
             ids: ids.clone(),
@@ -221,7 +233,9 @@ pub fn image_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
         };
         let c = cpu.forward(&[seq]).map_err(e)?.remove(0);
         let vs_cpu = cos(&out.single, &c.single);
-        line.push(format!("{name}: vision min row cos {vcos:.5}, single {single:.6}, multi {mc:.6}, vs CPU {vs_cpu:.6}"));
+        line.push(format!(
+            "{name}: vision min row cos {vcos:.5}, single {single:.6}, multi {mc:.6}, vs CPU {vs_cpu:.6}"
+        ));
         if vcos < 0.99 || single < 0.999 || mc < 0.99 || vs_cpu < 0.999 {
             return Err(line.join("; "));
         }
