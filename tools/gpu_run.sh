@@ -66,7 +66,9 @@ if has embed && [ -f tokenizer.json ]; then
     printf '%s\n' '{"id": "q1", "text": "What is the capital of France?"}' \
         '{"id": "p1", "text": "Paris is the capital of France.", "prompt_name": "passage"}' \
         '{"id": "bad", "text": 42}' 'not json' \
-        '{"id": "c1", "text": "fn main() {}", "task": "code", "prompt_name": "passage"}' > "$out/embed_in.jsonl"
+        '{"id": "c1", "text": "fn main() {}", "task": "code", "prompt_name": "passage"}' \
+        "{\"id\": \"img\", \"image\": \"$here/../tests/fixtures/images/grad_224x224.png\"}" \
+        '{"id": "img64-bad", "image_base64": "aGVsbG8="}' > "$out/embed_in.jsonl"
     ./jv4 embed --model "$model" --tokenizer tokenizer.json --input "$out/embed_in.jsonl" --output "$out/embed_out.jsonl" --dims 128 --vector both 2> "$out/embed_err.txt"
     echo "exit $? ; $(wc -l < "$out/embed_out.jsonl") output lines; errors:"; cat "$out/embed_err.txt" | tail -5
     python3 -c "import json,sys; [print(d.get('id'), len(d.get('embedding', [])), len(d.get('multi_vector', [])), d.get('error','')) for d in map(json.loads, open(sys.argv[1]))]" "$out/embed_out.jsonl"
