@@ -248,11 +248,48 @@ impl Engine {
     }
 
     /// Embeds any mix of texts and images, tasks and outputs: one result per request, in order.
-    /// Texts are tokenized and images decoded and preprocessed (on CPU threads) first; then the
-    /// requests are packed in order into forwards under the token and patch budgets.
+    /// Requests go in windows: while the GPU runs one window's forwards, CPU threads tokenize the
+    /// next window's texts and decode and preprocess its images. Inside a window they are packed
+    /// in order into forwards under the token and patch budgets.
     pub fn embed(&mut self, reqs: &[Request]) -> Vec<Result<Embedding>> {
-        let mut prepared: Vec<Option<Result<Prepared>>> = (0..reqs.len()).map(|_| None).collect();
-        // Texts, tokenized in one call.
+        /// Requests prepared ahead of the GPU at a time.
+        const WINDOW: usize = 256;
+        let mut results: Vec<Option<Result<Embedding>>> = (0..reqs.len()).map(|_| None).collect();
+        let Engine { gpu, model, mem, tok, opts, image_cfg, image_template, .. } = self;
+        let prep = Prep { tok, opts, image_cfg, image_template, cfg: model.config() };
+        let windows: Vec<(usize, usize)> =
+            (0..reqs.len()).step_by(WINDOW).map(|s| (s, (s + WINDOW).min(reqs.len()))).collect();
+        let mut next = windows.first().map(|&(a, b)| prep.prepare(&reqs[a..b]));
+        for (k, &(a, _)) in windows.iter().enumerate() {
+            let current = next.take().expect("prepared window");
+            std::thread::scope(|s| {
+                let ahead = windows.get(k + 1).map(|&(c, d)| {
+                    let prep = &prep;
+                    s.spawn(move || prep.prepare(&reqs[c..d]))
+                });
+                let ready = prep.check_all(reqs, a, current, &mut results);
+                run_window(gpu, model, mem, opts, reqs, &ready, &mut results);
+                next = ahead.map(|h| h.join().expect("preparation thread"));
+            });
+        }
+        results.into_iter().map(|r| r.expect("every request answered")).collect()
+    }
+}
+
+/// What preparing requests needs: everything but the GPU.
+struct Prep<'a> {
+    tok: &'a TextTokenizer,
+    opts: &'a EngineOptions,
+    image_cfg: &'a image::ImageConfig,
+    image_template: &'a (Vec<u32>, Vec<u32>),
+    cfg: &'a crate::model::config::ModelConfig,
+}
+
+impl Prep<'_> {
+    /// Tokenizes the texts (one call) and decodes and preprocesses the images (on threads); an
+    /// image over the patch budget is resized down to fit.
+    fn prepare(&self, reqs: &[Request]) -> Vec<Result<Prepared>> {
+        let mut out: Vec<Option<Result<Prepared>>> = (0..reqs.len()).map(|_| None).collect();
         let texts: Vec<(usize, &TextRequest)> = reqs
             .iter()
             .enumerate()
@@ -260,17 +297,16 @@ impl Engine {
             .collect();
         let items: Vec<_> = texts.iter().map(|(_, r)| (r.task, r.prompt, r.text.as_str())).collect();
         for ((i, _), enc) in texts.iter().zip(self.tok.encode_batch_prompted(&items, self.opts.truncation)) {
-            prepared[*i] = Some(enc.map(|e| Prepared { ids: e.ids, dropped: e.dropped, image: None }));
+            out[*i] = Some(enc.map(|e| Prepared { ids: e.ids, dropped: e.dropped, image: None }));
         }
-        // Images, on CPU threads; an image over the patch budget is resized down to fit.
         let images: Vec<(usize, &ImageRequest)> = reqs
             .iter()
             .enumerate()
             .filter_map(|(i, r)| if let Request::Image(m) = r { Some((i, m)) } else { None })
             .collect();
-        let ceiling = self.opts.max_batch_patches * self.image_cfg.patch_size * self.image_cfg.patch_size;
+        let cfg = self.image_cfg;
+        let ceiling = self.opts.max_batch_patches * cfg.patch_size * cfg.patch_size;
         let threads = self.opts.preprocess_threads.max(1);
-        let cfg = &self.image_cfg;
         let done: Vec<Result<image::Preprocessed>> = std::thread::scope(|s| {
             let chunk = images.len().div_ceil(threads).max(1);
             let handles: Vec<_> = images
@@ -290,137 +326,156 @@ impl Engine {
                 .collect();
             handles.into_iter().flat_map(|h| h.join().expect("preprocessing thread")).collect()
         });
-        let merge = self.image_cfg.merge_size;
-        let pad = self.model.config().special.image_token_id;
+        let pad = self.cfg.special.image_token_id;
         for ((i, _), p) in images.iter().zip(done) {
-            prepared[*i] = Some(p.map(|p| {
+            out[*i] = Some(p.map(|p| {
                 let grid = GridThw { t: p.grid_thw[0], h: p.grid_thw[1], w: p.grid_thw[2] };
-                let (pre, post) = &self.image_template;
+                let (pre, post) = self.image_template;
                 let mut ids = pre.clone();
-                ids.extend(std::iter::repeat_n(pad, grid.merged_tokens(merge)));
+                ids.extend(std::iter::repeat_n(pad, grid.merged_tokens(cfg.merge_size)));
                 ids.extend_from_slice(post);
                 Prepared { ids, dropped: 0, image: Some((grid, p.pixel_values)) }
             }));
         }
+        out.into_iter().map(|p| p.expect("every request prepared")).collect()
+    }
 
-        let mut results: Vec<Option<Result<Embedding>>> = (0..reqs.len()).map(|_| None).collect();
-        let mut ready: Vec<(usize, Prepared)> = Vec::new();
-        for (i, p) in prepared.into_iter().enumerate() {
-            match p.expect("every request prepared").and_then(|p| self.check(&reqs[i], p)) {
+    /// Checks each prepared request of the window starting at `offset`; failures are answered
+    /// at once, the rest returned with their request index.
+    fn check_all(
+        &self,
+        reqs: &[Request],
+        offset: usize,
+        prepared: Vec<Result<Prepared>>,
+        results: &mut [Option<Result<Embedding>>],
+    ) -> Vec<(usize, Prepared)> {
+        let mut ready = Vec::new();
+        for (k, p) in prepared.into_iter().enumerate() {
+            let i = offset + k;
+            let req = &reqs[i];
+            let probe = TextRequest {
+                text: String::new(),
+                task: req.task(),
+                prompt: PromptName::Query,
+                output: req.output(),
+                dims: req.dims(),
+            };
+            let checked = p.and_then(|p| {
+                check_request(
+                    &probe,
+                    p.ids.len(),
+                    &self.cfg.matryoshka_dims,
+                    self.cfg.text.hidden_size,
+                    self.opts.max_batch_tokens,
+                )
+                .map(|_| p)
+            });
+            match checked {
                 Ok(p) => ready.push((i, p)),
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        // Pack in request order up to the token and patch budgets.
-        let mut start = 0;
-        while start < ready.len() {
-            let (mut end, mut tokens, mut patches) = (start, 0, 0);
-            while end < ready.len() {
-                let p = &ready[end].1;
-                let np = p.image.as_ref().map_or(0, |(g, _)| g.patches());
-                let over = tokens + p.ids.len() > self.opts.max_batch_tokens
-                    || patches + np > self.opts.max_batch_patches;
-                if end > start && over {
-                    break;
-                }
-                tokens += p.ids.len();
-                patches += np;
-                end += 1;
-            }
-            self.run_batch(reqs, &ready[start..end], &mut results);
-            start = end;
-        }
-        results.into_iter().map(|r| r.expect("every request answered")).collect()
+        ready
     }
+}
 
-    fn check(&self, req: &Request, p: Prepared) -> Result<Prepared> {
-        let cfg = self.model.config();
-        let probe = TextRequest {
-            text: String::new(),
-            task: req.task(),
-            prompt: PromptName::Query,
-            output: req.output(),
-            dims: req.dims(),
+/// Packs a window's ready requests in order into forwards under the token and patch budgets.
+fn run_window(
+    gpu: &Gpu,
+    model: &GpuModel,
+    mem: &mut DeviceAllocator,
+    opts: &EngineOptions,
+    reqs: &[Request],
+    ready: &[(usize, Prepared)],
+    results: &mut [Option<Result<Embedding>>],
+) {
+    let mut start = 0;
+    while start < ready.len() {
+        let (mut end, mut tokens, mut patches) = (start, 0, 0);
+        while end < ready.len() {
+            let p = &ready[end].1;
+            let np = p.image.as_ref().map_or(0, |(g, _)| g.patches());
+            let over = tokens + p.ids.len() > opts.max_batch_tokens || patches + np > opts.max_batch_patches;
+            if end > start && over {
+                break;
+            }
+            tokens += p.ids.len();
+            patches += np;
+            end += 1;
+        }
+        run_batch(gpu, model, mem, reqs, &ready[start..end], results);
+        start = end;
+    }
+}
+
+/// One forward for `group`; on out-of-memory, halves the group and tries again.
+fn run_batch(
+    gpu: &Gpu,
+    model: &GpuModel,
+    mem: &mut DeviceAllocator,
+    reqs: &[Request],
+    group: &[(usize, Prepared)],
+    results: &mut [Option<Result<Embedding>>],
+) {
+    let mut batch = TextBatch::default();
+    let mut served = Vec::with_capacity(group.len());
+    for (i, p) in group {
+        let pushed = match &p.image {
+            None => {
+                batch.push_text(&p.ids, reqs[*i].task());
+                Ok(())
+            }
+            Some((g, pv)) => batch.push_with_images(model.config(), &p.ids, reqs[*i].task(), &[(*g, pv)]),
         };
-        check_request(
-            &probe,
-            p.ids.len(),
-            &cfg.matryoshka_dims,
-            cfg.text.hidden_size,
-            self.opts.max_batch_tokens,
-        )?;
-        Ok(p)
+        match pushed {
+            Ok(()) => served.push((*i, p)),
+            Err(e) => results[*i] = Some(Err(e)),
+        }
     }
-
-    /// One forward for `group`; on out-of-memory, halves the group and tries again.
-    fn run_batch(
-        &mut self,
-        reqs: &[Request],
-        group: &[(usize, Prepared)],
-        results: &mut [Option<Result<Embedding>>],
-    ) {
-        let mut batch = TextBatch::default();
-        let mut served = Vec::with_capacity(group.len());
-        for (i, p) in group {
-            let pushed = match &p.image {
-                None => {
-                    batch.push_text(&p.ids, reqs[*i].task());
-                    Ok(())
-                }
-                Some((g, pv)) => {
-                    batch.push_with_images(self.model.config(), &p.ids, reqs[*i].task(), &[(*g, pv)])
-                }
-            };
-            match pushed {
-                Ok(()) => served.push((*i, p)),
-                Err(e) => results[*i] = Some(Err(e)),
+    if served.is_empty() {
+        return;
+    }
+    let want_multi = served.iter().any(|(i, _)| reqs[*i].output().multi());
+    match model.forward_text(gpu, mem, &batch, want_multi) {
+        Ok(out) => {
+            let hid = model.config().text.hidden_size;
+            let pd = model.config().multi_vector_projector_dim;
+            let mut row = 0;
+            for (k, (i, p)) in served.iter().enumerate() {
+                let req = &reqs[*i];
+                let n = p.ids.len();
+                let single = &out.single[k * hid..(k + 1) * hid];
+                let emb = Embedding {
+                    single: req.output().single().then(|| match req.dims() {
+                        Some(d) if d < hid => matryoshka(single, d),
+                        _ => single.to_vec(),
+                    }),
+                    multi: req.output().multi().then(|| {
+                        out.multi.as_ref().expect("multi computed")[row * pd..(row + n) * pd].to_vec()
+                    }),
+                    tokens: n,
+                    dropped: p.dropped,
+                };
+                results[*i] = Some(Ok(emb));
+                row += n;
             }
         }
-        if served.is_empty() {
-            return;
+        Err(Error::OutOfMemory { .. }) if served.len() > 1 => {
+            let rest: Vec<(usize, Prepared)> = served.iter().map(|(i, p)| (*i, (*p).clone())).collect();
+            let mid = rest.len() / 2;
+            run_batch(gpu, model, mem, reqs, &rest[..mid], results);
+            run_batch(gpu, model, mem, reqs, &rest[mid..], results);
         }
-        let want_multi = served.iter().any(|(i, _)| reqs[*i].output().multi());
-        match self.model.forward_text(&self.gpu, &mut self.mem, &batch, want_multi) {
-            Ok(out) => {
-                let hid = self.model.config().text.hidden_size;
-                let pd = self.model.config().multi_vector_projector_dim;
-                let mut row = 0;
-                for (k, (i, p)) in served.iter().enumerate() {
-                    let req = &reqs[*i];
-                    let n = p.ids.len();
-                    let single = &out.single[k * hid..(k + 1) * hid];
-                    let emb = Embedding {
-                        single: req.output().single().then(|| match req.dims() {
-                            Some(d) if d < hid => matryoshka(single, d),
-                            _ => single.to_vec(),
-                        }),
-                        multi: req.output().multi().then(|| {
-                            out.multi.as_ref().expect("multi computed")[row * pd..(row + n) * pd].to_vec()
-                        }),
-                        tokens: n,
-                        dropped: p.dropped,
-                    };
-                    results[*i] = Some(Ok(emb));
-                    row += n;
-                }
-            }
-            Err(Error::OutOfMemory { .. }) if served.len() > 1 => {
-                let rest: Vec<(usize, Prepared)> = served.iter().map(|(i, p)| (*i, (*p).clone())).collect();
-                let mid = rest.len() / 2;
-                self.run_batch(reqs, &rest[..mid], results);
-                self.run_batch(reqs, &rest[mid..], results);
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                for (i, _) in &served {
-                    results[*i] = Some(Err(match &e {
-                        Error::OutOfMemory { requested, in_use, budget } => {
-                            Error::OutOfMemory { requested: *requested, in_use: *in_use, budget: *budget }
-                        }
-                        Error::Input(m) => Error::Input(m.clone()),
-                        _ => Error::Cuda { what: "the batch's forward".into(), msg: msg.clone() },
-                    }));
-                }
+        Err(e) => {
+            let msg = e.to_string();
+            for (i, _) in &served {
+                results[*i] = Some(Err(match &e {
+                    Error::OutOfMemory { requested, in_use, budget } => {
+                        Error::OutOfMemory { requested: *requested, in_use: *in_use, budget: *budget }
+                    }
+                    Error::Input(m) => Error::Input(m.clone()),
+                    _ => Error::Cuda { what: "the batch's forward".into(), msg: msg.clone() },
+                }));
             }
         }
     }
