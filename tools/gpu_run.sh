@@ -72,6 +72,10 @@ if has embed && [ -f tokenizer.json ]; then
     ./jv4 embed --model "$model" --tokenizer tokenizer.json --input "$out/embed_in.jsonl" --output "$out/embed_out.jsonl" --dims 128 --vector both 2> "$out/embed_err.txt"
     echo "exit $? ; $(wc -l < "$out/embed_out.jsonl") output lines; errors:"; cat "$out/embed_err.txt" | tail -5
     python3 -c "import json,sys; [print(d.get('id'), len(d.get('embedding', [])), len(d.get('multi_vector', [])), d.get('error','')) for d in map(json.loads, open(sys.argv[1]))]" "$out/embed_out.jsonl"
+    echo "-- an image larger than the patch budget by itself (resized down to fit, no out-of-memory):"
+    printf '%s\n' "{\"id\": \"big\", \"image\": \"$here/../tests/fixtures/images/big_600x800.webp\", \"max_pixels\": 12845056}" \
+        | ./jv4 embed --model "$model" --tokenizer tokenizer.json --max-batch-patches 1024 --vector multi 2>&1 \
+        | python3 -c "import json,sys; [print(d.get('id'), 'tokens', len(d.get('multi_vector', [])), d.get('error','')) for d in map(json.loads, sys.stdin)]"
 fi
 if has tests; then
     echo "== GPU test suite"
