@@ -143,6 +143,21 @@ const GATE_UP: Fused = Fused { name: "gate_up", parts: &["mlp.gate_proj", "mlp.u
 const DOWN: Fused = Fused { name: "down_proj", parts: &["mlp.down_proj"] };
 const LAYER_PROJ: [Fused; 4] = [QKV, O, GATE_UP, DOWN];
 
+/// Vision block tensors uploaded as stored (gate/up are fused separately).
+const VISION_BLOCK_AS_IS: [&str; 8] = [
+    "norm1.weight",
+    "norm2.weight",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "mlp.down_proj.weight",
+    "mlp.down_proj.bias",
+];
+
+/// The patch merger's tensors (`visual.merger.*`), uploaded as stored.
+const MERGER: [&str; 5] = ["ln_q.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"];
+
 fn dims(shape: &[usize]) -> (usize, usize) {
     (shape[0], shape[1])
 }
@@ -203,23 +218,14 @@ impl GpuModel {
         layout.push(("visual.patch_embed".into(), vec![pe[0], pe[1..].iter().product()]));
         for j in 0..v.depth {
             let b = format!("visual.blocks.{j}");
-            for n in [
-                "norm1.weight",
-                "norm2.weight",
-                "attn.qkv.weight",
-                "attn.qkv.bias",
-                "attn.proj.weight",
-                "attn.proj.bias",
-                "mlp.down_proj.weight",
-                "mlp.down_proj.bias",
-            ] {
+            for n in VISION_BLOCK_AS_IS {
                 layout.push((format!("{b}.{n}"), shape_of(&format!("{b}.{n}"))?));
             }
             let (gi, gk) = dims(&shape_of(&format!("{b}.mlp.gate_proj.weight"))?);
             layout.push((format!("{b}.mlp.gate_up.weight"), vec![2 * gi, gk]));
             layout.push((format!("{b}.mlp.gate_up.bias"), vec![2 * gi]));
         }
-        for n in ["ln_q.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"] {
+        for n in MERGER {
             let name = format!("visual.merger.{n}");
             layout.push((name.clone(), shape_of(&name)?));
         }
@@ -258,16 +264,7 @@ impl GpuModel {
         w.fill(gpu, "visual.patch_embed", &get("visual.patch_embed.proj.weight"))?;
         for j in 0..v.depth {
             let b = format!("visual.blocks.{j}");
-            for n in [
-                "norm1.weight",
-                "norm2.weight",
-                "attn.qkv.weight",
-                "attn.qkv.bias",
-                "attn.proj.weight",
-                "attn.proj.bias",
-                "mlp.down_proj.weight",
-                "mlp.down_proj.bias",
-            ] {
+            for n in VISION_BLOCK_AS_IS {
                 w.fill(gpu, &format!("{b}.{n}"), &get(&format!("{b}.{n}")))?;
             }
             for kind in ["weight", "bias"] {
@@ -277,7 +274,7 @@ impl GpuModel {
                 w.fill(gpu, &format!("{b}.mlp.gate_up.{kind}"), &fused)?;
             }
         }
-        for n in ["ln_q.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"] {
+        for n in MERGER {
             let name = format!("visual.merger.{n}");
             w.fill(gpu, &name, &get(&name))?;
         }
