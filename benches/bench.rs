@@ -292,8 +292,9 @@ fn bench_text(
     budget: usize,
     iters: usize,
 ) -> Result<()> {
+    use jv4::model::batch::PackedBatch;
     use jv4::model::checkpoint::Checkpoint;
-    use jv4::model::gpu::{GpuModel, TextBatch};
+    use jv4::model::gpu::GpuModel;
     use jv4::model::Task;
     let torch: BTreeMap<String, serde_json::Value> = torch_json
         .and_then(|p| std::fs::read_to_string(p).ok())
@@ -321,18 +322,18 @@ fn bench_text(
         let seqs: Vec<Vec<u32>> =
             lengths.iter().map(|&n| (0..n).map(|_| rng.below(vocab) as u32).collect()).collect();
         let limit = budget.max(*lengths.iter().max().unwrap());
-        let mut batches: Vec<TextBatch> = Vec::new();
-        let mut cur = TextBatch::default();
+        let mut batches: Vec<PackedBatch> = Vec::new();
+        let mut cur = PackedBatch::new(m.config());
         for s in &seqs {
             if cur.tokens() + s.len() > limit {
-                batches.push(std::mem::take(&mut cur));
+                batches.push(std::mem::replace(&mut cur, PackedBatch::new(m.config())));
             }
-            cur.push_text(s, Task::Retrieval);
+            cur.push_text(s, Task::Retrieval)?;
         }
         batches.push(cur);
         let run = |mem: &mut DeviceAllocator| -> Result<()> {
             for b in &batches {
-                m.forward_text(&gpu, mem, b, false)?;
+                m.forward(&gpu, mem, b)?;
             }
             Ok(())
         };
@@ -368,8 +369,9 @@ fn bench_text(
 }
 
 fn parity(model: &std::path::Path, reference: &std::path::Path) -> Result<()> {
+    use jv4::model::batch::PackedBatch;
     use jv4::model::checkpoint::Checkpoint;
-    use jv4::model::gpu::{GpuModel, TextBatch};
+    use jv4::model::gpu::GpuModel;
     use jv4::model::Task;
     let bytes = std::fs::read(reference).map_err(|e| jv4::Error::io(reference, e))?;
     let (_, meta) =
@@ -403,9 +405,10 @@ fn parity(model: &std::path::Path, reference: &std::path::Path) -> Result<()> {
             .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32)
             .collect();
         let task: Task = t["task"].as_str().unwrap_or("retrieval").parse()?;
-        let mut b = TextBatch::default();
-        b.push_text(&ids, task);
-        let out = m.forward_text(&gpu, &mut mem, &b, true)?;
+        let mut b = PackedBatch::new(m.config());
+        b.push_text(&ids, task)?;
+        b.want_multi = true;
+        let out = m.forward(&gpu, &mut mem, &b)?;
         let single_ref = f32s(&format!("{i}/single")).unwrap_or_default();
         let c = cos(&out.single, &single_ref);
         let mc = match f32s(&format!("{i}/multi")) {
@@ -445,8 +448,9 @@ fn parity(model: &std::path::Path, reference: &std::path::Path) -> Result<()> {
 }
 
 fn bench_images(model: &std::path::Path, reference: &std::path::Path) -> Result<()> {
+    use jv4::model::batch::{ImageInput, PackedBatch};
     use jv4::model::checkpoint::Checkpoint;
-    use jv4::model::gpu::{GpuModel, TextBatch};
+    use jv4::model::gpu::GpuModel;
     use jv4::model::plan::GridThw;
     use jv4::model::Task;
     let bytes = std::fs::read(reference).map_err(|e| jv4::Error::io(reference, e))?;
@@ -491,9 +495,11 @@ fn bench_images(model: &std::path::Path, reference: &std::path::Path) -> Result<
             .collect();
         let pv = f32s(&format!("{i}/pixel_values"))?;
         let task: Task = im["task"].as_str().unwrap_or("retrieval").parse()?;
-        let mut b = TextBatch::default();
-        b.push_with_images(&cfg, &ids, task, &[(grid, pv.as_slice())])?;
-        let out = m.forward_text(&gpu, &mut mem, &b, true)?;
+        let mut b = PackedBatch::new(&cfg);
+        b.push(&ids, task, vec![ImageInput { pixel_values: pv.clone(), grid }])?;
+        b.want_multi = true;
+        let out = m.forward(&gpu, &mut mem, &b)?;
+        b.want_multi = false;
         let single_ref = f32s(&format!("{i}/single"))?;
         let multi_ref = f32s(&format!("{i}/multi"))?;
         let c = cos(&out.single, &single_ref);
@@ -505,7 +511,7 @@ fn bench_images(model: &std::path::Path, reference: &std::path::Path) -> Result<
         let mut times = Vec::new();
         for _ in 0..5 {
             let t0 = std::time::Instant::now();
-            m.forward_text(&gpu, &mut mem, &b, false)?;
+            m.forward(&gpu, &mut mem, &b)?;
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         times.sort_by(|a, b| a.total_cmp(b));
@@ -527,15 +533,15 @@ fn bench_images(model: &std::path::Path, reference: &std::path::Path) -> Result<
         refs_v.push(single_ref);
     }
     // Images/s at the default cap: those images packed into one forward.
-    let mut b = TextBatch::default();
+    let mut b = PackedBatch::new(&cfg);
     for (ids, task, grid, pv) in &inputs {
-        b.push_with_images(&cfg, ids, *task, &[(*grid, pv.as_slice())])?;
+        b.push(ids, *task, vec![ImageInput { pixel_values: pv.clone(), grid: *grid }])?;
     }
-    m.forward_text(&gpu, &mut mem, &b, false)?;
+    m.forward(&gpu, &mut mem, &b)?;
     let mut times = Vec::new();
     for _ in 0..5 {
         let t0 = std::time::Instant::now();
-        m.forward_text(&gpu, &mut mem, &b, false)?;
+        m.forward(&gpu, &mut mem, &b)?;
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.total_cmp(b));

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 const CHUNK: usize = 1024;
 
 pub fn run(
-    engine: &mut Engine,
+    engine: &Engine,
     d: &Defaults,
     input: Option<&Path>,
     output: Option<&Path>,
@@ -127,7 +127,7 @@ fn to_json(id: &Value, e: &Embedding) -> Value {
         v["embedding"] = json!(s);
     }
     if let Some(m) = &e.multi {
-        let rows: Vec<&[f32]> = m.chunks(m.len() / e.tokens.max(1)).collect();
+        let rows: Vec<&[f32]> = m.data.chunks(m.dim.max(1)).collect();
         v["multi_vector"] = json!(rows);
     }
     v

@@ -3,17 +3,20 @@
 //! on the kind: e.g. `Error::OutOfMemory` means "split the batch and retry".
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-/// Everything that can go wrong in the engine.
-#[derive(Debug, thiserror::Error)]
+/// Everything that can go wrong in the engine. `Clone`, so that one failure can be every member's
+/// of a batch without losing its kind; more kinds may come (`#[non_exhaustive]`).
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// What the OS said (shared, so that the error can be cloned).
+        source: Arc<std::io::Error>,
     },
     /// A configuration file is missing a key, malformed, or inconsistent.
     #[error("{}: {msg}", file.display())]
@@ -80,6 +83,10 @@ pub enum Error {
     /// A cuBLAS / cuBLASLt call failed.
     #[error("cuBLAS: {0}")]
     Blas(String),
+    /// A bug or a broken invariant inside the engine (e.g. its worker thread stopped); the
+    /// message says where.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// An op was called with operands of the wrong shape, size or alignment.
     #[error("{op}: {msg}")]
     Shape {
@@ -96,6 +103,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), source: Arc::new(source) }
     }
 }

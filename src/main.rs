@@ -18,7 +18,7 @@ use jv4::model::checkpoint::{Checkpoint, Source};
 use jv4::model::synth::{write_checkpoint, Preset, SynthSpec};
 use jv4::model::weights::DeviceWeights;
 use jv4::model::{Dtype, Task};
-use jv4::Error;
+use jv4::{Device, Error};
 
 #[derive(Parser)]
 #[command(name = "jv4", version, about = "jina-embeddings-v4 on NVIDIA GPUs", long_about = None)]
@@ -114,11 +114,15 @@ enum Cmd {
         #[arg(long, default_value_t = 16384)]
         max_batch_patches: usize,
         /// Activation memory budget (e.g. 20GiB); default $JV4_MEM_BUDGET, else 90% of free memory.
-        #[arg(long)]
-        mem_budget: Option<String>,
-        /// Which GPU (CUDA device ordinal).
+        #[arg(long, value_parser = parse_size)]
+        mem_budget: Option<u64>,
+        /// Where to run: cpu (the exact f32 forward: slow, for machines without a GPU), cuda or
+        /// cuda:N.
+        #[arg(long, default_value = "cuda", value_parser = parse_device)]
+        device: Device,
+        /// Milliseconds a forward that is not full waits for more requests (0: none).
         #[arg(long, default_value_t = 0)]
-        device: usize,
+        batch_wait_ms: u64,
     },
     /// Write a random checkpoint in the exact on-disk layout of the real one (for tests and
     /// benchmarks where the real weights are not available).
@@ -167,6 +171,14 @@ enum PresetArg {
     Full,
 }
 
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    jv4::parse_bytes(s).map_err(|e| e.to_string())
+}
+
 fn parse_task(s: &str) -> Result<Task, String> {
     s.parse().map_err(|e: Error| e.to_string())
 }
@@ -213,6 +225,7 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
             max_batch_patches,
             mem_budget,
             device,
+            batch_wait_ms,
         } => {
             let output_kind = match vector {
                 VectorArg::Single => OutputKind::Single,
@@ -231,15 +244,14 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
                 mem_budget,
                 truncation: Truncation { max_length, strict },
                 max_batch_patches,
+                batch_wait: std::time::Duration::from_millis(batch_wait_ms),
+                tokenizer,
                 ..EngineOptions::default()
             };
-            let mut engine = match tokenizer {
-                Some(t) => Engine::with_tokenizer(&model, TextTokenizer::from_file(t)?, opts)?,
-                None => Engine::open(&model, opts)?,
-            };
+            let engine = Engine::open(&model, opts)?;
             let defaults =
                 jv4::engine::jsonl::Defaults { task, prompt: prompt_name, output: output_kind, dims };
-            embed::run(&mut engine, &defaults, input.as_deref(), output.as_deref(), npy)
+            embed::run(&engine, &defaults, input.as_deref(), output.as_deref(), npy)
         }
         Cmd::Synth { out, preset, seed, f32_adapters } => {
             let preset = match preset {

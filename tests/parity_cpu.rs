@@ -8,8 +8,9 @@ use std::sync::OnceLock;
 
 use common::{cosine, dist, fixtures, load, rel_err, Tensor};
 use jv4::engine::image::{preprocess, ImageConfig, RgbImage8};
+use jv4::model::batch::{ImageInput, PackedBatch};
 use jv4::model::checkpoint::Checkpoint;
-use jv4::model::cpu::{CpuModel, ImageInput, SeqInput, SeqOutput};
+use jv4::model::cpu::CpuModel;
 use jv4::model::plan::{self, GridThw};
 use jv4::model::Task;
 use jv4::reference;
@@ -47,6 +48,47 @@ fn fixture() -> &'static Fixture {
             max_pixels,
         }
     })
+}
+
+/// One sequence of a test batch.
+#[derive(Clone)]
+struct SeqInput {
+    ids: Vec<u32>,
+    task: Task,
+    images: Vec<ImageInput>,
+}
+
+/// What the model produced for one sequence.
+struct SeqOutput {
+    /// Final-norm hidden states `[L, hidden]`.
+    hidden: Vec<f32>,
+    single: Vec<f32>,
+    multi: Vec<f32>,
+}
+
+/// One packed forward of `seqs` on the CPU model, split per sequence.
+fn forward(seqs: &[SeqInput]) -> Vec<SeqOutput> {
+    let m = &fixture().model;
+    let mut b = PackedBatch::new(m.config());
+    for s in seqs {
+        b.push(&s.ids, s.task, s.images.clone()).unwrap();
+    }
+    b.want_multi = true;
+    let mut trace = Vec::new();
+    let out = m.forward_traced(&b, Some(&mut trace)).unwrap();
+    let h = trace.pop().unwrap();
+    let (hid, multi) = (m.config().text.hidden_size, out.multi.unwrap());
+    let pd = multi.len() / b.tokens();
+    (0..seqs.len())
+        .map(|k| {
+            let rows = b.rows(k);
+            SeqOutput {
+                hidden: h[rows.start * hid..rows.end * hid].to_vec(),
+                single: out.single[k * hid..(k + 1) * hid].to_vec(),
+                multi: multi[rows.start * pd..rows.end * pd].to_vec(),
+            }
+        })
+        .collect()
 }
 
 fn stem(file: &str) -> String {
@@ -138,7 +180,7 @@ fn texts_match_the_reference() {
     let mut worst = (0f64, 0f64);
     for (i, t) in f.meta["texts"].as_array().unwrap().iter().enumerate() {
         let seq = SeqInput { ids: ids(&t["ids"]), task: task(&t["task"]), images: vec![] };
-        let out = f.model.forward(&[seq]).unwrap().remove(0);
+        let out = forward(&[seq]).remove(0);
         let (a, b) = compare(&format!("text {i}"), &format!("text/{i}"), &out);
         worst = (worst.0.max(a), worst.1.max(b));
         if let Some(hidden) = f.refs.get(&format!("text/{i}/hidden/fp32")) {
@@ -162,10 +204,10 @@ fn mixed_task_batch_equals_separate_requests() {
         .collect();
     let tasks: Vec<Task> = batch.iter().map(|s| s.task).collect();
     assert!(tasks.windows(2).any(|w| w[0] != w[1]), "the mixed batch must mix tasks");
-    let packed = f.model.forward(&batch).unwrap();
+    let packed = forward(&batch);
     for (k, &j) in members.iter().enumerate() {
         compare(&format!("mixed {j}"), &format!("mixed/{j}"), &packed[k]);
-        let alone = f.model.forward(&batch[k..k + 1]).unwrap().remove(0);
+        let alone = forward(&batch[k..k + 1]).remove(0);
         // Rows never interact across sequences: packing must not change a single bit.
         assert_eq!(alone.single, packed[k].single, "text {j}: packed vs alone");
         assert_eq!(alone.multi, packed[k].multi, "text {j}: packed vs alone (multi)");
@@ -183,7 +225,7 @@ fn images_match_the_reference() {
         let vis = f.model.vision(&[&seq.images[0]]);
         let e_vis = rel_err(&vis, &r(&format!("image/{name}/vision/fp32")).data);
         assert!(e_vis < 1e-4, "{name}: vision tower rel err {e_vis:.2e}");
-        let out = f.model.forward(&[seq]).unwrap().remove(0);
+        let out = forward(&[seq]).remove(0);
         let (a, b) = compare(&format!("image {name}"), &format!("image/{name}"), &out);
         worst = (worst.0.max(e_vis), worst.1.max(a), worst.2.max(b));
     }

@@ -2,7 +2,7 @@
 //! its own line, with a message that says what is wrong; nothing else is affected.
 
 use jv4::engine::jsonl::{parse_line, Defaults, Line};
-use jv4::engine::{check_request, OutputKind, PromptName, Request, TextRequest};
+use jv4::engine::{Input, OutputKind, PromptName};
 use jv4::model::Task;
 
 fn defaults() -> Defaults {
@@ -19,17 +19,21 @@ fn err(line: Line) -> String {
 #[test]
 fn good_lines_take_their_own_settings_or_the_defaults() {
     let l = parse_line(1, Ok(br#"{"text": "hi"}"#.to_vec()), &defaults());
-    let Line::Ok(id, Request::Text(r)) = l else { panic!("{l:?}") };
+    let Line::Ok(id, r) = l else { panic!("{l:?}") };
     assert_eq!(id, 1);
+    assert_eq!(r.input, Input::Text("hi".into()));
     assert_eq!((r.task, r.prompt, r.dims), (Task::Retrieval, PromptName::Query, None));
     let l = parse_line(
         7,
         Ok(br#"{"id": "a", "text": "", "task": "code", "prompt_name": "passage", "dims": 256}"#.to_vec()),
         &defaults(),
     );
-    let Line::Ok(id, Request::Text(r)) = l else { panic!("{l:?}") };
+    let Line::Ok(id, r) = l else { panic!("{l:?}") };
     assert_eq!(id, "a");
-    assert_eq!((r.task, r.prompt, r.dims, r.text.as_str()), (Task::Code, PromptName::Passage, Some(256), ""));
+    assert_eq!(
+        (r.task, r.prompt, r.dims, &r.input),
+        (Task::Code, PromptName::Passage, Some(256), &Input::Text("".into()))
+    );
 }
 
 #[test]
@@ -54,49 +58,24 @@ fn unknown_task_prompt_or_bad_dims_on_one_line() {
     assert!(m.contains("document"), "{m}");
     let m = err(parse_line(2, Ok(br#"{"text": "x", "dims": "big"}"#.to_vec()), &defaults()));
     assert!(m.contains("dims"), "{m}");
-    // A number that is not a Matryoshka size is caught before the GPU.
-    let req = TextRequest {
-        text: "x".into(),
-        task: Task::Retrieval,
-        prompt: PromptName::Query,
-        output: OutputKind::Single,
-        dims: Some(300),
-    };
-    let e = check_request(&req, 5, &[128, 256, 512, 1024, 2048], 2048, 16384).unwrap_err().to_string();
-    assert!(e.contains("300") && e.contains("Matryoshka"), "{e}");
-    let ok = TextRequest { dims: Some(512), ..req.clone() };
-    assert!(check_request(&ok, 5, &[128, 256, 512, 1024, 2048], 2048, 16384).is_ok());
+    // A number that is not a Matryoshka size is refused by the engine: tests/engine.rs.
 }
 
 #[test]
-fn a_budget_too_small_for_one_request_is_a_clear_error() {
-    let req = TextRequest {
-        text: "x".into(),
-        task: Task::Code,
-        prompt: PromptName::Passage,
-        output: OutputKind::Both,
-        dims: None,
-    };
-    let e = check_request(&req, 9000, &[128, 2048], 2048, 8192).unwrap_err().to_string();
-    assert!(e.contains("9000") && e.contains("8192") && e.contains("max_batch_tokens"), "{e}");
-}
-
-#[test]
-fn image_lines_read_a_file_or_base64_and_bad_ones_fail_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("x.png");
-    std::fs::write(&path, b"\x89PNG fake").unwrap();
-    let line = format!(r#"{{"id": 9, "image": "{}", "task": "code", "max_pixels": 100352}}"#, path.display());
-    let Line::Ok(_, Request::Image(r)) = parse_line(1, Ok(line.into_bytes()), &defaults()) else { panic!() };
-    assert_eq!((r.task, r.max_pixels, r.bytes.len()), (Task::Code, Some(100352), 9));
-    let Line::Ok(_, Request::Image(r)) =
-        parse_line(2, Ok(br#"{"image_base64": "aGVsbG8="}"#.to_vec()), &defaults())
-    else {
+fn image_lines_name_a_file_or_carry_base64_and_bad_ones_fail_alone() {
+    let line = r#"{"id": 9, "image": "/some/x.png", "task": "code", "max_pixels": 100352}"#;
+    let Line::Ok(_, r) = parse_line(1, Ok(line.as_bytes().to_vec()), &defaults()) else { panic!() };
+    assert_eq!(
+        (r.task, r.max_pixels, &r.input),
+        (Task::Code, Some(100352), &Input::ImagePath("/some/x.png".into()))
+    );
+    let Line::Ok(_, r) = parse_line(2, Ok(br#"{"image_base64": "aGVsbG8="}"#.to_vec()), &defaults()) else {
         panic!()
     };
-    assert_eq!(r.bytes, b"hello");
+    assert_eq!(r.input, Input::ImageBytes(b"hello".to_vec()));
     let m = err(parse_line(3, Ok(br#"{"image_base64": "not base64!"}"#.to_vec()), &defaults()));
     assert!(m.contains("base64"), "{m}");
-    let m = err(parse_line(4, Ok(br#"{"image": "/nonexistent/x.png"}"#.to_vec()), &defaults()));
-    assert!(m.contains("/nonexistent/x.png"), "{m}");
+    let m = err(parse_line(4, Ok(br#"{"image": 5}"#.to_vec()), &defaults()));
+    assert!(m.contains("file path"), "{m}");
+    // An unreadable path is the engine's error for that request: tests/engine.rs.
 }

@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::engine::{ImageRequest, OutputKind, PromptName, Request, TextRequest};
+use crate::engine::{Input, OutputKind, PromptName, Request};
 use crate::model::Task;
 
 /// Values for lines that do not set their own.
@@ -48,13 +48,12 @@ pub fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line
     let id = v.get("id").cloned().unwrap_or(line_id);
     let image = match (v.get("image"), v.get("image_base64")) {
         (None, None) => None,
-        (Some(p), None) => match p.as_str().map(|p| std::fs::read(p).map_err(|e| format!("{p}: {e}"))) {
-            Some(Ok(bytes)) => Some(bytes),
-            Some(Err(e)) => return Line::Err(id, format!("line {n}: image {e}")),
+        (Some(p), None) => match p.as_str() {
+            Some(p) => Some(Input::ImagePath(p.into())),
             None => return Line::Err(id, format!("line {n}: \"image\" must be a file path")),
         },
         (None, Some(b)) => match b.as_str().map(base64_decode) {
-            Some(Ok(bytes)) => Some(bytes),
+            Some(Ok(bytes)) => Some(Input::ImageBytes(bytes)),
             Some(Err(e)) => return Line::Err(id, format!("line {n}: image_base64: {e}")),
             None => return Line::Err(id, format!("line {n}: \"image_base64\" must be a string")),
         },
@@ -83,7 +82,7 @@ pub fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line
             None => return Line::Err(id, format!("line {n}: dims must be a number")),
         },
     };
-    if let Some(bytes) = image {
+    if let Some(input) = image {
         let max_pixels = match v.get("max_pixels") {
             None => None,
             Some(x) => match x.as_u64() {
@@ -91,13 +90,13 @@ pub fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line
                 None => return Line::Err(id, format!("line {n}: max_pixels must be a number")),
             },
         };
-        return Line::Ok(
-            id,
-            Request::Image(ImageRequest { bytes, task, output: d.output, dims, max_pixels }),
-        );
+        return Line::Ok(id, Request { input, task, prompt, output: d.output, dims, max_pixels });
     }
     let t = text.unwrap_or_default();
-    Line::Ok(id, Request::Text(TextRequest { text: t.to_string(), task, prompt, output: d.output, dims }))
+    Line::Ok(
+        id,
+        Request { input: Input::Text(t.to_string()), task, prompt, output: d.output, dims, max_pixels: None },
+    )
 }
 
 /// Standard base64 (RFC 4648, `+/`, optional `=` padding, whitespace ignored).

@@ -1,490 +1,319 @@
-//! The engine layer: requests in, embeddings out. [`Engine`] owns the GPU, the model, the paged
-//! allocator and the tokenizer; [`Engine::embed_texts`] takes any mix of tasks, prompts, output
-//! kinds and Matryoshka sizes, packs the requests into batches under a token budget, and returns
-//! one result per request, in order. A bad request fails alone; the rest are served.
+//! The engine layer: requests in, embeddings out.
+//!
+//! [`Engine`] is a handle (`Send + Sync + Clone`) to one model on one device. The device's
+//! [`Backend`](crate::model::Backend) lives on a worker thread the engine owns; any number of
+//! threads may call [`Engine::embed`] at once. Each caller prepares its own requests (tokenizing
+//! texts, decoding images) on its own thread, then hands them to the worker, which packs the
+//! requests of all callers into shared forwards under the token and patch budgets and sends every
+//! caller exactly its own results, in its order. A bad request fails alone; the rest are served.
+//!
+//! ```
+//! # fn main() -> jv4::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! # use jv4::model::synth::{write_checkpoint, Preset, SynthSpec};
+//! # let spec = SynthSpec { seed: 7, preset: Preset::Tiny, adapter_dtype: jv4::model::Dtype::BF16 };
+//! # write_checkpoint(dir.path(), &spec)?;
+//! use jv4::{Device, Engine, EngineOptions, OutputKind, Request, Task};
+//! let engine = Engine::open(dir.path(), EngineOptions { device: Device::Cpu, ..Default::default() })?;
+//! let out = engine.embed(&[
+//!     Request::text("What is the capital of France?"),
+//!     Request::text("def f(): pass").task(Task::Code).output(OutputKind::Both).dims(128),
+//! ]);
+//! let query = out[0].as_ref().unwrap();
+//! assert_eq!(query.single.as_ref().unwrap().len(), engine.config().text.hidden_size);
+//! let code = out[1].as_ref().unwrap();
+//! assert_eq!(code.single.as_ref().unwrap().len(), 128);
+//! assert_eq!(code.multi.as_ref().unwrap().rows(), code.tokens);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod image;
 pub mod jsonl;
+pub(crate) mod prepare;
+pub mod request;
 pub mod text;
+mod worker;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use crate::cuda::{resolve_budget, DeviceAllocator, Gpu, MemStats, DEFAULT_PAGE_SIZE};
+use crate::model::backend::{open_backend, Device, MemoryReport};
 use crate::model::checkpoint::Checkpoint;
-use crate::model::gpu::{GpuModel, TextBatch};
-use crate::model::plan::GridThw;
-use crate::model::weights::LoadReport;
-use crate::model::Task;
-use crate::reference::matryoshka;
+use crate::model::config::ModelConfig;
 use crate::{Error, Result};
+use prepare::Preparer;
+pub use request::{matryoshka, Embedding, Input, MultiVector, OutputKind, Request};
 pub use text::{prompt_prefix, EncodedText, PromptName, TextTokenizer, Truncation, DEFAULT_MAX_LENGTH};
-
-/// Which outputs a request wants.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutputKind {
-    /// The pooled vector only.
-    Single,
-    /// The per-token vectors only.
-    Multi,
-    /// Both, from the one forward.
-    Both,
-}
-
-impl OutputKind {
-    fn single(self) -> bool {
-        self != OutputKind::Multi
-    }
-    fn multi(self) -> bool {
-        self != OutputKind::Single
-    }
-}
-
-/// One text to embed.
-#[derive(Clone, Debug)]
-pub struct TextRequest {
-    /// The raw text (the prompt prefix is added here).
-    pub text: String,
-    /// Task adapter.
-    pub task: Task,
-    /// Query or passage prompt (text-matching always uses "Query").
-    pub prompt: PromptName,
-    /// Which outputs.
-    pub output: OutputKind,
-    /// Matryoshka width of the single vector (one of the model's `matryoshka_dims`); `None` =
-    /// full width.
-    pub dims: Option<usize>,
-}
-
-/// One image to embed (spec §4): the encoded file's bytes (JPEG, PNG, WebP, GIF, BMP, TIFF).
-#[derive(Clone, Debug)]
-pub struct ImageRequest {
-    /// The image file's bytes.
-    pub bytes: Vec<u8>,
-    /// Task adapter (images take no prompt).
-    pub task: Task,
-    /// Which outputs.
-    pub output: OutputKind,
-    /// Matryoshka width of the single vector.
-    pub dims: Option<usize>,
-    /// Resize ceiling for this image (default: the checkpoint's preprocessor max_pixels).
-    pub max_pixels: Option<usize>,
-}
-
-/// A text or an image.
-#[derive(Clone, Debug)]
-pub enum Request {
-    /// A text.
-    Text(TextRequest),
-    /// An image.
-    Image(ImageRequest),
-}
-
-impl Request {
-    fn output(&self) -> OutputKind {
-        match self {
-            Request::Text(r) => r.output,
-            Request::Image(r) => r.output,
-        }
-    }
-    fn dims(&self) -> Option<usize> {
-        match self {
-            Request::Text(r) => r.dims,
-            Request::Image(r) => r.dims,
-        }
-    }
-    fn task(&self) -> Task {
-        match self {
-            Request::Text(r) => r.task,
-            Request::Image(r) => r.task,
-        }
-    }
-}
-
-/// The result for one request.
-#[derive(Clone, Debug, Default)]
-pub struct Embedding {
-    /// L2-normalised single vector, truncated and renormalised to the requested width.
-    pub single: Option<Vec<f32>>,
-    /// `[tokens, proj_dim]` row-major, each row L2-normalised.
-    pub multi: Option<Vec<f32>>,
-    /// Tokens embedded (prompt included).
-    pub tokens: usize,
-    /// Tokens cut off by truncation.
-    pub dropped: usize,
-}
+use worker::{Budgets, Counters, Item, Msg};
 
 /// Engine settings.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
-    /// CUDA device ordinal.
-    pub device: usize,
-    /// Most tokens in one forward (sequences are packed up to it).
+    /// Where the model runs (default `cuda:0`).
+    pub device: Device,
+    /// Most tokens in one forward (sequences are packed up to it; a longer one runs alone).
     pub max_batch_tokens: usize,
-    /// Activation memory budget (e.g. "20GiB"); `None`: `$JV4_MEM_BUDGET`, else 90% of free.
-    pub mem_budget: Option<String>,
+    /// Most image patches in one forward; a larger image is resized down to fit (its max_pixels
+    /// lowered), never an out-of-memory.
+    pub max_batch_patches: usize,
+    /// Activation memory budget in bytes; `None`: `$JV4_MEM_BUDGET`, else 90% of the device
+    /// memory free after the weights.
+    pub mem_budget: Option<u64>,
     /// Truncation of long texts.
     pub truncation: Truncation,
-    /// Most image patches in one forward; a larger image is resized down to fit (its
-    /// max_pixels lowered), never an out-of-memory.
-    pub max_batch_patches: usize,
-    /// CPU threads for image decoding and preprocessing.
+    /// CPU threads per call for image decoding and preprocessing.
     pub preprocess_threads: usize,
+    /// How long a forward that is not full waits for more requests (from other callers) before it
+    /// starts. Zero (the default): it starts at once with whatever has queued, which under load
+    /// already packs concurrent callers together, and adds no latency to a lone query.
+    pub batch_wait: Duration,
+    /// `tokenizer.json` to use instead of the model folder's.
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
-            device: 0,
+            device: Device::default(),
             max_batch_tokens: 16384,
+            max_batch_patches: 16384,
             mem_budget: None,
             truncation: Truncation::default(),
-            max_batch_patches: 16384,
             preprocess_threads: std::thread::available_parallelism().map_or(4, |n| n.get()).min(16),
+            batch_wait: Duration::ZERO,
+            tokenizer: None,
         }
     }
 }
 
-/// Checks what can be checked before a request reaches the GPU: its Matryoshka width is one of
-/// the model's, and its token count fits the batch budget.
-pub fn check_request(
-    req: &TextRequest,
-    tokens: usize,
-    matryoshka_dims: &[usize],
-    hidden: usize,
-    max_batch_tokens: usize,
-) -> Result<()> {
-    if let Some(d) = req.dims {
-        if !matryoshka_dims.contains(&d) && d != hidden {
-            return Err(Error::Input(format!(
-                "dims {d} is not one of the Matryoshka sizes {matryoshka_dims:?}"
-            )));
-        }
-    }
-    if tokens > max_batch_tokens {
-        return Err(Error::Input(format!(
-            "the text has {tokens} tokens, more than the batch budget of {max_batch_tokens} tokens \
-             (max_batch_tokens): raise the budget or lower --max-length"
-        )));
-    }
-    Ok(())
+/// Work done so far by an engine (all callers together).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Forwards run.
+    pub forwards: u64,
+    /// Sequences embedded.
+    pub sequences: u64,
+    /// Tokens embedded.
+    pub tokens: u64,
 }
 
-/// The engine: see the module documentation.
+/// A handle to a model on a device. See the module documentation.
+#[derive(Clone)]
 pub struct Engine {
-    gpu: Gpu,
-    model: GpuModel,
-    mem: DeviceAllocator,
-    tok: TextTokenizer,
-    opts: EngineOptions,
-    load: LoadReport,
-    image_cfg: image::ImageConfig,
-    /// The image prompt's ids around the `<|image_pad|>` run (spec §4.2).
-    image_template: (Vec<u32>, Vec<u32>),
+    inner: Arc<Inner>,
 }
+
+struct Inner {
+    prep: Preparer,
+    device: Device,
+    describe: String,
+    tx: Option<Sender<Msg>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    counters: Arc<Counters>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker once its queue is done.
+        self.tx.take();
+        if let Some(h) = self.worker.get_mut().ok().and_then(Option::take) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Requests prepared ahead of the worker at a time, per caller.
+const WINDOW: usize = 256;
 
 impl Engine {
-    /// Opens a model folder (checkpoint + tokenizer.json), loads it onto the GPU, and sets up the
-    /// allocator with the remaining memory budget.
+    /// Opens a model folder (checkpoint and `tokenizer.json`, or `opts.tokenizer`), and loads the
+    /// model onto `opts.device` on the engine's worker thread.
     pub fn open(model_dir: &Path, opts: EngineOptions) -> Result<Engine> {
-        let tok = TextTokenizer::from_model_dir(model_dir)?;
-        Self::with_tokenizer(model_dir, tok, opts)
-    }
-
-    /// Like [`Engine::open`] with a tokenizer loaded elsewhere (a checkpoint folder without
-    /// tokenizer.json, e.g. a synthetic one).
-    pub fn with_tokenizer(model_dir: &Path, tok: TextTokenizer, opts: EngineOptions) -> Result<Engine> {
-        if opts.max_batch_tokens == 0 {
-            return Err(Error::Input("max_batch_tokens must be at least 1".into()));
+        if opts.max_batch_tokens == 0 || opts.max_batch_patches == 0 {
+            return Err(Error::Input("max_batch_tokens and max_batch_patches must be at least 1".into()));
         }
+        let tok = match &opts.tokenizer {
+            Some(t) => TextTokenizer::from_file(t)?,
+            None => TextTokenizer::from_model_dir(model_dir)?,
+        };
         let ckpt = Checkpoint::open(model_dir)?;
+        let cfg = ckpt.config.clone();
         let image_cfg = image::ImageConfig::from(&ckpt.preprocessor);
-        let image_template = (
-            tok.encode_raw("<|im_start|>user\n<|vision_start|>")?,
-            tok.encode_raw("<|vision_end|>Describe the image.<|im_end|>\n")?,
-        );
-        let gpu = Gpu::new(opts.device)?;
-        let (model, load) = GpuModel::load(&gpu, &ckpt)?;
-        drop(ckpt);
-        let (free, _) = gpu.mem_info()?;
-        let budget = resolve_budget(opts.mem_budget.as_deref(), free)?;
-        let mem = DeviceAllocator::new(&gpu, budget, DEFAULT_PAGE_SIZE)?;
-        Ok(Engine { gpu, model, mem, tok, opts, load, image_cfg, image_template })
+        let prep = Preparer::new(
+            tok,
+            cfg,
+            image_cfg,
+            opts.truncation,
+            opts.max_batch_patches,
+            opts.preprocess_threads,
+        )?;
+
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<String>>();
+        let counters = Arc::new(Counters::default());
+        let budgets =
+            Budgets { tokens: opts.max_batch_tokens, patches: opts.max_batch_patches, wait: opts.batch_wait };
+        let (device, mem_budget, c) = (opts.device, opts.mem_budget, counters.clone());
+        let worker = std::thread::Builder::new()
+            .name(format!("jv4-{device}"))
+            .spawn(move || {
+                // The backend is created here, so its CUDA context is current on this thread.
+                let backend = match open_backend(device, &ckpt, mem_budget) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                drop(ckpt);
+                let _ = ready_tx.send(Ok(backend.describe()));
+                worker::run(backend, rx, budgets, c);
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the engine's worker thread: {e}")))?;
+        let describe = match ready_rx.recv() {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                let _ = worker.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = worker.join();
+                return Err(Error::Internal("the engine's worker stopped while loading the model".into()));
+            }
+        };
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                prep,
+                device,
+                describe,
+                tx: Some(tx),
+                worker: Mutex::new(Some(worker)),
+                counters,
+            }),
+        })
     }
 
-    /// The GPU.
-    pub fn gpu(&self) -> &Gpu {
-        &self.gpu
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.inner.prep.cfg
     }
 
-    /// The model on the GPU.
-    pub fn model(&self) -> &GpuModel {
-        &self.model
+    /// Where the model runs.
+    pub fn device(&self) -> Device {
+        self.inner.device
     }
 
-    /// How the weights were loaded.
-    pub fn load_report(&self) -> LoadReport {
-        self.load
-    }
-
-    /// Activation allocator statistics (peak since the last [`Engine::reset_peak`]).
-    pub fn mem_stats(&self) -> MemStats {
-        self.mem.stats()
-    }
-
-    /// Restarts peak-memory tracking.
-    pub fn reset_peak(&mut self) {
-        self.mem.reset_peak();
+    /// The device, in words (e.g. `cuda:0 (NVIDIA H200)`).
+    pub fn describe(&self) -> &str {
+        &self.inner.describe
     }
 
     /// The tokenizer.
     pub fn tokenizer(&self) -> &TextTokenizer {
-        &self.tok
+        &self.inner.prep.tok
     }
 
-    /// Embeds text requests: one result per request, in order.
-    pub fn embed_texts(&mut self, reqs: &[TextRequest]) -> Vec<Result<Embedding>> {
-        let all: Vec<Request> = reqs.iter().cloned().map(Request::Text).collect();
-        self.embed(&all)
+    /// Work done so far.
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.inner.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        EngineStats { forwards: get(&c.forwards), sequences: get(&c.sequences), tokens: get(&c.tokens) }
     }
 
-    /// Embeds any mix of texts and images, tasks and outputs: one result per request, in order.
-    /// Requests go in windows: while the GPU runs one window's forwards, CPU threads tokenize the
-    /// next window's texts and decode and preprocess its images. Inside a window they are packed
-    /// in order into forwards under the token and patch budgets.
-    pub fn embed(&mut self, reqs: &[Request]) -> Vec<Result<Embedding>> {
-        /// Requests prepared ahead of the GPU at a time.
-        const WINDOW: usize = 256;
+    /// Memory the backend holds (asks the worker: waits for the forward in progress).
+    pub fn memory(&self) -> Result<MemoryReport> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Msg::Memory(tx))?;
+        rx.recv().map_err(|_| stopped())
+    }
+
+    /// Restarts the activation-memory peak.
+    pub fn reset_peak(&self) -> Result<()> {
+        self.send(Msg::ResetPeak)
+    }
+
+    fn send(&self, m: Msg) -> Result<()> {
+        self.inner.tx.as_ref().ok_or_else(stopped)?.send(m).map_err(|_| stopped())
+    }
+
+    /// Embeds any mix of texts, images and token ids, tasks, outputs and widths: one result per
+    /// request, in order. Safe to call from many threads at once.
+    ///
+    /// Requests are prepared in windows on the calling thread; while the worker runs one window's
+    /// forwards, the next window is prepared.
+    pub fn embed(&self, reqs: &[Request]) -> Vec<Result<Embedding>> {
         let mut results: Vec<Option<Result<Embedding>>> = (0..reqs.len()).map(|_| None).collect();
-        let Engine { gpu, model, mem, tok, opts, image_cfg, image_template, .. } = self;
-        let prep = Prep { tok, opts, image_cfg, image_template, cfg: model.config() };
-        let windows: Vec<(usize, usize)> =
-            (0..reqs.len()).step_by(WINDOW).map(|s| (s, (s + WINDOW).min(reqs.len()))).collect();
-        let mut next = windows.first().map(|&(a, b)| prep.prepare(&reqs[a..b]));
-        for (k, &(a, _)) in windows.iter().enumerate() {
-            let current = next.take().expect("prepared window");
-            std::thread::scope(|s| {
-                let ahead = windows.get(k + 1).map(|&(c, d)| {
-                    let prep = &prep;
-                    s.spawn(move || prep.prepare(&reqs[c..d]))
-                });
-                let ready = prep.check_all(reqs, a, current, &mut results);
-                run_window(gpu, model, mem, opts, reqs, &ready, &mut results);
-                next = ahead.map(|h| h.join().expect("preparation thread"));
-            });
-        }
-        results.into_iter().map(|r| r.expect("every request answered")).collect()
-    }
-}
-
-/// What preparing requests needs: everything but the GPU.
-struct Prep<'a> {
-    tok: &'a TextTokenizer,
-    opts: &'a EngineOptions,
-    image_cfg: &'a image::ImageConfig,
-    image_template: &'a (Vec<u32>, Vec<u32>),
-    cfg: &'a crate::model::config::ModelConfig,
-}
-
-impl Prep<'_> {
-    /// Tokenizes the texts (one call) and decodes and preprocesses the images (on threads); an
-    /// image over the patch budget is resized down to fit.
-    fn prepare(&self, reqs: &[Request]) -> Vec<Result<Prepared>> {
-        let mut out: Vec<Option<Result<Prepared>>> = (0..reqs.len()).map(|_| None).collect();
-        let texts: Vec<(usize, &TextRequest)> = reqs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| if let Request::Text(t) = r { Some((i, t)) } else { None })
-            .collect();
-        let items: Vec<_> = texts.iter().map(|(_, r)| (r.task, r.prompt, r.text.as_str())).collect();
-        for ((i, _), enc) in texts.iter().zip(self.tok.encode_batch_prompted(&items, self.opts.truncation)) {
-            out[*i] = Some(enc.map(|e| Prepared { ids: e.ids, dropped: e.dropped, image: None }));
-        }
-        let images: Vec<(usize, &ImageRequest)> = reqs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| if let Request::Image(m) = r { Some((i, m)) } else { None })
-            .collect();
-        let cfg = self.image_cfg;
-        let ceiling = self.opts.max_batch_patches * cfg.patch_size * cfg.patch_size;
-        let threads = self.opts.preprocess_threads.max(1);
-        let done: Vec<Result<image::Preprocessed>> = std::thread::scope(|s| {
-            let chunk = images.len().div_ceil(threads).max(1);
-            let handles: Vec<_> = images
-                .chunks(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        part.iter()
-                            .map(|(_, r)| {
-                                let mut c = cfg.clone();
-                                c.max_pixels = r.max_pixels.unwrap_or(cfg.max_pixels).min(ceiling);
-                                c.min_pixels = c.min_pixels.min(c.max_pixels);
-                                image::preprocess_bytes(&r.bytes, &c, image::AlphaMode::Drop)
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles.into_iter().flat_map(|h| h.join().expect("preprocessing thread")).collect()
-        });
-        let pad = self.cfg.special.image_token_id;
-        for ((i, _), p) in images.iter().zip(done) {
-            out[*i] = Some(p.map(|p| {
-                let grid = GridThw { t: p.grid_thw[0], h: p.grid_thw[1], w: p.grid_thw[2] };
-                let (pre, post) = self.image_template;
-                let mut ids = pre.clone();
-                ids.extend(std::iter::repeat_n(pad, grid.merged_tokens(cfg.merge_size)));
-                ids.extend_from_slice(post);
-                Prepared { ids, dropped: 0, image: Some((grid, p.pixel_values)) }
-            }));
-        }
-        out.into_iter().map(|p| p.expect("every request prepared")).collect()
-    }
-
-    /// Checks each prepared request of the window starting at `offset`; failures are answered
-    /// at once, the rest returned with their request index.
-    fn check_all(
-        &self,
-        reqs: &[Request],
-        offset: usize,
-        prepared: Vec<Result<Prepared>>,
-        results: &mut [Option<Result<Embedding>>],
-    ) -> Vec<(usize, Prepared)> {
-        let mut ready = Vec::new();
-        for (k, p) in prepared.into_iter().enumerate() {
-            let i = offset + k;
-            let req = &reqs[i];
-            let probe = TextRequest {
-                text: String::new(),
-                task: req.task(),
-                prompt: PromptName::Query,
-                output: req.output(),
-                dims: req.dims(),
-            };
-            let checked = p.and_then(|p| {
-                check_request(
-                    &probe,
-                    p.ids.len(),
-                    &self.cfg.matryoshka_dims,
-                    self.cfg.text.hidden_size,
-                    self.opts.max_batch_tokens,
-                )
-                .map(|_| p)
-            });
-            match checked {
-                Ok(p) => ready.push((i, p)),
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
-        ready
-    }
-}
-
-/// Packs a window's ready requests in order into forwards under the token and patch budgets.
-fn run_window(
-    gpu: &Gpu,
-    model: &GpuModel,
-    mem: &mut DeviceAllocator,
-    opts: &EngineOptions,
-    reqs: &[Request],
-    ready: &[(usize, Prepared)],
-    results: &mut [Option<Result<Embedding>>],
-) {
-    let mut start = 0;
-    while start < ready.len() {
-        let (mut end, mut tokens, mut patches) = (start, 0, 0);
-        while end < ready.len() {
-            let p = &ready[end].1;
-            let np = p.image.as_ref().map_or(0, |(g, _)| g.patches());
-            let over = tokens + p.ids.len() > opts.max_batch_tokens || patches + np > opts.max_batch_patches;
-            if end > start && over {
-                break;
-            }
-            tokens += p.ids.len();
-            patches += np;
-            end += 1;
-        }
-        run_batch(gpu, model, mem, reqs, &ready[start..end], results);
-        start = end;
-    }
-}
-
-/// One forward for `group`; on out-of-memory, halves the group and tries again.
-fn run_batch(
-    gpu: &Gpu,
-    model: &GpuModel,
-    mem: &mut DeviceAllocator,
-    reqs: &[Request],
-    group: &[(usize, Prepared)],
-    results: &mut [Option<Result<Embedding>>],
-) {
-    let mut batch = TextBatch::default();
-    let mut served = Vec::with_capacity(group.len());
-    for (i, p) in group {
-        let pushed = match &p.image {
-            None => {
-                batch.push_text(&p.ids, reqs[*i].task());
-                Ok(())
-            }
-            Some((g, pv)) => batch.push_with_images(model.config(), &p.ids, reqs[*i].task(), &[(*g, pv)]),
-        };
-        match pushed {
-            Ok(()) => served.push((*i, p)),
-            Err(e) => results[*i] = Some(Err(e)),
-        }
-    }
-    if served.is_empty() {
-        return;
-    }
-    let want_multi = served.iter().any(|(i, _)| reqs[*i].output().multi());
-    match model.forward_text(gpu, mem, &batch, want_multi) {
-        Ok(out) => {
-            let hid = model.config().text.hidden_size;
-            let pd = model.config().multi_vector_projector_dim;
-            let mut row = 0;
-            for (k, (i, p)) in served.iter().enumerate() {
-                let req = &reqs[*i];
-                let n = p.ids.len();
-                let single = &out.single[k * hid..(k + 1) * hid];
-                let emb = Embedding {
-                    single: req.output().single().then(|| match req.dims() {
-                        Some(d) if d < hid => matryoshka(single, d),
-                        _ => single.to_vec(),
+        let (tx, rx) = mpsc::channel::<(usize, Result<Embedding>)>();
+        let mut sent = 0usize; // requests handed to the worker
+        let mut answered = 0usize; // of those, answered
+        for (w, chunk) in reqs.chunks(WINDOW).enumerate() {
+            let offset = w * WINDOW;
+            let mut items = Vec::with_capacity(chunk.len());
+            for (k, p) in self.inner.prep.prepare(chunk).into_iter().enumerate() {
+                let r = &chunk[k];
+                match p {
+                    Ok(prepared) => items.push(Item {
+                        slot: offset + k,
+                        prepared,
+                        task: r.task,
+                        output: r.output,
+                        dims: r.dims,
+                        reply: tx.clone(),
                     }),
-                    multi: req.output().multi().then(|| {
-                        out.multi.as_ref().expect("multi computed")[row * pd..(row + n) * pd].to_vec()
-                    }),
-                    tokens: n,
-                    dropped: p.dropped,
-                };
-                results[*i] = Some(Ok(emb));
-                row += n;
+                    Err(e) => results[offset + k] = Some(Err(e)),
+                }
             }
-        }
-        Err(Error::OutOfMemory { .. }) if served.len() > 1 => {
-            let rest: Vec<(usize, Prepared)> = served.iter().map(|(i, p)| (*i, (*p).clone())).collect();
-            let mid = rest.len() / 2;
-            run_batch(gpu, model, mem, reqs, &rest[..mid], results);
-            run_batch(gpu, model, mem, reqs, &rest[mid..], results);
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            for (i, _) in &served {
-                results[*i] = Some(Err(match &e {
-                    Error::OutOfMemory { requested, in_use, budget } => {
-                        Error::OutOfMemory { requested: *requested, in_use: *in_use, budget: *budget }
+            // At most two windows with the worker: wait for the one before the last.
+            while sent - answered > WINDOW {
+                match rx.recv() {
+                    Ok((slot, r)) => {
+                        results[slot] = Some(r);
+                        answered += 1;
                     }
-                    Error::Input(m) => Error::Input(m.clone()),
-                    _ => Error::Cuda { what: "the batch's forward".into(), msg: msg.clone() },
-                }));
+                    Err(_) => break,
+                }
+            }
+            let n = items.len();
+            if n > 0 {
+                match self.send(Msg::Work(items)) {
+                    Ok(()) => sent += n,
+                    Err(e) => {
+                        for r in results[offset..offset + chunk.len()].iter_mut().filter(|r| r.is_none()) {
+                            *r = Some(Err(e.clone()));
+                        }
+                    }
+                }
             }
         }
+        drop(tx);
+        while answered < sent {
+            match rx.recv() {
+                Ok((slot, r)) => {
+                    results[slot] = Some(r);
+                    answered += 1;
+                }
+                Err(_) => break, // the worker is gone: the rest get the error below
+            }
+        }
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(stopped()))).collect()
     }
 }
 
-/// A request ready for the GPU: its token ids and, for an image, its grid and patch rows.
-#[derive(Clone, Debug)]
-struct Prepared {
-    ids: Vec<u32>,
-    dropped: usize,
-    image: Option<(GridThw, Vec<f32>)>,
+fn stopped() -> Error {
+    Error::Internal("the engine's worker has stopped".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handle_is_send_sync_clone() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<Engine>();
+    }
 }

@@ -89,7 +89,7 @@ impl Truncation {
     }
 
     /// The limit actually applied, or an error for a limit that can hold nothing.
-    fn limit(self) -> Result<usize> {
+    pub(crate) fn limit(self) -> Result<usize> {
         if self.max_length == 0 {
             return Err(Error::Input(
                 "max_length must be at least 1 (it counts the prompt prefix too)".into(),

@@ -11,45 +11,13 @@
 
 use std::collections::HashMap;
 
+use crate::model::batch::{BatchOutput, ImageInput, PackedBatch};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::plan::{self, GridThw};
 use crate::model::Task;
 use crate::reference as r;
 use crate::{Error, Result};
-
-/// One sequence of a batch: token ids (prompt included; image blocks already expanded to their
-/// `<|image_pad|>` runs), its task, and the images whose blocks it contains, in order.
-#[derive(Clone, Debug)]
-pub struct SeqInput {
-    /// Token ids.
-    pub ids: Vec<u32>,
-    /// Task (selects the LoRA).
-    pub task: Task,
-    /// The images of this sequence, in the order of their blocks.
-    pub images: Vec<ImageInput>,
-}
-
-/// One preprocessed image.
-#[derive(Clone, Debug)]
-pub struct ImageInput {
-    /// `[patches, 3·t·p·p]` in merge-block row order.
-    pub pixel_values: Vec<f32>,
-    /// The patch grid.
-    pub grid: GridThw,
-}
-
-/// What the model produces for one sequence.
-#[derive(Clone, Debug)]
-pub struct SeqOutput {
-    /// Final-norm hidden states `[L, hidden]`.
-    pub hidden: Vec<f32>,
-    /// The single vector: mean over the pooling span, L2-normalised, full width (truncate with
-    /// [`crate::reference::matryoshka`]).
-    pub single: Vec<f32>,
-    /// The multi-vector rows `[L, proj_dim]`, each L2-normalised.
-    pub multi: Vec<f32>,
-}
 
 /// The checkpoint's tensors as f32 (bf16 values widened exactly).
 pub struct CpuModel {
@@ -84,6 +52,11 @@ impl CpuModel {
     /// The configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// Host bytes held by the f32 weights.
+    pub fn host_bytes(&self) -> usize {
+        self.w.values().map(|v| v.len() * 4).sum()
     }
 
     fn t(&self, name: &str) -> &[f32] {
@@ -176,53 +149,46 @@ impl CpuModel {
         r::unpermute_groups(&z, v.out_hidden_size, &vp.window_index)
     }
 
-    /// One packed forward over `batch` (spec §3–§8): every sequence's final hidden states and
-    /// both heads. Sequences never see each other.
-    pub fn forward(&self, batch: &[SeqInput]) -> Result<Vec<SeqOutput>> {
+    /// One packed forward over `batch` (docs/MODEL.md §3–§8): both heads (the multi-vector one
+    /// always; the batch's `want_multi` only decides whether it is returned). Sequences never see
+    /// each other.
+    pub fn forward(&self, batch: &PackedBatch) -> Result<BatchOutput> {
         self.forward_traced(batch, None)
     }
 
     /// [`CpuModel::forward`] that also records the packed residual stream `[tokens, hidden]`
     /// after the embeddings (with the image rows spliced in), after every decoder layer, and the
-    /// final-norm states: the checkpoints at which the GPU forward is compared layer by layer.
+    /// final-norm states (the last entry): the checkpoints at which the GPU forward is compared
+    /// layer by layer.
     pub fn forward_traced(
         &self,
-        batch: &[SeqInput],
+        batch: &PackedBatch,
         mut trace: Option<&mut Vec<Vec<f32>>>,
-    ) -> Result<Vec<SeqOutput>> {
+    ) -> Result<BatchOutput> {
         let t = &self.cfg.text;
-        let sp = &self.cfg.special;
-        let merge = self.cfg.vision.spatial_merge_size;
         let (hid, eps) = (t.hidden_size, t.rms_norm_eps as f32);
-
-        // Host planning: segments, positions, the image-token rows.
-        let mut cu = vec![0usize];
-        let (mut pt, mut ph, mut pw) = (Vec::new(), Vec::new(), Vec::new());
-        let mut ids = Vec::new();
-        let mut segs = Vec::new();
-        for s in batch {
-            if s.ids.is_empty() {
-                return Err(Error::Input("a sequence with no tokens".into()));
-            }
-            let grids: Vec<GridThw> = s.images.iter().map(|i| i.grid).collect();
-            let pos = plan::mrope_positions(&s.ids, sp.image_token_id, &grids, merge)?;
-            pt.extend(pos.t);
-            ph.extend(pos.h);
-            pw.extend(pos.w);
-            let start = ids.len();
-            ids.extend_from_slice(&s.ids);
-            segs.push((start, ids.len(), s.task));
-            cu.push(ids.len());
+        let n = batch.tokens();
+        if n == 0 {
+            return Err(Error::Input("an empty batch".into()));
         }
-        let n = ids.len();
+        let ids = batch.ids();
+        let cu: Vec<usize> = batch.cu_seqlens().iter().map(|&c| c as usize).collect();
+        let segs: Vec<(usize, usize, Task)> =
+            batch.tasks().iter().enumerate().map(|(k, &task)| (cu[k], cu[k + 1], task)).collect();
 
-        // Embeddings, with the image rows replaced by the vision tower's output (spec §4.3).
-        let mut h = r::embedding(self.t("embed_tokens.weight"), hid, &ids);
-        let images: Vec<&ImageInput> = batch.iter().flat_map(|s| s.images.iter()).collect();
-        if !images.is_empty() {
+        // Embeddings, with the image rows replaced by the vision tower's output (§4.3).
+        let mut h = r::embedding(self.t("embed_tokens.weight"), hid, ids);
+        if !batch.images().is_empty() {
+            let images: Vec<&ImageInput> = batch.images().iter().collect();
             let vis = self.vision(&images);
-            let expected = vis.len() / hid;
-            let rows = plan::image_token_rows(&ids, sp.image_token_id, expected)?;
+            let rows = batch.image_rows();
+            if rows.len() * hid != vis.len() {
+                return Err(Error::Input(format!(
+                    "the batch has {} image tokens but the images produce {} merged tokens",
+                    rows.len(),
+                    vis.len() / hid
+                )));
+            }
             for (i, &row) in rows.iter().enumerate() {
                 let row = row as usize;
                 h[row * hid..(row + 1) * hid].copy_from_slice(&vis[i * hid..(i + 1) * hid]);
@@ -232,7 +198,8 @@ impl CpuModel {
         if let Some(tr) = trace.as_deref_mut() {
             tr.push(h.clone());
         }
-        let angles = r::mrope_angles(&pt, &ph, &pw, t.head_dim, t.rope_theta, t.mrope_section);
+        let pos = batch.positions();
+        let angles = r::mrope_angles(&pos.t, &pos.h, &pos.w, t.head_dim, t.rope_theta, t.mrope_section);
         let (heads, kvh, hd) = (t.num_attention_heads, t.num_key_value_heads, t.head_dim);
         for l in 0..t.num_hidden_layers {
             let p = format!("layers.{l}");
@@ -257,31 +224,20 @@ impl CpuModel {
             }
         }
         let h = r::rmsnorm(&h, self.t("norm.weight"), eps);
-        if let Some(tr) = trace {
-            tr.push(h.clone());
-        }
 
-        // Heads (spec §8): both from the one pass.
+        // Heads (§8): both from the one pass.
         let multi = self.adapted("multi_vector_projector", &h, hid, true, &segs);
         let pd = multi.len() / n;
         let multi = r::l2_normalize_rows(&multi, pd);
-        let mut out = Vec::with_capacity(batch.len());
-        for (s, &(start, end, _)) in batch.iter().zip(&segs) {
-            let (a, b) = plan::pooling_span(
-                &s.ids,
-                sp.vision_start_token_id,
-                sp.vision_end_token_id,
-                !s.images.is_empty(),
-            )?;
-            let hs = &h[start * hid..end * hid];
-            let mean = r::mean_pool(hs, hid, &[(a, b)]).remove(0);
-            out.push(SeqOutput {
-                hidden: hs.to_vec(),
-                single: r::l2_normalize(&mean),
-                multi: multi[start * pd..end * pd].to_vec(),
-            });
+        let mut single = Vec::with_capacity(batch.sequences() * hid);
+        for &[a, b] in batch.spans() {
+            let mean = r::mean_pool(&h, hid, &[(a as usize, b as usize)]).remove(0);
+            single.extend(r::l2_normalize(&mean));
         }
-        Ok(out)
+        if let Some(tr) = trace {
+            tr.push(h);
+        }
+        Ok(BatchOutput { single, multi: batch.want_multi.then_some(multi) })
     }
 }
 

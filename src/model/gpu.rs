@@ -19,107 +19,14 @@
 use half::bf16;
 
 use crate::cuda::{DTensor, DView, DeviceAllocator, DeviceBuffer, Gpu};
+use crate::model::batch::{BatchOutput, PackedBatch};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
-use crate::model::plan::{self, GridThw};
+use crate::model::plan;
 use crate::model::weights::{DeviceWeights, LoadReport};
 use crate::model::Task;
 use crate::ops;
 use crate::{Error, Result};
-
-/// One packed batch of sequences (text, or text with image blocks), planned on the host.
-#[derive(Clone, Debug, Default)]
-pub struct TextBatch {
-    /// Token ids of all sequences, concatenated.
-    pub ids: Vec<u32>,
-    /// Sequence boundaries, `[0, len0, len0+len1, …]`.
-    pub cu_seqlens: Vec<i32>,
-    /// M-RoPE position components of every token (spec §7.3).
-    pos: [Vec<i32>; 3],
-    /// Each token's task index ([`Task::index`]).
-    pub row_task: Vec<u8>,
-    /// Per sequence, the `[start, end)` rows (packed-batch indices) its single vector pools.
-    pub spans: Vec<[u32; 2]>,
-    /// The images of all sequences, in the order of their blocks: patch rows (bf16, as the
-    /// reference feeds the patch embedding) and grids.
-    pub pixel_values: Vec<bf16>,
-    /// Patch grids of the images.
-    pub grids: Vec<GridThw>,
-}
-
-impl TextBatch {
-    /// Appends one text sequence (positions 0..len on all three planes, spec §3.2).
-    pub fn push_text(&mut self, ids: &[u32], task: Task) {
-        let start = self.begin(ids, task);
-        for p in &mut self.pos {
-            p.extend(0..ids.len() as i32);
-        }
-        self.spans.push([start, self.ids.len() as u32]);
-    }
-
-    /// Appends one sequence whose `<|image_pad|>` runs are the blocks of `images` (patch rows
-    /// `[grid.patches(), row]` each, in order): M-RoPE image positions and the single vector's
-    /// vision span from the host plan (spec §7.3, §8.1).
-    pub fn push_with_images(
-        &mut self,
-        cfg: &ModelConfig,
-        ids: &[u32],
-        task: Task,
-        images: &[(GridThw, &[f32])],
-    ) -> Result<()> {
-        let sp = &cfg.special;
-        let merge = cfg.vision.spatial_merge_size;
-        let grids: Vec<GridThw> = images.iter().map(|(g, _)| *g).collect();
-        let pos = plan::mrope_positions(ids, sp.image_token_id, &grids, merge)?;
-        let (a, b) =
-            plan::pooling_span(ids, sp.vision_start_token_id, sp.vision_end_token_id, !images.is_empty())?;
-        for (g, pv) in images {
-            if pv.is_empty() || pv.len() % g.patches() != 0 {
-                return Err(Error::Input(format!("{} pixel values for a {g} grid", pv.len())));
-            }
-        }
-        let start = self.begin(ids, task);
-        self.pos[0].extend(pos.t);
-        self.pos[1].extend(pos.h);
-        self.pos[2].extend(pos.w);
-        self.spans.push([start + a as u32, start + b as u32]);
-        for (g, pv) in images {
-            self.grids.push(*g);
-            self.pixel_values.extend(pv.iter().map(|&v| bf16::from_f32(v)));
-        }
-        Ok(())
-    }
-
-    fn begin(&mut self, ids: &[u32], task: Task) -> u32 {
-        if self.cu_seqlens.is_empty() {
-            self.cu_seqlens.push(0);
-        }
-        let start = self.ids.len() as u32;
-        self.ids.extend_from_slice(ids);
-        self.row_task.extend(std::iter::repeat_n(task.index() as u8, ids.len()));
-        self.cu_seqlens.push(self.ids.len() as i32);
-        start
-    }
-
-    /// Number of tokens.
-    pub fn tokens(&self) -> usize {
-        self.ids.len()
-    }
-
-    /// Number of sequences.
-    pub fn sequences(&self) -> usize {
-        self.spans.len()
-    }
-}
-
-/// What one forward returns, on the host.
-#[derive(Clone, Debug)]
-pub struct BatchOutput {
-    /// `[sequences, hidden]` L2-normalised single vectors (f32).
-    pub single: Vec<f32>,
-    /// `[tokens, proj_dim]` L2-normalised multi-vector rows (f32), when asked for.
-    pub multi: Option<Vec<f32>>,
-}
 
 /// The model on the GPU (text path).
 pub struct GpuModel {
@@ -302,40 +209,30 @@ impl GpuModel {
         self.w.device_bytes() + self.consts.bytes()
     }
 
-    /// One packed forward of text sequences: single vectors always, multi-vector rows when
-    /// `want_multi`. Everything runs on the GPU's stream; the only waits are the input uploads
-    /// before the first kernel and the output downloads after the last.
-    pub fn forward_text(
-        &self,
-        gpu: &Gpu,
-        mem: &mut DeviceAllocator,
-        batch: &TextBatch,
-        want_multi: bool,
-    ) -> Result<BatchOutput> {
+    /// One packed forward: single vectors always, multi-vector rows when the batch wants them.
+    /// Everything runs on the GPU's stream; the only waits are the input uploads before the
+    /// first kernel and the output downloads after the last.
+    pub fn forward(&self, gpu: &Gpu, mem: &mut DeviceAllocator, batch: &PackedBatch) -> Result<BatchOutput> {
         let n = batch.tokens();
         if n == 0 || batch.sequences() == 0 {
             return Err(Error::Input("an empty batch".into()));
         }
-        let vocab = self.cfg.text.vocab_size as u32;
-        if let Some(&bad) = batch.ids.iter().find(|&&id| id >= vocab) {
-            return Err(Error::Input(format!("token id {bad} is outside the vocabulary ({vocab})")));
-        }
-        let result = self.forward_in(gpu, mem, batch, want_multi, None);
+        let result = self.forward_in(gpu, mem, batch, batch.want_multi, None);
         // Every block of the forward goes back, also after an error (e.g. out of memory half
         // way); the tensors holding them are gone by now.
         mem.free_all();
         result
     }
 
-    /// [`GpuModel::forward_text`] that also downloads the residual stream after the embeddings,
+    /// [`GpuModel::forward`] that also downloads the residual stream after the embeddings,
     /// after every layer, and the final-norm states (the checkpoints of
     /// [`crate::model::cpu::CpuModel::forward_traced`]), for layer-by-layer comparison. Slow: it
     /// waits for the GPU at every checkpoint.
-    pub fn forward_text_traced(
+    pub fn forward_traced(
         &self,
         gpu: &Gpu,
         mem: &mut DeviceAllocator,
-        batch: &TextBatch,
+        batch: &PackedBatch,
         trace: &mut Vec<Vec<f32>>,
     ) -> Result<BatchOutput> {
         let result = self.forward_in(gpu, mem, batch, true, Some(trace));
@@ -347,7 +244,7 @@ impl GpuModel {
         &self,
         gpu: &Gpu,
         mem: &mut DeviceAllocator,
-        batch: &TextBatch,
+        batch: &PackedBatch,
         want_multi: bool,
         mut trace: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<BatchOutput> {
@@ -369,14 +266,15 @@ impl GpuModel {
         let groups = 3 * Task::ALL.len() * self.rank; // widest stacked LoRA (qkv)
 
         // Inputs.
-        let ids = upload(gpu, mem, &batch.ids, &[n])?;
-        let positions = batch.pos.concat();
+        let ids = upload(gpu, mem, batch.ids(), &[n])?;
+        let p = batch.positions();
+        let positions = [p.t.as_slice(), &p.h, &p.w].concat();
         let pos = upload(gpu, mem, &positions, &[3, n])?;
-        let cu = upload(gpu, mem, &batch.cu_seqlens, &[batch.cu_seqlens.len()])?;
-        let row_task = upload(gpu, mem, &batch.row_task, &[n])?;
-        let spans_flat: Vec<u32> = batch.spans.iter().flatten().copied().collect();
+        let cu = upload(gpu, mem, batch.cu_seqlens(), &[batch.cu_seqlens().len()])?;
+        let row_task = upload(gpu, mem, batch.row_task(), &[n])?;
+        let spans_flat: Vec<u32> = batch.spans().iter().flatten().copied().collect();
         let spans = upload(gpu, mem, &spans_flat, &[batch.sequences(), 2])?;
-        let max_seqlen = batch.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        let max_seqlen = batch.max_seqlen();
 
         // Activations.
         // The residual stream stays f32: the projections accumulate into it without rounding.
@@ -393,11 +291,18 @@ impl GpuModel {
         let inv_freq: DView<'_, f32> = self.consts.view(0, &[hd / 2]).expect("inv_freq");
         let section = t.mrope_section.map(|v| v as u32);
         ops::embedding_f32(gpu, &w.expect("embed_tokens.weight"), &ids.view(), &mut h.view_mut())?;
-        if !batch.grids.is_empty() {
+        if !batch.images().is_empty() {
             // The vision tower's rows replace the embeddings of the <|image_pad|> tokens (§4.3).
             let vis = self.vision(gpu, mem, batch)?;
-            let rows = plan::image_token_rows(&batch.ids, self.cfg.special.image_token_id, vis.shape()[0])?;
-            let rows = upload(gpu, mem, &rows, &[rows.len()])?;
+            let rows = batch.image_rows();
+            if rows.len() != vis.shape()[0] {
+                return Err(Error::Input(format!(
+                    "the batch has {} image tokens but the images produce {} merged tokens",
+                    rows.len(),
+                    vis.shape()[0]
+                )));
+            }
+            let rows = upload(gpu, mem, rows, &[rows.len()])?;
             ops::scatter_rows_f32(gpu, &vis.view(), &rows.view(), &mut h.view_mut())?;
         }
         record(gpu, Some(&h), None)?;
@@ -474,12 +379,15 @@ impl GpuModel {
     /// The vision tower over the batch's images (spec §5): `[merged tokens, out_hidden]` bf16, in
     /// raster order per image, images in order. The residual stream is bf16 here, as in the
     /// reference; every block's adds ride on the GEMMs (bias and accumulate epilogues).
-    pub fn vision(&self, gpu: &Gpu, mem: &mut DeviceAllocator, batch: &TextBatch) -> Result<DTensor<bf16>> {
+    pub fn vision(&self, gpu: &Gpu, mem: &mut DeviceAllocator, batch: &PackedBatch) -> Result<DTensor<bf16>> {
         let v = &self.cfg.vision;
         let unit = v.spatial_merge_size * v.spatial_merge_size;
-        let vp = plan::try_vision_plan(&batch.grids, v.spatial_merge_size, v.window_size, v.patch_size)?;
+        let vp = plan::try_vision_plan(&batch.grids(), v.spatial_merge_size, v.window_size, v.patch_size)?;
         let (np, d, heads, hd) = (vp.patches, v.hidden_size, v.num_heads, v.head_dim());
-        let row = batch.pixel_values.len() / np.max(1);
+        // Patch rows in bf16, as the reference feeds its patch embedding.
+        let pixels: Vec<bf16> =
+            batch.images().iter().flat_map(|i| i.pixel_values.iter().map(|&x| bf16::from_f32(x))).collect();
+        let row = pixels.len() / np.max(1);
         let w = &self.w;
         // Host planning, uploaded once.
         let idx = |v: &[usize]| v.iter().map(|&i| i as u32).collect::<Vec<u32>>();
@@ -493,7 +401,7 @@ impl GpuModel {
         let angles =
             crate::reference::vision_rope_angles(&vp.rot_pos_windowed(v.spatial_merge_size), hd, 10000.0);
         let angles = upload(gpu, mem, &angles, &[np, hd / 2])?;
-        let pix = upload(gpu, mem, &batch.pixel_values, &[np, row])?;
+        let pix = upload(gpu, mem, &pixels, &[np, row])?;
 
         let mut x0 = alloc::<bf16>(mem, &[np, d])?;
         ops::linear(gpu, &pix.view(), &w.expect("visual.patch_embed"), None, &mut x0.view_mut(), false)?;

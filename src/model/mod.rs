@@ -1,6 +1,8 @@
 //! The model layer: configuration, checkpoint reading and validation, and (later) the forward.
 //! It never names a kernel and never touches cudarc: device work goes through `ops` and `cuda`.
 
+pub mod backend;
+pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
@@ -10,6 +12,8 @@ pub mod synth;
 pub mod task;
 pub mod weights;
 
+pub use backend::{Backend, CpuBackend, CudaBackend, Device};
+pub use batch::{BatchOutput, ImageInput, PackedBatch};
 pub use checkpoint::{Checkpoint, Dtype, ExpectedTensor, Source, TensorInfo};
 pub use config::{AdapterConfig, ModelConfig, PreprocessorConfig};
 pub use task::Task;

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use crate::harness::{e, Ctx};
 use jv4::cuda::{DeviceAllocator, DEFAULT_PAGE_SIZE};
+use jv4::model::batch::{ImageInput, PackedBatch};
 use jv4::model::checkpoint::Checkpoint;
-use jv4::model::cpu::{CpuModel, SeqInput};
-use jv4::model::gpu::{GpuModel, TextBatch};
+use jv4::model::cpu::CpuModel;
+use jv4::model::gpu::GpuModel;
 use jv4::model::Task;
 use jv4::reference::cosine as cos;
 use serde_json::Value;
@@ -72,16 +73,15 @@ pub fn text_forward_matches_cpu_layer_by_layer(ctx: &mut Ctx) -> Result<(), Stri
     let cpu = CpuModel::from_checkpoint(&t.ckpt);
     // A packed batch mixing all three tasks and lengths 1..200.
     let all = texts(&t);
-    let mut batch = TextBatch::default();
-    let mut seqs = Vec::new();
+    let mut batch = PackedBatch::new(&t.ckpt.config);
     for (ids, task) in &all {
-        batch.push_text(ids, *task);
-        seqs.push(SeqInput { ids: ids.clone(), task: *task, images: vec![] });
+        batch.push_text(ids, *task).map_err(e)?;
     }
+    batch.want_multi = true;
     let mut gtrace = Vec::new();
     let mut ctrace = Vec::new();
-    let gout = model.forward_text_traced(&ctx.gpu, &mut mem, &batch, &mut gtrace).map_err(e)?;
-    let cout = cpu.forward_traced(&seqs, Some(&mut ctrace)).map_err(e)?;
+    let gout = model.forward_traced(&ctx.gpu, &mut mem, &batch, &mut gtrace).map_err(e)?;
+    let cout = cpu.forward_traced(&batch, Some(&mut ctrace)).map_err(e)?;
     if gtrace.len() != ctrace.len() {
         return Err(format!("{} GPU checkpoints vs {} CPU", gtrace.len(), ctrace.len()));
     }
@@ -97,9 +97,9 @@ pub fn text_forward_matches_cpu_layer_by_layer(ctx: &mut Ctx) -> Result<(), Stri
     }
     println!("  GPU vs CPU per checkpoint: {}", line.join(" "));
     let hid = t.ckpt.config.text.hidden_size;
-    for (k, c) in cout.iter().enumerate() {
+    for k in 0..batch.sequences() {
         let g = &gout.single[k * hid..(k + 1) * hid];
-        let cs = cos(g, &c.single);
+        let cs = cos(g, &cout.single[k * hid..(k + 1) * hid]);
         if cs < 0.9999 {
             return Err(format!("text {k}: single-vector cos vs CPU {cs:.6}"));
         }
@@ -115,9 +115,10 @@ pub fn text_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
     let (mut worst_single, mut worst_multi) = (1f64, 1f64);
     let mut alone = Vec::new();
     for (i, (ids, task)) in texts(&t).iter().enumerate() {
-        let mut batch = TextBatch::default();
-        batch.push_text(ids, *task);
-        let out = model.forward_text(&ctx.gpu, &mut mem, &batch, true).map_err(e)?;
+        let mut batch = PackedBatch::new(&t.ckpt.config);
+        batch.push_text(ids, *task).map_err(e)?;
+        batch.want_multi = true;
+        let out = model.forward(&ctx.gpu, &mut mem, &batch).map_err(e)?;
         let single = &t.refs[&format!("text/{i}/single/fp32")];
         let multi = &t.refs[&format!("text/{i}/multi/fp32")];
         let cs = cos(&out.single, single);
@@ -137,11 +138,12 @@ pub fn text_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
     let members: Vec<usize> =
         t.meta["mixed_batch"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     let all = texts(&t);
-    let mut batch = TextBatch::default();
+    let mut batch = PackedBatch::new(&t.ckpt.config);
     for &j in &members {
-        batch.push_text(&all[j].0, all[j].1);
+        batch.push_text(&all[j].0, all[j].1).map_err(e)?;
     }
-    let out = model.forward_text(&ctx.gpu, &mut mem, &batch, true).map_err(e)?;
+    batch.want_multi = true;
+    let out = model.forward(&ctx.gpu, &mut mem, &batch).map_err(e)?;
     let hid = t.ckpt.config.text.hidden_size;
     let mut max_diff = 0f32;
     for (k, &j) in members.iter().enumerate() {
@@ -208,8 +210,9 @@ pub fn image_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
     let mut line = Vec::new();
     for (name, ids, task, grid, pv) in &images {
         // The vision tower alone, against the rows transformers spliced in.
-        let mut b = TextBatch::default();
-        b.push_with_images(&t.ckpt.config, ids, *task, &[(*grid, pv.as_slice())]).map_err(e)?;
+        let mut b = PackedBatch::new(&t.ckpt.config);
+        b.push(ids, *task, vec![ImageInput { pixel_values: pv.clone(), grid: *grid }]).map_err(e)?;
+        b.want_multi = true;
         let vis = model.vision(&ctx.gpu, &mut mem, &b).map_err(e)?;
         let vis: Vec<f32> = ctx.gpu.download(&vis.view()).map_err(e)?.iter().map(|v| v.to_f32()).collect();
         mem.free_all();
@@ -218,7 +221,7 @@ pub fn image_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
             .map(|r| cos(&vis[r * hid..(r + 1) * hid], &vref[r * hid..(r + 1) * hid]))
             .fold(1f64, f64::min);
         // The whole sequence: single vector over the vision span, multi-vector over all tokens.
-        let out = model.forward_text(&ctx.gpu, &mut mem, &b, true).map_err(e)?;
+        let out = model.forward(&ctx.gpu, &mut mem, &b).map_err(e)?;
         let single = cos(&out.single, &t.refs[&format!("image/{name}/single/fp32")]);
         let got = out.multi.unwrap();
         let mref = &t.refs[&format!("image/{name}/multi/fp32")];
@@ -226,12 +229,7 @@ pub fn image_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
         let mc = (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &mref[r * pd..(r + 1) * pd])).sum::<f64>()
             / rows as f64;
         // And the CPU forward of the same input (the wiring is checked twice).
-        let seq = SeqInput {
-            ids: ids.clone(),
-            task: *task,
-            images: vec![jv4::model::cpu::ImageInput { pixel_values: pv.clone(), grid: *grid }],
-        };
-        let c = cpu.forward(&[seq]).map_err(e)?.remove(0);
+        let c = cpu.forward(&b).map_err(e)?;
         let vs_cpu = cos(&out.single, &c.single);
         line.push(format!(
             "{name}: vision min row cos {vcos:.5}, single {single:.6}, multi {mc:.6}, vs CPU {vs_cpu:.6}"

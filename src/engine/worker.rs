@@ -1,0 +1,215 @@
+//! The engine's worker: one thread per device that owns the [`Backend`] (created on it, so a
+//! CUDA context is only current there) and runs every forward. Callers send prepared requests;
+//! the worker queues them from all callers, packs them in arrival order into forwards under the
+//! token and patch budgets, and sends each result back to the caller it came from.
+//!
+//! Batching: whatever has queued while the previous forward ran is packed together (continuous
+//! batching). With a wait window, a forward that is not yet full waits up to that long for more
+//! requests first.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::engine::prepare::Prepared;
+use crate::engine::request::{matryoshka, Embedding, MultiVector, OutputKind};
+use crate::model::backend::{Backend, MemoryReport};
+use crate::model::batch::{BatchOutput, PackedBatch};
+use crate::model::Task;
+use crate::{Error, Result};
+
+/// One request on its way to a forward.
+pub(crate) struct Item {
+    /// The caller's index of the request.
+    pub slot: usize,
+    pub prepared: Prepared,
+    pub task: Task,
+    pub output: OutputKind,
+    pub dims: Option<usize>,
+    /// Where its result goes.
+    pub reply: Sender<(usize, Result<Embedding>)>,
+}
+
+/// What the worker is sent.
+pub(crate) enum Msg {
+    /// Requests to embed.
+    Work(Vec<Item>),
+    /// Report the backend's memory.
+    Memory(Sender<MemoryReport>),
+    /// Restart the backend's activation peak.
+    ResetPeak,
+}
+
+/// Counters of the work done, shared with the handle.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub forwards: AtomicU64,
+    pub sequences: AtomicU64,
+    pub tokens: AtomicU64,
+}
+
+/// Packing limits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Budgets {
+    pub tokens: usize,
+    pub patches: usize,
+    pub wait: Duration,
+}
+
+/// The worker's loop: until every handle is gone (the channel closes).
+pub(crate) fn run(
+    mut backend: Box<dyn Backend>,
+    rx: Receiver<Msg>,
+    budgets: Budgets,
+    counters: Arc<Counters>,
+) {
+    let mut queue: VecDeque<Item> = VecDeque::new();
+    let mut open = true;
+    loop {
+        if queue.is_empty() {
+            if !open {
+                return;
+            }
+            match rx.recv() {
+                Ok(m) => handle(m, &mut queue, backend.as_mut()),
+                Err(_) => return,
+            }
+            continue;
+        }
+        // Take what has queued meanwhile; then, while the next forward is not full, wait for more
+        // up to the window.
+        let deadline = Instant::now() + budgets.wait;
+        while open {
+            let (tokens, patches) = queued(&queue);
+            if tokens >= budgets.tokens || patches >= budgets.patches {
+                break;
+            }
+            let now = Instant::now();
+            let got = match rx.try_recv() {
+                Ok(m) => Ok(m),
+                Err(_) if now >= deadline => break,
+                Err(_) => rx.recv_timeout(deadline - now),
+            };
+            match got {
+                Ok(m) => handle(m, &mut queue, backend.as_mut()),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => open = false,
+            }
+        }
+        let group = take_group(&mut queue, budgets);
+        run_group(backend.as_mut(), group, &counters);
+    }
+}
+
+fn handle(m: Msg, queue: &mut VecDeque<Item>, backend: &mut dyn Backend) {
+    match m {
+        Msg::Work(items) => queue.extend(items),
+        Msg::Memory(reply) => {
+            let _ = reply.send(backend.memory());
+        }
+        Msg::ResetPeak => backend.reset_peak(),
+    }
+}
+
+fn queued(queue: &VecDeque<Item>) -> (usize, usize) {
+    queue.iter().fold((0, 0), |(t, p), i| (t + i.prepared.ids.len(), p + i.prepared.patches()))
+}
+
+/// The longest prefix of the queue that fits the budgets (at least one request: a request over
+/// the budget runs alone).
+fn take_group(queue: &mut VecDeque<Item>, b: Budgets) -> Vec<Item> {
+    let (mut n, mut tokens, mut patches) = (0, 0, 0);
+    for item in queue.iter() {
+        let (t, p) = (item.prepared.ids.len(), item.prepared.patches());
+        if n > 0 && (tokens + t > b.tokens || patches + p > b.patches) {
+            break;
+        }
+        tokens += t;
+        patches += p;
+        n += 1;
+    }
+    queue.drain(..n).collect()
+}
+
+/// One forward for `group`. On out-of-memory, or an input error the batch cannot place, the
+/// group is halved and each half tried again, so that only the request(s) at fault fail; any
+/// other error is every member's.
+fn run_group(backend: &mut dyn Backend, group: Vec<Item>, counters: &Counters) {
+    let mut batch = PackedBatch::new(backend.config());
+    let mut members = Vec::with_capacity(group.len());
+    for item in group {
+        let image = item.prepared.image.clone().into_iter().collect();
+        match batch.push(&item.prepared.ids, item.task, image) {
+            Ok(()) => members.push(item),
+            Err(e) => answer(&item, Err(e)),
+        }
+    }
+    if members.is_empty() {
+        return;
+    }
+    batch.want_multi = members.iter().any(|i| i.output.multi());
+    let result = catch_unwind(AssertUnwindSafe(|| backend.forward(&batch)))
+        .unwrap_or_else(|p| Err(Error::Internal(format!("the forward panicked: {}", panic_message(&p)))));
+    match result {
+        Ok(out) => {
+            counters.forwards.fetch_add(1, Ordering::Relaxed);
+            counters.sequences.fetch_add(batch.sequences() as u64, Ordering::Relaxed);
+            counters.tokens.fetch_add(batch.tokens() as u64, Ordering::Relaxed);
+            let hid = backend.config().text.hidden_size;
+            let pd = backend.config().multi_vector_projector_dim;
+            for (k, item) in members.iter().enumerate() {
+                answer(item, Ok(embedding(&out, &batch, k, item, hid, pd)));
+            }
+        }
+        Err(Error::OutOfMemory { .. } | Error::Input(_)) if members.len() > 1 => {
+            let mut rest = members;
+            let second = rest.split_off(rest.len() / 2);
+            run_group(backend, rest, counters);
+            run_group(backend, second, counters);
+        }
+        Err(e) => {
+            for item in &members {
+                answer(item, Err(e.clone()));
+            }
+        }
+    }
+}
+
+fn embedding(
+    out: &BatchOutput,
+    batch: &PackedBatch,
+    k: usize,
+    item: &Item,
+    hid: usize,
+    pd: usize,
+) -> Embedding {
+    let single = &out.single[k * hid..(k + 1) * hid];
+    let rows = batch.rows(k);
+    Embedding {
+        single: item.output.single().then(|| match item.dims {
+            Some(d) if d < hid => matryoshka(single, d),
+            _ => single.to_vec(),
+        }),
+        multi: item.output.multi().then(|| MultiVector {
+            dim: pd,
+            data: out.multi.as_ref().map_or_else(Vec::new, |m| m[rows.start * pd..rows.end * pd].to_vec()),
+        }),
+        tokens: rows.len(),
+        dropped: item.prepared.dropped,
+    }
+}
+
+fn answer(item: &Item, r: Result<Embedding>) {
+    // The caller may have gone (its thread ended): nothing to do then.
+    let _ = item.reply.send((item.slot, r));
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
