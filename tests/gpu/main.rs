@@ -4,6 +4,7 @@
 mod alloc;
 mod attention;
 mod check;
+mod engine;
 mod harness;
 mod model;
 mod ops;
@@ -41,5 +42,11 @@ fn main() {
         ("text_forward_matches_cpu_layer_by_layer", model::text_forward_matches_cpu_layer_by_layer),
         ("text_outputs_match_fp32_reference", model::text_outputs_match_fp32_reference),
         ("image_outputs_match_fp32_reference", model::image_outputs_match_fp32_reference),
+        ("engine_mixed_batch_equals_requests_alone", engine::mixed_batch_equals_requests_alone),
+        ("engine_concurrent_callers_get_their_own_results", engine::concurrent_callers_get_their_own_results),
+        ("engine_concurrent_callers_share_forwards", engine::concurrent_callers_share_forwards),
+        ("engine_bad_requests_fail_alone", engine::bad_requests_fail_alone),
+        ("engine_tiny_budget_serves_every_request", engine::tiny_budget_serves_every_request),
+        ("engine_open_errors_are_clear", engine::open_errors_are_clear),
     ]);
 }

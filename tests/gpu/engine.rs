@@ -1,0 +1,24 @@
+//! The engine's cases (tests/common/engine_cases.rs) on the CUDA backend: the same bodies the CPU
+//! tests run in CI, with cosine instead of bitwise comparisons. The harness holds device 0; the
+//! engine opens its own handle on its worker thread.
+
+use crate::harness::Ctx;
+use jv4::Device;
+
+#[path = "../common/engine_cases.rs"]
+mod engine_cases;
+
+macro_rules! cuda_case {
+    ($name:ident) => {
+        pub fn $name(_ctx: &mut Ctx) -> Result<(), String> {
+            engine_cases::$name(Device::Cuda(0))
+        }
+    };
+}
+
+cuda_case!(mixed_batch_equals_requests_alone);
+cuda_case!(concurrent_callers_get_their_own_results);
+cuda_case!(concurrent_callers_share_forwards);
+cuda_case!(bad_requests_fail_alone);
+cuda_case!(tiny_budget_serves_every_request);
+cuda_case!(open_errors_are_clear);
