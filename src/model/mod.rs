@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod gpu;
 pub mod plan;
 pub mod synth;
+pub mod synth_tokenizer;
 pub mod task;
 pub mod weights;
 

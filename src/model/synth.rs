@@ -1,6 +1,7 @@
 //! Random checkpoints in the exact on-disk layout of `jinaai/jina-embeddings-v4` (MODEL.md §1.1,
 //! §9.1b): two base shards with an index, legacy base names, a tied `lm_head.weight`, and PEFT
-//! adapters with the new `model.language_model.` spelling. Tests and benches use them where the
+//! adapters with the new `model.language_model.` spelling, and a small `tokenizer.json` with the
+//! config's special ids ([`crate::model::synth_tokenizer`]). Tests and benches use them where the
 //! real 7.5 GB download is unavailable; `Tiny` keeps the real head widths so kernels see real
 //! shapes per head, `Full` has every real shape.
 //!
@@ -12,6 +13,7 @@ use crate::model::checkpoint::{
     expected_tensors, Dtype, ExpectedTensor, Source, ADAPTER_CONFIG_FILE, ADAPTER_FILE, INDEX_FILE,
 };
 use crate::model::config::{AdapterConfig, ModelConfig};
+use crate::model::synth_tokenizer;
 use crate::model::Task;
 use crate::{Error, Result};
 use half::{bf16, f16};
@@ -187,6 +189,8 @@ pub fn write_checkpoint(dir: &Path, spec: &SynthSpec) -> Result<()> {
     let cfg = ModelConfig::from_json_str(&config.to_string(), &dir.join("config.json"))?;
     let acfg = AdapterConfig::from_json_str(&adapter_cfg.to_string(), &dir.join(ADAPTER_CONFIG_FILE))?;
     let table = expected_tensors(&cfg, &acfg);
+    // A tokenizer with the config's special ids makes the folder a complete model folder.
+    synth_tokenizer::write(dir, &cfg)?;
 
     // Shard 1: embed + layers before `split` + the attention half of layer `split`; shard 2 the
     // rest, so one decoder layer straddles the two files as in the real checkpoint (layer 19/36).
