@@ -3,7 +3,6 @@
 //! share forwards, bad requests fail alone, a tiny budget still serves everything. The GPU suite
 //! runs the same cases on CUDA (tests/gpu/engine.rs).
 
-
 #[path = "common/engine_cases.rs"]
 mod engine_cases;
 

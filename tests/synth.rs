@@ -4,9 +4,10 @@
 
 use jv4::engine::image::{preprocess, ImageConfig, RgbImage8};
 use jv4::engine::{PromptName, TextTokenizer, Truncation};
+use jv4::model::batch::{ImageInput, PackedBatch};
 use jv4::model::checkpoint::Checkpoint;
 use jv4::model::config::ModelConfig;
-use jv4::model::cpu::{CpuModel, ImageInput, SeqInput};
+use jv4::model::cpu::CpuModel;
 use jv4::model::plan::GridThw;
 use jv4::model::synth::{config_json, write_checkpoint, Preset, SynthSpec};
 use jv4::model::synth_tokenizer;
@@ -196,22 +197,19 @@ fn synth_command_output_runs_on_the_cpu_model() {
     image_ids.extend(std::iter::repeat_n(cfg.special.image_token_id, grid.merged_tokens(merge)));
     image_ids.extend(tok.encode_raw(IMAGE_SUFFIX).unwrap());
 
-    let batch = [
-        SeqInput { ids: text_ids.clone(), task: Task::Retrieval, images: vec![] },
-        SeqInput {
-            ids: image_ids.clone(),
-            task: Task::Code,
-            images: vec![ImageInput { pixel_values: p.pixel_values, grid }],
-        },
-    ];
-    let outs = model.forward(&batch).unwrap();
-    assert_eq!(outs.len(), 2);
-    for (o, ids) in outs.iter().zip([&text_ids, &image_ids]) {
-        assert_eq!(o.single.len(), cfg.text.hidden_size);
-        assert_eq!(o.multi.len(), ids.len() * cfg.multi_vector_projector_dim);
-        assert!(o.single.iter().chain(&o.multi).all(|v| v.is_finite()));
-        let norm: f32 = o.single.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let mut batch = PackedBatch::new(&cfg);
+    batch.push_text(&text_ids, Task::Retrieval).unwrap();
+    batch.push(&image_ids, Task::Code, vec![ImageInput { pixel_values: p.pixel_values, grid }]).unwrap();
+    batch.want_multi = true;
+    let out = model.forward(&batch).unwrap();
+    let (hid, pd) = (cfg.text.hidden_size, cfg.multi_vector_projector_dim);
+    let multi = out.multi.as_ref().unwrap();
+    assert_eq!(out.single.len(), 2 * hid);
+    assert_eq!(multi.len(), (text_ids.len() + image_ids.len()) * pd);
+    assert!(out.single.iter().chain(multi).all(|v| v.is_finite()));
+    for single in out.single.chunks(hid) {
+        let norm: f32 = single.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "single vector norm {norm}");
     }
-    assert_ne!(outs[0].single, outs[1].single);
+    assert_ne!(out.single[..hid], out.single[hid..]);
 }

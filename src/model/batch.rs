@@ -87,6 +87,13 @@ impl PackedBatch {
         if start + ids.len() > i32::MAX as usize {
             return Err(Error::Input(format!("a packed batch of more than {} tokens", i32::MAX)));
         }
+        if images.is_empty() && ids.contains(&self.image_token_id) {
+            return Err(Error::Input(format!(
+                "a text holds the image token {} (`<|image_pad|>`), which only an image's block may \
+                 (the reference would mis-embed it)",
+                self.image_token_id
+            )));
+        }
         let grids: Vec<GridThw> = images.iter().map(|i| i.grid).collect();
         let pos = plan::mrope_positions(ids, self.image_token_id, &grids, self.merge)?;
         let (a, b) = plan::pooling_span(ids, self.vision_start, self.vision_end, !images.is_empty())?;
