@@ -35,6 +35,7 @@
 //! kernel research and benchmarks; a host needs none of them.
 
 pub mod cuda;
+pub mod diag;
 pub mod engine;
 pub mod error;
 pub mod model;

@@ -9,14 +9,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use jv4::cuda::{resolve_budget, DeviceAllocator, Gpu, KernelId, CUDA_ARCH, DEFAULT_PAGE_SIZE, MODULES};
 use jv4::engine::text::{PromptName, TextTokenizer, Truncation, DEFAULT_MAX_LENGTH};
 use jv4::engine::{Engine, EngineOptions, OutputKind};
 
 mod embed;
-use jv4::model::checkpoint::{Checkpoint, Source};
 use jv4::model::synth::{write_checkpoint, Preset, SynthSpec};
-use jv4::model::weights::DeviceWeights;
 use jv4::model::{Dtype, Task};
 use jv4::{Device, Error};
 
@@ -201,7 +198,10 @@ fn main() -> ExitCode {
 
 fn run(cmd: Cmd) -> jv4::Result<()> {
     match cmd {
-        Cmd::Info { model, no_gpu, device, tensors } => info(&model, no_gpu, device, tensors),
+        Cmd::Info { model, no_gpu, device, tensors } => {
+            print!("{}", jv4::diag::checkpoint_report(&model, no_gpu, device, tensors)?);
+            Ok(())
+        }
         Cmd::Tokenize { model, tokenizer, task, prompt_name, max_length, strict, texts } => {
             let tok = match (&model, &tokenizer) {
                 (_, Some(file)) => TextTokenizer::from_file(file)?,
@@ -265,145 +265,16 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
             Ok(())
         }
         Cmd::Gpu { device, mem_budget } => {
-            let gpu = Gpu::new(device)?;
-            let i = gpu.info();
-            let (free, total) = gpu.mem_info()?;
-            println!("device {}: {}", i.ordinal, i.name);
-            println!(
-                "  compute capability {}.{}, {} SMs",
-                i.compute_capability.0, i.compute_capability.1, i.sm_count
-            );
-            println!("  memory {:.1} GiB free of {:.1} GiB", gib(free), gib(total));
-            println!("  driver CUDA {}.{}", i.driver_version / 1000, (i.driver_version % 1000) / 10);
-            println!(
-                "  kernels: {} in {} modules, built for {}, loaded from {}",
-                KernelId::ALL.len(),
-                MODULES.len(),
-                i.kernels_arch,
-                if i.ptx_fallbacks.is_empty() {
-                    "cubin".to_string()
-                } else {
-                    format!("PTX for {:?}", i.ptx_fallbacks)
-                }
-            );
-            let budget = resolve_budget(mem_budget.as_deref(), free)?;
-            let mem = DeviceAllocator::new(&gpu, budget, DEFAULT_PAGE_SIZE)?;
-            let s = mem.stats();
-            println!(
-                "  activation allocator: budget {:.1} GiB in {} pages of {} MiB (mapped on first use)",
-                gib(s.budget),
-                s.budget / s.page_size.max(1),
-                s.page_size >> 20
-            );
+            print!("{}", jv4::diag::gpu_report(device, mem_budget.as_deref())?);
             Ok(())
         }
         Cmd::Kernels { ptxas } => {
-            println!("built for {CUDA_ARCH}");
-            for (mi, m) in MODULES.iter().enumerate() {
-                let ids: Vec<_> =
-                    KernelId::ALL.iter().filter(|k| k.module() == mi).map(|k| k.symbol()).collect();
-                println!("kernels/{}.cu: {}", m.name, ids.join(", "));
-                if ptxas {
-                    for line in m.ptxas_report.lines() {
-                        println!("    {line}");
-                    }
-                }
-            }
+            print!("{}", jv4::diag::kernels_report(ptxas));
             Ok(())
         }
     }
 }
 
-fn gib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64
-}
-
-fn info(dir: &std::path::Path, no_gpu: bool, device: usize, list: bool) -> jv4::Result<()> {
-    let t0 = Instant::now();
-    let ckpt = Checkpoint::open(dir)?;
-    let open_s = t0.elapsed().as_secs_f64();
-    let c = &ckpt.config;
-    let (t, v) = (&c.text, &c.vision);
-    println!("checkpoint {} (opened and validated in {:.3} s)", dir.display(), open_s);
-    println!(
-        "  text: {} layers, hidden {}, {} heads / {} kv heads × {}, mlp {}, vocab {}, rope theta {}, mrope {:?}",
-        t.num_hidden_layers,
-        t.hidden_size,
-        t.num_attention_heads,
-        t.num_key_value_heads,
-        t.head_dim,
-        t.intermediate_size,
-        t.vocab_size,
-        t.rope_theta,
-        t.mrope_section
-    );
-    println!(
-        "  vision: {} blocks, hidden {}, {} heads, mlp {}, patch {}, window {}, full attention in {:?}",
-        v.depth,
-        v.hidden_size,
-        v.num_heads,
-        v.intermediate_size,
-        v.patch_size,
-        v.window_size,
-        v.fullatt_block_indexes
-    );
-    let base = ckpt.tensors().iter().filter(|t| t.source == Source::Base).count();
-    let lora = ckpt.tensors().len() - base;
-    let params: usize = ckpt.tensors().iter().map(|t| t.numel()).sum();
-    println!(
-        "  tensors: {} ({} base, {} adapter), {:.3} B parameters, {:.2} GB on disk",
-        ckpt.tensors().len(),
-        base,
-        lora,
-        params as f64 / 1e9,
-        ckpt.total_bytes() as f64 / 1e9
-    );
-    println!(
-        "  adapters: {} (r {}, alpha {}, scale {})",
-        c.tasks().iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
-        ckpt.adapter.r,
-        ckpt.adapter.lora_alpha,
-        ckpt.adapter.scale()
-    );
-    println!(
-        "  outputs: single-vector {} (Matryoshka {:?}), multi-vector {} per token",
-        t.hidden_size, c.matryoshka_dims, c.multi_vector_projector_dim
-    );
-    println!(
-        "  images: {}..{} pixels (preprocessor_config.json)",
-        ckpt.preprocessor.min_pixels, ckpt.preprocessor.max_pixels
-    );
-    for (name, file) in &ckpt.ignored {
-        println!("  ignored (documented): {name} in {}", file.display());
-    }
-    if list {
-        for t in ckpt.tensors() {
-            println!("    {} <- {} {} {:?}", t.name, t.stored_name, t.dtype.name(), t.shape);
-        }
-    }
-    if no_gpu {
-        return Ok(());
-    }
-    let gpu = Gpu::new(device)?;
-    let (weights, r) = DeviceWeights::upload(&gpu, &ckpt)?;
-    println!(
-        "loaded onto {}: {} tensors, {:.2} GB in {:.2} s ({:.1} GB/s){}",
-        gpu.info().name,
-        r.tensors,
-        r.bytes as f64 / 1e9,
-        r.seconds,
-        r.bytes as f64 / 1e9 / r.seconds.max(1e-9),
-        if r.converted > 0 { format!(", {} tensors converted to bf16", r.converted) } else { String::new() }
-    );
-    let (free, total) = gpu.mem_info()?;
-    println!(
-        "  device memory: weights {:.2} GiB, {:.1} GiB free of {:.1} GiB",
-        gib(weights.device_bytes() as u64),
-        gib(free),
-        gib(total)
-    );
-    Ok(())
-}
 
 fn tokenize(
     tok: &TextTokenizer,
