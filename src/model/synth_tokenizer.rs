@@ -142,7 +142,13 @@ pub fn build(cfg: &ModelConfig) -> Result<Tokenizer> {
 
     let mut vocab: Vocab = symbols.iter().enumerate().map(|(i, s)| (s.clone(), i as u32)).collect();
     for t in &added {
-        vocab.insert(t.content.to_string(), t.id);
+        // A merge that spelled out a special string would give it two ids.
+        if vocab.insert(t.content.to_string(), t.id).is_some() {
+            return Err(Error::Tokenizer(format!(
+                "synthetic tokenizer: the corpus merges produce the added token {}",
+                t.content
+            )));
+        }
     }
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
@@ -341,6 +347,48 @@ mod tests {
         assert_eq!(a[b'A' as usize], 'A');
         assert_eq!(a[b' ' as usize], 'Ġ', "space is U+0120 in the byte-level alphabet");
         assert_eq!(a[b'\n' as usize], 'Ċ');
+    }
+
+    fn tiny_config(edit: impl FnOnce(&mut serde_json::Value)) -> ModelConfig {
+        let mut v = crate::model::synth::config_json(crate::model::synth::Preset::Tiny);
+        edit(&mut v);
+        ModelConfig::from_json_str(&v.to_string(), Path::new("t/config.json")).unwrap()
+    }
+
+    #[test]
+    fn added_tokens_follow_the_config_and_reject_collisions() {
+        let cfg = tiny_config(|_| {});
+        let added = added_tokens(&cfg).unwrap();
+        let id = |c: &str| added.iter().find(|t| t.content == c).unwrap().id;
+        assert_eq!(id("<|image_pad|>"), cfg.special.image_token_id);
+        assert_eq!(id("<|im_start|>"), cfg.special.bos_token_id + 1);
+        assert!(added.windows(2).all(|w| w[0].id < w[1].id), "sorted, distinct");
+
+        // Ids the config moves are honoured, wherever they are.
+        let moved = tiny_config(|v| v["image_token_id"] = serde_json::json!(1900));
+        assert_eq!(
+            added_tokens(&moved).unwrap()[0],
+            AddedSpecial { content: "<|image_pad|>", id: 1900, special: true }
+        );
+        let tok = build(&moved).unwrap();
+        assert_eq!(tok.token_to_id("<|image_pad|>"), Some(1900));
+
+        // image_token_id on <|im_start|>'s id (bos + 1): refused, naming both.
+        let clash = tiny_config(|v| v["image_token_id"] = serde_json::json!(2001));
+        let msg = added_tokens(&clash).unwrap_err().to_string();
+        assert!(
+            msg.contains("<|im_start|>") && msg.contains("<|image_pad|>") && msg.contains("2001"),
+            "{msg}"
+        );
+
+        // The last unnamed token (bos + 21) past the vocabulary.
+        let high = tiny_config(|v| v["bos_token_id"] = serde_json::json!(2040));
+        let msg = added_tokens(&high).unwrap_err().to_string();
+        assert!(msg.contains("vocab_size 2048"), "{msg}");
+
+        // No room for the byte tokens below the first special.
+        let low = tiny_config(|v| v["image_token_id"] = serde_json::json!(100));
+        assert!(build(&low).unwrap_err().to_string().contains("256 byte tokens"));
     }
 
     #[test]
