@@ -9,13 +9,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use jv4::engine::text::{PromptName, TextTokenizer, Truncation, DEFAULT_MAX_LENGTH};
-use jv4::engine::{Engine, EngineOptions, OutputKind};
+use jv4::engine::text::{TextTokenizer, DEFAULT_MAX_LENGTH};
+use jv4::{Device, Engine, EngineOptions, Error, OutputKind, PromptName, Task, Truncation};
 
 mod embed;
-use jv4::model::synth::{write_checkpoint, Preset, SynthSpec};
-use jv4::model::{Dtype, Task};
-use jv4::{Device, Error};
 
 #[derive(Parser)]
 #[command(name = "jv4", version, about = "jina-embeddings-v4 on NVIDIA GPUs", long_about = None)]
@@ -254,13 +251,8 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
             embed::run(&engine, &defaults, input.as_deref(), output.as_deref(), npy)
         }
         Cmd::Synth { out, preset, seed, f32_adapters } => {
-            let preset = match preset {
-                PresetArg::Tiny => Preset::Tiny,
-                PresetArg::Full => Preset::Full,
-            };
-            let adapter_dtype = if f32_adapters { Dtype::F32 } else { Dtype::BF16 };
             let t0 = Instant::now();
-            write_checkpoint(&out, &SynthSpec { seed, preset, adapter_dtype })?;
+            jv4::diag::synth(&out, matches!(preset, PresetArg::Full), seed, f32_adapters)?;
             println!("wrote {} in {:.1} s", out.display(), t0.elapsed().as_secs_f64());
             Ok(())
         }
@@ -274,7 +266,6 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
         }
     }
 }
-
 
 fn tokenize(
     tok: &TextTokenizer,

@@ -93,3 +93,49 @@ fn unknown_task_and_prompt_are_rejected_with_the_choices() {
         assert!(t.contains(bad), "{t}");
     }
 }
+
+/// The README's main job: a synthetic model folder embedded end to end on the CPU backend, texts
+/// and an image, a bad line answered alone.
+#[test]
+fn synth_then_embed_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    let o = jv4(&["synth", "--out", model.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let input = dir.path().join("in.jsonl");
+    let mut lines = std::fs::read_to_string(root.join("examples/requests.jsonl")).unwrap();
+    let image = root.join("tests/fixtures/images/grad_224x224.png");
+    lines = lines.replace("tests/fixtures/images/grad_224x224.png", image.to_str().unwrap());
+    lines.push_str("{\"id\": \"bad\", \"text\": \"x\", \"dims\": 300}\n");
+    std::fs::write(&input, lines).unwrap();
+    let o = jv4(&[
+        "embed",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--input",
+        input.to_str().unwrap(),
+        "--vector",
+        "both",
+    ]);
+    assert_no_panic(&o);
+    assert_eq!(o.status.code(), Some(1), "one bad line: exit 1\n{}", text(&o));
+    let out: Vec<serde_json::Value> = o
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let ids: Vec<String> = out.iter().map(|v| v["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, ["q1", "p1", "c1", "img", "bad"], "results in input order");
+    for v in &out[..4] {
+        let e = v["embedding"].as_array().unwrap_or_else(|| panic!("{v}"));
+        let norm: f64 = e.iter().map(|x| x.as_f64().unwrap().powi(2)).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{v}");
+        assert!(!v["multi_vector"].as_array().unwrap().is_empty());
+    }
+    assert_eq!(out[2]["embedding"].as_array().unwrap().len(), 128, "the line's own dims");
+    assert!(out[4]["error"].as_str().unwrap().contains("Matryoshka"), "{}", out[4]);
+}
