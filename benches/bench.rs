@@ -50,6 +50,20 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         iters: usize,
     },
+    /// The whole engine (`Engine::embed`: preparation, the worker, packing, results back) on
+    /// the text workloads as pre-tokenized requests, one caller; then 16-token queries from many
+    /// concurrent callers (requests/s, p50/p99 latency). Compare with `text` (bare forwards).
+    Engine {
+        /// A model folder with tokenizer.json (e.g. `jv4 synth --preset full`).
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Most tokens per forward.
+        #[arg(long, default_value_t = 16384)]
+        max_batch_tokens: usize,
+        /// Concurrent callers for the query run.
+        #[arg(long, default_value_t = 64)]
+        callers: usize,
+    },
     /// Parity of the text path against `tools/reference.py texts` output (PyTorch bf16, same
     /// checkpoint): per text the single-vector cosine, the multi-vector mean per-token cosine, and
     /// the error against the distance between different texts' embeddings.
@@ -89,6 +103,7 @@ fn main() -> ExitCode {
         Cmd::Text { model, torch_json, max_batch_tokens, iters } => {
             bench_text(&model, torch_json, max_batch_tokens, iters)
         }
+        Cmd::Engine { model, max_batch_tokens, callers } => bench_engine(&model, max_batch_tokens, callers),
         Cmd::Parity { model, reference } => parity(&model, &reference),
         Cmd::Images { model, reference } => bench_images(&model, &reference),
     };
@@ -562,5 +577,74 @@ fn bench_images(model: &std::path::Path, reference: &std::path::Path) -> Result<
         }
     }
     println!("max |ours - ref| = {max_err:.4}, min distance between different images = {min_between:.4}, ratio {:.1}x", min_between / max_err.max(1e-12));
+    Ok(())
+}
+
+fn bench_engine(model: &std::path::Path, max_batch_tokens: usize, callers: usize) -> Result<()> {
+    use jv4::{Device, Engine, EngineOptions, Request};
+    let opts = EngineOptions { device: Device::Cuda(0), max_batch_tokens, ..EngineOptions::default() };
+    let engine = Engine::open(model, opts)?;
+    println!("engine on {}", engine.describe());
+    let vocab = engine.config().text.vocab_size.min(150_000);
+    let mut rng = Rng::new(2);
+    println!("{:<10} {:>10} {:>12}", "workload", "ours ms", "ours tok/s");
+    for (name, lengths) in text_workloads() {
+        let reqs: Vec<Request> = lengths
+            .iter()
+            .map(|&n| Request::tokens((0..n).map(|_| rng.below(vocab) as u32).collect::<Vec<u32>>()))
+            .collect();
+        let run = || -> Result<()> {
+            for r in engine.embed(&reqs) {
+                r?;
+            }
+            Ok(())
+        };
+        run()?;
+        let reps = if name == "query16" { 20 } else { 3 };
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            let t0 = std::time::Instant::now();
+            run()?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        let sec = times[times.len() / 2];
+        let tokens: usize = lengths.iter().sum();
+        println!("{name:<10} {:>10.2} {:>12.0}", sec * 1e3, tokens as f64 / sec);
+    }
+    // Concurrent 16-token queries: each caller sends one request at a time.
+    let per_caller = 32;
+    let queries: Vec<Vec<u32>> = (0..callers * per_caller)
+        .map(|_| (0..16).map(|_| rng.below(vocab) as u32).collect())
+        .collect();
+    let t0 = std::time::Instant::now();
+    let mut lat: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = queries
+            .chunks(per_caller)
+            .map(|mine| {
+                let engine = engine.clone();
+                s.spawn(move || {
+                    mine.iter()
+                        .map(|q| {
+                            let t = std::time::Instant::now();
+                            let r = engine.embed(&[Request::tokens(q.clone())]);
+                            assert!(r[0].is_ok(), "{:?}", r[0]);
+                            t.elapsed().as_secs_f64() * 1e3
+                        })
+                        .collect::<Vec<f64>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("caller")).collect()
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
+    println!(
+        "{callers} concurrent callers, 16-token queries: {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms",
+        lat.len() as f64 / wall,
+        pct(0.5),
+        pct(0.99)
+    );
     Ok(())
 }

@@ -5,6 +5,7 @@
 #   load    write a random full-size checkpoint in the real layout (or use $JV4_MODEL_DIR) and load it
 #   ops     op benchmarks beside PyTorch (same call, ratio column)
 #   text    text-path benchmark beside PyTorch (tokens/s, latency, peak memory)
+#   engine  the whole engine (Engine::embed) on the text workloads, and concurrent 16-token queries
 #   parity  the full model against PyTorch bf16 (tools/reference.py texts), incl. 8k and 32k tokens
 #   images  images on the full model against PyTorch bf16: parity, latency, images/s
 #   embed   the runner on real text (tokenizer.json packed alongside)
@@ -15,7 +16,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 cd "$here"
-stages="${JV4_STAGES:-device load ops text parity images embed tests}"
+stages="${JV4_STAGES:-device load ops text engine parity images embed tests}"
 has() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 torch_ok() { python3 -c "import torch" 2>/dev/null; }
 model="${JV4_MODEL_DIR:-/tmp/jv4-synth-full}"
@@ -26,7 +27,7 @@ if has device; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | tee "$out/device.txt"
     ./jv4 gpu 2>&1 | tee -a "$out/device.txt"
 fi
-if has load || has text || has parity || has images || has embed; then
+if has load || has text || has engine || has parity || has images || has embed; then
     if [ ! -f "$model/config.json" ]; then
         ./jv4 synth --preset full --out "$model" 2>&1 | tee "$out/synth.txt"
     fi
@@ -44,6 +45,10 @@ if has text; then
     echo "== text benchmark (ours vs PyTorch, same call)"
     torch_ok && { python3 torch_text_bench.py --model "$model" --json "$out/torch_text.json" > "$out/torch_text.txt" 2>&1 || echo "torch text benchmark failed: see $out/torch_text.txt"; }
     ./jv4-bench text --model "$model" --torch-json "$out/torch_text.json" --max-batch-tokens 32768 2>&1 | tee "$out/bench_text.txt"
+fi
+if has engine; then
+    echo "== engine (Engine::embed end to end; compare with the text stage's bare forwards)"
+    ./jv4-bench engine --model "$model" --max-batch-tokens 32768 2>&1 | tee "$out/bench_engine.txt"
 fi
 if has parity; then
     echo "== full-model parity against PyTorch bf16"
@@ -69,7 +74,7 @@ if has embed && [ -f tokenizer.json ]; then
         '{"id": "c1", "text": "fn main() {}", "task": "code", "prompt_name": "passage"}' \
         "{\"id\": \"img\", \"image\": \"$here/../tests/fixtures/images/grad_224x224.png\"}" \
         '{"id": "img64-bad", "image_base64": "aGVsbG8="}' > "$out/embed_in.jsonl"
-    ./jv4 embed --model "$model" --tokenizer tokenizer.json --input "$out/embed_in.jsonl" --output "$out/embed_out.jsonl" --dims 128 --vector both 2> "$out/embed_err.txt"
+    ./jv4 embed --model "$model" --tokenizer tokenizer.json --device cuda --input "$out/embed_in.jsonl" --output "$out/embed_out.jsonl" --dims 128 --vector both 2> "$out/embed_err.txt"
     echo "exit $? ; $(wc -l < "$out/embed_out.jsonl") output lines; errors:"; cat "$out/embed_err.txt" | tail -5
     python3 -c "import json,sys; [print(d.get('id'), len(d.get('embedding', [])), len(d.get('multi_vector', [])), d.get('error','')) for d in map(json.loads, open(sys.argv[1]))]" "$out/embed_out.jsonl"
     echo "-- an image larger than the patch budget by itself (resized down to fit, no out-of-memory):"
