@@ -45,6 +45,11 @@ if has text; then
     echo "== text benchmark (ours vs PyTorch, same call)"
     torch_ok && { python3 torch_text_bench.py --model "$model" --json "$out/torch_text.json" > "$out/torch_text.txt" 2>&1 || echo "torch text benchmark failed: see $out/torch_text.txt"; }
     ./jv4-bench text --model "$model" --torch-json "$out/torch_text.json" --max-batch-tokens 32768 2>&1 | tee "$out/bench_text.txt"
+    # A baseline build carried beside this one (base/jv4-bench): the same workloads, same call.
+    if [ -x base/jv4-bench ]; then
+        echo "-- baseline build (base/):"
+        base/jv4-bench text --model "$model" --torch-json "$out/torch_text.json" --max-batch-tokens 32768 2>&1 | tee "$out/bench_text_base.txt"
+    fi
 fi
 if has engine; then
     echo "== engine (Engine::embed end to end; compare with the text stage's bare forwards)"
@@ -62,6 +67,10 @@ if has images; then
     echo "== images: full-model parity and speed against PyTorch bf16"
     if torch_ok && python3 reference.py images --model "$model" --out /tmp/ref_images.safetensors > "$out/ref_images.txt" 2>&1; then
         ./jv4-bench images --model "$model" --reference /tmp/ref_images.safetensors 2>&1 | tee "$out/images.txt"
+        if [ -x base/jv4-bench ]; then
+            echo "-- baseline build (base/):"
+            base/jv4-bench images --model "$model" --reference /tmp/ref_images.safetensors 2>&1 | tee "$out/images_base.txt"
+        fi
     else
         echo "reference run failed:"; tail -5 "$out/ref_images.txt"
     fi
