@@ -83,6 +83,10 @@ pub enum Error {
     /// A cuBLAS / cuBLASLt call failed.
     #[error("cuBLAS: {0}")]
     Blas(String),
+    /// A forward produced NaN or infinite values for this request: it is not returned (a wrong
+    /// vector must never leave the engine).
+    #[error("non-finite output: {0}")]
+    NonFinite(String),
     /// A bug or a broken invariant inside the engine (e.g. its worker thread stopped); the
     /// message says where.
     #[error("internal error: {0}")]

@@ -161,7 +161,7 @@ fn run_group(backend: &mut dyn Backend, group: Vec<Item>, counters: &Counters) {
             let hid = backend.config().text.hidden_size;
             let pd = backend.config().multi_vector_projector_dim;
             for (k, item) in members.iter().enumerate() {
-                answer(item, Ok(embedding(&out, &batch, k, item, hid, pd)));
+                answer(item, finite(embedding(&out, &batch, k, item, hid, pd)));
             }
         }
         Err(Error::OutOfMemory { .. } | Error::Input(_)) if members.len() > 1 => {
@@ -202,6 +202,19 @@ fn embedding(
     }
 }
 
+/// The embedding, or [`Error::NonFinite`] if any value of it is NaN or infinite.
+fn finite(e: Embedding) -> Result<Embedding> {
+    let bad = |v: &[f32]| v.iter().filter(|x| !x.is_finite()).count();
+    let (s, m) = (e.single.as_deref().map_or(0, bad), e.multi.as_ref().map_or(0, |m| bad(&m.data)));
+    if s + m > 0 {
+        return Err(Error::NonFinite(format!(
+            "{s} single-vector and {m} multi-vector values of this request's {} tokens are NaN or infinite",
+            e.tokens
+        )));
+    }
+    Ok(e)
+}
+
 fn answer(item: &Item, r: Result<Embedding>) {
     // The caller may have gone (its thread ended): nothing to do then.
     let _ = item.reply.send((item.slot, r));
@@ -212,4 +225,20 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_outputs_are_an_error() {
+        let good = Embedding { single: Some(vec![0.6, 0.8]), multi: None, tokens: 1, dropped: 0 };
+        assert_eq!(finite(good.clone()).unwrap(), good);
+        let nan = Embedding { single: Some(vec![f32::NAN, 0.0]), ..good.clone() };
+        let e = finite(nan).unwrap_err();
+        assert!(matches!(e, Error::NonFinite(_)) && e.to_string().contains("1 single-vector"), "{e}");
+        let inf = Embedding { multi: Some(MultiVector { dim: 2, data: vec![1.0, f32::INFINITY] }), ..good };
+        assert!(finite(inf).unwrap_err().to_string().contains("1 multi-vector"));
+    }
 }
