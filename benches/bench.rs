@@ -614,9 +614,8 @@ fn bench_engine(model: &std::path::Path, max_batch_tokens: usize, callers: usize
     }
     // Concurrent 16-token queries: each caller sends one request at a time.
     let per_caller = 32;
-    let queries: Vec<Vec<u32>> = (0..callers * per_caller)
-        .map(|_| (0..16).map(|_| rng.below(vocab) as u32).collect())
-        .collect();
+    let queries: Vec<Vec<u32>> =
+        (0..callers * per_caller).map(|_| (0..16).map(|_| rng.below(vocab) as u32).collect()).collect();
     let t0 = std::time::Instant::now();
     let mut lat: Vec<f64> = std::thread::scope(|s| {
         let handles: Vec<_> = queries
