@@ -136,7 +136,7 @@ impl CpuModel {
 
         // Patch embedding: the Conv3d with stride = kernel is a GEMM on flattened patches.
         let x = self.linear("visual.patch_embed.proj", &pix, np, row, false);
-        let mut x = r::permute_groups(&x, unit * d, &vp.window_index);
+        let mut x = r::gather_rows(&x, unit * d, &vp.window_index);
         let angles = r::vision_rope_angles(&vp.rot_pos_windowed(v.spatial_merge_size), v.head_dim(), 10000.0);
         let full: Vec<usize> = vp.cu_seqlens.iter().map(|&c| c as usize).collect();
         let windows: Vec<usize> = vp.cu_window_seqlens.iter().map(|&c| c as usize).collect();
@@ -173,7 +173,7 @@ impl CpuModel {
         let z = self.linear("visual.merger.mlp.0", &merged, np / unit, wide, true);
         let z = r::gelu(&z);
         let z = self.linear("visual.merger.mlp.2", &z, np / unit, wide, true);
-        r::unpermute_groups(&z, v.out_hidden_size, &vp.window_index)
+        r::gather_rows(&z, v.out_hidden_size, &vp.reverse_index)
     }
 
     /// One packed forward over `batch` (spec §3–§8): every sequence's final hidden states and
@@ -264,7 +264,7 @@ impl CpuModel {
         // Heads (spec §8): both from the one pass.
         let multi = self.adapted("multi_vector_projector", &h, hid, true, &segs);
         let pd = multi.len() / n;
-        let multi = r::l2_normalize_rows(&multi, pd);
+        let multi = r::l2_rows(&multi, pd);
         let mut out = Vec::with_capacity(batch.len());
         for (s, &(start, end, _)) in batch.iter().zip(&segs) {
             let (a, b) = plan::pooling_span(
@@ -274,10 +274,9 @@ impl CpuModel {
                 !s.images.is_empty(),
             )?;
             let hs = &h[start * hid..end * hid];
-            let mean = r::mean_pool(hs, hid, &[(a, b)]).remove(0);
             out.push(SeqOutput {
                 hidden: hs.to_vec(),
-                single: r::l2_normalize(&mean),
+                single: r::mean_pool_l2(hs, hid, &[(a, b)]),
                 multi: multi[start * pd..end * pd].to_vec(),
             });
         }

@@ -1,8 +1,8 @@
 //! `lora_mask`: per-row task selection of the batched LoRA path (MODEL.md §6). The engine
 //! computes `t = x·[A_0; A_1; A_2]ᵀ` for all tasks in one GEMM, masks it with this op, then one
 //! GEMM with `[B_0 | B_1 | B_2]` accumulates the delta: each row gets exactly its own task's
-//! LoRA, whatever the batch mix. Kernel: `kernels/lora.cu`; reference: [`crate::reference::lora`]
-//! (one task) — the mask itself is checked against a CPU mask.
+//! LoRA, whatever the batch mix. Kernel: `kernels/lora.cu`; reference:
+//! [`crate::reference::lora_mask`] (and [`crate::reference::lora`], one task's whole delta).
 
 use half::bf16;
 

@@ -1,7 +1,6 @@
 //! Output heads (MODEL.md §8): [`mean_pool_l2`] (single-vector: span mean, then L2) and
 //! [`l2_rows`] (multi-vector: per-token L2). Kernels: `kernels/pool.cu`; references:
-//! [`crate::reference::mean_pool`], [`crate::reference::l2_normalize`] and
-//! [`crate::reference::l2_normalize_rows`].
+//! [`crate::reference::mean_pool_l2`] and [`crate::reference::l2_rows`].
 
 use half::bf16;
 

@@ -1,7 +1,7 @@
 //! Rotary position embeddings in place on the fused qkv GEMM output: [`mrope`] (the language
 //! model's M-RoPE, MODEL.md §7.2) and [`vision_rope`] (the vision tower's 2-D rotary, §5.2).
-//! Kernels: `kernels/rope.cu`; references: [`crate::reference::mrope_angles`],
-//! [`crate::reference::vision_rope_angles`] and [`crate::reference::rope_apply`].
+//! Kernels: `kernels/rope.cu`; references: [`crate::reference::mrope`] and
+//! [`crate::reference::vision_rope`].
 
 use half::bf16;
 

@@ -1,7 +1,8 @@
 //! Row gather and scatter of the vision path: `gather_rows` (`out[i] = x[index[i]]`, the window
 //! permutation and the merger's un-permutation) and `scatter_rows_f32` (`out[rows[i]] = v[i]`,
 //! the image-token splice into the f32 residual stream).
-//! Kernels: `kernels/rows.cu`; reference: [`crate::reference::permute_groups`].
+//! Kernels: `kernels/rows.cu`; references: [`crate::reference::gather_rows`] and
+//! [`crate::reference::scatter_rows_f32`].
 
 use half::bf16;
 

@@ -189,13 +189,15 @@ fn image_like_positions(ctx: &mut Ctx, tokens: usize) -> [Vec<i32>; 3] {
 }
 
 /// Checks an in-place rotary result: the first `rot_heads` heads of each row of `got` against
-/// [`reference::rope_apply`] of `input` with `angles` ([T, head_dim/2]), within the bf16 rounding
-/// plus `angle_err(|φ|)` times the pair's norm; the rest of each row (v) bit for bit.
+/// `want` (the reference op on `input`, [T, row]), within the bf16 rounding plus `angle_err(|φ|)`
+/// times the pair's norm (`angles` [T, head_dim/2] the reference's); the rest of each row (v)
+/// bit for bit against `input`.
 #[allow(clippy::too_many_arguments)]
 fn check_rotated(
     what: &str,
     got: &[bf16],
     input: &[bf16],
+    want: &[f32],
     tokens: usize,
     row: usize,
     rot_heads: usize,
@@ -204,14 +206,10 @@ fn check_rotated(
     angle_err: impl Fn(f32) -> f32,
 ) -> Result<f32, String> {
     let (half, rot) = (head_dim / 2, rot_heads * head_dim);
-    let prefix = |v: &[bf16]| -> Vec<f32> {
-        (0..tokens)
-            .flat_map(|t| v[t * row..t * row + rot].iter().map(|x| x.to_f32()).collect::<Vec<_>>())
-            .collect()
-    };
-    let mut want = prefix(input);
-    reference::rope_apply(&mut want, tokens, rot_heads, head_dim, angles);
-    let got_rot = prefix(got);
+    let prefix =
+        |v: &[f32]| -> Vec<f32> { (0..tokens).flat_map(|t| v[t * row..t * row + rot].to_vec()).collect() };
+    let want = prefix(want);
+    let got_rot = prefix(&to_f32(got));
     let s = check_close(what, &got_rot, &want, |i| {
         let (t, c) = (i / rot, i % rot);
         let head = t * row + (c / head_dim) * head_dim;
@@ -261,6 +259,9 @@ pub fn mrope_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
             .map_err(e)?;
             let got = ctx.gpu.download(&qkv.view()).map_err(e)?;
             let sec = section.map(|s| s as usize);
+            let mut want = to_f32(&x_h);
+            let planes = [&pos[0][..], &pos[1][..], &pos[2][..]];
+            reference::mrope(&mut want, tokens, q_heads, kv_heads, head_dim, planes, ops::rope::THETA, sec);
             let angles = reference::mrope_angles(&pos[0], &pos[1], &pos[2], head_dim, ops::rope::THETA, sec);
             // The kernel's angle is fl(p · fl(inv_freq)): within 2·2^-24·|φ| of the exact angle, and
             // the reference's f32 angle within 2^-24·|φ|, so they differ by ≤ 3·2^-24·|φ| (at
@@ -274,6 +275,7 @@ pub fn mrope_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
                 &what,
                 &got,
                 &x_h,
+                &want,
                 tokens,
                 row,
                 q_heads + kv_heads,
@@ -301,11 +303,14 @@ pub fn vision_rope_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
         let ang_d = upload(ctx, &mut mem, &[tokens, head_dim / 2], &angles)?;
         ops::vision_rope(&ctx.gpu, &mut qkv.view_mut(), heads, head_dim, &ang_d.view()).map_err(e)?;
         let got = ctx.gpu.download(&qkv.view()).map_err(e)?;
+        let mut want = to_f32(&x_h);
+        reference::vision_rope(&mut want, tokens, heads, head_dim, &angles);
         // The same f32 angles on both sides: only sincosf's 2 ulp and the f32 rotation remain.
         worst = worst.max(check_rotated(
             &format!("vision_rope P={tokens} heads={heads}x{head_dim}"),
             &got,
             &x_h,
+            &want,
             tokens,
             row,
             2 * heads,
@@ -356,10 +361,11 @@ pub fn mean_pool_l2_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
         let h = upload(ctx, &mut mem, &[tokens, dim], &h_h)?;
         let got = run_pool(ctx, &mut mem, &h.view(), &spans)?;
 
+        let want = reference::mean_pool_l2(&h_f, dim, &spans);
+        // The tolerance comes from the un-normalised means.
         let means = reference::mean_pool(&h_f, dim, &spans);
-        let mut want = Vec::with_capacity(spans.len() * dim);
         let mut tol = Vec::with_capacity(spans.len() * dim);
-        for (&(s, e), m) in spans.iter().zip(&means) {
+        for ((&(s, e), m), w) in spans.iter().zip(&means).zip(want.chunks_exact(dim)) {
             let n = (e - s) as f64;
             // The kernel sums each column in f32 in row order: the k-th addition rounds by at
             // most 2^-24·|P_k| (P_k the partial sum), so the sum is off by ≤ 2^-24·Σ_k≥2 |P_k|;
@@ -381,11 +387,9 @@ pub fn mean_pool_l2_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
             // ‖v‖ in f32 (≤ 8 squares per thread, a tree of ≤ 8 levels, sqrt) and the division:
             // ≤ ~20·2^-24 relative; we allow 64·2^-24. Everything doubled for margin.
             let rel = err_norm / norm + 64.0 * U32 as f64;
-            let w = reference::l2_normalize(m);
             for c in 0..dim {
                 tol.push((2.0 * (err[c] / norm + w[c].abs() as f64 * rel)) as f32 + 1e-12);
             }
-            want.extend(w);
         }
         let what = format!("mean_pool_l2 T={tokens} d={dim} spans={lens:?}");
         let st = check_close(&what, &got, &want, |i| tol[i])?;
@@ -418,7 +422,7 @@ pub fn mean_pool_l2_invalid_spans_give_nan(ctx: &mut Ctx) -> Result<(), String> 
     for (b, &(s, e)) in spans.iter().enumerate() {
         let row = &got[b * dim..(b + 1) * dim];
         if s < e && e <= tokens {
-            let want = reference::l2_normalize(&reference::mean_pool(&h_f, dim, &[(s, e)])[0]);
+            let want = reference::mean_pool_l2(&h_f, dim, &[(s, e)]);
             // Loose (1e-5 relative, 1e-6 absolute for columns whose mean cancels): this test is
             // about the invalid rows; precision is mean_pool_l2_matches_reference's business.
             check_close(&format!("mean_pool_l2 valid span {b}"), row, &want, |i| {
@@ -449,7 +453,7 @@ pub fn l2_rows_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
         ctx.gpu.fill_u32(&mut out.view_mut(), F32_NAN_BITS).map_err(e)?;
         ops::l2_rows(&ctx.gpu, &x.view(), &mut out.view_mut()).map_err(e)?;
         let got = ctx.gpu.download(&out.view()).map_err(e)?;
-        let want = reference::l2_normalize_rows(&x_f, dim);
+        let want = reference::l2_rows(&x_f, dim);
         // Exact inputs; f32 sum of squares (d/32 per lane, 5 shuffle levels), sqrt, division:
         // ≤ ~(d/32 + 8)·2^-24 relative. We allow twice that plus 16.
         let rel = (2 * dim.div_ceil(32) + 32) as f32 * U32;
@@ -477,16 +481,10 @@ pub fn lora_mask_matches_cpu(ctx: &mut Ctx) -> Result<(), String> {
         let task_d = upload(ctx, &mut mem, &[tokens], &row_task)?;
         ops::lora_mask(&ctx.gpu, &mut t.view_mut(), &task_d.view(), r).map_err(e)?;
         let got: Vec<u16> = ctx.gpu.download(&t.view()).map_err(e)?.iter().map(|v| v.to_bits()).collect();
-        let want: Vec<u16> = (0..tokens * cols)
-            .map(|i| {
-                let (row, c) = (i / cols, i % cols);
-                if c / r == row_task[row] as usize {
-                    t_h[i].to_bits()
-                } else {
-                    0
-                }
-            })
-            .collect();
+        // Kept elements round-trip bf16 → f32 → bf16 exactly; masked ones are +0.0.
+        let mut want_f = to_f32(&t_h);
+        reference::lora_mask(&mut want_f, &row_task, r);
+        let want: Vec<u16> = want_f.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         check_bits(&format!("lora_mask T={tokens} tasks={tasks} r={r}"), &got, &want)?;
     }
     Ok(())

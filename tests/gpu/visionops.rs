@@ -78,7 +78,7 @@ pub fn gather_rows_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
         let what = format!("gather_rows rows={rows} L={len}");
         // A gather is a copy: bit-exact (the reference works in f32, which holds every bf16).
         let want: Vec<bf16> =
-            reference::permute_groups(&x_f, len, &perm).iter().map(|&v| bf16::from_f32(v)).collect();
+            reference::gather_rows(&x_f, len, &perm).iter().map(|&v| bf16::from_f32(v)).collect();
         check_bits(&what, &bits(&got[..rows * len]), &bits(&want))?;
         if let Some(c) = got[rows * len..].iter().position(|v| !v.is_nan()) {
             return Err(format!(
@@ -88,7 +88,7 @@ pub fn gather_rows_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
         }
 
         // The un-permutation: gathering the permuted rows with the inverse index gives x back,
-        // as reference::unpermute_groups does.
+        // as reference::gather_rows with the inverse does.
         let mut inverse = vec![0u32; rows];
         for (i, &p) in perm.iter().enumerate() {
             inverse[p] = i as u32;
@@ -99,9 +99,9 @@ pub fn gather_rows_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
         ctx.gpu.fill_u16(&mut back.view_mut(), BF16_NAN_BITS).map_err(e)?;
         ops::gather_rows(&ctx.gpu, &p.view(), &inv.view(), &mut back.view_mut()).map_err(e)?;
         let got = ctx.gpu.download(&back.view()).map_err(e)?;
-        let want_f = reference::unpermute_groups(&to_f32(&want), len, &perm);
-        if want_f != x_f {
-            return Err(format!("{what}: reference unpermute_groups does not invert permute_groups"));
+        let inverse_usize: Vec<usize> = inverse.iter().map(|&i| i as usize).collect();
+        if reference::gather_rows(&to_f32(&want), len, &inverse_usize) != x_f {
+            return Err(format!("{what}: reference gather_rows with the inverse does not give x back"));
         }
         check_bits(&format!("{what} (inverse)"), &bits(&got), &bits(&x_h))?;
     }
@@ -125,15 +125,10 @@ pub fn scatter_rows_f32_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
         let mut out = upload(ctx, &mut mem, &[r, len], &pattern)?;
         ops::scatter_rows_f32(&ctx.gpu, &v.view(), &rows_d.view(), &mut out.view_mut()).map_err(e)?;
         let got = ctx.gpu.download(&out.view()).map_err(e)?;
+        // bf16 → f32 is exact, so the reference on the f32 images is the exact result.
         let mut want = pattern.clone();
-        for (i, &dst) in rows.iter().enumerate() {
-            let dst = dst as usize;
-            if dst < r {
-                for c in 0..len {
-                    want[dst * len + c] = v_h[i * len + c].to_f32(); // bf16 → f32 is exact
-                }
-            }
-        }
+        let rows_usize: Vec<usize> = rows.iter().map(|&i| i as usize).collect();
+        reference::scatter_rows_f32(&mut want, &to_f32(&v_h), len, &rows_usize);
         // Scattered rows exact, other rows untouched: bit for bit.
         let what = format!("scatter_rows_f32 R={r} N={n} L={len}");
         let bad = got.iter().zip(&want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
