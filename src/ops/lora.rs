@@ -10,10 +10,19 @@ use super::{arg, check_aligned, grid_for};
 use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
 use crate::{Error, Result};
 
-/// Shapes the tests run: (tokens, tasks, r). The model (3 tasks of rank 32, vector path) at one
-/// token, odd counts and 4097 tokens; a rank that is not a multiple of 8 (scalar path).
-pub const CASES: &[(usize, usize, usize)] =
-    &[(1, 3, 32), (7, 3, 32), (4097, 3, 32), (333, 3, 32), (5, 3, 5), (17, 2, 8)];
+/// Shapes the tests run: (tokens, tasks, r). The model's 3 tasks with groups of rank 32 times 1
+/// (o, down, the projector), 2 (gate_up) and 3 (qkv) fused projections, vector path, at one
+/// token, odd counts and 4097 tokens; a group width that is not a multiple of 8 (scalar path).
+pub const CASES: &[(usize, usize, usize)] = &[
+    (1, 3, 32),
+    (7, 3, 32),
+    (4097, 3, 32),
+    (333, 3, 32),
+    (4097, 3, 64),
+    (4097, 3, 96),
+    (5, 3, 5),
+    (17, 2, 8),
+];
 
 const THREADS: usize = 256;
 

@@ -20,7 +20,7 @@ fn sample_rows(m: usize, max: usize) -> Vec<usize> {
 pub fn linear_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
     let mut mem = allocator(ctx, 4 << 30)?;
     let mut worst = [0f32; 3];
-    for (case, &(n, k)) in ops::linear::CASES.iter().enumerate() {
+    for (case, &(name, n, k)) in ops::linear::CASES.iter().enumerate() {
         let (w_h, w_f) = random_bf16(ctx, n * k, 1.0 / (k as f32).sqrt());
         let mut w = dtensor::<bf16>(&mut mem, &[n, k])?;
         ctx.gpu.upload(&mut w.view_mut(), &w_h).map_err(e)?;
@@ -73,7 +73,7 @@ pub fn linear_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
             // error grows like sqrt(k)·2^-24·Σ|x·w|; we allow 8 times that, far below the error
             // of any indexing or layout mistake (which is of the order of |y| itself).
             let acc = 8.0 * (k as f32).sqrt() * f32::EPSILON / 2.0;
-            let s = check_close(&format!("linear m={m} n={n} k={k} form={form}"), &got, &want, |i| {
+            let s = check_close(&format!("linear {name} m={m} n={n} k={k} form={form}"), &got, &want, |i| {
                 BF16_REL * want[i].abs() + product_rounding[i] + acc * scale[i]
             })?;
             worst[form] = worst[form].max(s.max_tol_ratio);
