@@ -33,7 +33,7 @@ pub fn embedding_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
             ids[1] = vocab as u32;
             ids[tokens / 2] = u32::MAX;
         }
-        let mut mem = allocator(ctx, (vocab * dim * 2 + tokens * dim * 2) as u64 + (64 << 20))?;
+        let mut mem = allocator(ctx, (vocab * dim * 2 + tokens * dim * 6) as u64 + (64 << 20))?;
         let table_d = upload(ctx, &mut mem, &[vocab, dim], table_h)?;
         let ids_d = upload(ctx, &mut mem, &[tokens], &ids)?;
         let mut out = dtensor::<bf16>(&mut mem, &[tokens, dim])?;
@@ -61,6 +61,22 @@ pub fn embedding_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
         }
         // A gather is a copy: bit-exact.
         check_bits(&format!("embedding vocab={vocab} d={dim} T={tokens}"), &got_valid, &want)?;
+
+        // embedding_f32, the same gather widened (exactly) into f32: the same rows, bit for bit.
+        let mut out32 = dtensor::<f32>(&mut mem, &[tokens, dim])?;
+        // Poison that is finite (an unwritten invalid row is not NaN) and has low bits set (no
+        // widened bf16 equals it).
+        ctx.gpu.fill_u32(&mut out32.view_mut(), 0x1234_5678).map_err(e)?;
+        ops::embedding_f32(&ctx.gpu, &table_d.view(), &ids_d.view(), &mut out32.view_mut()).map_err(e)?;
+        let got32 = ctx.gpu.download(&out32.view()).map_err(e)?;
+        let what = format!("embedding_f32 vocab={vocab} d={dim} T={tokens}");
+        for (i, (&g, &w)) in got32.iter().zip(&want_f).enumerate() {
+            let (t, c) = (i / dim, i % dim);
+            let ok = if invalid.contains(&t) { g.is_nan() } else { g.to_bits() == w.to_bits() };
+            if !ok {
+                return Err(format!("{what}: token {t} column {c}: got {g}, want {w} (id {})", ids[t]));
+            }
+        }
     }
     Ok(())
 }
