@@ -14,22 +14,21 @@
 // must be distinct (two writes to one row would race).
 // Layout: v [N, L] bf16, rows [N] u32, out [R, L] f32.
 //
-// Launch: grid-stride, 256 threads, int64 offsets. The gather moves 8 columns per thread
+// Launch: grid-stride, JV4_THREADS threads, int64 offsets. The gather moves 8 columns per thread
 // with 16-byte loads and stores when L % 8 == 0, otherwise one; the scatter moves one column per
 // thread (the f32 rows are twice as wide in bytes).
 #include "gather.cuh"
 
-extern "C" __global__ void gather_rows_bf16(const __nv_bfloat16 *__restrict__ x,
-                                            const uint32_t *__restrict__ index,
-                                            __nv_bfloat16 *__restrict__ out, int64_t rows_out,
-                                            int64_t row_len, int64_t rows_in) {
+extern "C" __global__ void __launch_bounds__(JV4_THREADS)
+    gather_rows_bf16(const __nv_bfloat16 *__restrict__ x, const uint32_t *__restrict__ index,
+                     __nv_bfloat16 *__restrict__ out, int64_t rows_out, int64_t row_len,
+                     int64_t rows_in) {
     gather_rows(x, index, out, rows_out, row_len, rows_in);
 }
 
-extern "C" __global__ void scatter_rows_f32(const __nv_bfloat16 *__restrict__ v,
-                                            const uint32_t *__restrict__ rows,
-                                            float *__restrict__ out, int64_t n_rows,
-                                            int64_t row_len, int64_t rows_out) {
+extern "C" __global__ void __launch_bounds__(JV4_THREADS)
+    scatter_rows_f32(const __nv_bfloat16 *__restrict__ v, const uint32_t *__restrict__ rows,
+                     float *__restrict__ out, int64_t n_rows, int64_t row_len, int64_t rows_out) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     const int64_t n = n_rows * row_len;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += stride) {

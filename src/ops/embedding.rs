@@ -4,7 +4,7 @@
 
 use half::bf16;
 
-use super::{arg, check_aligned, grid_for};
+use super::{arg, check_aligned, grid_for, THREADS};
 use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
 use crate::{Error, Result};
 
@@ -19,8 +19,6 @@ pub const CASES: &[(usize, usize, usize)] = &[
     (50, 12, 33),
     (300, 8, 5),
 ];
-
-const THREADS: usize = 256;
 
 /// `out [T, d] = table [vocab, d] [ids [T]]`.
 ///

@@ -6,7 +6,7 @@
 
 use half::bf16;
 
-use super::{arg, check_aligned, grid_for};
+use super::{arg, check_aligned, grid_for, THREADS};
 use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
 use crate::{Error, Result};
 
@@ -23,8 +23,6 @@ pub const CASES: &[(usize, usize, usize)] = &[
     (5, 3, 5),
     (17, 2, 8),
 ];
-
-const THREADS: usize = 256;
 
 /// Zeroes, in place, every `r`-wide column group of each row of `t [T, tasks·r]` except the group
 /// of that row's task (`row_task [T]`). A row whose task is ≥ tasks has every group zeroed (no

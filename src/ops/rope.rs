@@ -77,7 +77,7 @@ fn check_rows(
         check_aligned(op, "qkv", qkv.ptr(), 16)?;
     }
     let work = if half % 8 == 0 { rotated_heads * half / 8 } else { rotated_heads * half };
-    let threads = threads_for_row(work.max(half), 256);
+    let threads = threads_for_row(work.max(half));
     Ok((tokens, threads, (2 * half * std::mem::size_of::<f32>()) as u32))
 }
 

@@ -6,7 +6,7 @@
 
 use half::bf16;
 
-use super::{arg, check_aligned, grid_for};
+use super::{arg, check_aligned, grid_for, THREADS};
 use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
 use crate::{Error, Result};
 
@@ -20,8 +20,6 @@ pub const CASES: &[(usize, usize)] =
 /// and an odd row length.
 pub const SCATTER_CASES: &[(usize, usize, usize)] =
     &[(1, 1, 2048), (1200, 1024, 2048), (333, 333, 2048), (4097, 17, 2048), (50, 20, 7)];
-
-const THREADS: usize = 256;
 
 /// `out [R_out, L] = x [R_in, L] [index [R_out]]`.
 ///
