@@ -101,7 +101,8 @@ pub fn embedding_f32_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
-/// `embedding` rejects mismatched shapes and a misaligned table. Part of `textops_reject_bad_shapes`.
+/// `embedding` rejects mismatched shapes and a misaligned table.
+/// Part of `textops_reject_bad_shapes`.
 pub fn embedding_rejects_bad_shapes(ctx: &mut Ctx) -> Result<(), String> {
     let gpu = &ctx.gpu;
     let mut mem = allocator(ctx, 64 << 20)?;

@@ -31,7 +31,8 @@ pub fn lora_mask_matches_cpu(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
-/// `lora_mask` rejects a rank that does not divide the columns and a short task list. Part of `textops_reject_bad_shapes`.
+/// `lora_mask` rejects a rank that does not divide the columns and a short task list.
+/// Part of `textops_reject_bad_shapes`.
 pub fn lora_rejects_bad_shapes(ctx: &mut Ctx) -> Result<(), String> {
     let gpu = &ctx.gpu;
     let mut mem = allocator(ctx, 64 << 20)?;

@@ -152,7 +152,8 @@ pub fn l2_rows_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
-/// `mean_pool_l2` and `l2_rows` reject bad spans and output shapes. Part of `textops_reject_bad_shapes`.
+/// `mean_pool_l2` and `l2_rows` reject bad spans and output shapes.
+/// Part of `textops_reject_bad_shapes`.
 pub fn pool_rejects_bad_shapes(ctx: &mut Ctx) -> Result<(), String> {
     let gpu = &ctx.gpu;
     let mut mem = allocator(ctx, 64 << 20)?;

@@ -174,7 +174,8 @@ pub fn vision_rope_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
-/// `mrope` and `vision_rope` reject bad sections, head counts, positions and angles. Part of `textops_reject_bad_shapes`.
+/// `mrope` and `vision_rope` reject bad sections, head counts, positions and angles.
+/// Part of `textops_reject_bad_shapes`.
 pub fn rope_rejects_bad_shapes(ctx: &mut Ctx) -> Result<(), String> {
     let gpu = &ctx.gpu;
     let mut mem = allocator(ctx, 64 << 20)?;
