@@ -1,6 +1,8 @@
 //! `jv4-bench`: timings of the engine's pieces on the GPU, printed beside PyTorch's numbers for
 //! the same cases when a JSON file from `tools/torch_ops_bench.py` (run in the same device call)
-//! is given. Case names are shared with that script: `<op>/<shape>/m=<tokens>`.
+//! is given. The op cases come from the ops' `CASES` tables (the shapes the GPU tests check);
+//! `jv4-bench ops --list-cases` prints them, and the script times exactly those, under the same
+//! names: `<op>/<shape>/m=<tokens>`.
 //!
 //! Method (docs/PERF.md): CUDA events around each run after warm-up, the median of many runs,
 //! random inputs (never zeros); weights larger than L2 so that repeated runs do not hit cache.
@@ -15,6 +17,7 @@ use jv4::ops::attention::QueryTile;
 use jv4::reference::cosine as cos;
 use jv4::rng::Rng;
 use jv4::{ops, Result};
+use serde::Serialize;
 
 #[derive(Parser)]
 #[command(name = "jv4-bench", about = "Benchmarks of jv4 on the GPU, beside PyTorch")]
@@ -25,7 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// GEMMs at the decoder's shapes, the elementwise kernels and attention, per op.
+    /// Every op at the shapes of its `CASES` table (the shapes the GPU tests check; GEMMs at
+    /// `linear::BENCH_TOKENS`), then attention.
     Ops {
         /// JSON written by tools/torch_ops_bench.py in the same device call: {case: ms}.
         #[arg(long)]
@@ -33,6 +37,10 @@ enum Cmd {
         /// Timed runs per case (the median is reported).
         #[arg(long, default_value_t = 50)]
         iters: usize,
+        /// Print the cases as JSON (name, op and shape; what tools/torch_ops_bench.py times)
+        /// and exit without a GPU.
+        #[arg(long)]
+        list_cases: bool,
     },
     /// The text path end to end on a checkpoint: tokens/s on 256 documents of 16–1024 tokens,
     /// 32×512, 2×8192, 1×32768; latency of one 16-token query; peak device memory.
@@ -88,10 +96,6 @@ enum Cmd {
     },
 }
 
-/// Decoder GEMMs as (name, n, k): q+k+v fused, o, gate+up fused, down.
-const GEMMS: &[(&str, usize, usize)] =
-    &[("qkv", 2560, 2048), ("o", 2048, 2048), ("gate_up", 22016, 2048), ("down", 2048, 11008)];
-const TOKENS: &[usize] = &[16, 512, 4096, 16384];
 /// Attention cases as (name, (segments, tokens per segment)).
 const ATTENTION: &[(&str, (usize, usize))] =
     &[("L=512", (1, 512)), ("L=4096", (1, 4096)), ("L=32768", (1, 32768)), ("32x512", (32, 512))];
@@ -99,7 +103,7 @@ const ATTENTION: &[(&str, (usize, usize))] =
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Ops { torch_json, iters } => bench_ops(torch_json, iters),
+        Cmd::Ops { torch_json, iters, list_cases } => bench_ops(torch_json, iters, list_cases),
         Cmd::Text { model, torch_json, max_batch_tokens, iters } => {
             bench_text(&model, torch_json, max_batch_tokens, iters)
         }
@@ -143,6 +147,8 @@ fn time_ms(gpu: &Gpu, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result
     Ok(times[times.len() / 2])
 }
 
+/// A bf16 tensor of uniform random values with standard deviation `scale` (never zeros; uniform
+/// rather than normal so that filling gigabytes of GEMM inputs takes a second, not a minute).
 fn random_tensor(
     gpu: &Gpu,
     mem: &mut DeviceAllocator,
@@ -151,13 +157,262 @@ fn random_tensor(
     scale: f32,
 ) -> Result<DTensor<bf16>> {
     let n: usize = dims.iter().product();
-    let host: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.normal() * scale)).collect();
+    // 16 random bits per value, mapped to [-√3, √3)·scale.
+    let step = 2.0 * 3f32.sqrt() * scale / 65536.0;
+    let mut host = Vec::with_capacity(n + 3);
+    while host.len() < n {
+        let r = rng.next_u64();
+        for k in 0..4 {
+            let u = (r >> (16 * k)) as u16 as f32;
+            host.push(bf16::from_f32((u - 32767.5) * step));
+        }
+    }
+    host.truncate(n);
     let mut t = DTensor::from_block(mem.alloc((n * 2) as u64)?, dims);
     gpu.upload(&mut t.view_mut(), &host)?;
     Ok(t)
 }
 
-fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize) -> Result<()> {
+/// A device tensor holding `host`.
+fn tensor_of<T: Copy>(
+    gpu: &Gpu,
+    mem: &mut DeviceAllocator,
+    dims: &[usize],
+    host: &[T],
+) -> Result<DTensor<T>> {
+    let mut t = empty::<T>(mem, dims)?;
+    gpu.upload(&mut t.view_mut(), host)?;
+    Ok(t)
+}
+
+/// An uninitialised device tensor (an output).
+fn empty<T>(mem: &mut DeviceAllocator, dims: &[usize]) -> Result<DTensor<T>> {
+    let n: usize = dims.iter().product();
+    Ok(DTensor::from_block(mem.alloc((n * std::mem::size_of::<T>()).max(1) as u64)?, dims))
+}
+
+/// One timed case of `jv4-bench ops`, built from an op family's `CASES` table. `--list-cases`
+/// prints them (with their names) for tools/torch_ops_bench.py, which times the PyTorch
+/// equivalent under the same name.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum OpCase {
+    Linear { name: &'static str, m: usize, n: usize, k: usize },
+    Swiglu { tokens: usize, inter: usize },
+    Gelu { n: usize },
+    Embedding { vocab: usize, dim: usize, tokens: usize },
+    Rmsnorm { tokens: usize, dim: usize },
+    Mrope { tokens: usize, q_heads: usize, kv_heads: usize, head_dim: usize, section: [u32; 3] },
+    VisionRope { patches: usize, heads: usize, head_dim: usize },
+    MeanPoolL2 { tokens: usize, dim: usize, spans: &'static [usize] },
+    L2Rows { tokens: usize, dim: usize },
+    LoraMask { tokens: usize, tasks: usize, r: usize },
+    GatherRows { rows: usize, len: usize },
+    ScatterRowsF32 { rows: usize, n: usize, len: usize },
+}
+
+impl OpCase {
+    /// `<op>/<shape>/m=<tokens>`: the name the bench and tools/torch_ops_bench.py share.
+    fn name(&self) -> String {
+        use OpCase::*;
+        match *self {
+            Linear { name, m, .. } => format!("linear/{name}/m={m}"),
+            Swiglu { tokens, inter } => format!("swiglu/{inter}/m={tokens}"),
+            Gelu { n } => format!("gelu/n={n}"),
+            Embedding { vocab, dim, tokens } => format!("embedding/{vocab}x{dim}/m={tokens}"),
+            Rmsnorm { tokens, dim } => format!("rmsnorm/{dim}/m={tokens}"),
+            Mrope { tokens, q_heads, kv_heads, head_dim, .. } => {
+                format!("mrope/{}/m={tokens}", (q_heads + 2 * kv_heads) * head_dim)
+            }
+            VisionRope { patches, heads, head_dim } => {
+                format!("vision_rope/{}/m={patches}", 3 * heads * head_dim)
+            }
+            MeanPoolL2 { tokens, dim, spans } => format!("mean_pool_l2/{dim}/m={tokens}/b={}", spans.len()),
+            L2Rows { tokens, dim } => format!("l2_rows/{dim}/m={tokens}"),
+            LoraMask { tokens, tasks, r } => format!("lora_mask/{tasks}x{r}/m={tokens}"),
+            GatherRows { rows, len } => format!("gather_rows/{len}/m={rows}"),
+            ScatterRowsF32 { rows, n, len } => format!("scatter_rows_f32/{len}/m={n}/r={rows}"),
+        }
+    }
+}
+
+/// Every case of every op family's `CASES` table (GEMMs at each of `linear::BENCH_TOKENS`).
+fn op_cases() -> Vec<OpCase> {
+    use OpCase::*;
+    let mut v = Vec::new();
+    for &(name, n, k) in ops::linear::CASES {
+        v.extend(ops::linear::BENCH_TOKENS.iter().map(|&m| Linear { name, m, n, k }));
+    }
+    v.extend(ops::swiglu::CASES.iter().map(|&(tokens, inter)| Swiglu { tokens, inter }));
+    v.extend(ops::gelu::CASES.iter().map(|&n| Gelu { n }));
+    v.extend(ops::embedding::CASES.iter().map(|&(vocab, dim, tokens)| Embedding { vocab, dim, tokens }));
+    v.extend(ops::rmsnorm::CASES.iter().map(|&(tokens, dim)| Rmsnorm { tokens, dim }));
+    v.extend(ops::rope::CASES.iter().map(|&(tokens, q_heads, kv_heads, head_dim, section)| Mrope {
+        tokens,
+        q_heads,
+        kv_heads,
+        head_dim,
+        section,
+    }));
+    v.extend(ops::rope::VISION_CASES.iter().map(|&(patches, heads, head_dim)| VisionRope {
+        patches,
+        heads,
+        head_dim,
+    }));
+    v.extend(ops::pool::CASES.iter().map(|&(tokens, dim, spans)| MeanPoolL2 { tokens, dim, spans }));
+    v.extend(ops::pool::L2_CASES.iter().map(|&(tokens, dim)| L2Rows { tokens, dim }));
+    v.extend(ops::lora::CASES.iter().map(|&(tokens, tasks, r)| LoraMask { tokens, tasks, r }));
+    v.extend(ops::rows::CASES.iter().map(|&(rows, len)| GatherRows { rows, len }));
+    v.extend(ops::rows::SCATTER_CASES.iter().map(|&(rows, n, len)| ScatterRowsF32 { rows, n, len }));
+    v
+}
+
+/// Times one case on its own allocator (dropped at the end, giving everything back): the median
+/// milliseconds and a rate (TFLOP/s for GEMMs, GB/s of compulsory traffic for the others).
+fn run_case(gpu: &Gpu, rng: &mut Rng, iters: usize, case: &OpCase) -> Result<(f64, String)> {
+    use OpCase::*;
+    let mut mem = DeviceAllocator::new(gpu, 32 << 30, DEFAULT_PAGE_SIZE)?;
+    let mem = &mut mem;
+    let gbs = |bytes: usize, ms: f64| format!("{:.0} GB/s", bytes as f64 / (ms * 1e-3) / 1e9);
+    let permutation = |rng: &mut Rng, n: usize| -> Vec<u32> {
+        let mut p: Vec<u32> = (0..n as u32).collect();
+        for i in (1..n).rev() {
+            p.swap(i, rng.below(i + 1));
+        }
+        p
+    };
+    Ok(match *case {
+        Linear { m, n, k, .. } => {
+            let w = random_tensor(gpu, mem, rng, &[n, k], 1.0 / (k as f32).sqrt())?;
+            let x = random_tensor(gpu, mem, rng, &[m, k], 1.0)?;
+            let mut y = empty::<bf16>(mem, &[m, n])?;
+            let ms = time_ms(gpu, iters, || {
+                ops::linear(gpu, &x.view(), &w.view(), None, &mut y.view_mut(), false)
+            })?;
+            (ms, format!("{:.0} TFLOP/s", 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12))
+        }
+        Swiglu { tokens, inter } => {
+            let gu = random_tensor(gpu, mem, rng, &[tokens, 2 * inter], 2.0)?;
+            let mut out = empty::<bf16>(mem, &[tokens, inter])?;
+            let ms = time_ms(gpu, iters, || ops::swiglu(gpu, &gu.view(), &mut out.view_mut()))?;
+            (ms, gbs(tokens * inter * 6, ms))
+        }
+        Gelu { n } => {
+            let x = random_tensor(gpu, mem, rng, &[n], 1.0)?;
+            let mut out = empty::<bf16>(mem, &[n])?;
+            let ms = time_ms(gpu, iters, || ops::gelu(gpu, &x.view(), &mut out.view_mut()))?;
+            (ms, gbs(n * 4, ms))
+        }
+        Embedding { vocab, dim, tokens } => {
+            let table = random_tensor(gpu, mem, rng, &[vocab, dim], 1.0)?;
+            let ids_h: Vec<u32> = (0..tokens).map(|_| rng.below(vocab) as u32).collect();
+            let ids = tensor_of(gpu, mem, &[tokens], &ids_h)?;
+            let mut out = empty::<bf16>(mem, &[tokens, dim])?;
+            let ms =
+                time_ms(gpu, iters, || ops::embedding(gpu, &table.view(), &ids.view(), &mut out.view_mut()))?;
+            (ms, gbs(tokens * dim * 4, ms))
+        }
+        Rmsnorm { tokens, dim } => {
+            // Reads x and writes y (the weight stays in cache).
+            let x = random_tensor(gpu, mem, rng, &[tokens, dim], 1.0)?;
+            let w = random_tensor(gpu, mem, rng, &[dim], 1.0)?;
+            let mut out = empty::<bf16>(mem, &[tokens, dim])?;
+            let ms = time_ms(gpu, iters, || {
+                ops::rmsnorm(gpu, &x.view(), &w.view(), ops::rmsnorm::EPS, &mut out.view_mut())
+            })?;
+            (ms, gbs(tokens * dim * 4, ms))
+        }
+        Mrope { tokens, q_heads, kv_heads, head_dim, section } => {
+            // In place on the fused qkv rows: reads and writes the q and k heads, reads the
+            // positions; text positions (0..T on all three planes).
+            let mut qkv = random_tensor(gpu, mem, rng, &[tokens, (q_heads + 2 * kv_heads) * head_dim], 1.0)?;
+            let pos_h: Vec<i32> = (0..3).flat_map(|_| 0..tokens as i32).collect();
+            let pos = tensor_of(gpu, mem, &[3, tokens], &pos_h)?;
+            let freq_h = ops::rope::inv_freq(ops::rope::THETA, head_dim);
+            let freq = tensor_of(gpu, mem, &[head_dim / 2], &freq_h)?;
+            let ms = time_ms(gpu, iters, || {
+                let (p, f) = (pos.view(), freq.view());
+                ops::mrope(gpu, &mut qkv.view_mut(), q_heads, kv_heads, head_dim, &p, &f, section)
+            })?;
+            (ms, gbs(tokens * (q_heads + kv_heads) * head_dim * 4 + 3 * tokens * 4, ms))
+        }
+        VisionRope { patches, heads, head_dim } => {
+            let mut qkv = random_tensor(gpu, mem, rng, &[patches, 3 * heads * head_dim], 1.0)?;
+            let ang_h: Vec<f32> = (0..patches * head_dim / 2).map(|_| rng.uniform(0.0, 128.0)).collect();
+            let angles = tensor_of(gpu, mem, &[patches, head_dim / 2], &ang_h)?;
+            let ms = time_ms(gpu, iters, || {
+                ops::vision_rope(gpu, &mut qkv.view_mut(), heads, head_dim, &angles.view())
+            })?;
+            (ms, gbs(patches * 2 * heads * head_dim * 4 + patches * head_dim / 2 * 4, ms))
+        }
+        MeanPoolL2 { tokens, dim, spans } => {
+            let h = random_tensor(gpu, mem, rng, &[tokens, dim], 1.0)?;
+            let mut flat = Vec::with_capacity(2 * spans.len());
+            let mut s = 0u32;
+            for &l in spans {
+                flat.extend([s, s + l as u32]);
+                s += l as u32;
+            }
+            let sp = tensor_of(gpu, mem, &[spans.len(), 2], &flat)?;
+            let mut out = empty::<f32>(mem, &[spans.len(), dim])?;
+            let ms =
+                time_ms(gpu, iters, || ops::mean_pool_l2(gpu, &h.view(), &sp.view(), &mut out.view_mut()))?;
+            (ms, gbs(s as usize * dim * 2 + spans.len() * dim * 4, ms))
+        }
+        L2Rows { tokens, dim } => {
+            let x = random_tensor(gpu, mem, rng, &[tokens, dim], 1.0)?;
+            let mut out = empty::<f32>(mem, &[tokens, dim])?;
+            let ms = time_ms(gpu, iters, || ops::l2_rows(gpu, &x.view(), &mut out.view_mut()))?;
+            (ms, gbs(tokens * dim * 6, ms))
+        }
+        LoraMask { tokens, tasks, r } => {
+            // The kernel only writes: the masked groups, (tasks - 1)/tasks of t.
+            let mut t = random_tensor(gpu, mem, rng, &[tokens, tasks * r], 1.0)?;
+            let task_h: Vec<u8> = (0..tokens).map(|_| rng.below(tasks) as u8).collect();
+            let task = tensor_of(gpu, mem, &[tokens], &task_h)?;
+            let ms = time_ms(gpu, iters, || ops::lora_mask(gpu, &mut t.view_mut(), &task.view(), r))?;
+            (ms, gbs(tokens * (tasks - 1) * r * 2 + tokens, ms))
+        }
+        GatherRows { rows, len } => {
+            let x = random_tensor(gpu, mem, rng, &[rows, len], 1.0)?;
+            let index = tensor_of(gpu, mem, &[rows], &permutation(rng, rows))?;
+            let mut out = empty::<bf16>(mem, &[rows, len])?;
+            let ms =
+                time_ms(gpu, iters, || ops::gather_rows(gpu, &x.view(), &index.view(), &mut out.view_mut()))?;
+            (ms, gbs(rows * len * 4, ms))
+        }
+        ScatterRowsF32 { rows, n, len } => {
+            let v = random_tensor(gpu, mem, rng, &[n, len], 1.0)?;
+            let dst = tensor_of(gpu, mem, &[n], &permutation(rng, rows)[..n])?;
+            let mut out = empty::<f32>(mem, &[rows, len])?;
+            let ms = time_ms(gpu, iters, || {
+                ops::scatter_rows_f32(gpu, &v.view(), &dst.view(), &mut out.view_mut())
+            })?;
+            (ms, gbs(n * len * 6, ms))
+        }
+    })
+}
+
+fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize, list_cases: bool) -> Result<()> {
+    let cases = op_cases();
+    let mut names = std::collections::BTreeSet::new();
+    for c in &cases {
+        if !names.insert(c.name()) {
+            return Err(jv4::Error::Input(format!("two op cases are named {}", c.name())));
+        }
+    }
+    if list_cases {
+        let list: Vec<serde_json::Value> = cases
+            .iter()
+            .map(|c| {
+                let mut v = serde_json::to_value(c).expect("plain data");
+                v["case"] = c.name().into();
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list).expect("plain data"));
+        return Ok(());
+    }
     let gpu = Gpu::new(0)?;
     let torch: BTreeMap<String, f64> = match &torch_json {
         Some(p) => match std::fs::read_to_string(p) {
@@ -166,85 +421,22 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize) -> Result<()>
         },
         None => BTreeMap::new(),
     };
-    let mut mem = DeviceAllocator::new(&gpu, 16 << 30, DEFAULT_PAGE_SIZE)?;
     let mut rng = Rng::new(1);
     println!("device: {}", gpu.info().name);
-    println!("{:<28} {:>10} {:>14} {:>10} {:>8}", "case", "ours ms", "rate", "torch ms", "ratio");
+    println!("{:<36} {:>10} {:>14} {:>10} {:>8}", "case", "ours ms", "rate", "torch ms", "ratio");
     let row = |case: String, ms: f64, rate: String| {
         let (t, r) = match torch.get(&case) {
             Some(&t) => (format!("{t:.4}"), format!("{:.2}x", t / ms)),
             None => ("-".into(), "-".into()),
         };
-        println!("{case:<28} {ms:>10.4} {rate:>14} {t:>10} {r:>8}");
+        println!("{case:<36} {ms:>10.4} {rate:>14} {t:>10} {r:>8}");
     };
-    for &(name, n, k) in GEMMS {
-        let w = random_tensor(&gpu, &mut mem, &mut rng, &[n, k], 1.0 / (k as f32).sqrt())?;
-        for &m in TOKENS {
-            let x = random_tensor(&gpu, &mut mem, &mut rng, &[m, k], 1.0)?;
-            let mut y = DTensor::<bf16>::from_block(mem.alloc((m * n * 2) as u64)?, &[m, n]);
-            let ms = time_ms(&gpu, iters, || {
-                ops::linear(&gpu, &x.view(), &w.view(), None, &mut y.view_mut(), false)
-            })?;
-            let tflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
-            row(format!("linear/{name}/m={m}"), ms, format!("{tflops:.0} TFLOP/s"));
-            mem.free(x.into_block());
-            mem.free(y.into_block());
-        }
-        mem.free(w.into_block());
+    for case in &cases {
+        let (ms, rate) = run_case(&gpu, &mut rng, iters, case)?;
+        row(case.name(), ms, rate);
     }
-    let inter = 11008;
-    for &m in &TOKENS[1..] {
-        let gu = random_tensor(&gpu, &mut mem, &mut rng, &[m, 2 * inter], 2.0)?;
-        let mut out = DTensor::<bf16>::from_block(mem.alloc((m * inter * 2) as u64)?, &[m, inter]);
-        let ms = time_ms(&gpu, iters, || ops::swiglu(&gpu, &gu.view(), &mut out.view_mut()))?;
-        let gbs = (m * inter * 6) as f64 / (ms * 1e-3) / 1e9;
-        row(format!("swiglu/{inter}/m={m}"), ms, format!("{gbs:.0} GB/s"));
-        mem.free(gu.into_block());
-        mem.free(out.into_block());
-    }
-    // rmsnorm at the decoder's width: reads x and writes y (the 4 KiB weight stays in cache).
-    let (m, d) = (4096, 2048);
-    let x = random_tensor(&gpu, &mut mem, &mut rng, &[m, d], 1.0)?;
-    let w = random_tensor(&gpu, &mut mem, &mut rng, &[d], 1.0)?;
-    let mut out = DTensor::<bf16>::from_block(mem.alloc((m * d * 2) as u64)?, &[m, d]);
-    let ms = time_ms(&gpu, iters, || {
-        ops::rmsnorm(&gpu, &x.view(), &w.view(), ops::rmsnorm::EPS, &mut out.view_mut())
-    })?;
-    let gbs = (m * d * 4) as f64 / (ms * 1e-3) / 1e9;
-    row(format!("rmsnorm/{d}/m={m}"), ms, format!("{gbs:.0} GB/s"));
-    mem.free(x.into_block());
-    mem.free(w.into_block());
-    mem.free(out.into_block());
 
-    // M-RoPE in place on the fused qkv output [m, 2560]: reads and writes the q and k columns
-    // (18 heads of 128), reads the positions; text positions (0..m on all three planes).
-    let (q_heads, kv_heads, hd) = (16, 2, 128);
-    let rowlen = (q_heads + 2 * kv_heads) * hd;
-    let mut qkv = random_tensor(&gpu, &mut mem, &mut rng, &[m, rowlen], 1.0)?;
-    let pos_host: Vec<i32> = (0..3).flat_map(|_| 0..m as i32).collect();
-    let mut pos = DTensor::<i32>::from_block(mem.alloc((3 * m * 4) as u64)?, &[3, m]);
-    gpu.upload(&mut pos.view_mut(), &pos_host)?;
-    let freq_host = ops::rope::inv_freq(ops::rope::THETA, hd);
-    let mut freq = DTensor::<f32>::from_block(mem.alloc((hd / 2 * 4) as u64)?, &[hd / 2]);
-    gpu.upload(&mut freq.view_mut(), &freq_host)?;
-    let ms = time_ms(&gpu, iters, || {
-        ops::mrope(
-            &gpu,
-            &mut qkv.view_mut(),
-            q_heads,
-            kv_heads,
-            hd,
-            &pos.view(),
-            &freq.view(),
-            ops::rope::SECTION,
-        )
-    })?;
-    let gbs = (m * (q_heads + kv_heads) * hd * 4 + 3 * m * 4) as f64 / (ms * 1e-3) / 1e9;
-    row(format!("mrope/{rowlen}/m={m}"), ms, format!("{gbs:.0} GB/s"));
-    mem.free(qkv.into_block());
-    mem.free(pos.into_block());
-    mem.free(freq.into_block());
-
+    let mut mem = DeviceAllocator::new(&gpu, 16 << 30, DEFAULT_PAGE_SIZE)?;
     // Causal GQA attention at the LM's shape (16 query heads, 2 kv heads, d 128) on one document
     // of L tokens, or 32 documents of 512. FLOPs: 2 matmuls · 2·L²·d·H, halved by the mask.
     let (heads, kv_heads, d) = (16usize, 2usize, 128usize);

@@ -4,6 +4,11 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+// Threads per block of every kernel here but attention (= `ops::THREADS` of the launchers, which a
+// test checks): grid-stride kernels run with exactly this many, row kernels with a multiple of 32
+// up to it. Each kernel declares it with __launch_bounds__, so ptxas budgets registers for it.
+#define JV4_THREADS 256
+
 // Eight bf16 values moved as one 16-byte load or store.
 struct __align__(16) bf16x8 {
     __nv_bfloat162 h[4];

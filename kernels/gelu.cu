@@ -5,16 +5,16 @@
 // bf16.
 // For x ≪ 0 the f32 value 1 + erf(x/√2) cancels, but its absolute error stays ~2^-24, far below
 // half a bf16 ulp of the result wherever the result is not already negligible.
-// Launch: grid-stride, 256 threads. When n % 8 == 0 (the merger: 5120 per row) each thread moves
-// 8 elements with 16-byte loads and stores; otherwise one element at a time.
+// Launch: grid-stride, JV4_THREADS threads. When n % 8 == 0 (the merger: 5120 per row) each
+// thread moves 8 elements with 16-byte loads and stores; otherwise one element at a time.
 #include "common.cuh"
 
 __device__ __forceinline__ float gelu_erf(float x) {
     return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
 }
 
-extern "C" __global__ void gelu_bf16(const __nv_bfloat16 *__restrict__ x,
-                                     __nv_bfloat16 *__restrict__ out, int64_t n) {
+extern "C" __global__ void __launch_bounds__(JV4_THREADS)
+    gelu_bf16(const __nv_bfloat16 *__restrict__ x, __nv_bfloat16 *__restrict__ out, int64_t n) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     const int64_t first = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (n % 8 == 0) {

@@ -6,14 +6,14 @@
 // Layout: t [T, tasks·r] bf16 row-major (in place), row_task [T] u8.
 // A row whose task is >= tasks has every group zeroed (no group belongs to it: no LoRA delta).
 // Precision: kept elements are not touched; masked elements become +0.0 exactly.
-// Launch: grid-stride, 256 threads. When r % 8 == 0 (the model: 32) a thread handles 8 columns,
-// all in the same group, with one 16-byte store; otherwise one column at a time. The kernel only
-// writes (never reads t).
+// Launch: grid-stride, JV4_THREADS threads. When r % 8 == 0 (the model: 32) a thread handles 8
+// columns, all in the same group, with one 16-byte store; otherwise one column at a time. The
+// kernel only writes (never reads t).
 #include "common.cuh"
 
-extern "C" __global__ void lora_mask_bf16(__nv_bfloat16 *__restrict__ t,
-                                          const uint8_t *__restrict__ row_task, int64_t tokens,
-                                          int64_t tasks, int64_t r) {
+extern "C" __global__ void __launch_bounds__(JV4_THREADS)
+    lora_mask_bf16(__nv_bfloat16 *__restrict__ t, const uint8_t *__restrict__ row_task,
+                   int64_t tokens, int64_t tasks, int64_t r) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     const int64_t first = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     const int64_t cols = tasks * r;

@@ -10,20 +10,19 @@
 //   whatever it is batched with.
 //   Invalid spans (s >= e or e > T) are never read; their output row is written as NaN (the engine
 //   validates spans on the host before the launch).
-//   Launch: one block per span (grid-stride over spans), blockDim a multiple of 32 chosen from D
-//   only. When D % 8 == 0 (2048) a thread owns 8 columns (16-byte loads, 4 rows in flight);
-//   otherwise one column at a time. The mean is written to out, then the same thread rescales it
-//   once the block has the norm.
+//   Launch: one block per span (grid-stride over spans), blockDim a multiple of 32 (at most
+//   JV4_THREADS) chosen from D only. When D % 8 == 0 (2048) a thread owns 8 columns (16-byte
+//   loads, 4 rows in flight); otherwise one column at a time. The mean is written to out, then
+//   the same thread rescales it once the block has the norm.
 //
 // l2_rows_f32: out[t] = x[t] / max(‖x[t]‖, 1e-12), x [T, C] bf16 → out [T, C] f32 (C = 128 for the
 //   multi-vector head). One warp per row (grid-stride over rows), lanes stride the columns; the
 //   sum of squares in f32 (sequential per lane, then a warp butterfly).
 #include "common.cuh"
 
-extern "C" __global__ void mean_pool_l2_f32(const __nv_bfloat16 *__restrict__ h,
-                                            const uint32_t *__restrict__ spans,
-                                            float *__restrict__ out, int64_t tokens, int64_t dim,
-                                            int64_t batch) {
+extern "C" __global__ void __launch_bounds__(JV4_THREADS)
+    mean_pool_l2_f32(const __nv_bfloat16 *__restrict__ h, const uint32_t *__restrict__ spans,
+                     float *__restrict__ out, int64_t tokens, int64_t dim, int64_t batch) {
     __shared__ float scratch[32];
     for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
         const int64_t s = spans[2 * b], e = spans[2 * b + 1];
@@ -101,8 +100,9 @@ extern "C" __global__ void mean_pool_l2_f32(const __nv_bfloat16 *__restrict__ h,
     }
 }
 
-extern "C" __global__ void l2_rows_f32(const __nv_bfloat16 *__restrict__ x, float *__restrict__ out,
-                                       int64_t tokens, int64_t dim) {
+extern "C" __global__ void __launch_bounds__(JV4_THREADS)
+    l2_rows_f32(const __nv_bfloat16 *__restrict__ x, float *__restrict__ out, int64_t tokens,
+                int64_t dim) {
     const int lane = threadIdx.x & 31;
     const int64_t warps_per_block = blockDim.x >> 5;
     const int64_t warps = (int64_t)gridDim.x * warps_per_block;

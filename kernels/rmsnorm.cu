@@ -8,15 +8,14 @@
 // x·rsqrt(…) to bf16 before multiplying by w (two roundings); one rounding is the more accurate,
 // and differs from HF by at most one bf16 ulp per element.
 // Launch: one block per row (grid-stride over rows when T exceeds the grid), blockDim a multiple
-// of 32 (at most 1024; the launcher picks it from D only). When D % 8 == 0 (2048, 1280) each
+// of 32 (at most JV4_THREADS; the launcher picks it from D only). When D % 8 == 0 (2048, 1280) each
 // thread handles 8 columns per 16-byte load; otherwise one column at a time. The row is read
 // twice: the second read (≤ a few KiB per row) comes from L1/L2.
 #include "common.cuh"
 
-extern "C" __global__ void rmsnorm_bf16(const __nv_bfloat16 *__restrict__ x,
-                                        const __nv_bfloat16 *__restrict__ w,
-                                        __nv_bfloat16 *__restrict__ out, int64_t tokens, int64_t dim,
-                                        float eps) {
+extern "C" __global__ void __launch_bounds__(JV4_THREADS)
+    rmsnorm_bf16(const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ w,
+                 __nv_bfloat16 *__restrict__ out, int64_t tokens, int64_t dim, float eps) {
     __shared__ float scratch[32];
     for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
         const __nv_bfloat16 *xr = x + t * dim;
@@ -58,10 +57,9 @@ extern "C" __global__ void rmsnorm_bf16(const __nv_bfloat16 *__restrict__ x,
 // GEMMs accumulate into it without rounding to bf16 each time), and normalises it into the bf16
 // activations the next GEMM reads. Same launch shape; when D % 4 == 0 each thread reads 4 columns
 // with one 16-byte load.
-extern "C" __global__ void rmsnorm_f32_bf16(const float *__restrict__ x,
-                                            const __nv_bfloat16 *__restrict__ w,
-                                            __nv_bfloat16 *__restrict__ out, int64_t tokens,
-                                            int64_t dim, float eps) {
+extern "C" __global__ void __launch_bounds__(JV4_THREADS)
+    rmsnorm_f32_bf16(const float *__restrict__ x, const __nv_bfloat16 *__restrict__ w,
+                     __nv_bfloat16 *__restrict__ out, int64_t tokens, int64_t dim, float eps) {
     __shared__ float scratch[32];
     for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
         const float *xr = x + t * dim;

@@ -65,10 +65,10 @@ __device__ __forceinline__ void rotate_heads(__nv_bfloat16 *__restrict__ row, in
     }
 }
 
-extern "C" __global__ void mrope_bf16(__nv_bfloat16 *__restrict__ qkv, const int32_t *__restrict__ pos,
-                                      const float *__restrict__ inv_freq, int64_t tokens,
-                                      int64_t q_heads, int64_t kv_heads, int64_t head_dim,
-                                      int64_t sec0, int64_t sec1) {
+extern "C" __global__ void __launch_bounds__(JV4_THREADS)
+    mrope_bf16(__nv_bfloat16 *__restrict__ qkv, const int32_t *__restrict__ pos,
+               const float *__restrict__ inv_freq, int64_t tokens, int64_t q_heads,
+               int64_t kv_heads, int64_t head_dim, int64_t sec0, int64_t sec1) {
     extern __shared__ float smem[];
     const int half = (int)(head_dim / 2);
     float *cs = smem, *sn = smem + half;
@@ -89,9 +89,9 @@ extern "C" __global__ void mrope_bf16(__nv_bfloat16 *__restrict__ qkv, const int
     }
 }
 
-extern "C" __global__ void vision_rope_bf16(__nv_bfloat16 *__restrict__ qkv,
-                                            const float *__restrict__ angles, int64_t tokens,
-                                            int64_t heads, int64_t head_dim) {
+extern "C" __global__ void __launch_bounds__(JV4_THREADS)
+    vision_rope_bf16(__nv_bfloat16 *__restrict__ qkv, const float *__restrict__ angles,
+                     int64_t tokens, int64_t heads, int64_t head_dim) {
     extern __shared__ float smem[];
     const int half = (int)(head_dim / 2);
     float *cs = smem, *sn = smem + half;

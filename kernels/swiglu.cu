@@ -4,16 +4,16 @@
 // Layout: gu [T, 2I] bf16 row-major, out [T, I] bf16 row-major.
 // Precision: inputs widened to f32, silu and the product in f32, one rounding to bf16 (HF rounds
 // twice, after silu and after the product; one rounding is the more accurate).
-// Launch: grid-stride, 256 threads. When I % 8 == 0 (the text model: 11008) each thread moves
-// 8 columns with 16-byte loads and stores; otherwise (the vision tower: 3420) one column at a
-// time. Memory-bound: 6 bytes per output element.
+// Launch: grid-stride, JV4_THREADS threads. When I % 8 == 0 (the text model: 11008) each thread
+// moves 8 columns with 16-byte loads and stores; otherwise (the vision tower: 3420) one column at
+// a time. Memory-bound: 6 bytes per output element.
 #include "common.cuh"
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
-extern "C" __global__ void swiglu_bf16(const __nv_bfloat16 *__restrict__ gu,
-                                       __nv_bfloat16 *__restrict__ out, int64_t tokens,
-                                       int64_t inter) {
+extern "C" __global__ void __launch_bounds__(JV4_THREADS)
+    swiglu_bf16(const __nv_bfloat16 *__restrict__ gu, __nv_bfloat16 *__restrict__ out,
+                int64_t tokens, int64_t inter) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     const int64_t first = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (inter % 8 == 0) {

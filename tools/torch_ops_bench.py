@@ -2,15 +2,20 @@
 CUDA events after warm-up, median of many runs. Writes {case: ms} as JSON.
 
     python3 tools/torch_ops_bench.py --json torch_ops.json
+
+The cases (name, op, shape) come from `jv4-bench ops --list-cases` (the jv4-bench beside this
+script, or --cases FILE), i.e. from the ops' CASES tables: names and shapes cannot drift apart.
+Each op is timed as HF transformers / PEFT computes it; `lora_mask` has no PyTorch counterpart
+(PEFT runs one adapter per batch) and is left out.
 """
 import argparse
 import json
+import os
+import subprocess
 
 import torch
 import torch.nn.functional as F
 
-GEMMS = [("qkv", 2560, 2048), ("o", 2048, 2048), ("gate_up", 22016, 2048), ("down", 2048, 11008)]
-TOKENS = [16, 512, 4096, 16384]
 # Causal GQA attention at the LM's shape: (name, segments, tokens per segment).
 ATTENTION = [("L=512", 1, 512), ("L=4096", 1, 4096), ("L=32768", 1, 32768), ("32x512", 32, 512)]
 HEADS, KV_HEADS, HEAD_DIM = 16, 2, 128
@@ -55,6 +60,97 @@ def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim
     return q_embed, k_embed
 
 
+def vision_rotary(q, k, cos, sin):
+    """HF Qwen2.5-VL apply_rotary_pos_emb_vision: the rotation in f32, back to bf16."""
+    orig_q, orig_k = q.dtype, k.dtype
+    q, k = q.float(), k.float()
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed.to(orig_q), k_embed.to(orig_k)
+
+
+def load_cases(path):
+    if path:
+        with open(path) as f:
+            return json.load(f)
+    exe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jv4-bench")
+    return json.loads(subprocess.run([exe, "ops", "--list-cases"], check=True, capture_output=True, text=True).stdout)
+
+
+def randn(*shape, dev, scale=1.0):
+    return torch.randn(*shape, device=dev, dtype=torch.bfloat16) * scale
+
+
+def torch_case(c, dev):
+    """The PyTorch call for one case of `jv4-bench ops --list-cases`, inputs made; None if none."""
+    op = c["op"]
+    if op == "linear":
+        w = randn(c["n"], c["k"], dev=dev) / c["k"] ** 0.5
+        x = randn(c["m"], c["k"], dev=dev)
+        return lambda: F.linear(x, w)
+    if op == "swiglu":
+        # What the HF Qwen2 MLP does: act(gate) * up on two separate projections' outputs.
+        t, i = c["tokens"], c["inter"]
+        g, u = randn(t, i, dev=dev, scale=2.0), randn(t, i, dev=dev, scale=2.0)
+        return lambda: F.silu(g) * u
+    if op == "gelu":
+        x = randn(c["n"], dev=dev)
+        return lambda: F.gelu(x)
+    if op == "embedding":
+        table = randn(c["vocab"], c["dim"], dev=dev)
+        ids = torch.randint(0, c["vocab"], (c["tokens"],), device=dev)
+        return lambda: F.embedding(ids, table)
+    if op == "rmsnorm":
+        # Qwen2RMSNorm.forward (HF): f32 math, x·rsqrt rounded to bf16, then times the weight.
+        x, w = randn(c["tokens"], c["dim"], dev=dev), randn(c["dim"], dev=dev)
+        return lambda: rmsnorm_hf(x, w, 1e-6)
+    if op == "mrope":
+        # apply_multimodal_rotary_pos_emb (HF Qwen2.5-VL) on q, k views of the fused qkv output,
+        # with the cos/sin tables precomputed (HF computes them once per forward, outside the
+        # layers); text positions.
+        m, qh, kvh, hd = c["tokens"], c["q_heads"], c["kv_heads"], c["head_dim"]
+        qkv = randn(m, (qh + 2 * kvh) * hd, dev=dev)
+        q = qkv[:, : qh * hd].view(1, m, qh, hd).transpose(1, 2)
+        k = qkv[:, qh * hd : (qh + kvh) * hd].view(1, m, kvh, hd).transpose(1, 2)
+        cos, sin = mrope_cos_sin(torch.arange(m, device=dev).expand(3, 1, m), hd, 1e6, torch.bfloat16)
+        return lambda: apply_multimodal_rotary_pos_emb(q, k, cos, sin, c["section"])
+    if op == "vision_rope":
+        p, h, hd = c["patches"], c["heads"], c["head_dim"]
+        qkv = randn(p, 3 * h * hd, dev=dev).view(p, 3, h, hd)
+        q, k = qkv[:, 0], qkv[:, 1]
+        angles = torch.rand(p, hd // 2, device=dev) * 128
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        return lambda: vision_rotary(q, k, cos, sin)
+    if op == "mean_pool_l2":
+        # Mean over each span (a segment sum, then the count), then F.normalize, in f32.
+        spans, d = c["spans"], c["dim"]
+        h = randn(c["tokens"], d, dev=dev)
+        seg = torch.cat([torch.full((n,), i, device=dev) for i, n in enumerate(spans)])
+        rows = h[: len(seg)]
+        counts = torch.tensor(spans, device=dev, dtype=torch.float32)[:, None]
+
+        def pool():
+            s = torch.zeros(len(spans), d, device=dev).index_add_(0, seg, rows.float())
+            return F.normalize(s / counts, dim=-1)
+
+        return pool
+    if op == "l2_rows":
+        x = randn(c["tokens"], c["dim"], dev=dev)
+        return lambda: F.normalize(x.float(), dim=-1)
+    if op == "gather_rows":
+        x = randn(c["rows"], c["len"], dev=dev)
+        index = torch.randperm(c["rows"], device=dev)
+        return lambda: x.index_select(0, index)
+    if op == "scatter_rows_f32":
+        v = randn(c["n"], c["len"], dev=dev)
+        out = torch.randn(c["rows"], c["len"], device=dev)
+        rows = torch.randperm(c["rows"], device=dev)[: c["n"]]
+        return lambda: out.index_copy_(0, rows, v.float())
+    return None
+
+
 def time_ms(fn, iters):
     for _ in range(3):
         fn()
@@ -75,35 +171,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--cases", help="JSON from `jv4-bench ops --list-cases` (default: run it)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     out = {}
-    for name, n, k in GEMMS:
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
-        for m in TOKENS:
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            out[f"linear/{name}/m={m}"] = time_ms(lambda: F.linear(x, w), args.iters)
-    inter = 11008
-    for m in TOKENS[1:]:
-        gu = torch.randn(m, 2 * inter, device=dev, dtype=torch.bfloat16) * 2
-        # What the HF Qwen2 MLP does: act(gate) * up on two separate projections' outputs.
-        g, u = gu[:, :inter].contiguous(), gu[:, inter:].contiguous()
-        out[f"swiglu/{inter}/m={m}"] = time_ms(lambda: F.silu(g) * u, args.iters)
-    # Qwen2RMSNorm.forward (HF): f32 math, x·rsqrt rounded to bf16, then times the weight.
-    m, d = 4096, 2048
-    x = torch.randn(m, d, device=dev, dtype=torch.bfloat16)
-    w = torch.randn(d, device=dev, dtype=torch.bfloat16)
-    out[f"rmsnorm/{d}/m={m}"] = time_ms(lambda: rmsnorm_hf(x, w, 1e-6), args.iters)
-    # apply_multimodal_rotary_pos_emb (HF Qwen2.5-VL) on q, k views of the fused qkv output, with
-    # the cos/sin tables precomputed (HF computes them once per forward, outside the layers).
-    qh, kvh, hd = 16, 2, 128
-    qkv = torch.randn(m, (qh + 2 * kvh) * hd, device=dev, dtype=torch.bfloat16)
-    q = qkv[:, : qh * hd].view(1, m, qh, hd).transpose(1, 2)
-    k = qkv[:, qh * hd : (qh + kvh) * hd].view(1, m, kvh, hd).transpose(1, 2)
-    cos, sin = mrope_cos_sin(torch.arange(m, device=dev).expand(3, 1, m), hd, 1e6, torch.bfloat16)
-    out[f"mrope/{qkv.shape[1]}/m={m}"] = time_ms(
-        lambda: apply_multimodal_rotary_pos_emb(q, k, cos, sin, [16, 24, 24]), args.iters
-    )
+    for case in load_cases(args.cases):
+        fn = torch_case(case, dev)
+        if fn is not None:
+            out[case["case"]] = time_ms(fn, args.iters)
+        del fn  # the case's tensors
+        torch.cuda.empty_cache()
     # SDPA with is_causal on [B, H, L, d] views of [B, L, H, d] tensors (how HF calls it). GQA:
     # k and v are expanded to 16 heads once, outside the timed call (HF's repeat_kv copies them
     # inside every forward), so torch is timed at its best: its flash kernel alone.
@@ -122,7 +199,7 @@ def main():
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
     for k, v in out.items():
-        print(f"{k:<28} {v:.4f} ms")
+        print(f"{k:<36} {v:.4f} ms")
 
 
 if __name__ == "__main__":

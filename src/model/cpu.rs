@@ -109,7 +109,7 @@ impl CpuModel {
 
         // Patch embedding: the Conv3d with stride = kernel is a GEMM on flattened patches.
         let x = self.linear("visual.patch_embed.proj", &pix, np, row, false);
-        let mut x = r::permute_groups(&x, unit * d, &vp.window_index);
+        let mut x = r::gather_rows(&x, unit * d, &vp.window_index);
         let angles = r::vision_rope_angles(&vp.rot_pos_windowed(v.spatial_merge_size), v.head_dim(), 10000.0);
         let full: Vec<usize> = vp.cu_seqlens.iter().map(|&c| c as usize).collect();
         let windows: Vec<usize> = vp.cu_window_seqlens.iter().map(|&c| c as usize).collect();
@@ -146,7 +146,7 @@ impl CpuModel {
         let z = self.linear("visual.merger.mlp.0", &merged, np / unit, wide, true);
         let z = r::gelu(&z);
         let z = self.linear("visual.merger.mlp.2", &z, np / unit, wide, true);
-        r::unpermute_groups(&z, v.out_hidden_size, &vp.window_index)
+        r::gather_rows(&z, v.out_hidden_size, &vp.reverse_index)
     }
 
     /// One packed forward over `batch` (docs/MODEL.md §3–§8): both heads (the multi-vector one
@@ -228,12 +228,10 @@ impl CpuModel {
         // Heads (§8): both from the one pass.
         let multi = self.adapted("multi_vector_projector", &h, hid, true, &segs);
         let pd = multi.len() / n;
-        let multi = r::l2_normalize_rows(&multi, pd);
-        let mut single = Vec::with_capacity(batch.sequences() * hid);
-        for &[a, b] in batch.spans() {
-            let mean = r::mean_pool(&h, hid, &[(a as usize, b as usize)]).remove(0);
-            single.extend(r::l2_normalize(&mean));
-        }
+        let multi = r::l2_rows(&multi, pd);
+        let spans: Vec<(usize, usize)> =
+            batch.spans().iter().map(|&[a, b]| (a as usize, b as usize)).collect();
+        let single = r::mean_pool_l2(&h, hid, &spans);
         if let Some(tr) = trace {
             tr.push(h);
         }

@@ -1,9 +1,10 @@
 //! `embedding`: `out[t, :] = table[ids[t], :]`, the token-embedding gather.
-//! Kernel: `kernels/embedding.cu`; reference: [`crate::reference::embedding`].
+//! Kernel: `kernels/embedding.cu` (the row gather of `kernels/gather.cuh`, shared with
+//! [`super::gather_rows`]); reference: [`crate::reference::embedding`].
 
 use half::bf16;
 
-use super::{arg, check_aligned, grid_for};
+use super::{arg, check_aligned, grid_for, THREADS};
 use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
 use crate::{Error, Result};
 
@@ -18,8 +19,6 @@ pub const CASES: &[(usize, usize, usize)] = &[
     (50, 12, 33),
     (300, 8, 5),
 ];
-
-const THREADS: usize = 256;
 
 /// `out [T, d] = table [vocab, d] [ids [T]]`.
 ///
@@ -53,7 +52,7 @@ pub fn embedding(
 }
 
 /// [`embedding`] into an f32 output (the start of the decoder's f32 residual stream; exact).
-/// Kernel `embedding_f32`.
+/// Kernel `embedding_f32`, the same shared gather (`kernels/gather.cuh`).
 pub fn embedding_f32(
     gpu: &Gpu,
     table: &DView<'_, bf16>,
@@ -61,13 +60,19 @@ pub fn embedding_f32(
     out: &mut DViewMut<'_, f32>,
 ) -> Result<()> {
     let (vocab, dim, tokens) = check_shapes("embedding_f32", table, ids, out.shape())?;
+    if dim % 8 == 0 {
+        check_aligned("embedding_f32", "table", table.ptr(), 16)?;
+        check_aligned("embedding_f32", "out", out.ptr(), 16)?;
+    }
+    let work = if dim % 8 == 0 { tokens * dim / 8 } else { tokens * dim };
     let (mut tp, mut ip, mut op) = (table.ptr(), ids.ptr(), out.ptr());
     let (mut t, mut d, mut v) = (tokens as i64, dim as i64, vocab as i64);
     let mut args = [arg(&mut tp), arg(&mut ip), arg(&mut op), arg(&mut t), arg(&mut d), arg(&mut v)];
     // SAFETY: args match embedding_f32(const bf16*, const u32*, float*, int64, int64, int64);
-    // table holds vocab·d, ids T and out T·d elements (checked above); ids ≥ vocab are not read.
+    // table holds vocab·d, ids T and out T·d elements (checked above), aligned for the vector
+    // path; the kernel reads table rows only for ids < vocab.
     unsafe {
-        gpu.launch(KernelId::EmbeddingF32, Launch::linear(super::grid_for(tokens * dim, 256), 256), &mut args)
+        gpu.launch(KernelId::EmbeddingF32, Launch::linear(grid_for(work, THREADS), THREADS as u32), &mut args)
     }
 }
 

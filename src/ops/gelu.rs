@@ -3,15 +3,13 @@
 
 use half::bf16;
 
-use super::{arg, check_aligned, grid_for, shapes};
+use super::{arg, check_aligned, grid_for, shapes, THREADS};
 use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
 use crate::{Error, Result};
 
 /// Element counts the tests run: one element, one merger row ×3 and a full image's merger
 /// activations (117 rows of 5120, vector path), and an odd count (scalar path).
 pub const CASES: &[usize] = &[1, 5120 * 3, 117 * 5120, 7];
-
-const THREADS: usize = 256;
 
 /// `out = gelu(x)`, elementwise; `x` and `out` have the same shape (any rank, non-empty).
 pub fn gelu(gpu: &Gpu, x: &DView<'_, bf16>, out: &mut DViewMut<'_, bf16>) -> Result<()> {

@@ -1,21 +1,28 @@
 //! `lora_mask`: per-row task selection of the batched LoRA path (MODEL.md §6). The engine
 //! computes `t = x·[A_0; A_1; A_2]ᵀ` for all tasks in one GEMM, masks it with this op, then one
 //! GEMM with `[B_0 | B_1 | B_2]` accumulates the delta: each row gets exactly its own task's
-//! LoRA, whatever the batch mix. Kernel: `kernels/lora.cu`; reference: [`crate::reference::lora`]
-//! (one task) — the mask itself is checked against a CPU mask.
+//! LoRA, whatever the batch mix. Kernel: `kernels/lora.cu`; reference:
+//! [`crate::reference::lora_mask`] (and [`crate::reference::lora`], one task's whole delta).
 
 use half::bf16;
 
-use super::{arg, check_aligned, grid_for};
+use super::{arg, check_aligned, grid_for, THREADS};
 use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
 use crate::{Error, Result};
 
-/// Shapes the tests run: (tokens, tasks, r). The model (3 tasks of rank 32, vector path) at one
-/// token, odd counts and 4097 tokens; a rank that is not a multiple of 8 (scalar path).
-pub const CASES: &[(usize, usize, usize)] =
-    &[(1, 3, 32), (7, 3, 32), (4097, 3, 32), (333, 3, 32), (5, 3, 5), (17, 2, 8)];
-
-const THREADS: usize = 256;
+/// Shapes the tests run: (tokens, tasks, r). The model's 3 tasks with groups of rank 32 times 1
+/// (o, down, the projector), 2 (gate_up) and 3 (qkv) fused projections, vector path, at one
+/// token, odd counts and 4097 tokens; a group width that is not a multiple of 8 (scalar path).
+pub const CASES: &[(usize, usize, usize)] = &[
+    (1, 3, 32),
+    (7, 3, 32),
+    (4097, 3, 32),
+    (333, 3, 32),
+    (4097, 3, 64),
+    (4097, 3, 96),
+    (5, 3, 5),
+    (17, 2, 8),
+];
 
 /// Zeroes, in place, every `r`-wide column group of each row of `t [T, tasks·r]` except the group
 /// of that row's task (`row_task [T]`). A row whose task is ≥ tasks has every group zeroed (no

@@ -52,11 +52,42 @@ pub(crate) fn arg<T>(v: &mut T) -> *mut c_void {
     v as *mut T as *mut c_void
 }
 
+/// Threads per block of every kernel in `kernels/` except attention (which has its own): the
+/// grid-stride kernels are launched with exactly this many, the row kernels with up to this many.
+/// The kernels declare it as `__launch_bounds__(JV4_THREADS)` (`kernels/common.cuh`), so ptxas
+/// budgets registers for it and a larger launch fails instead of running out of registers.
+pub(crate) const THREADS: usize = 256;
+
 /// Most blocks a row-per-block kernel is launched with (its kernels loop over further rows).
 pub(crate) const MAX_ROW_BLOCKS: usize = 65535;
 
 /// Threads for a kernel that spreads `work` items of one row over a block: a multiple of 32,
-/// from 32 to `max`. Depends on the row size only, so reductions keep one order.
-pub(crate) fn threads_for_row(work: usize, max: usize) -> u32 {
-    work.div_ceil(32).clamp(1, max / 32) as u32 * 32
+/// from 32 to [`THREADS`]. Depends on the row size only, so reductions keep one order.
+pub(crate) fn threads_for_row(work: usize) -> u32 {
+    work.div_ceil(32).clamp(1, THREADS / 32) as u32 * 32
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn threads_match_the_kernels_launch_bounds() {
+        let common = include_str!("../../kernels/common.cuh");
+        let define = format!("#define JV4_THREADS {}", super::THREADS);
+        assert!(common.lines().any(|l| l.trim() == define), "kernels/common.cuh lacks `{define}`");
+        // Every kernel outside attention declares the bound.
+        for (file, src) in [
+            ("embedding.cu", include_str!("../../kernels/embedding.cu")),
+            ("gelu.cu", include_str!("../../kernels/gelu.cu")),
+            ("lora.cu", include_str!("../../kernels/lora.cu")),
+            ("pool.cu", include_str!("../../kernels/pool.cu")),
+            ("rmsnorm.cu", include_str!("../../kernels/rmsnorm.cu")),
+            ("rope.cu", include_str!("../../kernels/rope.cu")),
+            ("rows.cu", include_str!("../../kernels/rows.cu")),
+            ("swiglu.cu", include_str!("../../kernels/swiglu.cu")),
+        ] {
+            let kernels = src.matches("__global__").count();
+            let bounded = src.matches("__global__ void __launch_bounds__(JV4_THREADS)").count();
+            assert!(kernels > 0 && bounded == kernels, "{file}: {bounded} of {kernels} kernels bounded");
+        }
+    }
 }

@@ -1,11 +1,10 @@
 //! Output heads (MODEL.md §8): [`mean_pool_l2`] (single-vector: span mean, then L2) and
 //! [`l2_rows`] (multi-vector: per-token L2). Kernels: `kernels/pool.cu`; references:
-//! [`crate::reference::mean_pool`], [`crate::reference::l2_normalize`] and
-//! [`crate::reference::l2_normalize_rows`].
+//! [`crate::reference::mean_pool_l2`] and [`crate::reference::l2_rows`].
 
 use half::bf16;
 
-use super::{arg, check_aligned, grid_for, threads_for_row, MAX_ROW_BLOCKS};
+use super::{arg, check_aligned, grid_for, threads_for_row, MAX_ROW_BLOCKS, THREADS};
 use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
 use crate::{Error, Result};
 
@@ -58,7 +57,7 @@ pub fn mean_pool_l2(
         check_aligned("mean_pool_l2", "out", out.ptr(), 16)?;
     }
     // From d only: the reduction order must not depend on the batch.
-    let threads = threads_for_row(if dim % 8 == 0 { dim / 8 } else { dim }, 256);
+    let threads = threads_for_row(if dim % 8 == 0 { dim / 8 } else { dim });
     let (mut hp, mut sp, mut op) = (h.ptr(), spans.ptr(), out.ptr());
     let (mut t, mut d, mut b) = (tokens as i64, dim as i64, batch as i64);
     let mut args = [arg(&mut hp), arg(&mut sp), arg(&mut op), arg(&mut t), arg(&mut d), arg(&mut b)];
@@ -73,8 +72,6 @@ pub fn mean_pool_l2(
         )
     }
 }
-
-const L2_THREADS: usize = 256;
 
 /// `out [T, c] = x / max(‖x‖, 1e-12)` per row of `x [T, c]`, in f32: the multi-vector head.
 pub fn l2_rows(gpu: &Gpu, x: &DView<'_, bf16>, out: &mut DViewMut<'_, f32>) -> Result<()> {
@@ -92,11 +89,11 @@ pub fn l2_rows(gpu: &Gpu, x: &DView<'_, bf16>, out: &mut DViewMut<'_, f32>) -> R
         });
     }
     // One warp per row.
-    let blocks = grid_for(tokens * 32, L2_THREADS);
+    let blocks = grid_for(tokens * 32, THREADS);
     let (mut xp, mut op) = (x.ptr(), out.ptr());
     let (mut t, mut d) = (tokens as i64, dim as i64);
     let mut args = [arg(&mut xp), arg(&mut op), arg(&mut t), arg(&mut d)];
     // SAFETY: args match l2_rows_f32(const bf16*, f32*, int64, int64); x and out hold T·c
     // elements (checked above); the block is a whole number of warps.
-    unsafe { gpu.launch(KernelId::L2RowsF32, Launch::linear(blocks, L2_THREADS as u32), &mut args) }
+    unsafe { gpu.launch(KernelId::L2RowsF32, Launch::linear(blocks, THREADS as u32), &mut args) }
 }

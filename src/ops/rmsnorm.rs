@@ -45,7 +45,7 @@ pub fn rmsnorm(
         check_aligned("rmsnorm", "w", w.ptr(), 16)?;
         check_aligned("rmsnorm", "out", out.ptr(), 16)?;
     }
-    let threads = threads_for_row(if dim % 8 == 0 { dim / 8 } else { dim }, 256);
+    let threads = threads_for_row(if dim % 8 == 0 { dim / 8 } else { dim });
     let blocks = tokens.min(MAX_ROW_BLOCKS) as u32;
     let (mut xp, mut wp, mut op) = (x.ptr(), w.ptr(), out.ptr());
     let (mut t, mut d, mut e) = (tokens as i64, dim as i64, eps);
@@ -83,7 +83,7 @@ pub fn rmsnorm_f32(
     if dim % 4 == 0 {
         check_aligned("rmsnorm_f32", "x", x.ptr(), 16)?;
     }
-    let threads = threads_for_row(if dim % 4 == 0 { dim / 4 } else { dim }, 256);
+    let threads = threads_for_row(if dim % 4 == 0 { dim / 4 } else { dim });
     let blocks = tokens.min(MAX_ROW_BLOCKS) as u32;
     let (mut xp, mut wp, mut op) = (x.ptr(), w.ptr(), out.ptr());
     let (mut t, mut d, mut e) = (tokens as i64, dim as i64, eps);

@@ -1,7 +1,7 @@
 //! Rotary position embeddings in place on the fused qkv GEMM output: [`mrope`] (the language
 //! model's M-RoPE, MODEL.md §7.2) and [`vision_rope`] (the vision tower's 2-D rotary, §5.2).
-//! Kernels: `kernels/rope.cu`; references: [`crate::reference::mrope_angles`],
-//! [`crate::reference::vision_rope_angles`] and [`crate::reference::rope_apply`].
+//! Kernels: `kernels/rope.cu`; references: [`crate::reference::mrope`] and
+//! [`crate::reference::vision_rope`].
 
 use half::bf16;
 
@@ -77,7 +77,7 @@ fn check_rows(
         check_aligned(op, "qkv", qkv.ptr(), 16)?;
     }
     let work = if half % 8 == 0 { rotated_heads * half / 8 } else { rotated_heads * half };
-    let threads = threads_for_row(work.max(half), 256);
+    let threads = threads_for_row(work.max(half));
     Ok((tokens, threads, (2 * half * std::mem::size_of::<f32>()) as u32))
 }
 

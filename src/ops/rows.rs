@@ -1,11 +1,12 @@
 //! Row gather and scatter of the vision path: `gather_rows` (`out[i] = x[index[i]]`, the window
 //! permutation and the merger's un-permutation) and `scatter_rows_f32` (`out[rows[i]] = v[i]`,
 //! the image-token splice into the f32 residual stream).
-//! Kernels: `kernels/rows.cu`; reference: [`crate::reference::permute_groups`].
+//! Kernels: `kernels/rows.cu`; references: [`crate::reference::gather_rows`] and
+//! [`crate::reference::scatter_rows_f32`].
 
 use half::bf16;
 
-use super::{arg, check_aligned, grid_for};
+use super::{arg, check_aligned, grid_for, THREADS};
 use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
 use crate::{Error, Result};
 
@@ -19,8 +20,6 @@ pub const CASES: &[(usize, usize)] =
 /// and an odd row length.
 pub const SCATTER_CASES: &[(usize, usize, usize)] =
     &[(1, 1, 2048), (1200, 1024, 2048), (333, 333, 2048), (4097, 17, 2048), (50, 20, 7)];
-
-const THREADS: usize = 256;
 
 /// `out [R_out, L] = x [R_in, L] [index [R_out]]`.
 ///

@@ -5,7 +5,7 @@ use std::ffi::c_void;
 
 use half::bf16;
 
-use super::{check_aligned, grid_for, shapes};
+use super::{check_aligned, grid_for, shapes, THREADS};
 use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
 use crate::{Error, Result};
 
@@ -14,8 +14,6 @@ use crate::{Error, Result};
 /// the block.
 pub const CASES: &[(usize, usize)] =
     &[(1, 11008), (7, 11008), (333, 11008), (4096, 11008), (1, 3420), (517, 3420), (3, 8), (5, 12)];
-
-const THREADS: usize = 256;
 
 /// `out [T, I] = swiglu(gu [T, 2I])`.
 pub fn swiglu(gpu: &Gpu, gu: &DView<'_, bf16>, out: &mut DViewMut<'_, bf16>) -> Result<()> {

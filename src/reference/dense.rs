@@ -1,4 +1,5 @@
-//! Dense layers: `y = x·wᵀ + b` (all rows or a sample of rows) and the LoRA delta.
+//! Dense layers: `y = x·wᵀ + b` (all rows or a sample of rows), the LoRA delta, and the
+//! `lora_mask` op of the batched LoRA path.
 
 use super::{dot64, par_rows};
 
@@ -98,6 +99,25 @@ pub fn lora(x: &[f32], a: &[f32], b: &[f32], scale: f32, m: usize, k: usize, r: 
     out
 }
 
+/// The `lora_mask` op (MODEL.md §6): in place on `t [rows, tasks·r]` (the shrink `x·A_allᵀ` for
+/// all tasks), zeroes every `r`-wide column group of row `i` except group `row_task[i]`; a row
+/// whose task is ≥ tasks has every group zeroed. Kept elements are not touched; masked ones
+/// become `+0.0`.
+pub fn lora_mask(t: &mut [f32], row_task: &[u8], r: usize) {
+    assert!(r > 0, "lora_mask: r 0");
+    assert!(!row_task.is_empty(), "lora_mask: no rows");
+    assert_eq!(t.len() % row_task.len(), 0, "lora_mask: t is not [rows, tasks·r]");
+    let cols = t.len() / row_task.len();
+    assert_eq!(cols % r, 0, "lora_mask: {cols} columns are not a multiple of r = {r}");
+    for (row, &task) in t.chunks_exact_mut(cols).zip(row_task) {
+        for (g, group) in row.chunks_exact_mut(r).enumerate() {
+            if g != task as usize {
+                group.fill(0.0);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +142,14 @@ mod tests {
         let w = [1.0, 0.0, -1.0, 2.0, 1.0, 1.0];
         assert_eq!(linear_f32(&x, &w, Some(&[0.5, -0.5]), 2, 2, 3), vec![-1.5, 6.5, -2.5, 0.0]);
         assert_eq!(linear_f32(&x, &w, None, 2, 2, 3), vec![-2.0, 7.0, -3.0, 0.5]);
+    }
+
+    #[test]
+    fn lora_mask_by_hand() {
+        // 3 rows of 2 tasks × r 2; tasks 1, 0 and 7 (out of range: all zeroed).
+        let mut t: Vec<f32> = (1..=12).map(|v| v as f32).collect();
+        lora_mask(&mut t, &[1, 0, 7], 2);
+        assert_eq!(t, vec![0.0, 0.0, 3.0, 4.0, 5.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
     }
 
     #[test]

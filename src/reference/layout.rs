@@ -1,4 +1,6 @@
-//! Data movement: embedding gather, the merger's reshape, and the ViT window permutation.
+//! Data movement: the `embedding` gather, the merger's reshape, and the row ops of `ops::rows`
+//! ([`gather_rows`]: the ViT window permutation and its inverse; [`scatter_rows_f32`]: the
+//! image-token splice).
 
 /// Embedding lookup: `out[i, :] = table[ids[i], :]`, `table [vocab, dim]`, `out [ids.len(), dim]`.
 /// Panics on an id ≥ vocab, naming the id.
@@ -28,38 +30,39 @@ pub fn merge_rows(x: &[f32], dim: usize, group: usize) -> Vec<f32> {
     x.to_vec()
 }
 
-/// Checks that `index` is a permutation of `0..rows` and that `x` is `[rows, row_len]`.
-fn check_permutation(what: &str, x: &[f32], row_len: usize, index: &[usize]) {
-    assert_eq!(x.len(), index.len() * row_len, "{what}: x is not [index.len(), row_len]");
-    let mut seen = vec![false; index.len()];
+/// The `gather_rows` op: `out[i] = x[index[i]]` for rows of `row_len`, `x [rows, row_len]`,
+/// `out [index.len(), row_len]`. The ViT window permutation (MODEL.md §5.3: a row is one merge
+/// group, `4·1280` activations) and the merger's un-permutation (§5.5 step 4: the gather with the
+/// inverse permutation). Panics on an index ≥ rows, naming it.
+pub fn gather_rows(x: &[f32], row_len: usize, index: &[usize]) -> Vec<f32> {
+    assert!(row_len > 0, "gather_rows: row_len 0");
+    assert_eq!(x.len() % row_len, 0, "gather_rows: length {} is not a multiple of {row_len}", x.len());
+    let rows = x.len() / row_len;
+    let mut out = Vec::with_capacity(index.len() * row_len);
     for &i in index {
-        assert!(i < index.len(), "{what}: index {i} out of range ({} rows)", index.len());
-        assert!(!seen[i], "{what}: index {i} appears twice");
-        seen[i] = true;
-    }
-}
-
-/// Row permutation (the ViT window permutation, MODEL.md §5.3): `out[i] = x[index[i]]` for rows
-/// of `row_len` (for the ViT a row is one merge group, `4·1280` activations or `4·40` angles).
-/// `index` must be a permutation of `0..rows`.
-pub fn permute_groups(x: &[f32], row_len: usize, index: &[usize]) -> Vec<f32> {
-    check_permutation("permute_groups", x, row_len, index);
-    let mut out = Vec::with_capacity(x.len());
-    for &i in index {
+        assert!(i < rows, "gather_rows: index {i} out of range ({rows} rows)");
         out.extend_from_slice(&x[i * row_len..(i + 1) * row_len]);
     }
     out
 }
 
-/// The inverse of [`permute_groups`] (the merger's un-permutation, MODEL.md §5.5 step 4):
-/// `out[index[i]] = x[i]`, i.e. `x[argsort(index)]`.
-pub fn unpermute_groups(x: &[f32], row_len: usize, index: &[usize]) -> Vec<f32> {
-    check_permutation("unpermute_groups", x, row_len, index);
-    let mut out = vec![0f32; x.len()];
-    for (i, &dst) in index.iter().enumerate() {
-        out[dst * row_len..(dst + 1) * row_len].copy_from_slice(&x[i * row_len..(i + 1) * row_len]);
+/// The `scatter_rows_f32` op: `out[rows[i]] = v[i]` for rows of `row_len` (the image-token splice
+/// into the decoder's residual stream, MODEL.md §4.3); the other rows of `out` are not touched.
+/// As the kernel's contract says, a row ≥ `out`'s row count is skipped. Panics if a row appears
+/// twice (the kernel would race).
+pub fn scatter_rows_f32(out: &mut [f32], v: &[f32], row_len: usize, rows: &[usize]) {
+    assert!(row_len > 0, "scatter_rows_f32: row_len 0");
+    assert_eq!(v.len(), rows.len() * row_len, "scatter_rows_f32: v is not [rows.len(), row_len]");
+    assert_eq!(out.len() % row_len, 0, "scatter_rows_f32: out is not [R, row_len]");
+    let r = out.len() / row_len;
+    let mut seen = vec![false; r];
+    for (src, &dst) in v.chunks_exact(row_len).zip(rows) {
+        if dst < r {
+            assert!(!seen[dst], "scatter_rows_f32: row {dst} appears twice");
+            seen[dst] = true;
+            out[dst * row_len..(dst + 1) * row_len].copy_from_slice(src);
+        }
     }
-    out
 }
 
 #[cfg(test)]
@@ -94,22 +97,34 @@ mod tests {
     }
 
     #[test]
-    fn permute_and_unpermute_by_hand() {
+    fn gather_rows_by_hand() {
         // 4 rows of 2: row r = [10r, 10r + 1].
         let x: Vec<f32> = (0..4).flat_map(|r| [10.0 * r as f32, 10.0 * r as f32 + 1.0]).collect();
         let index = [2, 0, 3, 1];
-        let p = permute_groups(&x, 2, &index);
+        let p = gather_rows(&x, 2, &index);
         assert_eq!(p, vec![20.0, 21.0, 0.0, 1.0, 30.0, 31.0, 10.0, 11.0]);
-        assert_eq!(unpermute_groups(&p, 2, &index), x);
-        // unpermute alone: out[index[i]] = x[i].
-        let u = unpermute_groups(&x, 2, &index);
-        assert_eq!(u, vec![10.0, 11.0, 30.0, 31.0, 0.0, 1.0, 20.0, 21.0]);
-        assert_eq!(permute_groups(&u, 2, &index), x);
+        // The inverse permutation undoes it.
+        assert_eq!(gather_rows(&p, 2, &[1, 3, 0, 2]), x);
+        // Not only permutations: repeats and fewer rows.
+        assert_eq!(gather_rows(&x, 2, &[3, 3]), vec![30.0, 31.0, 30.0, 31.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "index 4 out of range")]
+    fn gather_rows_rejects_out_of_range() {
+        gather_rows(&[0.0; 8], 2, &[1, 4]);
+    }
+
+    #[test]
+    fn scatter_rows_f32_by_hand() {
+        let mut out = vec![-1.0; 8]; // 4 rows of 2
+        scatter_rows_f32(&mut out, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, &[2, 9, 0]);
+        assert_eq!(out, vec![5.0, 6.0, -1.0, -1.0, 1.0, 2.0, -1.0, -1.0]);
     }
 
     #[test]
     #[should_panic(expected = "appears twice")]
-    fn permute_rejects_non_permutation() {
-        permute_groups(&[0.0; 4], 2, &[1, 1]);
+    fn scatter_rows_f32_rejects_repeated_rows() {
+        scatter_rows_f32(&mut [0.0; 4], &[1.0; 4], 2, &[1, 1]);
     }
 }

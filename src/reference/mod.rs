@@ -1,10 +1,16 @@
 //! Plain f32 CPU versions of every op the kernels implement. Slow and obvious on purpose: they
-//! are the oracle that GPU tests and benchmarks compare against. Each function has the name of
-//! its op (`kernels/<op>.cu`, `ops::<op>`).
+//! are the oracle that GPU tests and benchmarks compare against. Each op's function has the name
+//! of its op (`kernels/<family>.cu`, `ops::<op>`, the GPU test `<op>_matches_reference`, the
+//! bench case `<op>/…`): [`swiglu`], [`gelu`], [`linear`], [`embedding`], [`rmsnorm`], [`mrope`],
+//! [`vision_rope`], [`mean_pool_l2`], [`l2_rows`], [`lora_mask`], [`gather_rows`],
+//! [`scatter_rows_f32`], [`attention`]. The other functions are the helpers these are built from
+//! or that the CPU model composes them with (angle tables, [`rope_apply`] on separate q and k,
+//! [`swiglu_split`], [`lora`], [`mean_pool`], [`l2_normalize`], [`matryoshka`], …).
 //!
 //! Conventions shared by every function here:
-//! - Tensors are plain row-major `f32` slices; results are fresh `Vec<f32>` (or are written in
-//!   place where the op is in place, [`rope_apply`], [`add_rmsnorm`]'s residual).
+//! - Tensors are plain row-major `f32` slices; results are fresh `Vec<f32>`, or are written in
+//!   place where the op is in place ([`mrope`], [`vision_rope`], [`lora_mask`],
+//!   [`scatter_rows_f32`], [`rope_apply`], [`add_rmsnorm`]'s residual).
 //! - Every reduction (dot product, sum of squares, softmax denominator, pooling sum) accumulates
 //!   in f64 and rounds to f32 once at the end, so the oracle's own rounding is negligible next to
 //!   any GPU kernel's.
@@ -12,9 +18,10 @@
 //! - Nothing here depends on the rest of the crate.
 //!
 //! Files, by topic (all private; everything is re-exported here): `act.rs` (SiLU, SwiGLU, erf,
-//! GELU), `dense.rs` (linear layers, LoRA), `norm.rs` (RMSNorm, L2), `rope.rs` (M-RoPE and the
-//! 2-D vision rotary), `attn.rs` (segmented attention, GQA, causal or not), `pool.rs` (mean
-//! pooling, Matryoshka), `layout.rs` (embedding gather, merger reshape, window permutation).
+//! GELU), `dense.rs` (linear layers, LoRA, the LoRA task mask), `norm.rs` (RMSNorm, L2 of a
+//! vector), `rope.rs` (M-RoPE and the 2-D vision rotary), `attn.rs` (segmented attention, GQA,
+//! causal or not), `pool.rs` (the heads: mean pooling with L2, per-row L2, Matryoshka),
+//! `layout.rs` (embedding gather, merger reshape, row gather and scatter).
 
 mod act;
 mod attn;
@@ -26,11 +33,11 @@ mod rope;
 
 pub use act::{erf, erfc, gelu, gelu_erf, silu, swiglu, swiglu_split};
 pub use attn::{attention, attention_rows};
-pub use dense::{linear, linear_f32, lora};
-pub use layout::{embedding, merge_rows, permute_groups, unpermute_groups};
-pub use norm::{add_rmsnorm, cosine, l2_normalize, l2_normalize_rows, rmsnorm};
-pub use pool::{matryoshka, mean_pool};
-pub use rope::{mrope_angles, rope_apply, vision_rope_angles};
+pub use dense::{linear, linear_f32, lora, lora_mask};
+pub use layout::{embedding, gather_rows, merge_rows, scatter_rows_f32};
+pub use norm::{add_rmsnorm, cosine, l2_normalize, rmsnorm};
+pub use pool::{l2_rows, matryoshka, mean_pool, mean_pool_l2};
+pub use rope::{mrope, mrope_angles, rope_apply, vision_rope, vision_rope_angles};
 
 /// Runs `f(row_index, row)` for every row of `out` (rows of `row_len`), spread over the
 /// available cores. Rows are dealt out in blocks of `block_rows`, round-robin, so work that grows

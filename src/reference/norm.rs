@@ -1,4 +1,5 @@
-//! Normalisations: RMSNorm (plain and fused with the residual add) and L2.
+//! Normalisations: RMSNorm (plain and fused with the residual add) and L2 of one vector (the
+//! L2 ops of the heads are in `pool.rs`).
 
 /// RMSNorm with weight only (MODEL.md §5.4, §7.1), per row of `w.len()` elements:
 /// `y = w ⊙ (x · 1/sqrt(mean(x²) + eps))`. `x` is `[rows, w.len()]`; the mean of squares, the
@@ -35,14 +36,6 @@ pub fn l2_normalize(v: &[f32]) -> Vec<f32> {
     let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
     let d = norm.max(1e-12);
     v.iter().map(|&x| (x as f64 / d) as f32).collect()
-}
-
-/// [`l2_normalize`] applied to each row of `x` (`[rows, dim]`): the per-token normalisation of
-/// the multi-vector head.
-pub fn l2_normalize_rows(x: &[f32], dim: usize) -> Vec<f32> {
-    assert!(dim > 0, "l2_normalize_rows: dim 0");
-    assert_eq!(x.len() % dim, 0, "l2_normalize_rows: length {} is not a multiple of {dim}", x.len());
-    x.chunks_exact(dim).flat_map(l2_normalize).collect()
 }
 
 /// Cosine similarity in f64 (0 when either vector is zero): how parity is measured against
@@ -89,6 +82,5 @@ mod tests {
         assert_eq!(l2_normalize(&[0.0, 0.0]), vec![0.0, 0.0]);
         // Below the 1e-12 floor the vector is divided by 1e-12, not by its norm.
         assert_eq!(l2_normalize(&[1e-14, 0.0]), vec![(1e-14f32 as f64 / 1e-12) as f32, 0.0]);
-        assert_eq!(l2_normalize_rows(&[3.0, 4.0, 0.0, -2.0], 2), vec![0.6, 0.8, 0.0, -1.0]);
     }
 }

@@ -1,10 +1,13 @@
-//! Output heads' pooling (MODEL.md §8.1): mean over token spans and Matryoshka truncation.
+//! Output heads (MODEL.md §8): the single vector ([`mean_pool_l2`]: span mean, then L2), the
+//! multi-vector rows ([`l2_rows`]: per-token L2) and Matryoshka truncation. Ops:
+//! `ops::pool::{mean_pool_l2, l2_rows}`.
 
 use super::l2_normalize;
 
 /// Mean of the rows `[s, e)` of `h [N, dim]` for each span `(s, e)`, summed in f64 and rounded
 /// once: the single-vector pooling (text: all real tokens; image: `<|vision_start|>` through
-/// `<|vision_end|>` inclusive, i.e. `e` = end index + 1). Not normalised (see [`l2_normalize`]).
+/// `<|vision_end|>` inclusive, i.e. `e` = end index + 1). Not normalised: the helper under
+/// [`mean_pool_l2`], public because tests derive their tolerance from the raw mean.
 /// Panics on an empty span or one past the end.
 pub fn mean_pool(h: &[f32], dim: usize, spans: &[(usize, usize)]) -> Vec<Vec<f32>> {
     assert!(dim > 0, "mean_pool: dim 0");
@@ -23,6 +26,20 @@ pub fn mean_pool(h: &[f32], dim: usize, spans: &[(usize, usize)]) -> Vec<Vec<f32
             acc.iter().map(|&a| (a / (e - s) as f64) as f32).collect()
         })
         .collect()
+}
+
+/// The `mean_pool_l2` op: for each span `(s, e)` the mean of rows `[s, e)` of `h [N, dim]`
+/// ([`mean_pool`]), L2-normalised ([`l2_normalize`]); the result is `[spans.len(), dim]`.
+pub fn mean_pool_l2(h: &[f32], dim: usize, spans: &[(usize, usize)]) -> Vec<f32> {
+    mean_pool(h, dim, spans).iter().flat_map(|m| l2_normalize(m)).collect()
+}
+
+/// The `l2_rows` op: [`l2_normalize`] applied to each row of `x [rows, dim]`, the per-token
+/// normalisation of the multi-vector head.
+pub fn l2_rows(x: &[f32], dim: usize) -> Vec<f32> {
+    assert!(dim > 0, "l2_rows: dim 0");
+    assert_eq!(x.len() % dim, 0, "l2_rows: length {} is not a multiple of {dim}", x.len());
+    x.chunks_exact(dim).flat_map(l2_normalize).collect()
 }
 
 /// Matryoshka truncation (MODEL.md §8.1): `l2_normalize(&v[..dims])`. The input may be the
@@ -44,6 +61,18 @@ mod tests {
         let h = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, -1.0, 0.0];
         let p = mean_pool(&h, 2, &[(0, 4), (1, 3), (3, 4)]);
         assert_eq!(p, vec![vec![2.0, 3.0], vec![4.0, 5.0], vec![-1.0, 0.0]]);
+    }
+
+    #[test]
+    fn mean_pool_l2_by_hand() {
+        // Spans' means [3, 4] and [0, -2]: normalised [0.6, 0.8] and [0, -1].
+        let h = [2.0, 4.0, 4.0, 4.0, 0.0, -2.0];
+        assert_eq!(mean_pool_l2(&h, 2, &[(0, 2), (2, 3)]), vec![0.6, 0.8, 0.0, -1.0]);
+    }
+
+    #[test]
+    fn l2_rows_by_hand() {
+        assert_eq!(l2_rows(&[3.0, 4.0, 0.0, -2.0, 0.0, 0.0], 2), vec![0.6, 0.8, 0.0, -1.0, 0.0, 0.0]);
     }
 
     #[test]

@@ -1,5 +1,8 @@
-//! Rotary position embeddings: the LM's M-RoPE angles (MODEL.md §7.2), the ViT's 2-D angles
-//! (§5.2), and the rotation itself (rotate_half convention, shared by both).
+//! Rotary position embeddings: the ops [`mrope`] (the LM's M-RoPE, MODEL.md §7.2) and
+//! [`vision_rope`] (the ViT's 2-D rotary, §5.2), in place on the fused `[q | k | v]` rows as
+//! `ops::rope` runs them, and the helpers they are built from (also used by the CPU model on
+//! separate q and k): the angle tables [`mrope_angles`] and [`vision_rope_angles`], and the
+//! rotation [`rope_apply`] (rotate_half convention, shared by both).
 //!
 //! Angle tables are `[tokens, head_dim/2]`: one angle per rotation pair `(j, j + head_dim/2)`,
 //! the same for every head. (HF stores `[tokens, head_dim]` with the half repeated twice; the
@@ -95,6 +98,54 @@ pub fn rope_apply(x: &mut [f32], tokens: usize, heads: usize, head_dim: usize, a
     }
 }
 
+/// Rotates the first `rotated_heads` heads of every row of `qkv [tokens, row]` in place with
+/// `angles [tokens, head_dim/2]` ([`rope_apply`] on that prefix); the rest of each row (v) is
+/// not touched.
+fn rope_rows(
+    qkv: &mut [f32],
+    tokens: usize,
+    row: usize,
+    rotated_heads: usize,
+    head_dim: usize,
+    angles: &[f32],
+) {
+    assert_eq!(qkv.len(), tokens * row, "rope: qkv is not [tokens, {row}]");
+    let rot = rotated_heads * head_dim;
+    assert!(rot <= row, "rope: {rotated_heads} heads of {head_dim} exceed rows of {row}");
+    let half = head_dim / 2;
+    for (t, x) in qkv.chunks_exact_mut(row.max(1)).enumerate() {
+        rope_apply(&mut x[..rot], 1, rotated_heads, head_dim, &angles[t * half..(t + 1) * half]);
+    }
+}
+
+/// The `mrope` op: M-RoPE in place on `qkv [tokens, (q_heads + 2·kv_heads)·head_dim]`
+/// (`[q | k | v]` heads). The q and k heads are rotated by [`mrope_angles`] of `pos` (planes t,
+/// h, w) with base `theta` and `section`; v is not touched.
+#[allow(clippy::too_many_arguments)]
+pub fn mrope(
+    qkv: &mut [f32],
+    tokens: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    pos: [&[i32]; 3],
+    theta: f64,
+    section: [usize; 3],
+) {
+    for p in pos {
+        assert_eq!(p.len(), tokens, "mrope: positions are not [3, tokens]");
+    }
+    let angles = mrope_angles(pos[0], pos[1], pos[2], head_dim, theta, section);
+    rope_rows(qkv, tokens, (q_heads + 2 * kv_heads) * head_dim, q_heads + kv_heads, head_dim, &angles);
+}
+
+/// The `vision_rope` op: the ViT's rotary in place on `qkv [patches, 3·heads·head_dim]`
+/// (`[q | k | v]`): the q and k heads are rotated by `angles [patches, head_dim/2]` (from
+/// [`vision_rope_angles`]); v is not touched.
+pub fn vision_rope(qkv: &mut [f32], patches: usize, heads: usize, head_dim: usize, angles: &[f32]) {
+    rope_rows(qkv, patches, 3 * heads * head_dim, 2 * heads, head_dim, angles);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +225,47 @@ mod tests {
             assert_eq!(angles[j], (want_pos * f(j)) as f32, "freq {j}");
         }
         assert_eq!(angles[0], 4.0);
+    }
+
+    #[test]
+    fn mrope_rotates_q_and_k_heads_only() {
+        // 2 q heads, 1 kv head of 4: q and k rotated as rope_apply does, v untouched.
+        let (tokens, hq, hkv, d) = (3, 2, 1, 4);
+        let row = (hq + 2 * hkv) * d;
+        let x0 = test_data(21, tokens * row);
+        let (pt, ph, pw) = (vec![0, 5, 9], vec![1, 2, 3], vec![7, 0, 4]);
+        let mut got = x0.clone();
+        mrope(&mut got, tokens, hq, hkv, d, [&pt, &ph, &pw], 1e4, [1, 0, 1]);
+        let angles = mrope_angles(&pt, &ph, &pw, d, 1e4, [1, 0, 1]);
+        for t in 0..tokens {
+            let mut want = x0[t * row..t * row + (hq + hkv) * d].to_vec();
+            rope_apply(&mut want, 1, hq + hkv, d, &angles[t * 2..t * 2 + 2]);
+            assert_eq!(&got[t * row..t * row + (hq + hkv) * d], &want[..], "token {t}");
+            assert_eq!(
+                &got[t * row + (hq + hkv) * d..(t + 1) * row],
+                &x0[t * row + (hq + hkv) * d..(t + 1) * row]
+            );
+        }
+        assert_ne!(got, x0);
+    }
+
+    #[test]
+    fn vision_rope_rotates_q_and_k_only() {
+        let (patches, heads, d) = (2, 2, 8);
+        let row = 3 * heads * d;
+        let x0 = test_data(22, patches * row);
+        let angles = vision_rope_angles(&[[1, 2], [3, 0]], d, 1e4);
+        let mut got = x0.clone();
+        vision_rope(&mut got, patches, heads, d, &angles);
+        for t in 0..patches {
+            let mut want = x0[t * row..t * row + 2 * heads * d].to_vec();
+            rope_apply(&mut want, 1, 2 * heads, d, &angles[t * 4..t * 4 + 4]);
+            assert_eq!(&got[t * row..t * row + 2 * heads * d], &want[..]);
+            assert_eq!(
+                &got[t * row + 2 * heads * d..(t + 1) * row],
+                &x0[t * row + 2 * heads * d..(t + 1) * row]
+            );
+        }
     }
 
     #[test]

@@ -55,3 +55,28 @@ pub struct CloseStats {
     pub max_abs: f32,
     pub max_tol_ratio: f32,
 }
+
+/// First element where two bit patterns differ, as an error message.
+pub fn check_bits(what: &str, got: &[u16], want: &[u16]) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()));
+    }
+    let bad = got.iter().zip(want).filter(|(g, w)| g != w).count();
+    match got.iter().zip(want).position(|(g, w)| g != w) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "{what}: {bad} of {} elements differ; first at {i}: got {:#06x}, want {:#06x}",
+            got.len(),
+            got[i],
+            want[i]
+        )),
+    }
+}
+
+/// `Ok` when `r` is a shape error of `op`.
+pub fn expect_shape_error(op: &'static str, r: jv4::Result<()>) -> Result<(), String> {
+    match r {
+        Err(jv4::Error::Shape { op: got, .. }) if got == op => Ok(()),
+        other => Err(format!("expected a {op} shape error, got {other:?}")),
+    }
+}

@@ -1,37 +1,68 @@
 //! The GPU suite (`cargo test --test gpu`, or the packed binary on a GPU machine: see
 //! tools/pack_gpu.sh). Skips with a message where there is no GPU.
+//!
+//! One file per op family of `src/ops` (`swiglu.rs`, `linear.rs`, `embedding.rs`, `rmsnorm.rs`,
+//! `rope.rs`, `pool.rs`, `lora.rs`, `gelu.rs`, `rows.rs`, `attention.rs`), each testing its ops
+//! against the op-named CPU reference at the shapes of the family's `CASES`.
 
 mod alloc;
 mod attention;
 mod check;
+mod embedding;
 mod engine;
+mod gelu;
 mod harness;
+mod kernels;
+mod linear;
+mod lora;
 mod model;
-mod ops;
-mod textops;
-mod visionops;
+mod pool;
+mod rmsnorm;
+mod rope;
+mod rows;
+mod swiglu;
+mod util;
 mod weights;
+
+use harness::Ctx;
+
+/// The shape checks of the text path's ops, one family after the other.
+fn textops_reject_bad_shapes(ctx: &mut Ctx) -> Result<(), String> {
+    embedding::embedding_rejects_bad_shapes(ctx)?;
+    rmsnorm::rmsnorm_rejects_bad_shapes(ctx)?;
+    rope::rope_rejects_bad_shapes(ctx)?;
+    pool::pool_rejects_bad_shapes(ctx)?;
+    lora::lora_rejects_bad_shapes(ctx)
+}
+
+/// The f32-residual variants the decoder uses: `embedding_f32` (exact), `rmsnorm_f32` and
+/// `linear_f32` accumulating into f32.
+fn residual_f32_ops_match_reference(ctx: &mut Ctx) -> Result<(), String> {
+    embedding::embedding_f32_matches_reference(ctx)?;
+    rmsnorm::rmsnorm_f32_matches_reference(ctx)?;
+    linear::linear_f32_matches_reference(ctx)
+}
 
 fn main() {
     harness::run(&[
-        ("kernels_resolve", ops::kernels_resolve),
-        ("swiglu_matches_reference", ops::swiglu_matches_reference),
-        ("swiglu_rejects_bad_shapes", ops::swiglu_rejects_bad_shapes),
-        ("linear_matches_reference", ops::linear_matches_reference),
-        ("linear_rejects_bad_shapes", ops::linear_rejects_bad_shapes),
-        ("embedding_matches_reference", textops::embedding_matches_reference),
-        ("rmsnorm_matches_reference", textops::rmsnorm_matches_reference),
-        ("mrope_matches_reference", textops::mrope_matches_reference),
-        ("vision_rope_matches_reference", textops::vision_rope_matches_reference),
-        ("mean_pool_l2_matches_reference", textops::mean_pool_l2_matches_reference),
-        ("mean_pool_l2_invalid_spans_give_nan", textops::mean_pool_l2_invalid_spans_give_nan),
-        ("l2_rows_matches_reference", textops::l2_rows_matches_reference),
-        ("lora_mask_matches_cpu", textops::lora_mask_matches_cpu),
-        ("textops_reject_bad_shapes", textops::textops_reject_bad_shapes),
-        ("residual_f32_ops_match_reference", textops::residual_f32_ops_match_reference),
-        ("gelu_matches_reference", visionops::gelu_matches_reference),
-        ("gather_rows_matches_reference", visionops::gather_rows_matches_reference),
-        ("scatter_rows_f32_matches_reference", visionops::scatter_rows_f32_matches_reference),
+        ("kernels_resolve", kernels::kernels_resolve),
+        ("swiglu_matches_reference", swiglu::swiglu_matches_reference),
+        ("swiglu_rejects_bad_shapes", swiglu::swiglu_rejects_bad_shapes),
+        ("linear_matches_reference", linear::linear_matches_reference),
+        ("linear_rejects_bad_shapes", linear::linear_rejects_bad_shapes),
+        ("embedding_matches_reference", embedding::embedding_matches_reference),
+        ("rmsnorm_matches_reference", rmsnorm::rmsnorm_matches_reference),
+        ("mrope_matches_reference", rope::mrope_matches_reference),
+        ("vision_rope_matches_reference", rope::vision_rope_matches_reference),
+        ("mean_pool_l2_matches_reference", pool::mean_pool_l2_matches_reference),
+        ("mean_pool_l2_invalid_spans_give_nan", pool::mean_pool_l2_invalid_spans_give_nan),
+        ("l2_rows_matches_reference", pool::l2_rows_matches_reference),
+        ("lora_mask_matches_cpu", lora::lora_mask_matches_cpu),
+        ("textops_reject_bad_shapes", textops_reject_bad_shapes),
+        ("residual_f32_ops_match_reference", residual_f32_ops_match_reference),
+        ("gelu_matches_reference", gelu::gelu_matches_reference),
+        ("gather_rows_matches_reference", rows::gather_rows_matches_reference),
+        ("scatter_rows_f32_matches_reference", rows::scatter_rows_f32_matches_reference),
         ("attention_matches_reference", attention::attention_matches_reference),
         ("attention_tolerance_catches_mistakes", attention::attention_tolerance_catches_mistakes),
         ("attention_rejects_bad_shapes", attention::attention_rejects_bad_shapes),

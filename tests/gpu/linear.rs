@@ -1,76 +1,12 @@
-//! Kernels and GEMMs against their CPU references, at the model's shapes and at edge sizes.
+//! `linear` and `linear_f32` (cuBLASLt) against the CPU reference at every GEMM shape the model
+//! runs (`ops::linear::CASES`), at token counts from one to a full batch.
 
 use half::bf16;
 
 use crate::check::{check_close, BF16_NAN_BITS, BF16_REL};
 use crate::harness::{e, Ctx};
-use jv4::cuda::{DTensor, DeviceAllocator, KernelId, DEFAULT_PAGE_SIZE, MODULES};
+use crate::util::{allocator, dtensor, random_bf16, to_f32, upload, U32};
 use jv4::{ops, reference};
-
-/// Random bf16 values and their exact f32 images (the reference computes on the latter).
-pub fn random_bf16(ctx: &mut Ctx, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
-    let h: Vec<bf16> = (0..n).map(|_| bf16::from_f32(ctx.rng.normal() * scale)).collect();
-    let f = h.iter().map(|v| v.to_f32()).collect();
-    (h, f)
-}
-
-pub fn to_f32(v: &[bf16]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
-}
-
-pub fn allocator(ctx: &Ctx, budget: u64) -> Result<DeviceAllocator, String> {
-    DeviceAllocator::new(&ctx.gpu, budget, DEFAULT_PAGE_SIZE).map_err(e)
-}
-
-fn tensor(a: &mut DeviceAllocator, dims: &[usize]) -> Result<DTensor<bf16>, String> {
-    let n: usize = dims.iter().product();
-    Ok(DTensor::from_block(a.alloc((n * 2) as u64).map_err(e)?, dims))
-}
-
-pub fn kernels_resolve(ctx: &mut Ctx) -> Result<(), String> {
-    // Gpu::new resolved every id or failed; here we check the table itself and that no module
-    // had to fall back to PTX JIT (the cubin is what should load).
-    let info = ctx.gpu.info();
-    if !info.ptx_fallbacks.is_empty() {
-        return Err(format!("modules loaded from PTX, not cubin: {:?}", info.ptx_fallbacks));
-    }
-    if KernelId::ALL.is_empty() || MODULES.is_empty() {
-        return Err("no kernels compiled".into());
-    }
-    println!("  {} kernels in {} modules", KernelId::ALL.len(), MODULES.len());
-    Ok(())
-}
-
-pub fn swiglu_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
-    let mut mem = allocator(ctx, 1 << 30)?;
-    for &(tokens, inter) in ops::swiglu::CASES {
-        let (gu_h, gu_f) = random_bf16(ctx, tokens * 2 * inter, 2.0);
-        let mut gu = tensor(&mut mem, &[tokens, 2 * inter])?;
-        let mut out = tensor(&mut mem, &[tokens, inter])?;
-        ctx.gpu.upload(&mut gu.view_mut(), &gu_h).map_err(e)?;
-        ctx.gpu.fill_u16(&mut out.view_mut(), BF16_NAN_BITS).map_err(e)?;
-        ops::swiglu(&ctx.gpu, &gu.view(), &mut out.view_mut()).map_err(e)?;
-        let got = to_f32(&ctx.gpu.download(&out.view()).map_err(e)?);
-        let want = reference::swiglu(&gu_f, tokens, inter);
-        // f32 math in both; the kernel's one bf16 rounding is the only real difference.
-        check_close(&format!("swiglu T={tokens} I={inter}"), &got, &want, |i| {
-            BF16_REL * want[i].abs() + 1e-6
-        })?;
-        mem.free(gu.into_block());
-        mem.free(out.into_block());
-    }
-    Ok(())
-}
-
-pub fn swiglu_rejects_bad_shapes(ctx: &mut Ctx) -> Result<(), String> {
-    let mut mem = allocator(ctx, 64 << 20)?;
-    let gu = tensor(&mut mem, &[4, 20])?;
-    let mut out = tensor(&mut mem, &[4, 11])?;
-    match ops::swiglu(&ctx.gpu, &gu.view(), &mut out.view_mut()) {
-        Err(jv4::Error::Shape { op: "swiglu", .. }) => Ok(()),
-        other => Err(format!("expected a swiglu shape error, got {other:?}")),
-    }
-}
 
 /// Output rows to check on the CPU: all of a small problem, a spread sample of a large one
 /// (first and last row always included).
@@ -84,22 +20,24 @@ fn sample_rows(m: usize, max: usize) -> Vec<usize> {
 pub fn linear_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
     let mut mem = allocator(ctx, 4 << 30)?;
     let mut worst = [0f32; 3];
-    for (case, &(n, k)) in ops::linear::CASES.iter().enumerate() {
+    for (case, &(name, n, k)) in ops::linear::CASES.iter().enumerate() {
         let (w_h, w_f) = random_bf16(ctx, n * k, 1.0 / (k as f32).sqrt());
-        let mut w = tensor(&mut mem, &[n, k])?;
+        let mut w = dtensor::<bf16>(&mut mem, &[n, k])?;
         ctx.gpu.upload(&mut w.view_mut(), &w_h).map_err(e)?;
         let (b_h, b_f) = random_bf16(ctx, n, 0.5);
-        let mut b = tensor(&mut mem, &[n])?;
+        let mut b = dtensor::<bf16>(&mut mem, &[n])?;
         ctx.gpu.upload(&mut b.view_mut(), &b_h).map_err(e)?;
         for &m in ops::linear::TOKENS {
             // Cycle through the three forms the model uses: plain, with bias (q/k/v), and
             // accumulating into the output (residual adds after o and down).
             let form = (case + m) % 3;
             let (x_h, x_f) = random_bf16(ctx, m * k, 1.0);
-            let mut x = tensor(&mut mem, &[m, k])?;
+            let mut x = dtensor::<bf16>(&mut mem, &[m, k])?;
             ctx.gpu.upload(&mut x.view_mut(), &x_h).map_err(e)?;
-            let mut y = tensor(&mut mem, &[m, n])?;
-            let (y0_h, y0_f) = random_bf16(ctx, m * n, 1.0);
+            let mut y = dtensor::<bf16>(&mut mem, &[m, n])?;
+            // The old y, for the accumulating form only (generating it costs more than the GEMM).
+            let (y0_h, y0_f) =
+                if form == 2 { random_bf16(ctx, m * n, 1.0) } else { (Vec::new(), Vec::new()) };
             if form == 2 {
                 ctx.gpu.upload(&mut y.view_mut(), &y0_h).map_err(e)?;
             } else {
@@ -137,7 +75,7 @@ pub fn linear_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
             // error grows like sqrt(k)·2^-24·Σ|x·w|; we allow 8 times that, far below the error
             // of any indexing or layout mistake (which is of the order of |y| itself).
             let acc = 8.0 * (k as f32).sqrt() * f32::EPSILON / 2.0;
-            let s = check_close(&format!("linear m={m} n={n} k={k} form={form}"), &got, &want, |i| {
+            let s = check_close(&format!("linear {name} m={m} n={n} k={k} form={form}"), &got, &want, |i| {
                 BF16_REL * want[i].abs() + product_rounding[i] + acc * scale[i]
             })?;
             worst[form] = worst[form].max(s.max_tol_ratio);
@@ -157,11 +95,40 @@ pub fn linear_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
+/// `linear_f32` accumulating into an f32 y (no output rounding: only the f32 accumulation error
+/// of `linear`'s test remains). Part of `residual_f32_ops_match_reference`.
+pub fn linear_f32_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
+    let mut mem = allocator(ctx, 1 << 30)?;
+    // linear_f32, accumulating into an f32 y.
+    for &(m, n, k) in &[(1usize, 2048usize, 2048usize), (129, 2048, 11008), (1000, 2048, 96)] {
+        let (x_h, x_f) = random_bf16(ctx, m * k, 1.0);
+        let (w_h, w_f) = random_bf16(ctx, n * k, 1.0 / (k as f32).sqrt());
+        let y0: Vec<f32> = (0..m * n).map(|_| ctx.rng.normal()).collect();
+        let x = upload(ctx, &mut mem, &[m, k], &x_h)?;
+        let w = upload(ctx, &mut mem, &[n, k], &w_h)?;
+        let mut y = upload(ctx, &mut mem, &[m, n], &y0)?;
+        ops::linear_f32(&ctx.gpu, &x.view(), &w.view(), &mut y.view_mut(), true).map_err(e)?;
+        let got = ctx.gpu.download(&y.view()).map_err(e)?;
+        let (mut want, mut scale) = reference::linear(&x_f, &w_f, None, (m, n, k), None);
+        for i in 0..m * n {
+            want[i] += y0[i];
+            scale[i] += y0[i].abs();
+        }
+        // No bf16 rounding of the output: f32 accumulation (statistical bound, 8x) and the final
+        // f32 add only.
+        let acc = 8.0 * (k as f32).sqrt() * U32;
+        check_close(&format!("linear_f32 m={m} n={n} k={k}"), &got, &want, |i| {
+            acc * scale[i] + U32 * want[i].abs()
+        })?;
+    }
+    Ok(())
+}
+
 pub fn linear_rejects_bad_shapes(ctx: &mut Ctx) -> Result<(), String> {
     let mut mem = allocator(ctx, 64 << 20)?;
-    let x = tensor(&mut mem, &[3, 64])?;
-    let w = tensor(&mut mem, &[32, 48])?;
-    let mut y = tensor(&mut mem, &[3, 32])?;
+    let x = dtensor::<bf16>(&mut mem, &[3, 64])?;
+    let w = dtensor::<bf16>(&mut mem, &[32, 48])?;
+    let mut y = dtensor::<bf16>(&mut mem, &[3, 32])?;
     match ops::linear(&ctx.gpu, &x.view(), &w.view(), None, &mut y.view_mut(), false) {
         Err(jv4::Error::Shape { op: "linear", .. }) => Ok(()),
         other => Err(format!("expected a linear shape error, got {other:?}")),
