@@ -228,6 +228,20 @@ impl Blas {
                 std::mem::size_of::<u64>(),
             )
         };
+        // Split-K partial sums only in f32 (the compute type, in the workspace): the in-place and
+        // output-type reductions add them up in the bf16 output, one rounding per partial. (The
+        // linear test's accumulating case of the vision down projection, m 129, k 3420, was off
+        // by ~2 bf16 ulps of the old y under the default mask.)
+        let reduction = sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32;
+        // SAFETY: pref is live; the attribute is a u32 passed by address.
+        let r = r.and_then(|_| unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                &reduction as *const u32 as *const c_void,
+                std::mem::size_of::<u32>(),
+            )
+        });
         // SAFETY: all handles are live.
         let heuristic =
             r.and_then(|_| unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref) });
