@@ -1,5 +1,5 @@
 // embedding: out[t, :] = table[ids[t], :], the token-embedding gather at the start of the
-// language model (MODEL.md §7): the shared row gather of gather.cuh with the table as the source
+// language model (docs/MODEL.md §7): the shared row gather of gather.cuh with the table as the source
 // and the token ids as the index.
 //
 // embedding_bf16: out [T, D] bf16. embedding_f32: out [T, D] f32, the start of the decoder's f32

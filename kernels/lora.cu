@@ -1,4 +1,4 @@
-// lora_mask: per-row task selection of the LoRA path (MODEL.md §6). The engine computes
+// lora_mask: per-row task selection of the LoRA path (docs/MODEL.md §6). The engine computes
 // t = x·[A_0; A_1; …]ᵀ for all tasks in one GEMM ([T, tasks·r]), this kernel zeroes in place every
 // r-wide column group g of row i with g != row_task[i], and one GEMM with [B_0 | B_1 | …]
 // accumulates the delta: each row gets exactly its own task's (x·A_τᵀ)·B_τᵀ whatever the batch mix.

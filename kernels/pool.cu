@@ -1,4 +1,4 @@
-// Output heads (MODEL.md §8): the single-vector mean pooling with L2 normalisation
+// Output heads (docs/MODEL.md §8): the single-vector mean pooling with L2 normalisation
 // (mean_pool_l2_f32) and the multi-vector per-token L2 normalisation (l2_rows_f32).
 //
 // mean_pool_l2_f32: for each span b, v = mean of h[s_b .. e_b) (rows), out[b] = v / max(‖v‖, 1e-12).

@@ -1,5 +1,5 @@
 // rmsnorm: y[t, :] = w ⊙ (x[t, :] · rsqrt(mean_j(x[t, j]²) + eps)), the weight-only RMSNorm of
-// the decoder (input/post-attention/final norms, MODEL.md §7.1) and of the vision blocks (§5.4).
+// the decoder (input/post-attention/final norms, docs/MODEL.md §7.1) and of the vision blocks (§5.4).
 //
 // Layout: x [T, D] bf16 row-major, w [D] bf16, out [T, D] bf16 row-major (out may not alias x).
 // Precision: x and w widened to f32; the sum of squares in f32 (per-thread sequential, then a

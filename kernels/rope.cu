@@ -1,5 +1,5 @@
 // Rotary position embeddings, in place on the fused qkv GEMM output: the language model's
-// M-RoPE (mrope_bf16, MODEL.md §7.2) and the vision tower's 2-D rotary (vision_rope_bf16, §5.2).
+// M-RoPE (mrope_bf16, docs/MODEL.md §7.2) and the vision tower's 2-D rotary (vision_rope_bf16, §5.2).
 //
 // Rotation (rotate_half convention, both kernels): with half = head_dim/2 and angle φ_j, for
 // every rotated head and j < half:
@@ -12,7 +12,7 @@
 // inv_freq [hd/2] f32. φ_j = pos[sec(j)][t] · inv_freq[j], sec(j) = 0 for j < s0, 1 for
 // j < s0 + s1, else 2 (jina-v4: [16, 24, 24]).
 // vision_rope_bf16: qkv [P, 3·H·hd] bf16 = [q | k | v], q and k rotated; angles [P, hd/2] f32
-// precomputed on the host (row then column frequencies, MODEL.md §5.2).
+// precomputed on the host (row then column frequencies, docs/MODEL.md §5.2).
 //
 // Precision: the angle is one f32 product of the exact position and the f32 inv_freq (as HF
 // computes it); cos and sin by the accurate sincosf (full range reduction: positions reach 32768,

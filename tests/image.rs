@@ -1,4 +1,4 @@
-//! The image front end (spec §4.1): smart_resize, Pillow-compatible bicubic, patch layout,
+//! The image front end (docs/MODEL.md §4.1): smart_resize, Pillow-compatible bicubic, patch layout,
 //! decoding of every supported format, and the failure modes (bad bytes, limits, sizes).
 //!
 //! Every expected value here is derived in the test: from the spec's table, from arithmetic
@@ -454,7 +454,7 @@ fn coded_image(h: usize, w: usize) -> RgbImage8 {
     RgbImage8::new(w, h, data).unwrap()
 }
 
-/// Checks every element against spec §4.1: row n = ((bh·(gw/m) + bw)·m + mh)·m + mw, element
+/// Checks every element against docs/MODEL.md §4.1: row n = ((bh·(gw/m) + bw)·m + mh)·m + mw, element
 /// e = c·T·p² + t·p² + ph·p + pw, value of pixel (pr·p + ph, pc·p + pw).
 fn check_layout(h: usize, w: usize, cfg: &ImageConfig) {
     let img = coded_image(h, w);

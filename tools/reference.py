@@ -1,4 +1,4 @@
-"""PyTorch reference of jina-embeddings-v4, written from shared/spec/MODEL.md on top of transformers'
+"""PyTorch reference of jina-embeddings-v4, written from shared/docs/MODEL.md on top of transformers'
 Qwen2.5-VL (Jina's own modeling code cannot be downloaded here). It computes what Jina's
 `encode_text` / `encode_image` compute, the same way (padded batches, SDPA attention, per-row task
 LoRA, masked mean pooling, the multi-vector projector with its LoRA), once in fp32 and once as Jina
@@ -10,7 +10,7 @@ Runs on the GPU machine (torch 2.11, transformers 5.17) or anywhere torch and tr
     python3 tools/reference.py fixtures --model tests/fixtures/tiny/model \
         --images tests/fixtures/images --out OUTDIR
 
-The checkpoint is read exactly as shipped (legacy base names, new adapter names: spec §9.1b), so the
+The checkpoint is read exactly as shipped (legacy base names, new adapter names: docs/MODEL.md §9.1b), so the
 same folder serves the engine and this reference.
 """
 import argparse
@@ -277,7 +277,7 @@ def image_processor(pre):
 
 
 def pil_pixel_values(pil, grid, pre):
-    """The same preprocessing with PIL's bicubic resize instead of torchvision's (spec §4.1 steps 3-5),
+    """The same preprocessing with PIL's bicubic resize instead of torchvision's (docs/MODEL.md §4.1 steps 3-5),
     to show how far the two resamplers are apart."""
     import numpy as np
     from PIL import Image
@@ -310,7 +310,7 @@ def unpatchify_u8(pv, grid, pre):
 
 
 def image_ids(cfg, n_tokens):
-    """The image template of spec §4.2 with the model's special ids. In a small test vocabulary the
+    """The image template of docs/MODEL.md §4.2 with the model's special ids. In a small test vocabulary the
     plain words are mapped into it (the real ids 872, 198, 74785, 279, 2168, 13 taken modulo 2000);
     a full-size vocabulary gets the real ids."""
     vocab = cfg["text_config"]["vocab_size"]
@@ -438,7 +438,7 @@ def fixtures(args):
         del model, projector
         torch.cuda.empty_cache() if device == "cuda" else None
 
-    # Sanity: the image positions must follow spec §7.3 (h and w vary over the image block).
+    # Sanity: the image positions must follow docs/MODEL.md §7.3 (h and w vary over the image block).
     for name, pv, thw, entry in images:
         if entry["embed"]:
             pos = out_t[f"image/{name}/positions"]

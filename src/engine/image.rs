@@ -1,4 +1,4 @@
-//! The image front end (spec §1.3, §4.1): bytes → RGB → smart resize → bicubic → normalise →
+//! The image front end (docs/MODEL.md §1.3, §4.1): bytes → RGB → smart resize → bicubic → normalise →
 //! patch rows, all on the CPU.
 //!
 //! The reference opens a file with PIL, calls `convert("RGB")`, and hands it to the Qwen2-VL image
@@ -85,7 +85,7 @@
 //! The results are bit-exact with that release's `Image.resize(…, BICUBIC)` on RGB images,
 //! checked against Pillow 13.0.0 while this was written. The fast (torchvision) processor
 //! computes in float and rounds once at the end, so it differs by about 1 LSB at some pixels
-//! whatever the order (spec §4.1: exact bits are not required).
+//! whatever the order (docs/MODEL.md §4.1: exact bits are not required).
 //!
 //! Everything here is a pure function of its arguments with no global state, so any thread may
 //! run it. [`preprocess_many`] spreads a batch over scoped threads.
@@ -129,7 +129,7 @@ const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// OpenAI CLIP's normalisation standard deviation, as published.
 const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
-/// The image processor's settings (spec §1.3).
+/// The image processor's settings (docs/MODEL.md §1.3).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageConfig {
     /// Fewer resized pixels than this are scaled up (`min_pixels`, 56² = 3136).
@@ -153,7 +153,7 @@ pub struct ImageConfig {
 }
 
 impl From<&crate::model::config::PreprocessorConfig> for ImageConfig {
-    /// The checkpoint's preprocessor_config.json (its max_pixels is the one to use: spec §1.3).
+    /// The checkpoint's preprocessor_config.json (its max_pixels is the one to use: docs/MODEL.md §1.3).
     fn from(p: &crate::model::config::PreprocessorConfig) -> Self {
         ImageConfig {
             min_pixels: p.min_pixels,
@@ -169,7 +169,7 @@ impl From<&crate::model::config::PreprocessorConfig> for ImageConfig {
 }
 
 impl Default for ImageConfig {
-    /// jina-embeddings-v4's `preprocessor_config.json` (spec §1.3).
+    /// jina-embeddings-v4's `preprocessor_config.json` (docs/MODEL.md §1.3).
     fn default() -> Self {
         ImageConfig {
             min_pixels: 56 * 56,
@@ -275,7 +275,7 @@ impl RgbImage8 {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Preprocessed {
     /// `[patches, row_len]` row-major (`row_len` = 1176 by default), rows in 2×2-merge-block
-    /// order (spec §4.1).
+    /// order (docs/MODEL.md §4.1).
     pub pixel_values: Vec<f32>,
     /// `[1, grid_h, grid_w]`, counted in patches.
     pub grid_thw: [usize; 3],
@@ -300,7 +300,7 @@ fn py_round_div(a: usize, b: usize) -> f64 {
     (a as f64 / b as f64).round_ties_even()
 }
 
-/// The size the reference resizes an image to (spec §4.1, transformers' `smart_resize`).
+/// The size the reference resizes an image to (docs/MODEL.md §4.1, transformers' `smart_resize`).
 ///
 /// Both sides become multiples of `factor`, with the area brought into
 /// `[min_pixels, max_pixels]` and the aspect ratio kept as well as possible. The steps are:
@@ -794,7 +794,7 @@ pub fn resize_bicubic_ordered(img: &RgbImage8, out_h: usize, out_w: usize, order
 // Normalise + patchify
 // ---------------------------------------------------------------------------------------------
 
-/// Resizes, normalises and cuts an RGB image into patch rows (spec §4.1 steps 2–5).
+/// Resizes, normalises and cuts an RGB image into patch rows (docs/MODEL.md §4.1 steps 2–5).
 ///
 /// Row `n = ((bh·(gw/m) + bw)·m + mh)·m + mw` holds patch (`pr = bh·m + mh`, `pc = bw·m + mw`),
 /// where `m` is `merge_size`. Element `e = c·T·p² + t·p² + ph·p + pw` of that row holds

@@ -1,4 +1,4 @@
-//! The text front end: prompt prefixes, tokenisation and truncation (spec §2, §3.1).
+//! The text front end: prompt prefixes, tokenisation and truncation (docs/MODEL.md §2, §3.1).
 //!
 //! The reference feeds `"Query: " + text` or `"Passage: " + text` to the Qwen2 tokenizer with
 //! `add_special_tokens=True`, which adds no BOS/EOS for this tokenizer, then keeps the first
@@ -12,8 +12,8 @@ use std::path::Path;
 use std::str::FromStr;
 
 /// The model's context limit, and the reference's default `max_length` for `encode_text`.
-/// Longer requests are clamped to it (spec §2: `min(user_max_length, 32768)`), because positions
-/// past it are outside the trained RoPE range (spec §11).
+/// Longer requests are clamped to it (docs/MODEL.md §2: `min(user_max_length, 32768)`), because positions
+/// past it are outside the trained RoPE range (docs/MODEL.md §11).
 pub const DEFAULT_MAX_LENGTH: usize = 32768;
 
 /// Which side of an asymmetric search a text is on (the reference's `prompt_name`).
@@ -55,7 +55,7 @@ impl FromStr for PromptName {
     }
 }
 
-/// The string put in front of a text (spec §3.1). Text-matching is symmetric, so both sides get
+/// The string put in front of a text (docs/MODEL.md §3.1). Text-matching is symmetric, so both sides get
 /// the query prefix: that is what the reference does, whatever `prompt_name` says.
 pub fn prompt_prefix(task: Task, prompt: PromptName) -> &'static str {
     match (task, prompt) {
@@ -148,7 +148,7 @@ impl TextTokenizer {
     }
 
     /// The ids of `text` as is: no prefix, no truncation. For fixed templates such as the image
-    /// prompt (spec §4.2), where special-token strings must become single special tokens.
+    /// prompt (docs/MODEL.md §4.2), where special-token strings must become single special tokens.
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.encode_full(text)?.get_ids().to_vec())
     }

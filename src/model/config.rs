@@ -1,5 +1,5 @@
 //! Typed views of a checkpoint's `config.json`, `preprocessor_config.json` and
-//! `adapters/adapter_config.json` (MODEL.md §1.2, §1.3, §6).
+//! `adapters/adapter_config.json` (docs/MODEL.md §1.2, §1.3, §6).
 //!
 //! Parsing goes through `serde_json::Value` lookups rather than derived structs because the real
 //! config comes from transformers' `Qwen2_5_VLConfig`, whose layout moved between versions (text
@@ -13,7 +13,7 @@ use crate::{Error, Result};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
-/// The language model's dimensions (MODEL.md §1.2 "Text").
+/// The language model's dimensions (docs/MODEL.md §1.2 "Text").
 #[derive(Clone, Debug, PartialEq)]
 pub struct TextConfig {
     /// Model width (2048).
@@ -42,7 +42,7 @@ pub struct TextConfig {
     pub tie_word_embeddings: bool,
 }
 
-/// The vision tower's dimensions (MODEL.md §1.2 "Vision").
+/// The vision tower's dimensions (docs/MODEL.md §1.2 "Vision").
 #[derive(Clone, Debug, PartialEq)]
 pub struct VisionConfig {
     /// ViT blocks (32).
@@ -83,7 +83,7 @@ impl VisionConfig {
     }
 }
 
-/// Special token ids, read from the config (never hard-coded: MODEL.md §1.2 "Special ids").
+/// Special token ids, read from the config (never hard-coded: docs/MODEL.md §1.2 "Special ids").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpecialTokens {
     /// `<|endoftext|>`, also the pad token.
@@ -123,7 +123,7 @@ pub struct ModelConfig {
     pub single_vector_pool_strategy: String,
 }
 
-/// `preprocessor_config.json` (MODEL.md §1.3), validated.
+/// `preprocessor_config.json` (docs/MODEL.md §1.3), validated.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PreprocessorConfig {
     /// The file it was read from.
@@ -144,7 +144,7 @@ pub struct PreprocessorConfig {
     pub image_std: [f32; 3],
 }
 
-/// `adapters/adapter_config.json` (MODEL.md §6), validated.
+/// `adapters/adapter_config.json` (docs/MODEL.md §6), validated.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdapterConfig {
     /// The file it was read from.

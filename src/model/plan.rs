@@ -1,11 +1,11 @@
 //! Host-side planning for the image path: pure, deterministic index arithmetic with no GPU and no I/O.
 //!
-//! * [`mrope_positions`]: the language model's M-RoPE position triples of one sequence (spec §7.3).
+//! * [`mrope_positions`]: the language model's M-RoPE position triples of one sequence (docs/MODEL.md §7.3).
 //! * [`vision_plan`]: what the vision tower needs for a batch of images: the per-patch rotary (row, col),
 //!   the window permutation and its inverse, and the segment boundaries of windowed and full attention
-//!   (spec §5.2, §5.3, §5.5).
-//! * [`pooling_span`]: the rows that the single-vector head mean-pools (spec §8.1).
-//! * [`image_token_rows`]: the rows of a packed batch that the vision tower's outputs replace (spec §4.3).
+//!   (docs/MODEL.md §5.2, §5.3, §5.5).
+//! * [`pooling_span`]: the rows that the single-vector head mean-pools (docs/MODEL.md §8.1).
+//! * [`image_token_rows`]: the rows of a packed batch that the vision tower's outputs replace (docs/MODEL.md §4.3).
 //!
 //! Every result is a plain struct of `Vec`s with named fields that derives `Debug`, `Clone`, `PartialEq`
 //! and serde's traits, so that it can be compared directly with values dumped from the PyTorch reference.
@@ -137,7 +137,7 @@ fn runs_of(ids: &[u32], token: u32) -> Vec<(usize, usize)> {
 }
 
 /// Positions for one sequence of token ids that may contain image blocks (runs of `image_token_id`, one
-/// run per image, in order, each run exactly `grid.t·grid.h·grid.w/merge²` long), spec §7.3.
+/// run per image, in order, each run exactly `grid.t·grid.h·grid.w/merge²` long), docs/MODEL.md §7.3.
 ///
 /// A text token gets `(next, next, next)` and advances `next` by one. The k-th token of an image block
 /// (row-major over `H' × W'` merged tokens) gets `(base, base + r, base + c)` with `base = next`, and
@@ -218,7 +218,7 @@ pub struct VisionPlan {
     /// Per patch, in the order patches arrive (`pixel_values` rows: merge-block order per image):
     /// (row, col) in patches.
     pub rot_pos: Vec<[i32; 2]>,
-    /// Merged-token permutation into window order, spec §5.3 (offset per image): position `i` of the
+    /// Merged-token permutation into window order, docs/MODEL.md §5.3 (offset per image): position `i` of the
     /// windowed sequence holds merged token `window_index[i]` of the raster (batch) order.
     pub window_index: Vec<usize>,
     /// Inverse of `window_index`: `out[window_index[i]] = z[i]` ⇔ `reverse_index[m] = i`, so that
@@ -277,7 +277,7 @@ fn max_segment(cu: &[i32]) -> usize {
     cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0)
 }
 
-/// The vision plan for `grids` (see [`VisionPlan`]), spec §5.2–5.5. `merge` is the spatial merge size
+/// The vision plan for `grids` (see [`VisionPlan`]), docs/MODEL.md §5.2–5.5. `merge` is the spatial merge size
 /// (2), `window_size` the window side in pixels (112) and `patch_size` the patch side in pixels (14); the
 /// window side in merged tokens is `window_size / merge / patch_size` (4).
 ///
@@ -366,7 +366,7 @@ pub fn try_vision_plan(
     Ok(VisionPlan { rot_pos, window_index, reverse_index, cu_window_seqlens, cu_seqlens, patches })
 }
 
-/// Span `[start, end)` of rows to mean-pool for one sequence's single-vector output, spec §8.1.
+/// Span `[start, end)` of rows to mean-pool for one sequence's single-vector output, docs/MODEL.md §8.1.
 ///
 /// Text: all tokens. Image: from the first `vision_start` through the first `vision_end`, inclusive.
 /// Errors if the sequence is empty, or if an image sequence lacks either marker or has its first
@@ -584,7 +584,7 @@ mod tests {
         is_input_err(mrope_positions(&ids, IMG, &[GridThw::image(15, 16)], MERGE), &["image 0", "merge"]);
     }
 
-    /// Exhaustive checks of a plan's window structure against its definition (spec §5.3).
+    /// Exhaustive checks of a plan's window structure against its definition (docs/MODEL.md §5.3).
     fn check_windows(grids: &[GridThw], plan: &VisionPlan) {
         let side = WINDOW / MERGE / PATCH;
         let unit = MERGE * MERGE;
@@ -807,7 +807,7 @@ mod tests {
         assert_eq!(plan.cu_window_seqlens, vec![0, 24]);
         assert_eq!(plan.rot_pos_windowed(MERGE), want);
 
-        // Agrees with the patchify row formula of spec §4.1 for every patch, and repeats per frame and
+        // Agrees with the patchify row formula of docs/MODEL.md §4.1 for every patch, and repeats per frame and
         // restarts per image.
         let grids = [GridThw { t: 2, h: 4, w: 6 }, GridThw::image(10, 14)];
         let plan = vision_plan(&grids, MERGE, WINDOW, PATCH);

@@ -1,4 +1,4 @@
-//! Random checkpoints in the exact on-disk layout of `jinaai/jina-embeddings-v4` (MODEL.md §1.1,
+//! Random checkpoints in the exact on-disk layout of `jinaai/jina-embeddings-v4` (docs/MODEL.md §1.1,
 //! §9.1b): two base shards with an index, legacy base names, a tied `lm_head.weight`, and PEFT
 //! adapters with the new `model.language_model.` spelling, and a small `tokenizer.json` with the
 //! config's special ids ([`crate::model::synth_tokenizer`]). Tests and benches use them where the
@@ -39,7 +39,7 @@ pub struct SynthSpec {
     pub seed: u64,
     /// Shapes.
     pub preset: Preset,
-    /// dtype of the LoRA tensors (the real one is unconfirmed, MODEL.md §13.1).
+    /// dtype of the LoRA tensors (the real one is unconfirmed, docs/MODEL.md §13.1).
     pub adapter_dtype: Dtype,
 }
 
@@ -126,7 +126,7 @@ pub fn config_json(preset: Preset) -> Value {
     })
 }
 
-/// `preprocessor_config.json` (MODEL.md §1.3 values).
+/// `preprocessor_config.json` (docs/MODEL.md §1.3 values).
 pub fn preprocessor_json() -> Value {
     json!({
         "image_processor_type": "Qwen2VLImageProcessor",
@@ -143,7 +143,7 @@ pub fn preprocessor_json() -> Value {
     })
 }
 
-/// `adapters/adapter_config.json` (MODEL.md §6). Tiny uses alpha = 2r so that the scale (2.0) is
+/// `adapters/adapter_config.json` (docs/MODEL.md §6). Tiny uses alpha = 2r so that the scale (2.0) is
 /// not the identity and a forgotten scale shows up in parity tests.
 pub fn adapter_config_json(preset: Preset) -> Value {
     let (r, alpha) = match preset {

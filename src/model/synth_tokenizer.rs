@@ -1,7 +1,7 @@
 //! `tokenizer.json` for synthetic checkpoints: a small byte-level BPE tokenizer in the format and
 //! pipeline of the real Qwen2 one (NFC, the Qwen2 split regex, byte-level mapping, BPE), with
 //! every special token at the id `config.json` names, so that a synthetic folder is a complete
-//! model folder (MODEL.md §1.2, §3).
+//! model folder (docs/MODEL.md §1.2, §3).
 //!
 //! - Ids `0..256` are the 256 bytes (byte `b` is id `b`, in the byte-level alphabet), so any
 //!   UTF-8 text encodes without an unknown token.

@@ -1,4 +1,4 @@
-//! `lora_mask`: per-row task selection of the batched LoRA path (MODEL.md §6). The engine
+//! `lora_mask`: per-row task selection of the batched LoRA path (docs/MODEL.md §6). The engine
 //! computes `t = x·[A_0; A_1; A_2]ᵀ` for all tasks in one GEMM, masks it with this op, then one
 //! GEMM with `[B_0 | B_1 | B_2]` accumulates the delta: each row gets exactly its own task's
 //! LoRA, whatever the batch mix. Kernel: `kernels/lora.cu`; reference:

@@ -1,4 +1,4 @@
-//! Output heads (MODEL.md §8): [`mean_pool_l2`] (single-vector: span mean, then L2) and
+//! Output heads (docs/MODEL.md §8): [`mean_pool_l2`] (single-vector: span mean, then L2) and
 //! [`l2_rows`] (multi-vector: per-token L2). Kernels: `kernels/pool.cu`; references:
 //! [`crate::reference::mean_pool_l2`] and [`crate::reference::l2_rows`].
 

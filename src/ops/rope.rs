@@ -1,5 +1,5 @@
 //! Rotary position embeddings in place on the fused qkv GEMM output: [`mrope`] (the language
-//! model's M-RoPE, MODEL.md §7.2) and [`vision_rope`] (the vision tower's 2-D rotary, §5.2).
+//! model's M-RoPE, docs/MODEL.md §7.2) and [`vision_rope`] (the vision tower's 2-D rotary, §5.2).
 //! Kernels: `kernels/rope.cu`; references: [`crate::reference::mrope`] and
 //! [`crate::reference::vision_rope`].
 
@@ -25,7 +25,7 @@ pub const CASES: &[(usize, usize, usize, usize, [u32; 3])] = &[
 /// one patch, odd counts and 4097 patches; a scalar-path case (half = 6).
 pub const VISION_CASES: &[(usize, usize, usize)] = &[(1, 16, 80), (257, 16, 80), (4097, 16, 80), (11, 3, 12)];
 
-/// The language model's rotary base (MODEL.md §7.2).
+/// The language model's rotary base (docs/MODEL.md §7.2).
 pub const THETA: f64 = 1e6;
 
 /// The language model's M-RoPE sections (frequencies per t, h, w component).

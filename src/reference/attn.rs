@@ -1,4 +1,4 @@
-//! Scaled dot-product attention over packed variable-length segments (MODEL.md §5.4 step 3 and
+//! Scaled dot-product attention over packed variable-length segments (docs/MODEL.md §5.4 step 3 and
 //! §7.1 step 4): the ViT's full/window attention (non-causal) and the LM's causal GQA attention.
 
 use super::{dot64, par_rows};

@@ -78,7 +78,7 @@ pub fn linear_f32(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize
     linear(x, w, bias, (m, n, k), None).0
 }
 
-/// The LoRA delta of one adapted linear (MODEL.md §6): `delta[m, n] = scale · (x·aᵀ)·bᵀ` with
+/// The LoRA delta of one adapted linear (docs/MODEL.md §6): `delta[m, n] = scale · (x·aᵀ)·bᵀ` with
 /// `x [m, k]`, `a [r, k]` (lora_A), `b [n, r]` (lora_B, no bias). The rank-`r` intermediate
 /// `x·aᵀ` is kept in f64 (not rounded), the result rounded to f32 once. The adapted layer's
 /// output is `linear_f32(x, w, bias, ..) + delta` (scale is α/r = 1.0 for jina-v4).
@@ -99,7 +99,7 @@ pub fn lora(x: &[f32], a: &[f32], b: &[f32], scale: f32, m: usize, k: usize, r: 
     out
 }
 
-/// The `lora_mask` op (MODEL.md §6): in place on `t [rows, tasks·r]` (the shrink `x·A_allᵀ` for
+/// The `lora_mask` op (docs/MODEL.md §6): in place on `t [rows, tasks·r]` (the shrink `x·A_allᵀ` for
 /// all tasks), zeroes every `r`-wide column group of row `i` except group `row_task[i]`; a row
 /// whose task is ≥ tasks has every group zeroed. Kept elements are not touched; masked ones
 /// become `+0.0`.

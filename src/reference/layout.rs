@@ -17,7 +17,7 @@ pub fn embedding(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
     out
 }
 
-/// The patch merger's reshape (MODEL.md §5.5 step 2): `[N, dim]` viewed as
+/// The patch merger's reshape (docs/MODEL.md §5.5 step 2): `[N, dim]` viewed as
 /// `[N/group, group·dim]`, i.e. each output row is `group` consecutive input rows concatenated.
 /// Row-major storage makes this the identity on the data: the result is a copy of `x`; only the
 /// row length the caller uses changes (jina-v4: group 4, 1280 → 5120). Panics if
@@ -31,7 +31,7 @@ pub fn merge_rows(x: &[f32], dim: usize, group: usize) -> Vec<f32> {
 }
 
 /// The `gather_rows` op: `out[i] = x[index[i]]` for rows of `row_len`, `x [rows, row_len]`,
-/// `out [index.len(), row_len]`. The ViT window permutation (MODEL.md §5.3: a row is one merge
+/// `out [index.len(), row_len]`. The ViT window permutation (docs/MODEL.md §5.3: a row is one merge
 /// group, `4·1280` activations) and the merger's un-permutation (§5.5 step 4: the gather with the
 /// inverse permutation). Panics on an index ≥ rows, naming it.
 pub fn gather_rows(x: &[f32], row_len: usize, index: &[usize]) -> Vec<f32> {
@@ -47,7 +47,7 @@ pub fn gather_rows(x: &[f32], row_len: usize, index: &[usize]) -> Vec<f32> {
 }
 
 /// The `scatter_rows_f32` op: `out[rows[i]] = v[i]` for rows of `row_len` (the image-token splice
-/// into the decoder's residual stream, MODEL.md §4.3); the other rows of `out` are not touched.
+/// into the decoder's residual stream, docs/MODEL.md §4.3); the other rows of `out` are not touched.
 /// As the kernel's contract says, a row ≥ `out`'s row count is skipped. Panics if a row appears
 /// twice (the kernel would race).
 pub fn scatter_rows_f32(out: &mut [f32], v: &[f32], row_len: usize, rows: &[usize]) {

@@ -1,7 +1,7 @@
 //! Normalisations: RMSNorm (plain and fused with the residual add) and L2 of one vector (the
 //! L2 ops of the heads are in `pool.rs`).
 
-/// RMSNorm with weight only (MODEL.md §5.4, §7.1), per row of `w.len()` elements:
+/// RMSNorm with weight only (docs/MODEL.md §5.4, §7.1), per row of `w.len()` elements:
 /// `y = w ⊙ (x · 1/sqrt(mean(x²) + eps))`. `x` is `[rows, w.len()]`; the mean of squares, the
 /// scale and the products are in f64, rounded to f32 once. (HF rounds `x·rsqrt(…)` to the
 /// activation dtype before the weight multiply; the oracle does not round in between.)
@@ -30,7 +30,7 @@ pub fn add_rmsnorm(residual: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> Vec<
 }
 
 /// `v / max(‖v‖₂, 1e-12)`, the norm in f64 and the division in f64, rounded once (the
-/// `F.normalize` of the single- and multi-vector heads, MODEL.md §8). An all-zero vector stays
+/// `F.normalize` of the single- and multi-vector heads, docs/MODEL.md §8). An all-zero vector stays
 /// zero.
 pub fn l2_normalize(v: &[f32]) -> Vec<f32> {
     let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();

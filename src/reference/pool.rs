@@ -1,4 +1,4 @@
-//! Output heads (MODEL.md §8): the single vector ([`mean_pool_l2`]: span mean, then L2), the
+//! Output heads (docs/MODEL.md §8): the single vector ([`mean_pool_l2`]: span mean, then L2), the
 //! multi-vector rows ([`l2_rows`]: per-token L2) and Matryoshka truncation. Ops:
 //! `ops::pool::{mean_pool_l2, l2_rows}`.
 
@@ -42,7 +42,7 @@ pub fn l2_rows(x: &[f32], dim: usize) -> Vec<f32> {
     x.chunks_exact(dim).flat_map(l2_normalize).collect()
 }
 
-/// Matryoshka truncation (MODEL.md §8.1): `l2_normalize(&v[..dims])`. The input may be the
+/// Matryoshka truncation (docs/MODEL.md §8.1): `l2_normalize(&v[..dims])`. The input may be the
 /// un-normalised mean or the already normalised vector: normalising is scale-invariant, so the
 /// result is the same (up to rounding). Panics if `dims > v.len()`.
 pub fn matryoshka(v: &[f32], dims: usize) -> Vec<f32> {

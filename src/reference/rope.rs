@@ -1,4 +1,4 @@
-//! Rotary position embeddings: the ops [`mrope`] (the LM's M-RoPE, MODEL.md §7.2) and
+//! Rotary position embeddings: the ops [`mrope`] (the LM's M-RoPE, docs/MODEL.md §7.2) and
 //! [`vision_rope`] (the ViT's 2-D rotary, §5.2), in place on the fused `[q | k | v]` rows as
 //! `ops::rope` runs them, and the helpers they are built from (also used by the CPU model on
 //! separate q and k): the angle tables [`mrope_angles`] and [`vision_rope_angles`], and the
@@ -13,7 +13,7 @@ fn inv_freq(theta: f64, j: usize, head_dim: usize) -> f64 {
     theta.powf(-2.0 * j as f64 / head_dim as f64)
 }
 
-/// M-RoPE angles, `[tokens, head_dim/2]` (MODEL.md §7.2): `φ[t, j] = p_{sec(j)}[t] ·
+/// M-RoPE angles, `[tokens, head_dim/2]` (docs/MODEL.md §7.2): `φ[t, j] = p_{sec(j)}[t] ·
 /// theta^(−2j/head_dim)`, where the component `sec(j)` is chosen by the cumulative `section`:
 /// `j < s₀` → `pos_t`, `j < s₀+s₁` → `pos_h`, else `pos_w` (jina-v4: head_dim 128, theta 1e6,
 /// section [16, 24, 24]: j < 16 → t, j < 40 → h, else w). Computed in f64, stored f32.
@@ -54,7 +54,7 @@ pub fn mrope_angles(
     out
 }
 
-/// The ViT's 2-D rotary angles, `[patches, head_dim/2]` (MODEL.md §5.2). `rot_pos[i]` is the
+/// The ViT's 2-D rotary angles, `[patches, head_dim/2]` (docs/MODEL.md §5.2). `rot_pos[i]` is the
 /// patch's `[row, col]` (in the window-permuted order if the caller permutes). With
 /// `q = head_dim/4` frequencies `inv_freq[k] = theta^(−2k/(head_dim/2))`, `k < q`:
 /// `θ[k] = row·inv_freq[k]` and `θ[q + k] = col·inv_freq[k]`.

@@ -8,7 +8,7 @@ use crate::harness::{e, Ctx};
 use crate::util::{allocator, dtensor, random_bf16, to_f32, upload, U32};
 use jv4::{ops, reference};
 
-/// M-RoPE positions like the model's for a packed batch with images (MODEL.md §7.3): text runs
+/// M-RoPE positions like the model's for a packed batch with images (docs/MODEL.md §7.3): text runs
 /// (p, p, p) and image blocks of h'×w' merged tokens at (base, base + r, base + c), the next
 /// text position after a block being base + max(h', w'); everything offset by up to 16384.
 fn image_like_positions(ctx: &mut Ctx, tokens: usize) -> [Vec<i32>; 3] {
