@@ -22,7 +22,7 @@ pub use alloc::{
 };
 pub use blas::Blas;
 pub use kernels::{KernelId, ModuleSource, CUDA_ARCH, MODULES};
-pub use tensor::{DTensor, DView, DViewMut, DeviceBuffer};
+pub use tensor::{BufferLayout, DTensor, DView, DViewMut, DeviceBuffer, Region};
 
 /// Converts a driver error into [`Error::Cuda`] saying what we were doing.
 pub(crate) fn cuda_err(what: &str, e: DriverError) -> Error {

@@ -18,185 +18,253 @@
 
 use half::bf16;
 
-use crate::cuda::{DTensor, DView, DeviceAllocator, DeviceBuffer, Gpu};
+use crate::cuda::{BufferLayout, DTensor, DView, DViewMut, DeviceAllocator, DeviceBuffer, Gpu, Region};
 use crate::model::batch::{BatchOutput, PackedBatch};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::plan;
-use crate::model::weights::{DeviceWeights, LoadReport};
+use crate::model::schema::{LinearSpec, Schema};
+use crate::model::weights::{LoadReport, ALIGN};
 use crate::model::Task;
 use crate::ops;
 use crate::{Error, Result};
 
+/// A bf16 weight in the one weights buffer.
+type W = Region<bf16>;
+
+/// A projection's LoRA, stacked for all tasks (and all fused parts): `A_all [tasks·parts·r, k]`,
+/// `B_all [n, tasks·parts·r]` (module documentation).
+struct Lora {
+    a: W,
+    b: W,
+    /// Checkpoint projections fused into this one.
+    parts: usize,
+}
+
+/// `y = x·Wᵀ (+ b)` with an optional stacked LoRA.
+struct Linear {
+    w: W,
+    bias: Option<W>,
+    lora: Option<Lora>,
+}
+
+/// One decoder layer, prepared.
+struct TextLayer {
+    input_norm: W,
+    qkv: Linear,
+    o: Linear,
+    post_norm: W,
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// One vision block, prepared.
+struct VisionBlock {
+    norm1: W,
+    norm2: W,
+    qkv: Linear,
+    proj: Linear,
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// The patch merger.
+struct Merger {
+    ln_q: W,
+    mlp0: Linear,
+    mlp2: Linear,
+}
+
+/// The heads after the final norm: the multi-vector projector with its LoRA (the single vector
+/// is a pooling, no weights).
+struct Heads {
+    projector: Linear,
+}
+
+/// Every prepared tensor, in one device buffer.
+struct Weights {
+    buf: DeviceBuffer,
+    embed: W,
+    layers: Vec<TextLayer>,
+    norm: W,
+    patch_embed: W,
+    blocks: Vec<VisionBlock>,
+    merger: Merger,
+    heads: Heads,
+    /// f32: the M-RoPE inverse frequencies, `[head_dim/2]`.
+    inv_freq: Region<f32>,
+}
+
+impl Weights {
+    fn at(&self, w: &W) -> DView<'_, bf16> {
+        self.buf.at(w)
+    }
+}
+
 /// The model on the GPU (text path).
 pub struct GpuModel {
     cfg: ModelConfig,
-    w: DeviceWeights,
-    /// f32 constants: the M-RoPE inverse frequencies.
-    consts: DeviceBuffer,
+    w: Weights,
     rank: usize,
 }
 
-/// An adapted projection's name in the prepared layout and the checkpoint projections it fuses.
-struct Fused {
-    name: &'static str,
-    parts: &'static [&'static str],
+/// A checkpoint tensor as bf16, or the load error naming it.
+fn bf16_of(ckpt: &Checkpoint, name: &str) -> Result<Vec<bf16>> {
+    let t = ckpt.get(name).ok_or_else(|| Error::Tensor {
+        name: name.into(),
+        file: ckpt.dir.clone(),
+        msg: "missing".into(),
+    })?;
+    Ok(ckpt.to_bf16(t))
 }
 
-const QKV: Fused =
-    Fused { name: "qkv", parts: &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] };
-const O: Fused = Fused { name: "o_proj", parts: &["self_attn.o_proj"] };
-const GATE_UP: Fused = Fused { name: "gate_up", parts: &["mlp.gate_proj", "mlp.up_proj"] };
-const DOWN: Fused = Fused { name: "down_proj", parts: &["mlp.down_proj"] };
-const LAYER_PROJ: [Fused; 4] = [QKV, O, GATE_UP, DOWN];
+/// Plans the prepared tensor of the checkpoint projections `parts` (fused in row order).
+fn plan_linear(lay: &mut BufferLayout, parts: &[&LinearSpec], rank: usize) -> Linear {
+    let rows: usize = parts.iter().map(|p| p.out).sum();
+    let k = parts[0].inp;
+    let g = Task::ALL.len() * parts.len() * rank;
+    Linear {
+        w: lay.push(&[rows, k]),
+        bias: parts[0].bias.then(|| lay.push(&[rows])),
+        lora: parts[0].lora.then(|| Lora {
+            a: lay.push(&[g, k]),
+            b: lay.push(&[rows, g]),
+            parts: parts.len(),
+        }),
+    }
+}
 
-/// Vision block tensors uploaded as stored (gate/up are fused separately).
-const VISION_BLOCK_AS_IS: [&str; 8] = [
-    "norm1.weight",
-    "norm2.weight",
-    "attn.qkv.weight",
-    "attn.qkv.bias",
-    "attn.proj.weight",
-    "attn.proj.bias",
-    "mlp.down_proj.weight",
-    "mlp.down_proj.bias",
-];
-
-/// The patch merger's tensors (`visual.merger.*`), uploaded as stored.
-const MERGER: [&str; 5] = ["ln_q.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"];
-
-fn dims(shape: &[usize]) -> (usize, usize) {
-    (shape[0], shape[1])
+/// Fills a planned [`Linear`] from the checkpoint: weights and biases concatenated, the LoRA
+/// stacked with `scale` folded in.
+fn fill_linear(
+    gpu: &Gpu,
+    buf: &mut DeviceBuffer,
+    ckpt: &Checkpoint,
+    parts: &[&LinearSpec],
+    lin: &Linear,
+    scale: f32,
+) -> Result<()> {
+    let mut w = Vec::new();
+    for p in parts {
+        w.extend(bf16_of(ckpt, &p.weight())?);
+    }
+    buf.fill(gpu, &lin.w, &w)?;
+    if let Some(bias) = &lin.bias {
+        let mut b = Vec::new();
+        for name in parts.iter().filter_map(|p| p.bias_name()) {
+            b.extend(bf16_of(ckpt, &name)?);
+        }
+        buf.fill(gpu, bias, &b)?;
+    }
+    if let Some(lora) = &lin.lora {
+        let (a, b) = stack_lora(ckpt, parts, lora, scale)?;
+        buf.fill(gpu, &lora.a, &a)?;
+        buf.fill(gpu, &lora.b, &b)?;
+    }
+    Ok(())
 }
 
 impl GpuModel {
-    /// Prepares and uploads the text path's weights (see the module documentation).
+    /// Prepares and uploads the weights (see the module documentation), walking the checkpoint's
+    /// [`Schema`]. A tensor missing from the checkpoint is an [`Error::Tensor`] naming it.
     pub fn load(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(GpuModel, LoadReport)> {
         let t0 = std::time::Instant::now();
         let cfg = ckpt.config.clone();
-        let t = &cfg.text;
-        let tasks = Task::ALL;
-        let rank = ckpt.adapter.r;
+        let s = Schema::new(&cfg, &ckpt.adapter);
+        let rank = s.rank;
         let scale = ckpt.adapter.scale();
-        let shape_of = |name: &str| -> Result<Vec<usize>> {
-            ckpt.get(name).map(|t| t.shape.clone()).ok_or_else(|| Error::Tensor {
-                name: name.into(),
-                file: ckpt.dir.clone(),
-                msg: "missing".into(),
+
+        // The layout: every prepared tensor's place in the one buffer.
+        let mut lay = BufferLayout::new(ALIGN);
+        let embed = lay.push(&s.embed.1);
+        let norm = lay.push(&[s.norm.dim]);
+        let layers: Vec<TextLayer> = s
+            .layers
+            .iter()
+            .map(|l| TextLayer {
+                input_norm: lay.push(&[l.input_norm.dim]),
+                qkv: plan_linear(&mut lay, &l.qkv(), rank),
+                o: plan_linear(&mut lay, &[&l.o], rank),
+                post_norm: lay.push(&[l.post_norm.dim]),
+                gate_up: plan_linear(&mut lay, &l.gate_up(), rank),
+                down: plan_linear(&mut lay, &[&l.down], rank),
             })
+            .collect();
+        let projector = plan_linear(&mut lay, &[&s.projector], rank);
+        // The vision tower (spec §5): the patch embedding as the [hidden, c·t·p·p] matrix its
+        // Conv3d is, and gate/up fused like the decoder's.
+        let patch_embed = lay.push(&s.patch_embed.matrix());
+        let blocks: Vec<VisionBlock> = s
+            .blocks
+            .iter()
+            .map(|b| VisionBlock {
+                norm1: lay.push(&[b.norm1.dim]),
+                norm2: lay.push(&[b.norm2.dim]),
+                qkv: plan_linear(&mut lay, &[&b.qkv], rank),
+                proj: plan_linear(&mut lay, &[&b.proj], rank),
+                gate_up: plan_linear(&mut lay, &b.gate_up(), rank),
+                down: plan_linear(&mut lay, &[&b.down], rank),
+            })
+            .collect();
+        let m = &s.merger;
+        let merger = Merger {
+            ln_q: lay.push(&[m.ln_q.dim]),
+            mlp0: plan_linear(&mut lay, &[&m.mlp0], rank),
+            mlp2: plan_linear(&mut lay, &[&m.mlp2], rank),
         };
+        let hd = cfg.text.head_dim;
+        let inv_freq = lay.push::<f32>(&[hd / 2]);
+        let tensors = lay.len();
 
-        // The layout: name and shape of every prepared tensor.
-        let mut layout: Vec<(String, Vec<usize>)> = Vec::new();
-        layout.push(("embed_tokens.weight".into(), shape_of("embed_tokens.weight")?));
-        layout.push(("norm.weight".into(), shape_of("norm.weight")?));
-        for l in 0..t.num_hidden_layers {
-            for n in ["input_layernorm", "post_attention_layernorm"] {
-                let name = format!("layers.{l}.{n}.weight");
-                layout.push((name.clone(), shape_of(&name)?));
-            }
-            for f in &LAYER_PROJ {
-                let mut rows = 0;
-                let mut k = 0;
-                for p in f.parts {
-                    let (n, kk) = dims(&shape_of(&format!("layers.{l}.{p}.weight"))?);
-                    rows += n;
-                    k = kk;
-                }
-                let g = f.parts.len() * rank;
-                layout.push((format!("layers.{l}.{}.weight", f.name), vec![rows, k]));
-                if f.name == "qkv" {
-                    layout.push((format!("layers.{l}.qkv.bias"), vec![rows]));
-                }
-                layout.push((format!("layers.{l}.{}.lora_a", f.name), vec![tasks.len() * g, k]));
-                layout.push((format!("layers.{l}.{}.lora_b", f.name), vec![rows, tasks.len() * g]));
-            }
+        let mut buf = DeviceBuffer::new(gpu, lay.bytes())?;
+        let as_stored = |buf: &mut DeviceBuffer, w: &W, name: &str| buf.fill(gpu, w, &bf16_of(ckpt, name)?);
+        as_stored(&mut buf, &embed, &s.embed.0)?;
+        as_stored(&mut buf, &norm, &s.norm.weight)?;
+        for (l, p) in s.layers.iter().zip(&layers) {
+            as_stored(&mut buf, &p.input_norm, &l.input_norm.weight)?;
+            fill_linear(gpu, &mut buf, ckpt, &l.qkv(), &p.qkv, scale)?;
+            fill_linear(gpu, &mut buf, ckpt, &[&l.o], &p.o, scale)?;
+            as_stored(&mut buf, &p.post_norm, &l.post_norm.weight)?;
+            fill_linear(gpu, &mut buf, ckpt, &l.gate_up(), &p.gate_up, scale)?;
+            fill_linear(gpu, &mut buf, ckpt, &[&l.down], &p.down, scale)?;
         }
-        let (pn, pk) = dims(&shape_of("multi_vector_projector.weight")?);
-        layout.push(("multi_vector_projector.weight".into(), vec![pn, pk]));
-        layout.push(("multi_vector_projector.bias".into(), vec![pn]));
-        layout.push(("multi_vector_projector.lora_a".into(), vec![tasks.len() * rank, pk]));
-        layout.push(("multi_vector_projector.lora_b".into(), vec![pn, tasks.len() * rank]));
-
-        // The vision tower (spec §5): names as in the checkpoint, but the patch embedding as the
-        // [hidden, c·t·p·p] matrix its Conv3d is, and gate/up fused like the decoder's.
-        let v = &cfg.vision;
-        let pe = shape_of("visual.patch_embed.proj.weight")?;
-        layout.push(("visual.patch_embed".into(), vec![pe[0], pe[1..].iter().product()]));
-        for j in 0..v.depth {
-            let b = format!("visual.blocks.{j}");
-            for n in VISION_BLOCK_AS_IS {
-                layout.push((format!("{b}.{n}"), shape_of(&format!("{b}.{n}"))?));
-            }
-            let (gi, gk) = dims(&shape_of(&format!("{b}.mlp.gate_proj.weight"))?);
-            layout.push((format!("{b}.mlp.gate_up.weight"), vec![2 * gi, gk]));
-            layout.push((format!("{b}.mlp.gate_up.bias"), vec![2 * gi]));
+        fill_linear(gpu, &mut buf, ckpt, &[&s.projector], &projector, scale)?;
+        as_stored(&mut buf, &patch_embed, &s.patch_embed.weight)?;
+        for (b, p) in s.blocks.iter().zip(&blocks) {
+            as_stored(&mut buf, &p.norm1, &b.norm1.weight)?;
+            as_stored(&mut buf, &p.norm2, &b.norm2.weight)?;
+            fill_linear(gpu, &mut buf, ckpt, &[&b.qkv], &p.qkv, scale)?;
+            fill_linear(gpu, &mut buf, ckpt, &[&b.proj], &p.proj, scale)?;
+            fill_linear(gpu, &mut buf, ckpt, &b.gate_up(), &p.gate_up, scale)?;
+            fill_linear(gpu, &mut buf, ckpt, &[&b.down], &p.down, scale)?;
         }
-        for n in MERGER {
-            let name = format!("visual.merger.{n}");
-            layout.push((name.clone(), shape_of(&name)?));
-        }
-
-        let mut w = DeviceWeights::allocate(gpu, &layout)?;
-        let mut report = LoadReport::default();
-        let get = |name: &str| -> Vec<bf16> { ckpt.to_bf16(ckpt.get(name).expect("validated at open")) };
-        for name in ["embed_tokens.weight", "norm.weight"] {
-            w.fill(gpu, name, &get(name))?;
-        }
-        for l in 0..t.num_hidden_layers {
-            for n in ["input_layernorm", "post_attention_layernorm"] {
-                let name = format!("layers.{l}.{n}.weight");
-                w.fill(gpu, &name, &get(&name))?;
-            }
-            for f in &LAYER_PROJ {
-                let parts: Vec<String> = f.parts.iter().map(|p| format!("layers.{l}.{p}")).collect();
-                let fused: Vec<bf16> = parts.iter().flat_map(|p| get(&format!("{p}.weight"))).collect();
-                w.fill(gpu, &format!("layers.{l}.{}.weight", f.name), &fused)?;
-                if f.name == "qkv" {
-                    let bias: Vec<bf16> = parts.iter().flat_map(|p| get(&format!("{p}.bias"))).collect();
-                    w.fill(gpu, &format!("layers.{l}.qkv.bias"), &bias)?;
-                }
-                let (a, b) = stack_lora(ckpt, &parts, rank, scale);
-                w.fill(gpu, &format!("layers.{l}.{}.lora_a", f.name), &a)?;
-                w.fill(gpu, &format!("layers.{l}.{}.lora_b", f.name), &b)?;
-            }
-        }
-        for name in ["multi_vector_projector.weight", "multi_vector_projector.bias"] {
-            w.fill(gpu, name, &get(name))?;
-        }
-        let (a, b) = stack_lora(ckpt, &["multi_vector_projector".to_string()], rank, scale);
-        w.fill(gpu, "multi_vector_projector.lora_a", &a)?;
-        w.fill(gpu, "multi_vector_projector.lora_b", &b)?;
-
-        w.fill(gpu, "visual.patch_embed", &get("visual.patch_embed.proj.weight"))?;
-        for j in 0..v.depth {
-            let b = format!("visual.blocks.{j}");
-            for n in VISION_BLOCK_AS_IS {
-                w.fill(gpu, &format!("{b}.{n}"), &get(&format!("{b}.{n}")))?;
-            }
-            for kind in ["weight", "bias"] {
-                let fused =
-                    [get(&format!("{b}.mlp.gate_proj.{kind}")), get(&format!("{b}.mlp.up_proj.{kind}"))]
-                        .concat();
-                w.fill(gpu, &format!("{b}.mlp.gate_up.{kind}"), &fused)?;
-            }
-        }
-        for n in MERGER {
-            let name = format!("visual.merger.{n}");
-            w.fill(gpu, &name, &get(&name))?;
-        }
-
+        as_stored(&mut buf, &merger.ln_q, &m.ln_q.weight)?;
+        fill_linear(gpu, &mut buf, ckpt, &[&m.mlp0], &merger.mlp0, scale)?;
+        fill_linear(gpu, &mut buf, ckpt, &[&m.mlp2], &merger.mlp2, scale)?;
         // inv_freq[j] = theta^(-2j/head_dim), computed in f64 (spec §7.2).
-        let half = t.head_dim / 2;
+        let half = hd / 2;
         let inv: Vec<f32> =
-            (0..half).map(|j| t.rope_theta.powf(-2.0 * j as f64 / t.head_dim as f64) as f32).collect();
-        let mut consts = DeviceBuffer::new(gpu, half * 4)?;
-        consts.upload_at(gpu, 0, &inv)?;
+            (0..half).map(|j| cfg.text.rope_theta.powf(-2.0 * j as f64 / hd as f64) as f32).collect();
+        buf.fill(gpu, &inv_freq, &inv)?;
 
-        report.tensors = w.len();
-        report.bytes = layout.iter().map(|(_, s)| s.iter().product::<usize>() as u64 * 2).sum();
-        report.seconds = t0.elapsed().as_secs_f64();
-        Ok((GpuModel { cfg, w, consts, rank }, report))
+        let report = LoadReport {
+            tensors,
+            bytes: lay.bytes() as u64,
+            converted: 0,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        let w = Weights {
+            buf,
+            embed,
+            layers,
+            norm,
+            patch_embed,
+            blocks,
+            merger,
+            heads: Heads { projector },
+            inv_freq,
+        };
+        Ok((GpuModel { cfg, w, rank }, report))
     }
 
     /// The configuration.
@@ -206,7 +274,7 @@ impl GpuModel {
 
     /// Device bytes held by the weights.
     pub fn device_bytes(&self) -> usize {
-        self.w.device_bytes() + self.consts.bytes()
+        self.w.buf.bytes()
     }
 
     /// One packed forward: single vectors always, multi-vector rows when the batch wants them.
@@ -288,9 +356,9 @@ impl GpuModel {
 
         let w = &self.w;
         // The f32 constants buffer holds head_dim/2 values (uploaded at load).
-        let inv_freq: DView<'_, f32> = self.consts.view(0, &[hd / 2]).expect("inv_freq");
+        let inv_freq = w.buf.at(&w.inv_freq);
         let section = t.mrope_section.map(|v| v as u32);
-        ops::embedding_f32(gpu, &w.expect("embed_tokens.weight"), &ids.view(), &mut h.view_mut())?;
+        ops::embedding_f32(gpu, &w.at(&w.embed), &ids.view(), &mut h.view_mut())?;
         if !batch.images().is_empty() {
             // The vision tower's rows replace the embeddings of the <|image_pad|> tokens (§4.3).
             let vis = self.vision(gpu, mem, batch)?;
@@ -306,19 +374,10 @@ impl GpuModel {
             ops::scatter_rows_f32(gpu, &vis.view(), &rows.view(), &mut h.view_mut())?;
         }
         record(gpu, Some(&h), None)?;
-        for l in 0..t.num_hidden_layers {
-            let lw = |n: &str| w.expect(&format!("layers.{l}.{n}"));
-            ops::rmsnorm_f32(gpu, &h.view(), &lw("input_layernorm.weight"), eps, &mut x.view_mut())?;
-            ops::linear(
-                gpu,
-                &x.view(),
-                &lw("qkv.weight"),
-                Some(&lw("qkv.bias")),
-                &mut qkv.view_mut(),
-                false,
-            )?;
-            let t = self.lora_t(gpu, &x, &mut lora_t, &lw("qkv.lora_a"), &row_task, 3)?;
-            ops::linear(gpu, &t.as_view(), &lw("qkv.lora_b"), None, &mut qkv.view_mut(), true)?;
+        let mut lora = LoraInputs { t: &mut lora_t, row_task: &row_task };
+        for l in &w.layers {
+            ops::rmsnorm_f32(gpu, &h.view(), &w.at(&l.input_norm), eps, &mut x.view_mut())?;
+            self.linear(gpu, &x.view(), &l.qkv, &mut qkv.view_mut(), false, Some(&mut lora))?;
             ops::mrope(gpu, &mut qkv.view_mut(), heads, kvh, hd, &pos.view(), &inv_freq, section)?;
             ops::flash_attn(
                 gpu,
@@ -332,20 +391,14 @@ impl GpuModel {
                 true,
                 (hd as f32).powf(-0.5),
             )?;
-            ops::linear_f32(gpu, &attn.view(), &lw("o_proj.weight"), &mut h.view_mut(), true)?;
-            let t = self.lora_t(gpu, &attn, &mut lora_t, &lw("o_proj.lora_a"), &row_task, 1)?;
-            ops::linear_f32(gpu, &t.as_view(), &lw("o_proj.lora_b"), &mut h.view_mut(), true)?;
-            ops::rmsnorm_f32(gpu, &h.view(), &lw("post_attention_layernorm.weight"), eps, &mut x.view_mut())?;
-            ops::linear(gpu, &x.view(), &lw("gate_up.weight"), None, &mut gu.view_mut(), false)?;
-            let t = self.lora_t(gpu, &x, &mut lora_t, &lw("gate_up.lora_a"), &row_task, 2)?;
-            ops::linear(gpu, &t.as_view(), &lw("gate_up.lora_b"), None, &mut gu.view_mut(), true)?;
+            self.linear_residual(gpu, &attn.view(), &l.o, &mut h.view_mut(), Some(&mut lora))?;
+            ops::rmsnorm_f32(gpu, &h.view(), &w.at(&l.post_norm), eps, &mut x.view_mut())?;
+            self.linear(gpu, &x.view(), &l.gate_up, &mut gu.view_mut(), false, Some(&mut lora))?;
             ops::swiglu(gpu, &gu.view(), &mut act.view_mut())?;
-            ops::linear_f32(gpu, &act.view(), &lw("down_proj.weight"), &mut h.view_mut(), true)?;
-            let t = self.lora_t(gpu, &act, &mut lora_t, &lw("down_proj.lora_a"), &row_task, 1)?;
-            ops::linear_f32(gpu, &t.as_view(), &lw("down_proj.lora_b"), &mut h.view_mut(), true)?;
+            self.linear_residual(gpu, &act.view(), &l.down, &mut h.view_mut(), Some(&mut lora))?;
             record(gpu, Some(&h), None)?;
         }
-        ops::rmsnorm_f32(gpu, &h.view(), &w.expect("norm.weight"), eps, &mut x.view_mut())?;
+        ops::rmsnorm_f32(gpu, &h.view(), &w.at(&w.norm), eps, &mut x.view_mut())?;
         record(gpu, None, Some(&x))?;
 
         // Heads from the one pass (spec §8).
@@ -354,18 +407,7 @@ impl GpuModel {
         let multi = if want_multi {
             let pd = self.cfg.multi_vector_projector_dim;
             let mut m = alloc::<bf16>(mem, &[n, pd])?;
-            ops::linear(
-                gpu,
-                &x.view(),
-                &w.expect("multi_vector_projector.weight"),
-                Some(&w.expect("multi_vector_projector.bias")),
-                &mut m.view_mut(),
-                false,
-            )?;
-            let t =
-                self.lora_t(gpu, &x, &mut lora_t, &w.expect("multi_vector_projector.lora_a"), &row_task, 1)?;
-            let b = w.expect("multi_vector_projector.lora_b");
-            ops::linear(gpu, &t.as_view(), &b, None, &mut m.view_mut(), true)?;
+            self.linear(gpu, &x.view(), &w.heads.projector, &mut m.view_mut(), false, Some(&mut lora))?;
             let mut mf = alloc::<f32>(mem, &[n, pd])?;
             ops::l2_rows(gpu, &m.view(), &mut mf.view_mut())?;
             Some(gpu.download(&mf.view())?)
@@ -404,7 +446,7 @@ impl GpuModel {
         let pix = upload(gpu, mem, &pixels, &[np, row])?;
 
         let mut x0 = alloc::<bf16>(mem, &[np, d])?;
-        ops::linear(gpu, &pix.view(), &w.expect("visual.patch_embed"), None, &mut x0.view_mut(), false)?;
+        ops::linear(gpu, &pix.view(), &w.at(&w.patch_embed), None, &mut x0.view_mut(), false)?;
         // Window order: groups of merge² patches permuted as whole rows.
         let mut h = alloc::<bf16>(mem, &[np, d])?;
         ops::gather_rows(
@@ -419,17 +461,9 @@ impl GpuModel {
         let mut gu = alloc::<bf16>(mem, &[np, 2 * v.intermediate_size])?;
         let mut act = alloc::<bf16>(mem, &[np, v.intermediate_size])?;
         let eps = 1e-6; // the vision RMSNorm's, fixed in the reference code
-        for j in 0..v.depth {
-            let bw = |n: &str| w.expect(&format!("visual.blocks.{j}.{n}"));
-            ops::rmsnorm(gpu, &h.view(), &bw("norm1.weight"), eps, &mut x.view_mut())?;
-            ops::linear(
-                gpu,
-                &x.view(),
-                &bw("attn.qkv.weight"),
-                Some(&bw("attn.qkv.bias")),
-                &mut qkv.view_mut(),
-                false,
-            )?;
+        for (j, b) in w.blocks.iter().enumerate() {
+            ops::rmsnorm(gpu, &h.view(), &w.at(&b.norm1), eps, &mut x.view_mut())?;
+            self.linear(gpu, &x.view(), &b.qkv, &mut qkv.view_mut(), false, None)?;
             ops::vision_rope(gpu, &mut qkv.view_mut(), heads, hd, &angles.view())?;
             let full = v.fullatt_block_indexes.contains(&j);
             let (cu, max) = if full { (&cu_full, max_full) } else { (&cu_win, max_win) };
@@ -445,110 +479,137 @@ impl GpuModel {
                 false,
                 (hd as f32).powf(-0.5),
             )?;
-            ops::linear(
-                gpu,
-                &attn.view(),
-                &bw("attn.proj.weight"),
-                Some(&bw("attn.proj.bias")),
-                &mut h.view_mut(),
-                true,
-            )?;
-            ops::rmsnorm(gpu, &h.view(), &bw("norm2.weight"), eps, &mut x.view_mut())?;
-            ops::linear(
-                gpu,
-                &x.view(),
-                &bw("mlp.gate_up.weight"),
-                Some(&bw("mlp.gate_up.bias")),
-                &mut gu.view_mut(),
-                false,
-            )?;
+            self.linear(gpu, &attn.view(), &b.proj, &mut h.view_mut(), true, None)?;
+            ops::rmsnorm(gpu, &h.view(), &w.at(&b.norm2), eps, &mut x.view_mut())?;
+            self.linear(gpu, &x.view(), &b.gate_up, &mut gu.view_mut(), false, None)?;
             ops::swiglu(gpu, &gu.view(), &mut act.view_mut())?;
-            ops::linear(
-                gpu,
-                &act.view(),
-                &bw("mlp.down_proj.weight"),
-                Some(&bw("mlp.down_proj.bias")),
-                &mut h.view_mut(),
-                true,
-            )?;
+            self.linear(gpu, &act.view(), &b.down, &mut h.view_mut(), true, None)?;
         }
         // Patch merger: RMSNorm per patch, merge² patches as one row, MLP with exact GELU.
-        ops::rmsnorm(gpu, &h.view(), &w.expect("visual.merger.ln_q.weight"), eps, &mut x.view_mut())?;
+        let m = &w.merger;
+        ops::rmsnorm(gpu, &h.view(), &w.at(&m.ln_q), eps, &mut x.view_mut())?;
         let groups = np / unit;
         let merged = x.view().reshape(&[groups, unit * d]);
         let mut z = alloc::<bf16>(mem, &[groups, unit * d])?;
-        ops::linear(
-            gpu,
-            &merged,
-            &w.expect("visual.merger.mlp.0.weight"),
-            Some(&w.expect("visual.merger.mlp.0.bias")),
-            &mut z.view_mut(),
-            false,
-        )?;
+        self.linear(gpu, &merged, &m.mlp0, &mut z.view_mut(), false, None)?;
         let mut zg = alloc::<bf16>(mem, &[groups, unit * d])?;
         ops::gelu(gpu, &z.view(), &mut zg.view_mut())?;
         let out_d = v.out_hidden_size;
         let mut y = alloc::<bf16>(mem, &[groups, out_d])?;
-        ops::linear(
-            gpu,
-            &zg.view(),
-            &w.expect("visual.merger.mlp.2.weight"),
-            Some(&w.expect("visual.merger.mlp.2.bias")),
-            &mut y.view_mut(),
-            false,
-        )?;
+        self.linear(gpu, &zg.view(), &m.mlp2, &mut y.view_mut(), false, None)?;
         // Back to raster order: out[window_index[i]] = y[i], i.e. a gather with the inverse.
         let mut out = alloc::<bf16>(mem, &[groups, out_d])?;
         ops::gather_rows(gpu, &y.view(), &reverse.view(), &mut out.view_mut())?;
         Ok(out)
     }
 
-    /// The LoRA shrink of a projection that fuses `parts` checkpoint projections: `x·A_allᵀ` with
-    /// the other tasks' column groups of each row zeroed. The caller adds `t·B_allᵀ` to the
+    /// `y = x·Wᵀ (+ b)` (`accumulate`: `y +=`), then, for an adapted projection, its LoRA delta
+    /// `y += t·B_allᵀ` with `t` from [`GpuModel::lora_t`]. Adapted projections need `lora`.
+    fn linear(
+        &self,
+        gpu: &Gpu,
+        x: &DView<'_, bf16>,
+        lin: &Linear,
+        y: &mut DViewMut<'_, bf16>,
+        accumulate: bool,
+        lora: Option<&mut LoraInputs<'_>>,
+    ) -> Result<()> {
+        let w = &self.w;
+        ops::linear(gpu, x, &w.at(&lin.w), lin.bias.as_ref().map(|b| w.at(b)).as_ref(), y, accumulate)?;
+        if let Some(l) = &lin.lora {
+            let t = self.lora_t(gpu, x, l, lora)?;
+            ops::linear(gpu, &t.as_view(), &w.at(&l.b), None, y, true)?;
+        }
+        Ok(())
+    }
+
+    /// [`GpuModel::linear`] accumulating into the f32 residual stream (no bias: the decoder's
+    /// o_proj and down_proj have none).
+    fn linear_residual(
+        &self,
+        gpu: &Gpu,
+        x: &DView<'_, bf16>,
+        lin: &Linear,
+        h: &mut DViewMut<'_, f32>,
+        lora: Option<&mut LoraInputs<'_>>,
+    ) -> Result<()> {
+        if lin.bias.is_some() {
+            return Err(Error::Shape { op: "linear_f32", msg: "a residual projection with a bias".into() });
+        }
+        let w = &self.w;
+        ops::linear_f32(gpu, x, &w.at(&lin.w), h, true)?;
+        if let Some(l) = &lin.lora {
+            let t = self.lora_t(gpu, x, l, lora)?;
+            ops::linear_f32(gpu, &t.as_view(), &w.at(&l.b), h, true)?;
+        }
+        Ok(())
+    }
+
+    /// The LoRA shrink of a projection that fuses `l.parts` checkpoint projections: `x·A_allᵀ`
+    /// with the other tasks' column groups of each row zeroed. The caller adds `t·B_allᵀ` to the
     /// projection's output (bf16 activation or the f32 residual stream).
     fn lora_t<'t>(
         &self,
         gpu: &Gpu,
-        x: &DTensor<bf16>,
-        t: &'t mut DTensor<bf16>,
-        a: &DView<'_, bf16>,
-        row_task: &DTensor<u8>,
-        parts: usize,
-    ) -> Result<crate::cuda::DViewMut<'t, bf16>> {
+        x: &DView<'_, bf16>,
+        l: &Lora,
+        inputs: Option<&'t mut LoraInputs<'_>>,
+    ) -> Result<DViewMut<'t, bf16>> {
+        let Some(inputs) = inputs else {
+            return Err(Error::Shape { op: "lora", msg: "an adapted projection without row tasks".into() });
+        };
+        let a = self.w.at(&l.a);
         let n = x.shape()[0];
-        let mut tv = t.view_mut_as(&[n, a.shape()[0]]);
-        ops::linear(gpu, &x.view(), a, None, &mut tv, false)?;
-        ops::lora_mask(gpu, &mut tv, &row_task.view(), parts * self.rank)?;
+        let mut tv = inputs.t.view_mut_as(&[n, a.shape()[0]]);
+        ops::linear(gpu, x, &a, None, &mut tv, false)?;
+        ops::lora_mask(gpu, &mut tv, &inputs.row_task.view(), l.parts * self.rank)?;
         Ok(tv)
     }
 }
 
+/// What the LoRA deltas of a forward need: a scratch wide enough for the widest stacked LoRA,
+/// and each row's task.
+struct LoraInputs<'a> {
+    t: &'a mut DTensor<bf16>,
+    row_task: &'a DTensor<u8>,
+}
+
 /// Stacks the LoRA of the checkpoint projections `parts` for all tasks (module documentation):
 /// `A_all [tasks·P·r, k]` task-major, `B_all [Σn_p, tasks·P·r]` block-structured, scale folded in.
-fn stack_lora(ckpt: &Checkpoint, parts: &[String], rank: usize, scale: f32) -> (Vec<bf16>, Vec<bf16>) {
-    let get = |name: String| -> Vec<bf16> { ckpt.to_bf16(ckpt.get(&name).expect("validated at open")) };
+fn stack_lora(
+    ckpt: &Checkpoint,
+    parts: &[&LinearSpec],
+    lora: &Lora,
+    scale: f32,
+) -> Result<(Vec<bf16>, Vec<bf16>)> {
     let p = parts.len();
-    let cols = Task::ALL.len() * p * rank;
+    let (cols, rows) = (lora.b.shape()[1], lora.b.shape()[0]);
+    let rank = cols / (Task::ALL.len() * p);
     let mut a = Vec::new();
-    let outs: Vec<usize> =
-        parts.iter().map(|q| ckpt.get(&format!("{q}.lora_B.retrieval.weight")).unwrap().shape[0]).collect();
-    let rows: usize = outs.iter().sum();
     let mut b = vec![bf16::ZERO; rows * cols];
     for (ti, task) in Task::ALL.iter().enumerate() {
         let mut row0 = 0;
         for (pi, q) in parts.iter().enumerate() {
-            a.extend(get(format!("{q}.lora_A.{}.weight", task.name())));
-            let bt = get(format!("{q}.lora_B.{}.weight", task.name())); // [n_p, r]
+            a.extend(bf16_of(ckpt, &q.lora_a(*task))?);
+            let name = q.lora_b(*task);
+            let bt = bf16_of(ckpt, &name)?; // [n_p, r]
+            if bt.len() != q.out * rank || row0 + q.out > rows {
+                return Err(Error::Tensor {
+                    name,
+                    file: ckpt.dir.clone(),
+                    msg: format!("{} values, expected [{}, {rank}]", bt.len(), q.out),
+                });
+            }
             let col0 = (ti * p + pi) * rank;
             for (i, row) in bt.chunks(rank).enumerate() {
                 for (j, v) in row.iter().enumerate() {
                     b[(row0 + i) * cols + col0 + j] = bf16::from_f32(v.to_f32() * scale);
                 }
             }
-            row0 += outs[pi];
+            row0 += q.out;
         }
     }
-    (a, b)
+    Ok((a, b))
 }
 
 fn alloc<T>(mem: &mut DeviceAllocator, dims: &[usize]) -> Result<DTensor<T>> {

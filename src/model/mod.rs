@@ -8,6 +8,7 @@ pub mod config;
 pub mod cpu;
 pub mod gpu;
 pub mod plan;
+pub mod schema;
 pub mod synth;
 pub mod task;
 pub mod weights;

@@ -70,7 +70,7 @@ pub fn text_forward_matches_cpu_layer_by_layer(ctx: &mut Ctx) -> Result<(), Stri
     let t = tiny()?;
     let (model, _) = GpuModel::load(&ctx.gpu, &t.ckpt).map_err(e)?;
     let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
-    let cpu = CpuModel::from_checkpoint(&t.ckpt);
+    let cpu = CpuModel::from_checkpoint(&t.ckpt).map_err(e)?;
     // A packed batch mixing all three tasks and lengths 1..200.
     let all = texts(&t);
     let mut batch = PackedBatch::new(&t.ckpt.config);
@@ -203,7 +203,7 @@ pub fn image_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
     let t = tiny()?;
     let (model, _) = GpuModel::load(&ctx.gpu, &t.ckpt).map_err(e)?;
     let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
-    let cpu = CpuModel::from_checkpoint(&t.ckpt);
+    let cpu = CpuModel::from_checkpoint(&t.ckpt).map_err(e)?;
     let pd = t.ckpt.config.multi_vector_projector_dim;
     let hid = t.ckpt.config.text.hidden_size;
     let images = fixture_images(&t)?;
