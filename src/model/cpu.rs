@@ -12,6 +12,7 @@
 use crate::model::batch::{BatchOutput, ImageInput, PackedBatch};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
+use crate::model::constants::{VISION_RMS_EPS, VISION_ROPE_THETA};
 use crate::model::plan::{self, GridThw};
 use crate::model::schema::{LinearSpec, Schema};
 use crate::model::Task;
@@ -193,11 +194,15 @@ impl CpuModel {
         // Patch embedding: the Conv3d with stride = kernel is a GEMM on flattened patches.
         let x = self.linear(&self.patch_embed, &pix, np, row);
         let mut x = r::permute_groups(&x, unit * d, &vp.window_index);
-        let angles = r::vision_rope_angles(&vp.rot_pos_windowed(v.spatial_merge_size), v.head_dim(), 10000.0);
+        let angles = r::vision_rope_angles(
+            &vp.rot_pos_windowed(v.spatial_merge_size),
+            v.head_dim(),
+            VISION_ROPE_THETA,
+        );
         let full: Vec<usize> = vp.cu_seqlens.iter().map(|&c| c as usize).collect();
         let windows: Vec<usize> = vp.cu_window_seqlens.iter().map(|&c| c as usize).collect();
         let (heads, hd) = (v.num_heads, v.head_dim());
-        let eps = 1e-6;
+        let eps = VISION_RMS_EPS;
         for (j, b) in self.blocks.iter().enumerate() {
             let h = r::rmsnorm(&x, &b.norm1, eps);
             let qkv = self.linear(&b.qkv, &h, np, d);

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod constants;
 pub mod cpu;
 pub mod gpu;
 pub mod plan;
