@@ -1,6 +1,8 @@
-//! Device tensors: row-major, contiguous, typed. [`DTensor`] owns a block from the
-//! [`super::alloc::DeviceAllocator`]; [`DView`] / [`DViewMut`] are borrowed views that ops take,
-//! so that the borrow checker keeps a block alive (and unfreed) while a view of it is in use.
+//! Device tensors: row-major, contiguous, typed. [`Tensor`] lives in an [`super::alloc::Arena`]
+//! and borrows it (what the forward uses); [`DTensor`] owns a block from the
+//! [`super::alloc::DeviceAllocator`] that its user gives back explicitly (op tests and
+//! benchmarks); [`DView`] / [`DViewMut`] are borrowed views that ops take, so that the borrow
+//! checker keeps a block alive (and unfreed) while a view of it is in use.
 
 use std::marker::PhantomData;
 
@@ -93,6 +95,52 @@ impl<T> DTensor<T> {
             self.block.bytes()
         );
         DViewMut { ptr: self.block.ptr(), shape, _t: PhantomData }
+    }
+}
+
+/// A tensor in an [`super::alloc::Arena`]: it borrows the arena, so it cannot outlive the memory,
+/// which goes back when the arena drops.
+#[derive(Debug)]
+pub struct Tensor<'a, T> {
+    ptr: CUdeviceptr,
+    bytes: u64,
+    shape: Shape,
+    _t: PhantomData<(&'a (), T)>,
+}
+
+impl<T> Tensor<'_, T> {
+    /// A tensor over `bytes` bytes at `ptr` (a block its arena holds).
+    pub(crate) fn new(ptr: CUdeviceptr, bytes: u64, dims: &[usize]) -> Self {
+        let shape = Shape::new(dims);
+        assert!(bytes >= (shape.numel() * std::mem::size_of::<T>()) as u64, "block too small for {shape:?}");
+        Tensor { ptr, bytes, shape, _t: PhantomData }
+    }
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        self.shape.dims()
+    }
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.numel()
+    }
+    /// A read-only view.
+    pub fn view(&self) -> DView<'_, T> {
+        DView { ptr: self.ptr, shape: self.shape, _t: PhantomData }
+    }
+    /// A writable view.
+    pub fn view_mut(&mut self) -> DViewMut<'_, T> {
+        DViewMut { ptr: self.ptr, shape: self.shape, _t: PhantomData }
+    }
+    /// A writable view of the first `numel(dims)` elements with another shape: one scratch
+    /// buffer serves several widths. Panics if the block cannot hold them (a programming error).
+    pub fn view_mut_as(&mut self, dims: &[usize]) -> DViewMut<'_, T> {
+        let shape = Shape::new(dims);
+        assert!(
+            (shape.numel() * std::mem::size_of::<T>()) as u64 <= self.bytes,
+            "view {shape:?} larger than its block ({} bytes)",
+            self.bytes
+        );
+        DViewMut { ptr: self.ptr, shape, _t: PhantomData }
     }
 }
 
@@ -204,6 +252,10 @@ impl<T> Region<T> {
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.numel()
+    }
+    /// Byte offset in its buffer.
+    pub fn offset(&self) -> usize {
+        self.offset
     }
     fn end(&self) -> usize {
         self.offset + self.numel() * std::mem::size_of::<T>()

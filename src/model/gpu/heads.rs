@@ -4,33 +4,34 @@
 
 use half::bf16;
 
-use super::{alloc, GpuModel, LoraInputs};
-use crate::cuda::{DTensor, DeviceAllocator, Gpu};
+use super::{GpuModel, LoraInputs};
+use crate::cuda::{Arena, DView, Gpu, Tensor};
 use crate::model::batch::BatchOutput;
 use crate::ops;
 use crate::Result;
 
 impl GpuModel {
     /// Both heads over the final-norm states `x` `[tokens, hidden]`, downloaded: the forward's
-    /// only waits for the GPU.
+    /// only waits for the GPU (the first download waits for all the work, the second finds it
+    /// done).
     pub(super) fn heads(
         &self,
         gpu: &Gpu,
-        mem: &mut DeviceAllocator,
-        x: &DTensor<bf16>,
-        spans: &DTensor<u32>,
+        arena: &Arena<'_>,
+        x: &Tensor<'_, bf16>,
+        spans: &DView<'_, u32>,
         want_multi: bool,
-        lora: &mut LoraInputs<'_>,
+        lora: &mut LoraInputs<'_, '_>,
     ) -> Result<BatchOutput> {
         let (n, hid) = (x.shape()[0], x.shape()[1]);
-        let mut single = alloc::<f32>(mem, &[spans.shape()[0], hid])?;
-        ops::mean_pool_l2(gpu, &x.view(), &spans.view(), &mut single.view_mut())?;
+        let mut single = arena.alloc::<f32>(&[spans.shape()[0], hid])?;
+        ops::mean_pool_l2(gpu, &x.view(), spans, &mut single.view_mut())?;
         let multi = if want_multi {
             let pd = self.cfg.multi_vector_projector_dim;
-            let mut m = alloc::<bf16>(mem, &[n, pd])?;
+            let mut m = arena.alloc::<bf16>(&[n, pd])?;
             let w = &self.w;
             w.linear(gpu, &x.view(), &w.heads.projector, &mut m.view_mut(), false, Some(lora))?;
-            let mut mf = alloc::<f32>(mem, &[n, pd])?;
+            let mut mf = arena.alloc::<f32>(&[n, pd])?;
             ops::l2_rows(gpu, &m.view(), &mut mf.view_mut())?;
             Some(gpu.download(&mf.view())?)
         } else {

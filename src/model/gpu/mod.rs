@@ -18,11 +18,11 @@ mod weights;
 
 use half::bf16;
 
-use crate::cuda::{DTensor, DView, DeviceAllocator, Gpu};
+use crate::cuda::{Arena, BufferLayout, DView, DeviceAllocator, Gpu};
 use crate::model::batch::{BatchOutput, PackedBatch};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
-use crate::model::weights::LoadReport;
+use crate::model::weights::{LoadReport, ALIGN};
 use crate::model::Task;
 use crate::ops;
 use crate::{Error, Result};
@@ -73,18 +73,13 @@ impl GpuModel {
     }
 
     /// One packed forward: single vectors always, multi-vector rows when the batch wants them.
-    /// Everything runs on the GPU's stream; the only waits are the input uploads before the
-    /// first kernel and the output downloads after the last.
+    /// All host inputs go to the device in one asynchronous copy before the first kernel, and
+    /// everything runs on the GPU's stream without waiting; the only waits are the output
+    /// downloads after the last kernel. Every activation comes from one arena over `mem`, given
+    /// back when the forward returns (also after an error, e.g. out of memory half way).
     pub fn forward(&self, gpu: &Gpu, mem: &mut DeviceAllocator, batch: &PackedBatch) -> Result<BatchOutput> {
-        let n = batch.tokens();
-        if n == 0 || batch.sequences() == 0 {
-            return Err(Error::Input("an empty batch".into()));
-        }
-        let result = self.forward_in(gpu, mem, batch, batch.want_multi, Trace(None));
-        // Every block of the forward goes back, also after an error (e.g. out of memory half
-        // way); the tensors holding them are gone by now.
-        mem.free_all();
-        result
+        let arena = mem.arena();
+        self.forward_in(gpu, &arena, batch, batch.want_multi, Trace(None))
     }
 
     /// [`GpuModel::forward`] that also downloads the residual stream after the embeddings,
@@ -98,70 +93,87 @@ impl GpuModel {
         batch: &PackedBatch,
         trace: &mut Vec<Vec<f32>>,
     ) -> Result<BatchOutput> {
-        let result = self.forward_in(gpu, mem, batch, true, Trace(Some(trace)));
-        mem.free_all();
-        result
+        let arena = mem.arena();
+        self.forward_in(gpu, &arena, batch, true, Trace(Some(trace)))
     }
 
     fn forward_in(
         &self,
         gpu: &Gpu,
-        mem: &mut DeviceAllocator,
+        arena: &Arena<'_>,
         batch: &PackedBatch,
         want_multi: bool,
         mut trace: Trace<'_>,
     ) -> Result<BatchOutput> {
         let t = &self.cfg.text;
         let n = batch.tokens();
+        if n == 0 || batch.sequences() == 0 {
+            return Err(Error::Input("an empty batch".into()));
+        }
         let hid = t.hidden_size;
         let groups = 3 * Task::ALL.len() * self.w.rank; // widest stacked LoRA (qkv)
 
-        // Inputs.
-        let ids = upload(gpu, mem, batch.ids(), &[n])?;
-        let p = batch.positions();
-        let positions = [p.t.as_slice(), &p.h, &p.w].concat();
-        let pos = upload(gpu, mem, &positions, &[3, n])?;
-        let cu = upload(gpu, mem, batch.cu_seqlens(), &[batch.cu_seqlens().len()])?;
-        let row_task = upload(gpu, mem, batch.row_task(), &[n])?;
-        let spans_flat: Vec<u32> = batch.spans().iter().flatten().copied().collect();
-        let spans = upload(gpu, mem, &spans_flat, &[batch.sequences(), 2])?;
-
-        // The residual stream stays f32: the projections accumulate into it without rounding.
-        let mut h = alloc::<f32>(mem, &[n, hid])?;
-        let mut x = alloc::<bf16>(mem, &[n, hid])?;
-        let mut lora_t = alloc::<bf16>(mem, &[n, groups])?;
-
-        let w = &self.w;
-        ops::embedding_f32(gpu, &w.at(&w.embed), &ids.view(), &mut h.view_mut())?;
-        if !batch.images().is_empty() {
-            // The vision tower's rows replace the embeddings of the <|image_pad|> tokens (§4.3).
-            let vis = self.vision(gpu, mem, batch)?;
-            let rows = batch.image_rows();
-            if rows.len() != vis.shape()[0] {
+        // Every host input of the forward, planned into one layout, staged in pinned memory and
+        // copied with one asynchronous copy (no wait: stream order puts it before the kernels).
+        let mut lay = BufferLayout::new(ALIGN);
+        let ids = lay.push::<u32>(&[n]);
+        let pos = lay.push::<i32>(&[3, n]);
+        let cu = lay.push::<i32>(&[batch.cu_seqlens().len()]);
+        let row_task = lay.push::<u8>(&[n]);
+        let spans = lay.push::<u32>(&[batch.sequences(), 2]);
+        let rows = lay.push::<u32>(&[batch.image_rows().len()]);
+        let vision = match batch.images().is_empty() {
+            true => None,
+            false => Some(self.plan_vision(batch, &mut lay)?),
+        };
+        if let Some(v) = &vision {
+            if batch.image_rows().len() != v.merged_tokens() {
                 return Err(Error::Input(format!(
                     "the batch has {} image tokens but the images produce {} merged tokens",
-                    rows.len(),
-                    vis.shape()[0]
+                    batch.image_rows().len(),
+                    v.merged_tokens()
                 )));
             }
-            let rows = upload(gpu, mem, rows, &[rows.len()])?;
-            ops::scatter_rows_f32(gpu, &vis.view(), &rows.view(), &mut h.view_mut())?;
+        }
+        let staged = arena.upload(gpu, &lay, |st| {
+            st.put(&ids, batch.ids())?;
+            let p = batch.positions();
+            for (dst, src) in st.slice(&pos).chunks_exact_mut(n).zip([&p.t, &p.h, &p.w]) {
+                if src.len() != n {
+                    return Err(Error::Input(format!("{} positions for {n} tokens", src.len())));
+                }
+                dst.copy_from_slice(src);
+            }
+            st.put(&cu, batch.cu_seqlens())?;
+            st.put(&row_task, batch.row_task())?;
+            for (dst, src) in st.slice(&spans).chunks_exact_mut(2).zip(batch.spans()) {
+                dst.copy_from_slice(src);
+            }
+            st.put(&rows, batch.image_rows())?;
+            match &vision {
+                Some(v) => v.write(st, batch),
+                None => Ok(()),
+            }
+        })?;
+
+        // The residual stream stays f32: the projections accumulate into it without rounding.
+        let mut h = arena.alloc::<f32>(&[n, hid])?;
+        let w = &self.w;
+        ops::embedding_f32(gpu, &w.at(&w.embed), &staged.view(&ids), &mut h.view_mut())?;
+        if let Some(v) = &vision {
+            // The vision tower's rows replace the embeddings of the <|image_pad|> tokens (§4.3).
+            // Its activations live in an inner arena, given back before the decoder allocates.
+            let scope = arena.nested();
+            let out = self.tower(gpu, &scope, &v.inputs(&staged))?;
+            ops::scatter_rows_f32(gpu, &out.view(), &staged.view(&rows), &mut h.view_mut())?;
         }
         trace.f32(gpu, &h.view())?;
-        let mut lora = LoraInputs { t: &mut lora_t, row_task: &row_task };
-        self.decoder(gpu, mem, &mut h, &mut x, &pos, &cu, batch.max_seqlen(), &mut lora, &mut trace)?;
+        let mut x = arena.alloc::<bf16>(&[n, hid])?;
+        let mut lora_t = arena.alloc::<bf16>(&[n, groups])?;
+        let mut lora = LoraInputs { t: &mut lora_t, row_task: staged.view(&row_task) };
+        let (pos, cu) = (staged.view(&pos), staged.view(&cu));
+        self.decoder(gpu, arena, &mut h, &mut x, &pos, &cu, batch.max_seqlen(), &mut lora, &mut trace)?;
         trace.bf16(gpu, &x.view())?;
-        self.heads(gpu, mem, &x, &spans, want_multi, &mut lora)
+        self.heads(gpu, arena, &x, &staged.view(&spans), want_multi, &mut lora)
     }
-}
-
-fn alloc<T>(mem: &mut DeviceAllocator, dims: &[usize]) -> Result<DTensor<T>> {
-    let bytes = dims.iter().product::<usize>() * std::mem::size_of::<T>();
-    Ok(DTensor::from_block(mem.alloc(bytes as u64)?, dims))
-}
-
-fn upload<T: Copy>(gpu: &Gpu, mem: &mut DeviceAllocator, data: &[T], dims: &[usize]) -> Result<DTensor<T>> {
-    let mut t = alloc::<T>(mem, dims)?;
-    gpu.upload(&mut t.view_mut(), data)?;
-    Ok(t)
 }

@@ -4,8 +4,8 @@
 
 use half::bf16;
 
-use super::{alloc, GpuModel, LoraInputs, Trace};
-use crate::cuda::{DTensor, DeviceAllocator, Gpu};
+use super::{GpuModel, LoraInputs, Trace};
+use crate::cuda::{Arena, DView, Gpu, Tensor};
 use crate::ops;
 use crate::Result;
 
@@ -17,35 +17,35 @@ impl GpuModel {
     pub(super) fn decoder(
         &self,
         gpu: &Gpu,
-        mem: &mut DeviceAllocator,
-        h: &mut DTensor<f32>,
-        x: &mut DTensor<bf16>,
-        pos: &DTensor<i32>,
-        cu: &DTensor<i32>,
+        arena: &Arena<'_>,
+        h: &mut Tensor<'_, f32>,
+        x: &mut Tensor<'_, bf16>,
+        pos: &DView<'_, i32>,
+        cu: &DView<'_, i32>,
         max_seqlen: usize,
-        lora: &mut LoraInputs<'_>,
+        lora: &mut LoraInputs<'_, '_>,
         trace: &mut Trace<'_>,
     ) -> Result<()> {
         let t = &self.cfg.text;
         let n = h.shape()[0];
         let (heads, kvh, hd) = (t.num_attention_heads, t.num_key_value_heads, t.head_dim);
         let eps = t.rms_norm_eps as f32;
-        let mut qkv = alloc::<bf16>(mem, &[n, (heads + 2 * kvh) * hd])?;
-        let mut attn = alloc::<bf16>(mem, &[n, heads * hd])?;
-        let mut gu = alloc::<bf16>(mem, &[n, 2 * t.intermediate_size])?;
-        let mut act = alloc::<bf16>(mem, &[n, t.intermediate_size])?;
+        let mut qkv = arena.alloc::<bf16>(&[n, (heads + 2 * kvh) * hd])?;
+        let mut attn = arena.alloc::<bf16>(&[n, heads * hd])?;
+        let mut gu = arena.alloc::<bf16>(&[n, 2 * t.intermediate_size])?;
+        let mut act = arena.alloc::<bf16>(&[n, t.intermediate_size])?;
         let w = &self.w;
         let inv_freq = w.buf.at(&w.inv_freq);
         let section = t.mrope_section.map(|v| v as u32);
         for l in &w.layers {
             ops::rmsnorm_f32(gpu, &h.view(), &w.at(&l.input_norm), eps, &mut x.view_mut())?;
             w.linear(gpu, &x.view(), &l.qkv, &mut qkv.view_mut(), false, Some(lora))?;
-            ops::mrope(gpu, &mut qkv.view_mut(), heads, kvh, hd, &pos.view(), &inv_freq, section)?;
+            ops::mrope(gpu, &mut qkv.view_mut(), heads, kvh, hd, pos, &inv_freq, section)?;
             ops::flash_attn(
                 gpu,
                 &qkv.view(),
                 &mut attn.view_mut(),
-                &cu.view(),
+                cu,
                 max_seqlen,
                 heads,
                 kvh,

@@ -12,7 +12,7 @@
 
 use half::bf16;
 
-use crate::cuda::{BufferLayout, DTensor, DView, DViewMut, DeviceBuffer, Gpu, Region};
+use crate::cuda::{BufferLayout, DView, DViewMut, DeviceBuffer, Gpu, Region, Tensor};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::constants::text_inv_freq;
 use crate::model::schema::{LinearSpec, Schema};
@@ -109,7 +109,7 @@ impl Weights {
         lin: &Linear,
         y: &mut DViewMut<'_, bf16>,
         accumulate: bool,
-        lora: Option<&mut LoraInputs<'_>>,
+        lora: Option<&mut LoraInputs<'_, '_>>,
     ) -> Result<()> {
         let w = self;
         ops::linear(gpu, x, &w.at(&lin.w), lin.bias.as_ref().map(|b| w.at(b)).as_ref(), y, accumulate)?;
@@ -128,7 +128,7 @@ impl Weights {
         x: &DView<'_, bf16>,
         lin: &Linear,
         h: &mut DViewMut<'_, f32>,
-        lora: Option<&mut LoraInputs<'_>>,
+        lora: Option<&mut LoraInputs<'_, '_>>,
     ) -> Result<()> {
         if lin.bias.is_some() {
             return Err(Error::Shape { op: "linear_f32", msg: "a residual projection with a bias".into() });
@@ -150,7 +150,7 @@ impl Weights {
         gpu: &Gpu,
         x: &DView<'_, bf16>,
         l: &Lora,
-        inputs: Option<&'t mut LoraInputs<'_>>,
+        inputs: Option<&'t mut LoraInputs<'_, '_>>,
     ) -> Result<DViewMut<'t, bf16>> {
         let Some(inputs) = inputs else {
             return Err(Error::Shape { op: "lora", msg: "an adapted projection without row tasks".into() });
@@ -159,16 +159,16 @@ impl Weights {
         let n = x.shape()[0];
         let mut tv = inputs.t.view_mut_as(&[n, a.shape()[0]]);
         ops::linear(gpu, x, &a, None, &mut tv, false)?;
-        ops::lora_mask(gpu, &mut tv, &inputs.row_task.view(), l.parts * self.rank)?;
+        ops::lora_mask(gpu, &mut tv, &inputs.row_task, l.parts * self.rank)?;
         Ok(tv)
     }
 }
 
 /// What the LoRA deltas of a forward need: a scratch wide enough for the widest stacked LoRA,
 /// and each row's task.
-pub(super) struct LoraInputs<'a> {
-    pub(super) t: &'a mut DTensor<bf16>,
-    pub(super) row_task: &'a DTensor<u8>,
+pub(super) struct LoraInputs<'a, 't> {
+    pub(super) t: &'a mut Tensor<'t, bf16>,
+    pub(super) row_task: DView<'a, u8>,
 }
 
 /// Prepares and uploads every weight (see the module documentation). A tensor missing from the
