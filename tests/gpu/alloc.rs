@@ -187,16 +187,24 @@ pub fn arena_upload_stages_in_one_copy(ctx: &mut Ctx) -> Result<(), String> {
         angles: Vec<f32>,
         pix: Vec<bf16>,
     }
+    // All host data first, so that each upload writes the pinned buffer right after the previous
+    // copy was enqueued (a missing guard would then overwrite data still being copied).
+    let rounds: Vec<Round> = [24usize << 20, 1000, 5 << 20, 40 << 20]
+        .into_iter()
+        .map(|big| {
+            let tokens = 1 + ctx.rng.below(3000);
+            Round {
+                ids: (0..tokens).map(|_| ctx.rng.next_u64() as u32).collect(),
+                pos: (0..3 * tokens).map(|_| ctx.rng.next_u64() as i32).collect(),
+                task: (0..tokens).map(|_| ctx.rng.below(3) as u8).collect(),
+                angles: (0..big / 4).map(|_| ctx.rng.normal()).collect(),
+                pix: (0..big / 2 + 3).map(|_| bf16::from_f32(ctx.rng.normal())).collect(),
+            }
+        })
+        .collect();
     let mut staged = Vec::new();
-    for big in [24usize << 20, 1000, 5 << 20, 40 << 20] {
-        let tokens = 1 + ctx.rng.below(3000);
-        let r = Round {
-            ids: (0..tokens).map(|_| ctx.rng.next_u64() as u32).collect(),
-            pos: (0..3 * tokens).map(|_| ctx.rng.next_u64() as i32).collect(),
-            task: (0..tokens).map(|_| ctx.rng.below(3) as u8).collect(),
-            angles: (0..big / 4).map(|_| ctx.rng.normal()).collect(),
-            pix: (0..big / 2 + 3).map(|_| bf16::from_f32(ctx.rng.normal())).collect(),
-        };
+    for r in &rounds {
+        let tokens = r.ids.len();
         let mut lay = BufferLayout::new(256);
         let ids = lay.push::<u32>(&[tokens]);
         let pos = lay.push::<i32>(&[3, tokens]);
@@ -212,10 +220,11 @@ pub fn arena_upload_stages_in_one_copy(ctx: &mut Ctx) -> Result<(), String> {
                 w.put(&pix, &r.pix)
             })
             .map_err(e)?;
-        if arena.upload(&ctx.gpu, &lay, |w| w.put(&ids, &r.ids[1..])).is_ok() {
-            return Err("a short host slice was staged without an error".into());
-        }
         staged.push((st, (ids, pos, task, angles, pix), r));
+    }
+    let (_, (ids, ..), r) = &staged[0];
+    if arena.upload(&ctx.gpu, &BufferLayout::new(256), |w| w.put(ids, &r.ids[1..])).is_ok() {
+        return Err("a short host slice was staged without an error".into());
     }
     for (k, (st, (ids, pos, task, angles, pix), r)) in staged.iter().enumerate() {
         same(ctx, &format!("round {k} ids"), &st.view(ids), &r.ids)?;
