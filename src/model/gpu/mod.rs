@@ -122,10 +122,7 @@ impl GpuModel {
         let row_task = lay.push::<u8>(&[n]);
         let spans = lay.push::<u32>(&[batch.sequences(), 2]);
         let rows = lay.push::<u32>(&[batch.image_rows().len()]);
-        let vision = match batch.images().is_empty() {
-            true => None,
-            false => Some(self.plan_vision(batch, &mut lay)?),
-        };
+        let vision = if batch.images().is_empty() { None } else { Some(self.plan_vision(batch, &mut lay)?) };
         if let Some(v) = &vision {
             if batch.image_rows().len() != v.merged_tokens() {
                 return Err(Error::Input(format!(
