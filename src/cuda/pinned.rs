@@ -2,7 +2,7 @@
 //! one `cuMemcpyHtoDAsync` from it is a true asynchronous DMA and the forward never waits for it.
 //!
 //! Reuse rule: the host must not write the buffer while a copy from it may still be reading.
-//! Each copy records an event; [`Pinned::writable`] waits for that event before handing the
+//! Each copy records an event; `Pinned::writable` waits for that event before handing the
 //! memory out again. In steady state the previous forward's final download has already waited for
 //! the stream, so the event is long complete and the wait costs nothing; after a forward that
 //! failed before its download it is what keeps the next forward from overwriting a copy in flight.

@@ -1,10 +1,10 @@
 //! The model on the GPU (spec §3–§8): packed variable-length batches, one stream, activations
-//! from the paged allocator, both heads from one pass. By role:
+//! from an arena over the paged allocator, both heads from one pass. By role:
 //!
-//! - [`weights`]: preparation and upload (typed structs of regions in one buffer);
-//! - [`text`]: the decoder layers;
-//! - [`vision`]: the vision tower;
-//! - [`heads`]: pooling and the multi-vector projector.
+//! - `weights`: preparation and upload (typed structs of regions in one buffer);
+//! - `text`: the decoder layers;
+//! - `vision`: the vision tower;
+//! - `heads`: pooling and the multi-vector projector.
 //!
 //! The residual stream is f32 and the residual adds ride on the GEMMs (cuBLASLt with beta = 1 and
 //! an f32 output), so adding a projection (and its LoRA delta) to it rounds nothing to bf16; the
@@ -55,7 +55,7 @@ impl Trace<'_> {
 }
 
 impl GpuModel {
-    /// Prepares and uploads the weights ([`weights`]). A tensor missing from the checkpoint is
+    /// Prepares and uploads the weights (`weights`). A tensor missing from the checkpoint is
     /// an [`Error::Tensor`] naming it.
     pub fn load(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(GpuModel, LoadReport)> {
         let (w, report) = weights::prepare(gpu, ckpt)?;
