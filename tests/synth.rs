@@ -173,7 +173,7 @@ fn synth_command_output_runs_on_the_cpu_model() {
 
     let tok = TextTokenizer::from_model_dir(&out).unwrap();
     let ckpt = Checkpoint::open(&out).unwrap();
-    let model = CpuModel::from_checkpoint(&ckpt);
+    let model = CpuModel::from_checkpoint(&ckpt).unwrap();
     let cfg = model.config().clone();
 
     let text =

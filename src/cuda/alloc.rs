@@ -10,13 +10,24 @@
 //! The bookkeeping ([`PagePool`]) is pure and unit-tested on the CPU; [`DeviceAllocator`] puts it
 //! on top of the CUDA virtual-memory API (or, on a GPU without it, one eager allocation).
 //!
+//! A forward takes its memory from an [`Arena`] ([`DeviceAllocator::arena`]): every tensor it
+//! hands out borrows it, so none can outlive it, and dropping the arena gives every block back
+//! (also on an early return with an error). [`Arena::nested`] opens an inner arena whose blocks go
+//! back when it drops while the outer ones stay: the vision tower's activations are given back
+//! before the decoder allocates its own. [`Arena::upload`] stages all host inputs of a forward
+//! through one pinned buffer and copies them with one asynchronous copy (see [`super::pinned`]).
+//!
 //! Reuse within one stream is safe without waiting: a block freed after a kernel was enqueued and
 //! handed to the next kernel on the same stream is only touched once the first has finished.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 
 use cudarc::driver::sys;
 
+use super::pinned::{HostPod, Pinned};
+use super::tensor::{BufferLayout, DView, Region, Tensor};
 use super::{cuda_err, Gpu};
 use crate::{Error, Result};
 
@@ -203,16 +214,6 @@ impl PagePool {
         self.mapped
     }
 
-    /// Gives every run back at once (the end of a forward). Mapped pages stay mapped.
-    pub fn free_all(&mut self) {
-        self.free.clear();
-        if self.capacity > 0 {
-            self.free.insert(0, self.capacity);
-        }
-        self.in_use_pages = 0;
-        self.live = 0;
-    }
-
     /// Restarts peak tracking from the current use.
     pub fn reset_peak(&mut self) {
         self.peak_pages = self.in_use_pages;
@@ -265,6 +266,8 @@ pub struct DeviceAllocator {
     pool: PagePool,
     base: sys::CUdeviceptr,
     backing: Backing,
+    /// Where [`Arena::upload`] stages host inputs (allocated on first use).
+    pinned: Pinned,
 }
 
 impl DeviceAllocator {
@@ -290,7 +293,7 @@ impl DeviceAllocator {
                 .map_err(|e| cuda_err(&format!("allocate the {bytes}-byte budget"), e))?;
             let mut pool = PagePool::new(page_size, pages);
             pool.set_mapped(pages);
-            return Ok(DeviceAllocator { pool, base, backing: Backing::Eager });
+            return Ok(DeviceAllocator { pool, base, backing: Backing::Eager, pinned: Pinned::new() });
         }
 
         // SAFETY: a zeroed CUmemAllocationProp is the documented "no options" value; we set the
@@ -323,6 +326,7 @@ impl DeviceAllocator {
             pool: PagePool::new(page_size, pages),
             base,
             backing: Backing::Vmm { prop, chunks: Vec::new() },
+            pinned: Pinned::new(),
         })
     }
 
@@ -343,10 +347,9 @@ impl DeviceAllocator {
         self.pool.free(block.run);
     }
 
-    /// Gives every block back at once: the end of a forward, whose tensors are gone. A
-    /// [`DeviceBlock`] still held afterwards must not be used or freed.
-    pub fn free_all(&mut self) {
-        self.pool.free_all();
+    /// An arena over this allocator: the memory of one forward (module documentation).
+    pub fn arena(&mut self) -> Arena<'_> {
+        Arena { source: Source::Root(RefCell::new(self)), blocks: RefCell::new(Vec::new()) }
     }
 
     /// Current statistics.
@@ -433,6 +436,163 @@ impl Drop for DeviceAllocator {
     }
 }
 
+/// Where an arena's blocks come from: the allocator itself, or an outer arena.
+enum Source<'m> {
+    Root(RefCell<&'m mut DeviceAllocator>),
+    Nested(&'m dyn Blocks),
+}
+
+/// Block traffic between nested arenas and the allocator at the root.
+trait Blocks {
+    fn take(&self, bytes: u64) -> Result<DeviceBlock>;
+    fn give(&self, block: DeviceBlock);
+    fn with_root(&self, f: &mut dyn FnMut(&mut DeviceAllocator) -> Result<()>) -> Result<()>;
+}
+
+/// The memory of one forward (or of one part of it): tensors borrow the arena and every block goes
+/// back to the allocator when it drops. See the module documentation.
+pub struct Arena<'m> {
+    source: Source<'m>,
+    blocks: RefCell<Vec<DeviceBlock>>,
+}
+
+impl Blocks for Arena<'_> {
+    fn take(&self, bytes: u64) -> Result<DeviceBlock> {
+        match &self.source {
+            Source::Root(mem) => mem.borrow_mut().alloc(bytes),
+            Source::Nested(outer) => outer.take(bytes),
+        }
+    }
+    fn give(&self, block: DeviceBlock) {
+        match &self.source {
+            Source::Root(mem) => mem.borrow_mut().free(block),
+            Source::Nested(outer) => outer.give(block),
+        }
+    }
+    fn with_root(&self, f: &mut dyn FnMut(&mut DeviceAllocator) -> Result<()>) -> Result<()> {
+        match &self.source {
+            Source::Root(mem) => f(&mut mem.borrow_mut()),
+            Source::Nested(outer) => outer.with_root(f),
+        }
+    }
+}
+
+impl<'m> Arena<'m> {
+    /// A tensor of shape `dims`, contents undefined. [`Error::OutOfMemory`] when the budget cannot
+    /// hold it (the arena stays usable).
+    pub fn alloc<T>(&self, dims: &[usize]) -> Result<Tensor<'_, T>> {
+        let bytes = dims.iter().product::<usize>() * std::mem::size_of::<T>();
+        let block = self.take(bytes as u64)?;
+        let t = Tensor::new(block.ptr(), block.bytes(), dims);
+        self.blocks.borrow_mut().push(block);
+        Ok(t)
+    }
+
+    /// An inner arena: its blocks come from this one's allocator and go back when it drops,
+    /// while this arena's stay.
+    pub fn nested(&self) -> Arena<'_> {
+        Arena { source: Source::Nested(self), blocks: RefCell::new(Vec::new()) }
+    }
+
+    /// Stages host data for the device: `write` fills the regions of `layout` in the pinned
+    /// buffer, then one asynchronous copy moves all of it into one block of this arena. Does not
+    /// wait for the copy (stream order makes it land before any later kernel reads it); waits only
+    /// if the previous copy from the pinned buffer could still be running (see `cuda::pinned`).
+    /// `write` must not allocate from the arena (the allocator is busy staging).
+    pub fn upload(
+        &self,
+        gpu: &Gpu,
+        layout: &BufferLayout,
+        write: impl FnOnce(&mut StageWriter<'_>) -> Result<()>,
+    ) -> Result<Staged<'_>> {
+        let bytes = layout.bytes();
+        let block = self.take(bytes as u64)?;
+        let ptr = block.ptr();
+        self.blocks.borrow_mut().push(block);
+        let mut write = Some(write);
+        self.with_root(&mut |mem| {
+            let host = mem.pinned.writable(bytes)?;
+            if let Some(write) = write.take() {
+                write(&mut StageWriter { host })?;
+            }
+            // SAFETY: `ptr` is a block of at least `bytes` bytes held by this arena, which outlives
+            // every kernel enqueued through its tensors (blocks are reused in stream order only).
+            unsafe { mem.pinned.copy_to(gpu, ptr, bytes) }
+        })?;
+        Ok(Staged { ptr, bytes, _arena: PhantomData })
+    }
+
+    /// The allocator's statistics.
+    pub fn stats(&self) -> MemStats {
+        let mut s = MemStats::default();
+        let _ = self.with_root(&mut |mem| {
+            s = mem.stats();
+            Ok(())
+        });
+        s
+    }
+}
+
+impl Drop for Arena<'_> {
+    fn drop(&mut self) {
+        for block in std::mem::take(self.blocks.get_mut()) {
+            self.give(block);
+        }
+    }
+}
+
+/// Writes host inputs into the pinned staging buffer, region by region (see [`Arena::upload`]).
+pub struct StageWriter<'h> {
+    host: &'h mut [u8],
+}
+
+impl StageWriter<'_> {
+    /// The staging memory of `region`, to fill in place. Panics when the region lies outside the
+    /// layout being staged (a region of another layout: a programming error).
+    pub fn slice<T: HostPod>(&mut self, region: &Region<T>) -> &mut [T] {
+        let (start, n) = (region.offset(), region.numel());
+        let end = start + n * std::mem::size_of::<T>();
+        assert!(end <= self.host.len(), "{region:?} outside a staging layout of {} bytes", self.host.len());
+        let bytes = &mut self.host[start..end];
+        assert_eq!(bytes.as_ptr() as usize % std::mem::align_of::<T>(), 0, "misaligned {region:?}");
+        // SAFETY: the range is inside the buffer and aligned for T (checked), T accepts any bit
+        // pattern (HostPod), and the slice borrows self mutably, so nothing else aliases it.
+        unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut T, n) }
+    }
+
+    /// Copies `data` into `region`; [`Error::Shape`] when the lengths differ.
+    pub fn put<T: HostPod>(&mut self, region: &Region<T>, data: &[T]) -> Result<()> {
+        if data.len() != region.numel() {
+            return Err(Error::Shape {
+                op: "upload",
+                msg: format!("{} host elements into a tensor of {}", data.len(), region.numel()),
+            });
+        }
+        self.slice(region).copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// Inputs staged on the device by [`Arena::upload`]: one block, read through the regions of the
+/// layout it was staged with.
+pub struct Staged<'a> {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+    _arena: PhantomData<&'a ()>,
+}
+
+impl<'a> Staged<'a> {
+    /// The device tensor of `region`. Panics when the region lies outside the staged layout (a
+    /// region of another layout: a programming error).
+    pub fn view<T>(&self, region: &Region<T>) -> DView<'a, T> {
+        let end = region.offset() + region.numel() * std::mem::size_of::<T>();
+        assert!(end <= self.bytes, "{region:?} outside staged inputs of {} bytes", self.bytes);
+        // SAFETY: the range lies inside the staged block (checked), which the arena holds for 'a;
+        // the copy that fills it is ordered before any kernel that reads the view.
+        unsafe { DView::from_raw(self.ptr + region.offset() as u64, region.shape()) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,13 +671,15 @@ mod tests {
     }
 
     #[test]
-    fn free_all_returns_everything_and_keeps_the_mapping() {
+    fn freeing_every_run_returns_everything_and_keeps_the_mapping() {
+        // What dropping an arena does: every run it took goes back, in the order taken.
         let mut pool = PagePool::new(P, 8);
         let (a, _) = pool.alloc(3 * P).unwrap();
         pool.set_mapped(a.end());
-        let _ = pool.alloc(2 * P).unwrap();
+        let (b, _) = pool.alloc(2 * P).unwrap();
         pool.set_mapped(5);
-        pool.free_all();
+        pool.free(a);
+        pool.free(b);
         assert_eq!(pool.stats().in_use, 0);
         assert_eq!(pool.stats().live_allocations, 0);
         assert_eq!(pool.mapped(), 5);

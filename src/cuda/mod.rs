@@ -7,6 +7,7 @@
 pub mod alloc;
 pub mod blas;
 pub mod kernels;
+pub mod pinned;
 pub mod tensor;
 
 use std::ffi::c_void;
@@ -18,11 +19,13 @@ use cudarc::nvrtc::Ptx;
 
 use crate::{Error, Result};
 pub use alloc::{
-    parse_bytes, resolve_budget, DeviceAllocator, DeviceBlock, MemStats, BUDGET_ENV, DEFAULT_PAGE_SIZE,
+    parse_bytes, resolve_budget, Arena, DeviceAllocator, DeviceBlock, MemStats, StageWriter, Staged,
+    BUDGET_ENV, DEFAULT_PAGE_SIZE,
 };
 pub use blas::Blas;
 pub use kernels::{KernelId, ModuleSource, CUDA_ARCH, MODULES};
-pub use tensor::{DTensor, DView, DViewMut, DeviceBuffer};
+pub use pinned::HostPod;
+pub use tensor::{BufferLayout, DTensor, DView, DViewMut, DeviceBuffer, Region, Tensor};
 
 /// Converts a driver error into [`Error::Cuda`] saying what we were doing.
 pub(crate) fn cuda_err(what: &str, e: DriverError) -> Error {

@@ -1,6 +1,8 @@
-//! Device tensors: row-major, contiguous, typed. [`DTensor`] owns a block from the
-//! [`super::alloc::DeviceAllocator`]; [`DView`] / [`DViewMut`] are borrowed views that ops take,
-//! so that the borrow checker keeps a block alive (and unfreed) while a view of it is in use.
+//! Device tensors: row-major, contiguous, typed. [`Tensor`] lives in an [`super::alloc::Arena`]
+//! and borrows it (what the forward uses); [`DTensor`] owns a block from the
+//! [`super::alloc::DeviceAllocator`] that its user gives back explicitly (op tests and
+//! benchmarks); [`DView`] / [`DViewMut`] are borrowed views that ops take, so that the borrow
+//! checker keeps a block alive (and unfreed) while a view of it is in use.
 
 use std::marker::PhantomData;
 
@@ -96,6 +98,52 @@ impl<T> DTensor<T> {
     }
 }
 
+/// A tensor in an [`super::alloc::Arena`]: it borrows the arena, so it cannot outlive the memory,
+/// which goes back when the arena drops.
+#[derive(Debug)]
+pub struct Tensor<'a, T> {
+    ptr: CUdeviceptr,
+    bytes: u64,
+    shape: Shape,
+    _t: PhantomData<(&'a (), T)>,
+}
+
+impl<T> Tensor<'_, T> {
+    /// A tensor over `bytes` bytes at `ptr` (a block its arena holds).
+    pub(crate) fn new(ptr: CUdeviceptr, bytes: u64, dims: &[usize]) -> Self {
+        let shape = Shape::new(dims);
+        assert!(bytes >= (shape.numel() * std::mem::size_of::<T>()) as u64, "block too small for {shape:?}");
+        Tensor { ptr, bytes, shape, _t: PhantomData }
+    }
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        self.shape.dims()
+    }
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.numel()
+    }
+    /// A read-only view.
+    pub fn view(&self) -> DView<'_, T> {
+        DView { ptr: self.ptr, shape: self.shape, _t: PhantomData }
+    }
+    /// A writable view.
+    pub fn view_mut(&mut self) -> DViewMut<'_, T> {
+        DViewMut { ptr: self.ptr, shape: self.shape, _t: PhantomData }
+    }
+    /// A writable view of the first `numel(dims)` elements with another shape: one scratch
+    /// buffer serves several widths. Panics if the block cannot hold them (a programming error).
+    pub fn view_mut_as(&mut self, dims: &[usize]) -> DViewMut<'_, T> {
+        let shape = Shape::new(dims);
+        assert!(
+            (shape.numel() * std::mem::size_of::<T>()) as u64 <= self.bytes,
+            "view {shape:?} larger than its block ({} bytes)",
+            self.bytes
+        );
+        DViewMut { ptr: self.ptr, shape, _t: PhantomData }
+    }
+}
+
 /// A read-only view of device memory holding `shape.numel()` elements of `T`.
 #[derive(Clone, Copy, Debug)]
 pub struct DView<'a, T> {
@@ -175,6 +223,79 @@ impl<'a, T> DViewMut<'a, T> {
     }
 }
 
+/// Where a tensor of `T` sits in a [`DeviceBuffer`]: byte offset and shape, planned with a
+/// [`BufferLayout`]. Read through [`DeviceBuffer::at`]; written with [`DeviceBuffer::fill`].
+pub struct Region<T> {
+    offset: usize,
+    shape: Shape,
+    _t: PhantomData<T>,
+}
+
+impl<T> Clone for Region<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Region<T> {}
+
+impl<T> std::fmt::Debug for Region<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Region {{ offset: {}, shape: {:?} }}", self.offset, self.shape)
+    }
+}
+
+impl<T> Region<T> {
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        self.shape.dims()
+    }
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.numel()
+    }
+    /// Byte offset in its buffer.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+    fn end(&self) -> usize {
+        self.offset + self.numel() * std::mem::size_of::<T>()
+    }
+}
+
+/// Plans tensors one after another in one buffer, each starting on an `align`-byte boundary.
+#[derive(Clone, Debug)]
+pub struct BufferLayout {
+    bytes: usize,
+    align: usize,
+    regions: usize,
+}
+
+impl BufferLayout {
+    /// An empty layout; `align` must be a multiple of every element type's alignment.
+    pub fn new(align: usize) -> Self {
+        BufferLayout { bytes: 0, align: align.max(16), regions: 0 }
+    }
+    /// Places a tensor of shape `dims` after the others.
+    pub fn push<T>(&mut self, dims: &[usize]) -> Region<T> {
+        let r = Region { offset: self.bytes, shape: Shape::new(dims), _t: PhantomData };
+        self.bytes = r.end().div_ceil(self.align) * self.align;
+        self.regions += 1;
+        r
+    }
+    /// Bytes the buffer needs.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// Regions placed.
+    pub fn len(&self) -> usize {
+        self.regions
+    }
+    /// Whether no region was placed.
+    pub fn is_empty(&self) -> bool {
+        self.regions == 0
+    }
+}
+
 /// A plain device allocation outside the paged allocator, for data that lives as long as the
 /// model (the weights): one `cuMemAlloc`, freed on drop.
 pub struct DeviceBuffer {
@@ -214,6 +335,39 @@ impl DeviceBuffer {
         unsafe { cudarc::driver::result::memcpy_htod_async(self.ptr + offset as u64, src, gpu.cu_stream()) }
             .map_err(|e| super::cuda_err("copy to the device", e))?;
         gpu.sync()
+    }
+
+    /// The tensor at `region`. Panics when the region lies outside this buffer: a region planned
+    /// for another (larger) buffer, a programming error.
+    pub fn at<T>(&self, region: &Region<T>) -> DView<'_, T> {
+        assert!(
+            region.end() <= self.bytes && region.offset % std::mem::align_of::<T>() == 0,
+            "{region:?} outside a buffer of {} bytes",
+            self.bytes
+        );
+        DView { ptr: self.ptr + region.offset as u64, shape: region.shape, _t: PhantomData }
+    }
+
+    /// Copies `data` into `region` (waits for the copy).
+    pub fn fill<T: Copy>(&mut self, gpu: &super::Gpu, region: &Region<T>, data: &[T]) -> crate::Result<()> {
+        if data.len() != region.numel() {
+            return Err(crate::Error::Shape {
+                op: "upload",
+                msg: format!("{} values for a tensor of shape {:?}", data.len(), region.shape),
+            });
+        }
+        self.upload_at(gpu, region.offset, data)
+    }
+
+    /// Copies the raw little-endian bytes of a tensor into `region` (waits for the copy).
+    pub fn fill_bytes<T>(&mut self, gpu: &super::Gpu, region: &Region<T>, bytes: &[u8]) -> crate::Result<()> {
+        if bytes.len() != region.numel() * std::mem::size_of::<T>() {
+            return Err(crate::Error::Shape {
+                op: "upload",
+                msg: format!("{} bytes for a tensor of shape {:?}", bytes.len(), region.shape),
+            });
+        }
+        self.upload_at(gpu, region.offset, bytes)
     }
 
     /// A typed view of `numel(dims)` elements at byte offset `offset`; `None` when out of range.

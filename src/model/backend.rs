@@ -99,7 +99,7 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// Widens the checkpoint's weights to f32.
     pub fn load(ckpt: &Checkpoint) -> Result<CpuBackend> {
-        Ok(CpuBackend { model: CpuModel::from_checkpoint(ckpt) })
+        Ok(CpuBackend { model: CpuModel::from_checkpoint(ckpt)? })
     }
 }
 

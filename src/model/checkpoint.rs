@@ -1,5 +1,6 @@
 //! Host-side checkpoint reading: configs, the shard index, memory-mapped safetensors files, and
-//! validation of every tensor against the table the config implies (MODEL.md §9).
+//! validation of every tensor against the table the config implies (MODEL.md §9,
+//! [`crate::model::schema`]).
 //!
 //! Stored names come in two spellings (legacy `model.layers.*` / `visual.*` and new
 //! `model.language_model.*` / `model.visual.*`, MODEL.md §9.1b); both are normalised to one
@@ -8,6 +9,7 @@
 //! that follows can assume a complete, well-formed table.
 
 use crate::model::config::{AdapterConfig, ModelConfig, PreprocessorConfig};
+use crate::model::schema::{Schema, TensorSpec};
 use crate::model::Task;
 use crate::{Error, Result};
 use half::{bf16, f16};
@@ -82,16 +84,8 @@ pub enum Source {
     Adapter,
 }
 
-/// One row of the table of tensors a config implies.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExpectedTensor {
-    /// Canonical name (prefixes stripped, see [`canonical_name`]).
-    pub name: String,
-    /// Shape, outermost first (`[out, in]` for linear weights).
-    pub shape: Vec<usize>,
-    /// Which file set it must come from.
-    pub source: Source,
-}
+/// One row of the table of tensors a config implies (see [`crate::model::schema`]).
+pub type ExpectedTensor = TensorSpec;
 
 /// One tensor found in the checkpoint, validated against the expected table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,93 +172,10 @@ fn lora_task(canonical: &str) -> Option<Task> {
     }
 }
 
-/// The full tensor table implied by the configs (MODEL.md §9.2, §9.3), base tensors first.
+/// The full tensor table implied by the configs (MODEL.md §9.2, §9.3), base tensors first: the
+/// rows of [`Schema::tensors`].
 pub fn expected_tensors(cfg: &ModelConfig, adapter: &AdapterConfig) -> Vec<ExpectedTensor> {
-    let t = &cfg.text;
-    let v = &cfg.vision;
-    let (h, inter) = (t.hidden_size, t.intermediate_size);
-    let q = t.num_attention_heads * t.head_dim;
-    let kv = t.num_key_value_heads * t.head_dim;
-    let (vh, vi) = (v.hidden_size, v.intermediate_size);
-    let merged = v.merged_dim();
-    let pd = cfg.multi_vector_projector_dim;
-
-    let mut out = Vec::new();
-    let mut base = |name: String, shape: &[usize]| {
-        out.push(ExpectedTensor { name, shape: shape.to_vec(), source: Source::Base })
-    };
-    base("embed_tokens.weight".into(), &[t.vocab_size, h]);
-    for l in 0..t.num_hidden_layers {
-        let p = format!("layers.{l}");
-        base(format!("{p}.input_layernorm.weight"), &[h]);
-        base(format!("{p}.self_attn.q_proj.weight"), &[q, h]);
-        base(format!("{p}.self_attn.q_proj.bias"), &[q]);
-        base(format!("{p}.self_attn.k_proj.weight"), &[kv, h]);
-        base(format!("{p}.self_attn.k_proj.bias"), &[kv]);
-        base(format!("{p}.self_attn.v_proj.weight"), &[kv, h]);
-        base(format!("{p}.self_attn.v_proj.bias"), &[kv]);
-        base(format!("{p}.self_attn.o_proj.weight"), &[h, q]);
-        base(format!("{p}.post_attention_layernorm.weight"), &[h]);
-        base(format!("{p}.mlp.gate_proj.weight"), &[inter, h]);
-        base(format!("{p}.mlp.up_proj.weight"), &[inter, h]);
-        base(format!("{p}.mlp.down_proj.weight"), &[h, inter]);
-    }
-    base("norm.weight".into(), &[h]);
-    base(
-        "visual.patch_embed.proj.weight".into(),
-        &[vh, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size],
-    );
-    for j in 0..v.depth {
-        let p = format!("visual.blocks.{j}");
-        base(format!("{p}.norm1.weight"), &[vh]);
-        base(format!("{p}.norm2.weight"), &[vh]);
-        base(format!("{p}.attn.qkv.weight"), &[3 * vh, vh]);
-        base(format!("{p}.attn.qkv.bias"), &[3 * vh]);
-        base(format!("{p}.attn.proj.weight"), &[vh, vh]);
-        base(format!("{p}.attn.proj.bias"), &[vh]);
-        base(format!("{p}.mlp.gate_proj.weight"), &[vi, vh]);
-        base(format!("{p}.mlp.gate_proj.bias"), &[vi]);
-        base(format!("{p}.mlp.up_proj.weight"), &[vi, vh]);
-        base(format!("{p}.mlp.up_proj.bias"), &[vi]);
-        base(format!("{p}.mlp.down_proj.weight"), &[vh, vi]);
-        base(format!("{p}.mlp.down_proj.bias"), &[vh]);
-    }
-    base("visual.merger.ln_q.weight".into(), &[vh]);
-    base("visual.merger.mlp.0.weight".into(), &[merged, merged]);
-    base("visual.merger.mlp.0.bias".into(), &[merged]);
-    base("visual.merger.mlp.2.weight".into(), &[v.out_hidden_size, merged]);
-    base("visual.merger.mlp.2.bias".into(), &[v.out_hidden_size]);
-    base("multi_vector_projector.weight".into(), &[pd, h]);
-    base("multi_vector_projector.bias".into(), &[pd]);
-
-    let r = adapter.r;
-    let modules: [(&str, usize, usize); 7] = [
-        ("self_attn.q_proj", h, q),
-        ("self_attn.k_proj", h, kv),
-        ("self_attn.v_proj", h, kv),
-        ("self_attn.o_proj", q, h),
-        ("mlp.gate_proj", h, inter),
-        ("mlp.up_proj", h, inter),
-        ("mlp.down_proj", inter, h),
-    ];
-    let mut lora = |module: String, task: Task, fan_in: usize, fan_out: usize| {
-        for (ab, shape) in [("A", [r, fan_in]), ("B", [fan_out, r])] {
-            out.push(ExpectedTensor {
-                name: format!("{module}.lora_{ab}.{task}.weight"),
-                shape: shape.to_vec(),
-                source: Source::Adapter,
-            });
-        }
-    };
-    for task in Task::ALL {
-        for l in 0..t.num_hidden_layers {
-            for (m, fan_in, fan_out) in modules {
-                lora(format!("layers.{l}.{m}"), task, fan_in, fan_out);
-            }
-        }
-        lora("multi_vector_projector".into(), task, h, pd);
-    }
-    out
+    Schema::new(cfg, adapter).tensors()
 }
 
 /// One tensor as found in a safetensors header, before validation.
@@ -375,8 +286,14 @@ impl Builder<'_> {
                 first.file.display()
             )));
         }
-        let Some(dtype) = Dtype::from_safetensors(raw.dtype) else {
-            return Err(err(format!("dtype {:?} is not supported (expected BF16, F16 or F32)", raw.dtype)));
+        let Some(dtype) = Dtype::from_safetensors(raw.dtype).filter(|d| exp.dtypes.contains(d)) else {
+            let names: Vec<&str> = exp.dtypes.iter().map(|d| d.name()).collect();
+            let expected = match names.split_last() {
+                Some((last, [])) => last.to_string(),
+                Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+                None => "none".into(),
+            };
+            return Err(err(format!("dtype {:?} is not supported (expected {expected})", raw.dtype)));
         };
         if raw.shape != exp.shape {
             return Err(err(format!("shape {:?}, expected {:?}", raw.shape, exp.shape)));

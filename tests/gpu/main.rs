@@ -69,6 +69,8 @@ fn main() {
         ("alloc_round_trip", alloc::alloc_round_trip),
         ("alloc_no_growth_over_100_cycles", alloc::alloc_no_growth_over_100_cycles),
         ("alloc_budget_gives_typed_oom", alloc::alloc_budget_gives_typed_oom),
+        ("arena_gives_every_block_back", alloc::arena_gives_every_block_back),
+        ("arena_upload_stages_in_one_copy", alloc::arena_upload_stages_in_one_copy),
         ("weights_upload_round_trip", weights::weights_upload_round_trip),
         ("text_forward_matches_cpu_layer_by_layer", model::text_forward_matches_cpu_layer_by_layer),
         ("text_outputs_match_fp32_reference", model::text_outputs_match_fp32_reference),

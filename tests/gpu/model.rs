@@ -70,7 +70,7 @@ pub fn text_forward_matches_cpu_layer_by_layer(ctx: &mut Ctx) -> Result<(), Stri
     let t = tiny()?;
     let (model, _) = GpuModel::load(&ctx.gpu, &t.ckpt).map_err(e)?;
     let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
-    let cpu = CpuModel::from_checkpoint(&t.ckpt);
+    let cpu = CpuModel::from_checkpoint(&t.ckpt).map_err(e)?;
     // A packed batch mixing all three tasks and lengths 1..200.
     let all = texts(&t);
     let mut batch = PackedBatch::new(&t.ckpt.config);
@@ -154,6 +154,10 @@ pub fn text_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
             return Err(format!("mixed batch, text {j}: single cos {cs:.6}"));
         }
     }
+    let s = mem.stats();
+    if s.in_use != 0 || s.live_allocations != 0 {
+        return Err(format!("the forwards' arenas left blocks behind: {s:?}"));
+    }
     println!(
         "  worst single cos {worst_single:.6}, worst multi mean cos {worst_multi:.6}; mixed batch vs alone: max |diff| {max_diff:.2e}{}",
         if max_diff == 0.0 { " (bitwise equal)" } else { "" }
@@ -203,7 +207,7 @@ pub fn image_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
     let t = tiny()?;
     let (model, _) = GpuModel::load(&ctx.gpu, &t.ckpt).map_err(e)?;
     let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
-    let cpu = CpuModel::from_checkpoint(&t.ckpt);
+    let cpu = CpuModel::from_checkpoint(&t.ckpt).map_err(e)?;
     let pd = t.ckpt.config.multi_vector_projector_dim;
     let hid = t.ckpt.config.text.hidden_size;
     let images = fixture_images(&t)?;
@@ -213,9 +217,11 @@ pub fn image_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
         let mut b = PackedBatch::new(&t.ckpt.config);
         b.push(ids, *task, vec![ImageInput { pixel_values: pv.clone(), grid: *grid }]).map_err(e)?;
         b.want_multi = true;
-        let vis = model.vision(&ctx.gpu, &mut mem, &b).map_err(e)?;
-        let vis: Vec<f32> = ctx.gpu.download(&vis.view()).map_err(e)?.iter().map(|v| v.to_f32()).collect();
-        mem.free_all();
+        let vis: Vec<f32> = {
+            let arena = mem.arena();
+            let vis = model.vision(&ctx.gpu, &arena, &b).map_err(e)?;
+            ctx.gpu.download(&vis.view()).map_err(e)?.iter().map(|v| v.to_f32()).collect()
+        };
         let vref = &t.refs[&format!("image/{name}/vision/fp32")];
         let vcos = (0..vref.len() / hid)
             .map(|r| cos(&vis[r * hid..(r + 1) * hid], &vref[r * hid..(r + 1) * hid]))
@@ -237,6 +243,10 @@ pub fn image_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
         if vcos < 0.99 || single < 0.999 || mc < 0.99 || vs_cpu < 0.999 {
             return Err(line.join("; "));
         }
+    }
+    let s = mem.stats();
+    if s.in_use != 0 || s.live_allocations != 0 {
+        return Err(format!("the forwards' arenas left blocks behind: {s:?}"));
     }
     for l in line {
         println!("  {l}");
