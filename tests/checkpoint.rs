@@ -121,7 +121,7 @@ fn full_preset_table_matches_spec_parameter_counts() {
     let count = |src: Source| -> usize {
         table.iter().filter(|e| e.source == src).map(|e| e.shape.iter().product::<usize>()).sum()
     };
-    // MODEL.md §6: 59.94M LoRA parameters per task; §9.2: about 3.75B base parameters.
+    // docs/MODEL.md §6: 59.94M LoRA parameters per task; §9.2: about 3.75B base parameters.
     assert_eq!(count(Source::Adapter), 3 * (36 * (131072 + 73728 + 73728 + 131072 + 3 * 417792) + 69632));
     let base = count(Source::Base);
     assert!((3.70e9..3.80e9).contains(&(base as f64)), "{base}");

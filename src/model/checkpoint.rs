@@ -1,9 +1,9 @@
 //! Host-side checkpoint reading: configs, the shard index, memory-mapped safetensors files, and
-//! validation of every tensor against the table the config implies (MODEL.md §9,
+//! validation of every tensor against the table the config implies (docs/MODEL.md §9,
 //! [`crate::model::schema`]).
 //!
 //! Stored names come in two spellings (legacy `model.layers.*` / `visual.*` and new
-//! `model.language_model.*` / `model.visual.*`, MODEL.md §9.1b); both are normalised to one
+//! `model.language_model.*` / `model.visual.*`, docs/MODEL.md §9.1b); both are normalised to one
 //! canonical name, so the rest of the engine never sees a prefix. Everything is checked at open
 //! time — missing, unexpected, duplicated, mis-shaped or mis-typed tensors — so that the GPU upload
 //! that follows can assume a complete, well-formed table.
@@ -139,7 +139,7 @@ pub struct Checkpoint {
     by_name: HashMap<String, usize>,
 }
 
-/// Normalises a stored name (MODEL.md §9.1): drops PEFT's `base_model.model.`, maps
+/// Normalises a stored name (docs/MODEL.md §9.1): drops PEFT's `base_model.model.`, maps
 /// `model.visual.` → `visual.`, and strips `model.language_model.` or `model.` from LM names.
 /// Names without a known prefix (`visual.*`, `multi_vector_projector.*`, `lm_head.*`) are kept.
 pub fn canonical_name(stored: &str) -> String {
@@ -156,7 +156,7 @@ pub fn canonical_name(stored: &str) -> String {
 }
 
 /// Keys that may be present but are deliberately unused: the tied LM head and the stale
-/// single-vector projector (MODEL.md §6, §9.2).
+/// single-vector projector (docs/MODEL.md §6, §9.2).
 fn is_ignored(canonical: &str) -> bool {
     canonical == "lm_head.weight" || canonical.starts_with("single_vector_projector")
 }
@@ -172,7 +172,7 @@ fn lora_task(canonical: &str) -> Option<Task> {
     }
 }
 
-/// The full tensor table implied by the configs (MODEL.md §9.2, §9.3), base tensors first: the
+/// The full tensor table implied by the configs (docs/MODEL.md §9.2, §9.3), base tensors first: the
 /// rows of [`Schema::tensors`].
 pub fn expected_tensors(cfg: &ModelConfig, adapter: &AdapterConfig) -> Vec<ExpectedTensor> {
     Schema::new(cfg, adapter).tensors()

@@ -4,7 +4,7 @@
 //!
 //! Batches are packed exactly as on the GPU: the sequences' tokens are concatenated (no padding),
 //! attention runs over `cu_seqlens` segments, and each sequence's LoRA is its own task's. The
-//! wiring follows spec §5 (vision tower), §4.3 (splice), §7 (decoder) and §8 (heads).
+//! wiring follows docs/MODEL.md §5 (vision tower), §4.3 (splice), §7 (decoder) and §8 (heads).
 //!
 //! Slow by design (f64 accumulation in every reduction); fine for the tiny fixture model, far too
 //! slow for the full one.
@@ -180,7 +180,7 @@ impl CpuModel {
         y
     }
 
-    /// The vision tower for a batch of images (spec §5): merged-token embeddings `[N, out_hidden]`
+    /// The vision tower for a batch of images (docs/MODEL.md §5): merged-token embeddings `[N, out_hidden]`
     /// in raster order per image, images in order.
     pub fn vision(&self, images: &[&ImageInput]) -> Vec<f32> {
         let v = &self.cfg.vision;

@@ -142,7 +142,7 @@ impl LinearSpec {
     }
 }
 
-/// One decoder layer (MODEL.md §7).
+/// One decoder layer (docs/MODEL.md §7).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerSpec {
     /// `input_layernorm`.
@@ -179,7 +179,7 @@ impl LayerSpec {
     }
 }
 
-/// One vision block (MODEL.md §5).
+/// One vision block (docs/MODEL.md §5).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockSpec {
     /// `norm1`.
@@ -205,7 +205,7 @@ impl BlockSpec {
     }
 }
 
-/// The patch merger (MODEL.md §5.4).
+/// The patch merger (docs/MODEL.md §5.4).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MergerSpec {
     /// `ln_q`, per patch.
@@ -321,7 +321,7 @@ impl Schema {
         }
     }
 
-    /// The full tensor table (MODEL.md §9.2, §9.3): base tensors first (embedding, layers, final
+    /// The full tensor table (docs/MODEL.md §9.2, §9.3): base tensors first (embedding, layers, final
     /// norm, vision tower, projector), then the adapters task by task.
     pub fn tensors(&self) -> Vec<TensorSpec> {
         let mut out = Vec::new();

@@ -1,4 +1,4 @@
-//! The heads on the GPU (spec §8), both from the one pass over the final-norm states: the single
+//! The heads on the GPU (docs/MODEL.md §8), both from the one pass over the final-norm states: the single
 //! vector (mean over each sequence's pooling span, L2-normalised) and the multi-vector rows (the
 //! task-adapted projector, each row L2-normalised).
 

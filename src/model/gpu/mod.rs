@@ -1,4 +1,4 @@
-//! The model on the GPU (spec §3–§8): packed variable-length batches, one stream, activations
+//! The model on the GPU (docs/MODEL.md §3–§8): packed variable-length batches, one stream, activations
 //! from an arena over the paged allocator, both heads from one pass. By role:
 //!
 //! - `weights`: preparation and upload (typed structs of regions in one buffer);

@@ -1,4 +1,4 @@
-//! The decoder layers on the GPU (spec §7): per layer RMSNorm, the fused qkv projection with its
+//! The decoder layers on the GPU (docs/MODEL.md §7): per layer RMSNorm, the fused qkv projection with its
 //! stacked LoRA, M-RoPE, causal varlen attention, o_proj into the f32 residual stream, RMSNorm,
 //! the fused gate_up projection, SwiGLU and down_proj into the residual stream; the final norm.
 

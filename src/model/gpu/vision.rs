@@ -1,4 +1,4 @@
-//! The vision tower on the GPU (spec §5): patch embedding, window permutation, the blocks with
+//! The vision tower on the GPU (docs/MODEL.md §5): patch embedding, window permutation, the blocks with
 //! 2-D RoPE and windowed / full attention, the patch merger, and the way back to raster order.
 
 use half::bf16;
@@ -107,7 +107,7 @@ impl GpuModel {
         })
     }
 
-    /// The vision tower over the batch's images alone (spec §5): `[merged tokens, out_hidden]`
+    /// The vision tower over the batch's images alone (docs/MODEL.md §5): `[merged tokens, out_hidden]`
     /// bf16, in raster order per image, images in order, in `arena` (with its inputs, staged in
     /// one copy). The forward runs the same tower on inputs staged with the decoder's.
     pub fn vision<'a>(

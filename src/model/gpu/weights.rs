@@ -1,4 +1,4 @@
-//! Weights preparation (spec §6, §9): the checkpoint's tensors, walked through its
+//! Weights preparation (docs/MODEL.md §6, §9): the checkpoint's tensors, walked through its
 //! [`Schema`], become typed structs of regions in one device buffer, prepared once at load: q/k/v
 //! fused into one `[q+k+v, hidden]` projection (with its bias), gate/up into one
 //! `[2·inter, hidden]` projection (the SwiGLU kernel reads that layout), the patch embedding's
@@ -197,7 +197,7 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(Weights, LoadRepo
         })
         .collect();
     let projector = plan_linear(&mut lay, &[&s.projector], rank);
-    // The vision tower (spec §5): the patch embedding as the [hidden, c·t·p·p] matrix its
+    // The vision tower (docs/MODEL.md §5): the patch embedding as the [hidden, c·t·p·p] matrix its
     // Conv3d is, and gate/up fused like the decoder's.
     let patch_embed = lay.push(&s.patch_embed.matrix());
     let blocks: Vec<VisionBlock> = s
