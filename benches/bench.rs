@@ -703,7 +703,7 @@ fn bench_images(model: &std::path::Path, reference: &std::path::Path) -> Result<
         let pv = f32s(&format!("{i}/pixel_values"))?;
         let task: Task = im["task"].as_str().unwrap_or("retrieval").parse()?;
         let mut b = PackedBatch::new(&cfg);
-        b.push(&ids, task, vec![ImageInput { pixel_values: pv.clone(), grid }])?;
+        b.push(&ids, task, vec![ImageInput::new(grid, pv.clone()).bf16()])?;
         b.want_multi = true;
         let out = m.forward(&gpu, &mut mem, &b)?;
         b.want_multi = false;
@@ -742,7 +742,7 @@ fn bench_images(model: &std::path::Path, reference: &std::path::Path) -> Result<
     // Images/s at the default cap: those images packed into one forward.
     let mut b = PackedBatch::new(&cfg);
     for (ids, task, grid, pv) in &inputs {
-        b.push(ids, *task, vec![ImageInput { pixel_values: pv.clone(), grid: *grid }])?;
+        b.push(ids, *task, vec![ImageInput::new(*grid, pv.clone()).bf16()])?;
     }
     m.forward(&gpu, &mut mem, &b)?;
     let mut times = Vec::new();

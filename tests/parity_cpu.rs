@@ -120,10 +120,7 @@ fn image_input(name: &str) -> ImageInput {
     }
     let p = preprocess(&img, &cfg).unwrap();
     assert_eq!(p.resized, (h, w), "{name}: the resized image must pass through unchanged");
-    ImageInput {
-        pixel_values: p.pixel_values,
-        grid: GridThw { t: p.grid_thw[0], h: p.grid_thw[1], w: p.grid_thw[2] },
-    }
+    ImageInput::new(GridThw { t: p.grid_thw[0], h: p.grid_thw[1], w: p.grid_thw[2] }, p.pixel_values)
 }
 
 fn image_seq(entry: &Value) -> (String, SeqInput) {
@@ -343,7 +340,13 @@ fn preprocessing_matches_the_reference_processor() {
         if let Some(pv) = f.pre.get(&format!("image/{name}/pixel_values")) {
             // Normalise + patchify, compared directly on the reference's own uint8 image.
             let exact = image_input(&name);
-            let e = exact.pixel_values.iter().zip(&pv.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let e = exact
+                .pixel_values
+                .to_f32()
+                .iter()
+                .zip(&pv.data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(e < 1e-5, "{name}: pixel_values layout/normalisation differs by {e}");
             report.push(format!("{name}: pixel_values max {e:.1e}"));
         }

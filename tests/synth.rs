@@ -199,7 +199,7 @@ fn synth_command_output_runs_on_the_cpu_model() {
 
     let mut batch = PackedBatch::new(&cfg);
     batch.push_text(&text_ids, Task::Retrieval).unwrap();
-    batch.push(&image_ids, Task::Code, vec![ImageInput { pixel_values: p.pixel_values, grid }]).unwrap();
+    batch.push(&image_ids, Task::Code, vec![ImageInput::new(grid, p.pixel_values)]).unwrap();
     batch.want_multi = true;
     let out = model.forward(&batch).unwrap();
     let (hid, pd) = (cfg.text.hidden_size, cfg.multi_vector_projector_dim);

@@ -150,6 +150,7 @@ impl Engine {
             opts.truncation,
             opts.max_batch_patches,
             opts.preprocess_threads,
+            opts.device != Device::Cpu,
         )?;
 
         let (tx, rx) = mpsc::channel::<Msg>();

@@ -35,6 +35,8 @@ pub(crate) struct Preparer {
     pub truncation: Truncation,
     pub max_batch_patches: usize,
     pub threads: usize,
+    /// Round patch rows to bf16 here (for a GPU backend), off the worker's thread.
+    pub bf16_pixels: bool,
 }
 
 impl Preparer {
@@ -45,12 +47,22 @@ impl Preparer {
         truncation: Truncation,
         max_batch_patches: usize,
         threads: usize,
+        bf16_pixels: bool,
     ) -> Result<Preparer> {
         let image_template = (
             tok.encode_raw("<|im_start|>user\n<|vision_start|>")?,
             tok.encode_raw("<|vision_end|>Describe the image.<|im_end|>\n")?,
         );
-        Ok(Preparer { tok, cfg, image_cfg, image_template, truncation, max_batch_patches, threads })
+        Ok(Preparer {
+            tok,
+            cfg,
+            image_cfg,
+            image_template,
+            truncation,
+            max_batch_patches,
+            threads,
+            bf16_pixels,
+        })
     }
 
     /// One result per request, in order.
@@ -150,6 +162,10 @@ impl Preparer {
         let mut ids = pre.clone();
         ids.extend(std::iter::repeat_n(self.cfg.special.image_token_id, grid.merged_tokens(cfg.merge_size)));
         ids.extend_from_slice(post);
-        Ok(Prepared { ids, dropped: 0, image: Some(ImageInput { pixel_values: p.pixel_values, grid }) })
+        let mut image = ImageInput::new(grid, p.pixel_values);
+        if self.bf16_pixels {
+            image.pixel_values = image.pixel_values.into_bf16();
+        }
+        Ok(Prepared { ids, dropped: 0, image: Some(image) })
     }
 }

@@ -6,19 +6,82 @@
 //! [`PackedBatch::push`] validates a sequence completely before it changes the batch: a bad
 //! sequence is refused alone and the batch stays usable for the others.
 
+use half::bf16;
+
 use crate::model::config::ModelConfig;
 use crate::model::plan::{self, GridThw, MropePositions};
 use crate::model::Task;
 use crate::{Error, Result};
 
+/// Patch rows in the precision a backend consumes: f32 for the CPU forward (as the fp32
+/// reference feeds them), bf16 for the GPU (the reference's bf16 patch embedding rounds them so).
+/// The engine prepares the backend's kind on the callers' threads, so the worker only copies.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Pixels {
+    /// f32 values.
+    F32(Vec<f32>),
+    /// bf16 values (rounded to nearest even from the f32 ones).
+    Bf16(Vec<bf16>),
+}
+
+impl Pixels {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Pixels::F32(v) => v.len(),
+            Pixels::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values as f32 (bf16 widened exactly).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Pixels::F32(v) => v.clone(),
+            Pixels::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    /// Writes the values as bf16 into `dst` (of the same length).
+    pub fn write_bf16(&self, dst: &mut [bf16]) {
+        match self {
+            Pixels::F32(v) => dst.iter_mut().zip(v).for_each(|(d, &x)| *d = bf16::from_f32(x)),
+            Pixels::Bf16(v) => dst.copy_from_slice(v),
+        }
+    }
+
+    /// The same values rounded to bf16.
+    pub fn into_bf16(self) -> Pixels {
+        match self {
+            Pixels::F32(v) => Pixels::Bf16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+            b => b,
+        }
+    }
+}
+
 /// One preprocessed image: its patch rows and grid.
 #[derive(Clone, Debug)]
 pub struct ImageInput {
-    /// `[grid.patches(), channels·temporal·patch²]` in merge-block row order (f32; the GPU
-    /// rounds them to bf16 as the reference's patch embedding does).
-    pub pixel_values: Vec<f32>,
+    /// `[grid.patches(), channels·temporal·patch²]` in merge-block row order.
+    pub pixel_values: Pixels,
     /// The patch grid.
     pub grid: GridThw,
+}
+
+impl ImageInput {
+    /// An image from f32 patch rows.
+    pub fn new(grid: GridThw, pixel_values: Vec<f32>) -> ImageInput {
+        ImageInput { pixel_values: Pixels::F32(pixel_values), grid }
+    }
+
+    /// The same image with its values rounded to bf16 (what a GPU backend consumes).
+    pub fn bf16(self) -> ImageInput {
+        ImageInput { pixel_values: self.pixel_values.into_bf16(), grid: self.grid }
+    }
 }
 
 /// A packed batch of sequences. See the module documentation.

@@ -188,7 +188,7 @@ impl CpuModel {
         let vp = plan::vision_plan(&grids, v.spatial_merge_size, v.window_size, v.patch_size);
         let unit = v.spatial_merge_size * v.spatial_merge_size;
         let (d, np) = (v.hidden_size, vp.patches);
-        let pix: Vec<f32> = images.iter().flat_map(|i| i.pixel_values.iter().copied()).collect();
+        let pix: Vec<f32> = images.iter().flat_map(|i| i.pixel_values.to_f32()).collect();
         let row = pix.len() / np;
 
         // Patch embedding: the Conv3d with stride = kernel is a GEMM on flattened patches.

@@ -215,7 +215,7 @@ pub fn image_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
     for (name, ids, task, grid, pv) in &images {
         // The vision tower alone, against the rows transformers spliced in.
         let mut b = PackedBatch::new(&t.ckpt.config);
-        b.push(ids, *task, vec![ImageInput { pixel_values: pv.clone(), grid: *grid }]).map_err(e)?;
+        b.push(ids, *task, vec![ImageInput::new(*grid, pv.clone())]).map_err(e)?;
         b.want_multi = true;
         let vis: Vec<f32> = {
             let arena = mem.arena();

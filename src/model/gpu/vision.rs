@@ -63,9 +63,7 @@ impl VisionStage {
             let Some(dst) = px.get_mut(at..at + n) else {
                 return Err(Error::Input("the images hold more pixel values than planned".into()));
             };
-            for (d, &v) in dst.iter_mut().zip(&img.pixel_values) {
-                *d = bf16::from_f32(v);
-            }
+            img.pixel_values.write_bf16(dst);
             at += n;
         }
         Ok(())
