@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use half::bf16;
 use jv4::cuda::{DTensor, DeviceAllocator, Gpu, DEFAULT_PAGE_SIZE};
-use jv4::ops::attention::{AttnKernel, QueryTile};
+use jv4::ops::attention::{AttnKernel, QueryTile, Sm90Schedule};
 use jv4::reference::cosine as cos;
 use jv4::rng::Rng;
 use jv4::{ops, Result};
@@ -206,10 +206,16 @@ fn bench_attention(
         AttnKernel::default_for(4096, 128).name(),
         AttnKernel::default_for(4096, 80).name()
     );
-    println!(
-        "{:<26} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8}",
-        "case", "sm90", "fa2", "torch flash", "torch cudnn", "/fa2", "/flash", "/cudnn"
+    let scheds = Sm90Schedule::ALL;
+    let mut head = format!("{:<20} {:>6}", "case", "sm90");
+    for sc in scheds {
+        head += &format!(" {:>4}", sc.name());
+    }
+    head += &format!(
+        " {:>5} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8}",
+        "fa2", "flash", "cudnn", "/fa2", "/flash", "/cudnn", "sm90 ms"
     );
+    println!("{head}");
     for (name, (heads, kv_heads, d), causal, segs) in attention_cases() {
         let tokens: usize = segs.iter().sum();
         let qkv = random_tensor(gpu, mem, rng, &[tokens, (heads + 2 * kv_heads) * d], 1.0)?;
@@ -223,39 +229,51 @@ fn bench_attention(
         let flops = segs.iter().map(|&l| 4.0 * (l * l * d * heads) as f64 * half).sum::<f64>();
         let max_seqlen = segs.iter().copied().max().unwrap_or(1);
         let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
-        let mut ours = Vec::new();
-        let fa2 = AttnKernel::Fa2(QueryTile::for_max_seqlen(max_seqlen));
-        for kernel in [AttnKernel::Sm90, fa2] {
-            if kernel == AttnKernel::Sm90 && !AttnKernel::sm90_built() {
-                ours.push(None);
-                continue;
+        let cell = |ms: Option<f64>| ms.map_or("-".to_string(), |ms| format!("{:.0}", tf(ms)));
+        // The op's sm90 schedule, then each schedule, then FA2 (the op's tiling for the case).
+        let mut sm90 = Vec::new();
+        if AttnKernel::sm90_built() {
+            for sc in [None].into_iter().chain(scheds.map(Some)) {
+                let sc = sc.unwrap_or(Sm90Schedule::for_shape(max_seqlen));
+                #[rustfmt::skip]
+                let ms = time_ms(gpu, iters, || {
+                    ops::attention::flash_attn_sm90(
+                        gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, heads, kv_heads, d, causal, scale, sc,
+                    )
+                })?;
+                sm90.push(Some(ms));
             }
-            #[rustfmt::skip]
-            let ms = time_ms(gpu, iters, || {
-                ops::attention::flash_attn_with(
-                    gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, heads, kv_heads, d, causal, scale, kernel,
-                )
-            })?;
-            ours.push(Some(ms));
+        } else {
+            sm90 = vec![None; 1 + scheds.len()];
         }
+        let fa2 = AttnKernel::Fa2(QueryTile::for_max_seqlen(max_seqlen));
+        #[rustfmt::skip]
+        let fa2_ms = Some(time_ms(gpu, iters, || {
+            ops::attention::flash_attn_with(
+                gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, heads, kv_heads, d, causal, scale, fa2,
+            )
+        })?);
         let flash = torch.get(&format!("attention/{name}/flash")).copied();
         let cudnn = torch.get(&format!("attention/{name}/cudnn")).copied();
-        let cell = |ms: Option<f64>| ms.map_or("-".to_string(), |ms| format!("{:.0}", tf(ms)));
-        let ratio = |other: Option<f64>| match (ours[0], other) {
+        let ratio = |other: Option<f64>| match (sm90[0], other) {
             (Some(a), Some(b)) => format!("{:.2}x", b / a),
             _ => "-".to_string(),
         };
-        println!(
-            "{:<26} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8} {:>8}",
-            name,
-            cell(ours[0]),
-            cell(ours[1]),
+        let mut line = format!("{:<20} {:>6}", name, cell(sm90[0]));
+        for ms in &sm90[1..] {
+            line += &format!(" {:>4}", cell(*ms));
+        }
+        line += &format!(
+            " {:>5} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8}",
+            cell(fa2_ms),
             cell(flash),
             cell(cudnn),
-            ratio(ours[1]),
+            ratio(fa2_ms),
             ratio(flash),
-            ratio(cudnn)
+            ratio(cudnn),
+            sm90[0].map_or("-".to_string(), |ms| format!("{ms:.4}"))
         );
+        println!("{line}");
         mem.free(qkv.into_block());
         mem.free(out.into_block());
         mem.free(cu.into_block());

@@ -69,14 +69,62 @@ pub enum AttnKernel {
     /// FlashAttention-2 on `mma.sync` (`kernels/attention.cu`), with its query tiling: every
     /// target (sm_80, sm_89, sm_90a).
     Fa2(QueryTile),
-    /// The Hopper kernel (`kernels/attention_sm90.cu`): only in sm_90a builds.
+    /// The Hopper kernel (`kernels/attention_sm90.cu`): only in sm_90a builds. Its schedule is
+    /// [`Sm90Schedule::for_shape`] unless given ([`flash_attn_sm90`]); the schedule never
+    /// changes a result.
     Sm90,
+}
+
+/// How the Hopper kernel's tiles are laid over the GPU (the results are the same bits for every
+/// schedule: each tile is computed alone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sm90Schedule {
+    /// One CTA per SM walking the tiles (snake order), else one CTA per tile (the hardware
+    /// schedules them).
+    pub persistent: bool,
+    /// Tile order: (segment, head) outermost, the query blocks of a head next to each other;
+    /// else the query block outermost (the heaviest tiles of all heads first).
+    pub heads_outer: bool,
+    /// The two consumer warpgroups take turns issuing their GEMMs (FA3's ping-pong).
+    pub pingpong: bool,
+}
+
+impl Sm90Schedule {
+    /// Every schedule, for the benchmark.
+    pub const ALL: [Sm90Schedule; 8] = {
+        let mut all = [Sm90Schedule { persistent: false, heads_outer: false, pingpong: false }; 8];
+        let mut i = 0;
+        while i < 8 {
+            all[i] = Sm90Schedule { persistent: i & 1 == 0, heads_outer: i & 2 != 0, pingpong: i & 4 != 0 };
+            i += 1;
+        }
+        all
+    };
+
+    /// The schedule [`flash_attn`] uses: persistent, query blocks outermost, ping-pong: the best
+    /// or within noise of the best of the eight on every bench shape (benches/NOTES.md, 2026-12-01).
+    pub fn for_shape(_max_seqlen: usize) -> Sm90Schedule {
+        Sm90Schedule { persistent: true, heads_outer: false, pingpong: true }
+    }
+
+    /// Short name for reports: `p` persistent or `g` grid, then `q` query blocks or `h` heads
+    /// outermost, then `+` with ping-pong.
+    pub fn name(self) -> String {
+        format!(
+            "{}{}{}",
+            if self.persistent { "p" } else { "g" },
+            if self.heads_outer { "h" } else { "q" },
+            if self.pingpong { "+" } else { "" }
+        )
+    }
 }
 
 /// Head dims for which [`flash_attn`] uses the Hopper kernel by default in sm_90a builds (else
 /// FA2): only where it is correct and at least as fast on every bench shape (benches/NOTES.md).
-/// d 80 stays on FA2 while the Hopper kernel's 128-row tiles lose on the ViT's 64-patch windows.
-/// Chosen by head dim (which part of the model calls), never by the batch.
+/// Chosen by head dim (which part of the model calls), never by the batch: the two kernels round
+/// differently, so a choice that followed the batch (max_seqlen) would break batch invariance.
+/// d 80 stays on FA2: the Hopper kernel is 1.5–2× FA2 on the ViT's full-attention layers but
+/// 3–5% slower on its 64-patch windows (adding 80 here is the one change to make it the default).
 const SM90_DEFAULT_HEAD_DIMS: &[usize] = &[128];
 
 impl AttnKernel {
@@ -172,6 +220,7 @@ pub const CASES: &[Case] = &[
     text("text [3, 0, 66, 0]", &[3, 0, 66, 0], None),
     text("text [517, 3, 1000]", &[517, 3, 1000], None),
     text("text [0, 255, 129, 127, 0]", &[0, 255, 129, 127, 0], None),
+    text("text [0, 5, 0, 0, 64, 1, 33]", &[0, 5, 0, 0, 64, 1, 33], None),
     text("text 5000 mixed segments", &MIXED_5000, Some(400)),
     text("text [32768]", &[32768], Some(64)),
     vision("vision 48 windows of 64", &[64; 48], None),
@@ -260,6 +309,41 @@ pub fn flash_attn_with(
     scale: f32,
     kernel: AttnKernel,
 ) -> Result<()> {
+    let shape = (max_seqlen, heads, kv_heads, head_dim, causal, scale);
+    run(gpu, qkv, out, cu_seqlens, shape, kernel, None)
+}
+
+/// [`flash_attn`] on the Hopper kernel with a given schedule (the benchmark compares them).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_sm90(
+    gpu: &Gpu,
+    qkv: &DView<'_, bf16>,
+    out: &mut DViewMut<'_, bf16>,
+    cu_seqlens: &DView<'_, i32>,
+    max_seqlen: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    causal: bool,
+    scale: f32,
+    schedule: Sm90Schedule,
+) -> Result<()> {
+    let shape = (max_seqlen, heads, kv_heads, head_dim, causal, scale);
+    run(gpu, qkv, out, cu_seqlens, shape, AttnKernel::Sm90, Some(schedule))
+}
+
+/// (max_seqlen, heads, kv_heads, head_dim, causal, scale) of one call.
+type Shape = (usize, usize, usize, usize, bool, f32);
+
+fn run(
+    gpu: &Gpu,
+    qkv: &DView<'_, bf16>,
+    out: &mut DViewMut<'_, bf16>,
+    cu_seqlens: &DView<'_, i32>,
+    (max_seqlen, heads, kv_heads, head_dim, causal, scale): Shape,
+    kernel: AttnKernel,
+    schedule: Option<Sm90Schedule>,
+) -> Result<()> {
     let id = match kernel {
         AttnKernel::Fa2(tile) => tile.kernel(head_dim),
         AttnKernel::Sm90 => sm90_kernel(head_dim),
@@ -310,8 +394,10 @@ pub fn flash_attn_with(
     check_aligned("flash_attn", "cu_seqlens", cu_seqlens.ptr(), 4)?;
 
     let AttnKernel::Fa2(tile) = kernel else {
+        let sched = schedule.unwrap_or(Sm90Schedule::for_shape(max_seqlen));
+        #[rustfmt::skip]
         return launch_sm90(
-            gpu, id, qkv, out, cu_seqlens, max_seqlen, heads, kv_heads, head_dim, causal, scale,
+            gpu, id, qkv, out, cu_seqlens, max_seqlen, heads, kv_heads, head_dim, causal, scale, sched,
         );
     };
     // Q, K and V tiles in smem, rows padded by 8 elements: (BM + 128)·(d + 8)·2 bytes, 52,224 /
@@ -353,8 +439,10 @@ fn sm90_kernel(head_dim: usize) -> Option<KernelId> {
     }
 }
 
-/// Query rows per CTA and keys per K/V tile of the Hopper kernel (`BM`, `BN`).
+/// Query rows per tile and keys per K/V tile of the Hopper kernel (`BM`, `BN`), and the rows
+/// of one TMA box (a consumer warpgroup's half of a tile).
 const SM90_TILE: usize = 128;
+const SM90_BOX_ROWS: usize = 64;
 /// Threads per CTA of the Hopper kernel: a producer and two consumer warpgroups.
 const SM90_THREADS: u32 = 384;
 
@@ -368,12 +456,12 @@ fn sm90_layout(head_dim: usize) -> (usize, sys::CUtensorMapSwizzle, usize) {
     }
 }
 
-/// The Hopper kernel's dynamic shared memory: Q, the K and V rings, the mbarriers, 1 KB of
-/// alignment slack (164,936 B for d 128, 144,488 B for d 80; the kernel asserts the same).
+/// The Hopper kernel's dynamic shared memory: two Q stages, the K and V rings, the mbarriers,
+/// 1 KB of alignment slack (197,728 B for d 128, 164,992 B for d 80; the kernel asserts the same).
 fn sm90_smem(head_dim: usize) -> usize {
     let (_, _, stages) = sm90_layout(head_dim);
     let tile = SM90_TILE * head_dim * 2;
-    tile * (1 + 2 * stages) + 8 * (1 + 4 * stages) + 1024
+    tile * (2 + 2 * stages) + 8 * (4 + 4 * stages) + 1024
 }
 
 /// Launches the Hopper kernel on arguments `flash_attn_with` has validated.
@@ -390,18 +478,29 @@ fn launch_sm90(
     head_dim: usize,
     causal: bool,
     scale: f32,
+    sched: Sm90Schedule,
 ) -> Result<()> {
     let &[tokens, row] = qkv.shape() else { unreachable!("checked by flash_attn_with") };
-    // TMA coordinates are 32-bit.
+    // TMA coordinates and the kernel's row indices are 32-bit.
     if tokens > i32::MAX as usize || row > i32::MAX as usize {
         return Err(shape_err(format!("qkv {:?}: over 2^31 rows or columns", qkv.shape())));
     }
+    // Work units of the persistent grid. Short mode (every segment ≤ 64 tokens): two segments
+    // per tile, one per consumer warpgroup; it gives the same bits per segment as the normal
+    // mode (the kernel's header says why), so the choice, made from the batch, changes no row.
+    let segments = cu_seqlens.numel() - 1;
+    let short_mode = max_seqlen <= SM90_BOX_ROWS;
+    let nq = max_seqlen.div_ceil(SM90_TILE);
+    let n_tiles = if short_mode { segments.div_ceil(2) * heads } else { nq * heads * segments };
+    if n_tiles > i32::MAX as usize {
+        return Err(shape_err(format!("{n_tiles} tiles (query blocks × heads × segments): over 2^31")));
+    }
     let (box_cols, swizzle, _) = sm90_layout(head_dim);
-    // qkv as a 2-D [T, row] bf16 tensor (dimension 0 innermost), boxes of 128 rows × box_cols;
+    // qkv as a 2-D [T, row] bf16 tensor (dimension 0 innermost), boxes of 64 rows × box_cols;
     // rows past T read as zeros.
     let dims: [u64; 2] = [row as u64, tokens as u64];
     let strides: [u64; 1] = [(row * 2) as u64];
-    let boxes: [u32; 2] = [box_cols as u32, SM90_TILE as u32];
+    let boxes: [u32; 2] = [box_cols as u32, SM90_BOX_ROWS as u32];
     let steps: [u32; 2] = [1, 1];
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
     // SAFETY: a host-side encode into `map` (128 bytes, owned here) from arrays of the rank (2)
@@ -428,29 +527,37 @@ fn launch_sm90(
 
     let smem = sm90_smem(head_dim) as u32;
     gpu.set_max_dynamic_smem(id, smem)?;
-    let launch = Launch {
-        grid: (max_seqlen.div_ceil(SM90_TILE) as u32, heads as u32, (cu_seqlens.numel() - 1) as u32),
-        block: (SM90_THREADS, 1, 1),
-        smem,
-    };
+    // Persistent: at most one CTA per SM (each needs most of an SM's registers and shared memory).
+    let ctas = if sched.persistent { n_tiles.min(gpu.info().sm_count.max(1) as usize) } else { n_tiles };
+    let launch = Launch { grid: (ctas as u32, 1, 1), block: (SM90_THREADS, 1, 1), smem };
     let (mut op, mut cp) = (out.ptr(), cu_seqlens.ptr());
-    let mut t = tokens as i64;
-    let (mut h, mut kvh, mut c) = (heads as i32, kv_heads as i32, causal as i32);
+    let ints = [
+        tokens,
+        segments,
+        heads,
+        kv_heads,
+        causal as usize,
+        short_mode as usize,
+        sched.heads_outer as usize,
+        sched.pingpong as usize,
+        nq,
+        n_tiles,
+    ];
+    // Each fits i32: tokens and n_tiles checked above, the rest by flash_attn_with's limits.
+    let mut ints: Vec<i32> = ints.iter().map(|&x| x as i32).collect();
     let mut scale_log2 = scale * std::f32::consts::LOG2_E;
-    let mut args = [
+    let mut args: Vec<*mut c_void> = vec![
         &mut map as *mut sys::CUtensorMap as *mut c_void,
         &mut op as *mut u64 as *mut c_void,
         &mut cp as *mut u64 as *mut c_void,
-        &mut t as *mut i64 as *mut c_void,
-        &mut h as *mut i32 as *mut c_void,
-        &mut kvh as *mut i32 as *mut c_void,
-        &mut c as *mut i32 as *mut c_void,
-        &mut scale_log2 as *mut f32 as *mut c_void,
     ];
+    args.extend(ints.iter_mut().map(|x| x as *mut i32 as *mut c_void));
+    args.push(&mut scale_log2 as *mut f32 as *mut c_void);
     // SAFETY: args match flash_attn_sm90_bf16_d{128,80}(const TmaMap (128 bytes, by value), bf16*,
-    // const int*, int64, int, int, int, float). The tensor map covers exactly qkv (T·row
-    // elements); out holds T·heads·head_dim elements, 16-byte aligned; cu_seqlens holds S+1 ints,
-    // clamped to [0, T] by the kernel, so every row it stores is < T (loads past T are the TMA's
-    // zero fill); the dynamic shared memory limit was raised to `smem` above.
+    // const int*, int tokens, int segments, int heads, int kv_heads, int causal, int short_mode,
+    // int heads_outer, int pingpong, int nq, int n_tiles, float). The tensor map covers exactly qkv (T·row elements); out holds
+    // T·heads·head_dim elements, 16-byte aligned; cu_seqlens holds S+1 ints, clamped to [0, T] by
+    // the kernel, so every row it stores is < T (loads past T are the TMA's zero fill); the
+    // dynamic shared memory limit was raised to `smem` above.
     unsafe { gpu.launch(id, launch, &mut args) }
 }

@@ -28,7 +28,7 @@ use half::bf16;
 use crate::check::{check_close, BF16_NAN_BITS, BF16_REL};
 use crate::harness::{e, Ctx};
 use jv4::cuda::{DTensor, DeviceAllocator, DEFAULT_PAGE_SIZE};
-use jv4::ops::attention::{cu_seqlens, AttnKernel, Case, CASES};
+use jv4::ops::attention::{cu_seqlens, AttnKernel, Case, Sm90Schedule, CASES};
 use jv4::{ops, reference};
 
 /// Standard deviation of q (k and v are standard normal): with scale 1/√d the logits have this
@@ -48,6 +48,8 @@ struct Run {
     /// The GPU output of each kernel (FA2 in both tilings, and the Hopper kernel where built),
     /// all rows `[T, heads·head_dim]`.
     outs: Vec<(AttnKernel, Vec<f32>)>,
+    /// Hopper schedules whose output differs in any bit from the default schedule's.
+    schedule_mismatches: Vec<String>,
 }
 
 fn normal_bf16(ctx: &mut Ctx, n: usize, std: f32) -> Vec<f32> {
@@ -81,7 +83,7 @@ fn run_case(ctx: &mut Ctx, mem: &mut DeviceAllocator, c: &Case) -> Result<Run, S
     ctx.gpu.upload(&mut qkv.view_mut(), &qkv_h).map_err(e)?;
     ctx.gpu.upload(&mut cu.view_mut(), &cu_h).map_err(e)?;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut outs = Vec::new();
+    let mut outs: Vec<(AttnKernel, Vec<f32>)> = Vec::new();
     for kernel in AttnKernel::available() {
         ctx.gpu.fill_u16(&mut out.view_mut(), BF16_NAN_BITS).map_err(e)?;
         #[rustfmt::skip]
@@ -91,10 +93,32 @@ fn run_case(ctx: &mut Ctx, mem: &mut DeviceAllocator, c: &Case) -> Result<Run, S
         .map_err(e)?;
         outs.push((kernel, ctx.gpu.download(&out.view()).map_err(e)?.iter().map(|x| x.to_f32()).collect()));
     }
+    // Every schedule of the Hopper kernel must give the default schedule's bits.
+    let mut schedule_mismatches = Vec::new();
+    if let Some((_, base)) = outs.iter().find(|(k, _)| *k == AttnKernel::Sm90) {
+        for sched in Sm90Schedule::ALL {
+            ctx.gpu.fill_u16(&mut out.view_mut(), BF16_NAN_BITS).map_err(e)?;
+            #[rustfmt::skip]
+            ops::attention::flash_attn_sm90(
+                &ctx.gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, h, kvh, d, c.causal, scale, sched,
+            )
+            .map_err(e)?;
+            let got = ctx.gpu.download(&out.view()).map_err(e)?;
+            if let Some(i) = (0..got.len()).find(|&i| got[i].to_f32().to_bits() != base[i].to_bits()) {
+                schedule_mismatches.push(format!(
+                    "{}: schedule {} differs from the default at element {i}: {} vs {}",
+                    c.name,
+                    sched.name(),
+                    got[i],
+                    base[i]
+                ));
+            }
+        }
+    }
     mem.free(qkv.into_block());
     mem.free(out.into_block());
     mem.free(cu.into_block());
-    Ok(Run { q, k, v, cu: cu_h.iter().map(|&x| x as usize).collect(), outs })
+    Ok(Run { q, k, v, cu: cu_h.iter().map(|&x| x as usize).collect(), outs, schedule_mismatches })
 }
 
 /// Query rows to check: all of them, or `n` spread over the batch plus the tile edges around
@@ -180,6 +204,17 @@ pub fn attention_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
                 }
             }
             println!("  {what}: max |err| {:.2e}, worst err/tol {:.3}", s.max_abs, s.max_tol_ratio);
+        }
+        for msg in &run.schedule_mismatches {
+            println!("  FAILED {msg}");
+            failures.push(msg.clone());
+        }
+        if AttnKernel::sm90_built() && run.schedule_mismatches.is_empty() {
+            println!(
+                "  flash_attn {}: all {} sm90 schedules give the same bits",
+                c.name,
+                Sm90Schedule::ALL.len()
+            );
         }
         // flash_attn picks the FA2 tiling from max_seqlen (a property of the batch): both tilings
         // must give the same bits.
@@ -267,7 +302,8 @@ pub fn attention_batch_invariant(ctx: &mut Ctx) -> Result<(), String> {
     let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
     // (heads, kv heads, head dim), causal, the segment's lengths to test.
     type Shape = ((usize, usize, usize), bool, &'static [usize]);
-    let shapes: [Shape; 2] = [((16, 2, 128), true, &[300, 1, 129]), ((16, 16, 80), false, &[64, 1000])];
+    let shapes: [Shape; 2] =
+        [((16, 2, 128), true, &[300, 1, 64, 129]), ((16, 16, 80), false, &[64, 37, 1000])];
     for ((h, kvh, d), causal, lens) in shapes {
         let row = (h + 2 * kvh) * d;
         for &len in lens {
