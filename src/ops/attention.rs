@@ -275,6 +275,10 @@ fn shape_err(msg: String) -> Error {
 ///
 /// The kernel trusts `cu_seqlens` (device data): values are clamped to `[0, T]`, so a bad table
 /// gives wrong rows, never out-of-bounds accesses.
+///
+/// Kernel: [`AttnKernel::default_for`] (the Hopper kernel for d 128 in sm_90a builds, FA2
+/// otherwise), with its default schedule; no choice depends on the batch in a way that changes
+/// a row's bits.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn(
     gpu: &Gpu,
@@ -560,4 +564,44 @@ fn launch_sm90(
     // the kernel, so every row it stores is < T (loads past T are the TMA's zero fill); the
     // dynamic shared memory limit was raised to `smem` above.
     unsafe { gpu.launch(id, launch, &mut args) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sm90_shared_memory_matches_the_kernel() {
+        // The static_assert in kernels/attention_sm90.cu holds the same numbers.
+        assert_eq!(sm90_smem(128), 197_728);
+        assert_eq!(sm90_smem(80), 164_992);
+        // Both fit the 227 KB a Hopper CTA may have.
+        assert!(sm90_smem(128) <= 232_448);
+    }
+
+    #[test]
+    fn kernel_choice_follows_build_and_head_dim_only() {
+        for max_seqlen in [1, 64, 65, 4096, 32768] {
+            let (d128, d80) =
+                (AttnKernel::default_for(max_seqlen, 128), AttnKernel::default_for(max_seqlen, 80));
+            assert_eq!(d128 == AttnKernel::Sm90, AttnKernel::sm90_built());
+            assert!(matches!(d80, AttnKernel::Fa2(_)));
+        }
+        assert_eq!(AttnKernel::available().contains(&AttnKernel::Sm90), AttnKernel::sm90_built());
+    }
+
+    #[test]
+    fn schedules_are_distinct() {
+        let names: std::collections::BTreeSet<String> = Sm90Schedule::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(names.len(), Sm90Schedule::ALL.len());
+        assert!(Sm90Schedule::ALL.contains(&Sm90Schedule::for_shape(4096)));
+    }
+
+    #[test]
+    fn mixed_lengths_have_every_kind() {
+        let m = &MIXED_5000;
+        assert!(m.contains(&0) && m.contains(&1));
+        assert!(m.iter().any(|&l| l > SM90_TILE) && m.iter().any(|&l| l > 64 && l < SM90_TILE));
+        assert!(m.iter().all(|&l| l < 2 * SM90_TILE));
+    }
 }
