@@ -64,6 +64,10 @@
 //
 // Build: compiled for every target; the body exists only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL),
 //   elsewhere the entries trap and src/ops/attention.rs never selects them.
+//
+// ptxas (13.0, sm_90a): 168 registers at entry for both head dims (384 threads, 1 CTA per SM;
+//   40 / 232 after setmaxnreg), 0 spills, no wgmma serialisation warning. SASS: HGMMA.64x128x16
+//   (S and P·V), HGMMA.64x64x16 (short mode), UTMALDG.2D, SYNCS (mbarrier), USETMAXREG.
 #include "common.cuh"
 
 namespace {
@@ -133,7 +137,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
                  : "memory");
 }
 
-// ---- TMA: a [128 rows, SW columns] box at (column c, row r) of qkv into shared memory ----
+// ---- TMA: a [64 rows, SW columns] box at (column c, row r) of qkv into shared memory ----
 __device__ __forceinline__ void tma_load(uint32_t dst, const TmaMap *map, int c, int r, uint32_t bar) {
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
                  ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c), "r"(r), "r"(bar)
