@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use half::bf16;
 use jv4::cuda::{DTensor, DeviceAllocator, Gpu, DEFAULT_PAGE_SIZE};
-use jv4::ops::attention::QueryTile;
+use jv4::ops::attention::{AttnKernel, QueryTile, Sm90Schedule};
 use jv4::reference::cosine as cos;
 use jv4::rng::Rng;
 use jv4::{ops, Result};
@@ -41,6 +41,16 @@ enum Cmd {
         /// and exit without a GPU.
         #[arg(long)]
         list_cases: bool,
+    },
+    /// Attention alone (the attention cases of `ops`): each kernel beside torch SDPA's flash and
+    /// cuDNN backends.
+    Attention {
+        /// JSON written by `tools/torch_ops_bench.py --only attention` in the same device call.
+        #[arg(long)]
+        torch_json: Option<std::path::PathBuf>,
+        /// Timed runs per case (the median is reported).
+        #[arg(long, default_value_t = 30)]
+        iters: usize,
     },
     /// The text path end to end on a checkpoint: tokens/s on 256 documents of 16–1024 tokens,
     /// 32×512, 2×8192, 1×32768; latency of one 16-token query; peak device memory.
@@ -96,14 +106,42 @@ enum Cmd {
     },
 }
 
-/// Attention cases as (name, (segments, tokens per segment)).
-const ATTENTION: &[(&str, (usize, usize))] =
-    &[("L=512", (1, 512)), ("L=4096", (1, 4096)), ("L=32768", (1, 32768)), ("32x512", (32, 512))];
+/// Attention cases: the LM's causal d 128 GQA 16:2 on single documents, 32 × 512 and the 256
+/// documents of the text bench; the ViT's non-causal d 80 16:16 on the 64-patch windows of a
+/// 4096- and a 9216-patch image, and full attention over those images. Names are shared with
+/// tools/torch_ops_bench.py (`attention/<name>`).
+/// (name, (heads, kv heads, head dim), causal, segment lengths).
+type AttentionCase = (String, (usize, usize, usize), bool, Vec<usize>);
+
+fn attention_cases() -> Vec<AttentionCase> {
+    let text = (16, 2, 128);
+    let vision = (16, 16, 80);
+    let mut v: Vec<AttentionCase> = Vec::new();
+    for l in [512, 2048, 4096, 8192, 16384, 32768] {
+        v.push((format!("causal/L={l}"), text, true, vec![l]));
+    }
+    v.push(("causal/32x512".into(), text, true, vec![512; 32]));
+    v.push(("causal/docs256".into(), text, true, (0..256).map(|i| 16 + (i * 7919) % 1009).collect()));
+    for n in [4096, 9216] {
+        v.push((format!("vision/win64/{n}"), vision, false, vec![64; n / 64]));
+    }
+    for n in [4096, 9216] {
+        v.push((format!("vision/full/{n}"), vision, false, vec![n]));
+    }
+    v
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Ops { torch_json, iters, list_cases } => bench_ops(torch_json, iters, list_cases),
+        Cmd::Attention { torch_json, iters } => (|| {
+            let gpu = Gpu::new(0)?;
+            let torch = read_torch_json(&torch_json);
+            let mut mem = DeviceAllocator::new(&gpu, 16 << 30, DEFAULT_PAGE_SIZE)?;
+            println!("device: {}", gpu.info().name);
+            bench_attention(&gpu, &mut mem, &mut Rng::new(1), &torch, iters)
+        })(),
         Cmd::Text { model, torch_json, max_batch_tokens, iters } => {
             bench_text(&model, torch_json, max_batch_tokens, iters)
         }
@@ -393,6 +431,107 @@ fn run_case(gpu: &Gpu, rng: &mut Rng, iters: usize, case: &OpCase) -> Result<(f6
     })
 }
 
+/// {case: ms} from a torch bench script, or empty when there is none.
+fn read_torch_json(path: &Option<std::path::PathBuf>) -> BTreeMap<String, f64> {
+    match path {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(text) => serde_json::from_str(&text).unwrap_or_default(),
+            Err(_) => BTreeMap::new(),
+        },
+        None => BTreeMap::new(),
+    }
+}
+
+/// The attention cases: per case the Hopper kernel (where built) and FA2 (the op's tiling for
+/// the case), beside torch SDPA's flash and cuDNN backends from the same call. TFLOP/s counts
+/// 2 GEMMs · 2·L²·d·H per segment, halved when causal.
+fn bench_attention(
+    gpu: &Gpu,
+    mem: &mut DeviceAllocator,
+    rng: &mut Rng,
+    torch: &BTreeMap<String, f64>,
+    iters: usize,
+) -> Result<()> {
+    println!(
+        "attention (TFLOP/s; ratio = sm90 over each; default kernel here: d 128 {}, d 80 {})",
+        AttnKernel::default_for(4096, 128).name(),
+        AttnKernel::default_for(4096, 80).name()
+    );
+    let scheds = Sm90Schedule::ALL;
+    let mut head = format!("{:<20} {:>6}", "case", "sm90");
+    for sc in scheds {
+        head += &format!(" {:>4}", sc.name());
+    }
+    head += &format!(
+        " {:>5} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8}",
+        "fa2", "flash", "cudnn", "/fa2", "/flash", "/cudnn", "sm90 ms"
+    );
+    println!("{head}");
+    for (name, (heads, kv_heads, d), causal, segs) in attention_cases() {
+        let tokens: usize = segs.iter().sum();
+        let qkv = random_tensor(gpu, mem, rng, &[tokens, (heads + 2 * kv_heads) * d], 1.0)?;
+        let mut out =
+            DTensor::<bf16>::from_block(mem.alloc((tokens * heads * d * 2) as u64)?, &[tokens, heads * d]);
+        let cu_h = ops::attention::cu_seqlens(&segs);
+        let mut cu = DTensor::<i32>::from_block(mem.alloc((cu_h.len() * 4) as u64)?, &[cu_h.len()]);
+        gpu.upload(&mut cu.view_mut(), &cu_h)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let half = if causal { 0.5 } else { 1.0 };
+        let flops = segs.iter().map(|&l| 4.0 * (l * l * d * heads) as f64 * half).sum::<f64>();
+        let max_seqlen = segs.iter().copied().max().unwrap_or(1);
+        let tf = |ms: f64| flops / (ms * 1e-3) / 1e12;
+        let cell = |ms: Option<f64>| ms.map_or("-".to_string(), |ms| format!("{:.0}", tf(ms)));
+        // The op's sm90 schedule, then each schedule, then FA2 (the op's tiling for the case).
+        let mut sm90 = Vec::new();
+        if AttnKernel::sm90_built() {
+            for sc in [None].into_iter().chain(scheds.map(Some)) {
+                let sc = sc.unwrap_or(Sm90Schedule::for_shape(max_seqlen));
+                #[rustfmt::skip]
+                let ms = time_ms(gpu, iters, || {
+                    ops::attention::flash_attn_sm90(
+                        gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, heads, kv_heads, d, causal, scale, sc,
+                    )
+                })?;
+                sm90.push(Some(ms));
+            }
+        } else {
+            sm90 = vec![None; 1 + scheds.len()];
+        }
+        let fa2 = AttnKernel::Fa2(QueryTile::for_max_seqlen(max_seqlen));
+        #[rustfmt::skip]
+        let fa2_ms = Some(time_ms(gpu, iters, || {
+            ops::attention::flash_attn_with(
+                gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, heads, kv_heads, d, causal, scale, fa2,
+            )
+        })?);
+        let flash = torch.get(&format!("attention/{name}/flash")).copied();
+        let cudnn = torch.get(&format!("attention/{name}/cudnn")).copied();
+        let ratio = |other: Option<f64>| match (sm90[0], other) {
+            (Some(a), Some(b)) => format!("{:.2}x", b / a),
+            _ => "-".to_string(),
+        };
+        let mut line = format!("{:<20} {:>6}", name, cell(sm90[0]));
+        for ms in &sm90[1..] {
+            line += &format!(" {:>4}", cell(*ms));
+        }
+        line += &format!(
+            " {:>5} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8}",
+            cell(fa2_ms),
+            cell(flash),
+            cell(cudnn),
+            ratio(fa2_ms),
+            ratio(flash),
+            ratio(cudnn),
+            sm90[0].map_or("-".to_string(), |ms| format!("{ms:.4}"))
+        );
+        println!("{line}");
+        mem.free(qkv.into_block());
+        mem.free(out.into_block());
+        mem.free(cu.into_block());
+    }
+    Ok(())
+}
+
 fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize, list_cases: bool) -> Result<()> {
     let cases = op_cases();
     let mut names = std::collections::BTreeSet::new();
@@ -414,13 +553,7 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize, list_cases: b
         return Ok(());
     }
     let gpu = Gpu::new(0)?;
-    let torch: BTreeMap<String, f64> = match &torch_json {
-        Some(p) => match std::fs::read_to_string(p) {
-            Ok(text) => serde_json::from_str(&text).unwrap_or_default(),
-            Err(_) => BTreeMap::new(),
-        },
-        None => BTreeMap::new(),
-    };
+    let torch = read_torch_json(&torch_json);
     let mut rng = Rng::new(1);
     println!("device: {}", gpu.info().name);
     println!("{:<36} {:>10} {:>14} {:>10} {:>8}", "case", "ours ms", "rate", "torch ms", "ratio");
@@ -437,41 +570,7 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize, list_cases: b
     }
 
     let mut mem = DeviceAllocator::new(&gpu, 16 << 30, DEFAULT_PAGE_SIZE)?;
-    // Causal GQA attention at the LM's shape (16 query heads, 2 kv heads, d 128) on one document
-    // of L tokens, or 32 documents of 512. FLOPs: 2 matmuls · 2·L²·d·H, halved by the mask.
-    let (heads, kv_heads, d) = (16usize, 2usize, 128usize);
-    for (name, segments) in ATTENTION {
-        let segs = vec![segments.1; segments.0];
-        let tokens: usize = segs.iter().sum();
-        let qkv = random_tensor(&gpu, &mut mem, &mut rng, &[tokens, (heads + 2 * kv_heads) * d], 1.0)?;
-        let mut out =
-            DTensor::<bf16>::from_block(mem.alloc((tokens * heads * d * 2) as u64)?, &[tokens, heads * d]);
-        let cu_h = ops::attention::cu_seqlens(&segs);
-        let mut cu = DTensor::<i32>::from_block(mem.alloc((cu_h.len() * 4) as u64)?, &[cu_h.len()]);
-        gpu.upload(&mut cu.view_mut(), &cu_h)?;
-        let scale = 1.0 / (d as f32).sqrt();
-        let flops = segs.iter().map(|&l| 2.0 * 2.0 * (l * l * d * heads) as f64 / 2.0).sum::<f64>();
-        let max_seqlen = segments.1;
-        // The op's own choice of tiling under the shared case name, then each tiling.
-        let tiles = [None, Some(QueryTile::M64), Some(QueryTile::M128)];
-        for tile in tiles {
-            let t = tile.unwrap_or(QueryTile::for_max_seqlen(max_seqlen));
-            #[rustfmt::skip]
-            let ms = time_ms(&gpu, iters, || {
-                ops::attention::flash_attn_tiled(
-                    &gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, heads, kv_heads, d, true, scale, t,
-                )
-            })?;
-            let case = match tile {
-                None => format!("attention/causal/{name}"),
-                Some(t) => format!("attention/causal/{name}/{t:?}"),
-            };
-            row(case, ms, format!("{:.0} TFLOP/s", flops / (ms * 1e-3) / 1e12));
-        }
-        mem.free(qkv.into_block());
-        mem.free(out.into_block());
-        mem.free(cu.into_block());
-    }
+    bench_attention(&gpu, &mut mem, &mut rng, &torch, iters)?;
     let s = mem.stats();
     println!(
         "allocator: peak {} MiB, mapped {} MiB, {} growth events",

@@ -9,6 +9,7 @@ Each op is timed as HF transformers / PEFT computes it; `lora_mask` has no PyTor
 (PEFT runs one adapter per batch) and is left out.
 """
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -16,9 +17,16 @@ import subprocess
 import torch
 import torch.nn.functional as F
 
-# Causal GQA attention at the LM's shape: (name, segments, tokens per segment).
-ATTENTION = [("L=512", 1, 512), ("L=4096", 1, 4096), ("L=32768", 1, 32768), ("32x512", 32, 512)]
-HEADS, KV_HEADS, HEAD_DIM = 16, 2, 128
+def attention_cases():
+    """The cases of `jv4-bench attention` (same names, same shapes): (name, (heads, kv_heads, d),
+    causal, segment lengths)."""
+    text, vision = (16, 2, 128), (16, 16, 80)
+    cases = [(f"causal/L={l}", text, True, [l]) for l in (512, 2048, 4096, 8192, 16384, 32768)]
+    cases.append(("causal/32x512", text, True, [512] * 32))
+    cases.append(("causal/docs256", text, True, [16 + (i * 7919) % 1009 for i in range(256)]))
+    cases += [(f"vision/win64/{n}", vision, False, [64] * (n // 64)) for n in (4096, 9216)]
+    cases += [(f"vision/full/{n}", vision, False, [n]) for n in (4096, 9216)]
+    return cases
 
 
 def rmsnorm_hf(x, weight, eps):
@@ -167,35 +175,78 @@ def time_ms(fn, iters):
     return times[len(times) // 2]
 
 
+def attention(out, iters):
+    """SDPA on [B, H, L, d] views of [B, L, H, d] tensors (how HF calls it), under the flash and the
+    cuDNN backends. GQA: k and v are expanded to the query heads once, outside the timed call
+    (HF's repeat_kv copies them inside every forward), so torch is timed at its best: its kernel
+    alone. Equal-length segments run as a batch; the 256 mixed documents (no padded batch would
+    be fair) run through the flash backend's own varlen entry (cu_seqlens), cuDNN has none here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = torch.device("cuda")
+    for name, (h, kvh, d), causal, segs in attention_cases():
+        if len(set(segs)) == 1:
+            b, l = len(segs), segs[0]
+            q = torch.randn(b, l, h, d, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+            k, v = (
+                torch.randn(b, l, kvh, d, device=dev, dtype=torch.bfloat16)
+                .transpose(1, 2)
+                .repeat_interleave(h // kvh, dim=1)
+                for _ in range(2)
+            )
+            for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    with sdpa_kernel(backend):
+                        out[f"attention/{name}/{label}"] = time_ms(
+                            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), iters
+                        )
+                except Exception as e:  # a backend that refuses the shape: no row
+                    print(f"attention/{name}/{label}: {type(e).__name__}: {str(e)[:200]}")
+            del q, k, v
+        else:
+            t = sum(segs)
+            q = torch.randn(t, h, d, device=dev, dtype=torch.bfloat16)
+            k, v = (
+                torch.randn(t, kvh, d, device=dev, dtype=torch.bfloat16).repeat_interleave(h // kvh, dim=1)
+                for _ in range(2)
+            )
+            cu = torch.tensor([0] + list(itertools.accumulate(segs)), device=dev, dtype=torch.int32)
+            m = max(segs)
+            try:
+                out[f"attention/{name}/flash"] = time_ms(
+                    lambda: torch.ops.aten._flash_attention_forward(
+                        q, k, v, cu, cu, m, m, 0.0, causal, False, scale=d**-0.5
+                    ),
+                    iters,
+                )
+            except Exception as e:
+                print(f"attention/{name}/flash: {type(e).__name__}: {str(e)[:200]}")
+            del q, k, v
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--cases", help="JSON from `jv4-bench ops --list-cases` (default: run it)")
+    ap.add_argument("--only", choices=["attention"], help="run only these cases")
     args = ap.parse_args()
     dev = torch.device("cuda")
     out = {}
+    if args.only == "attention":
+        attention(out, args.iters)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        for k, v in out.items():
+            print(f"{k:<36} {v:.4f} ms")
+        return
     for case in load_cases(args.cases):
         fn = torch_case(case, dev)
         if fn is not None:
             out[case["case"]] = time_ms(fn, args.iters)
         del fn  # the case's tensors
         torch.cuda.empty_cache()
-    # SDPA with is_causal on [B, H, L, d] views of [B, L, H, d] tensors (how HF calls it). GQA:
-    # k and v are expanded to 16 heads once, outside the timed call (HF's repeat_kv copies them
-    # inside every forward), so torch is timed at its best: its flash kernel alone.
-    for name, batch, seq in ATTENTION:
-        q = torch.randn(batch, seq, HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16).transpose(1, 2)
-        k, v = (
-            torch.randn(batch, seq, KV_HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
-            .transpose(1, 2)
-            .repeat_interleave(HEADS // KV_HEADS, dim=1)
-            for _ in range(2)
-        )
-        out[f"attention/causal/{name}"] = time_ms(
-            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), args.iters
-        )
-        del q, k, v
+    attention(out, args.iters)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
     for k, v in out.items():

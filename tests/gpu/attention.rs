@@ -1,7 +1,9 @@
-//! `flash_attn` against the f64 CPU reference (`reference::attention_rows`) on the model's two
-//! attention shapes, over segment mixes with single tokens, empty segments, lengths that are not
-//! multiples of the 64-row tiles and one 32k document; plus negative controls that show the
-//! tolerance is tight enough to catch a wrong mask, head mapping or segment boundary.
+//! `flash_attn` (each kernel: FA2 in both tilings, the Hopper kernel where built) against the f64
+//! CPU reference (`reference::attention_rows`) on the model's two attention shapes, over segment
+//! mixes with single tokens, empty segments, lengths that are not multiples of the tiles, 5000
+//! mixed segments and one 32k document; negative controls that show the tolerance is tight enough
+//! to catch a wrong mask, head mapping or segment boundary; and a bitwise check that a segment's
+//! output does not depend on the rest of the batch.
 //!
 //! Tolerance (derived, per element). The kernel computes `out = Σⱼ p̃ⱼ·vⱼ / Σⱼ pⱼ`, where pⱼ are
 //! f32 exponentials, p̃ⱼ = bf16(pⱼ) feeds the P·V MMA (as in FlashAttention-2) and the sums are
@@ -26,7 +28,7 @@ use half::bf16;
 use crate::check::{check_close, BF16_NAN_BITS, BF16_REL};
 use crate::harness::{e, Ctx};
 use jv4::cuda::{DTensor, DeviceAllocator, DEFAULT_PAGE_SIZE};
-use jv4::ops::attention::{cu_seqlens, Case, QueryTile, CASES};
+use jv4::ops::attention::{cu_seqlens, AttnKernel, Case, Sm90Schedule, CASES};
 use jv4::{ops, reference};
 
 /// Standard deviation of q (k and v are standard normal): with scale 1/√d the logits have this
@@ -43,8 +45,11 @@ struct Run {
     k: Vec<f32>,
     v: Vec<f32>,
     cu: Vec<usize>,
-    /// The GPU output of each tiling, all rows `[T, heads·head_dim]`.
-    outs: Vec<(QueryTile, Vec<f32>)>,
+    /// The GPU output of each kernel (FA2 in both tilings, and the Hopper kernel where built),
+    /// all rows `[T, heads·head_dim]`.
+    outs: Vec<(AttnKernel, Vec<f32>)>,
+    /// Hopper schedules whose output differs in any bit from the default schedule's.
+    schedule_mismatches: Vec<String>,
 }
 
 fn normal_bf16(ctx: &mut Ctx, n: usize, std: f32) -> Vec<f32> {
@@ -52,8 +57,8 @@ fn normal_bf16(ctx: &mut Ctx, n: usize, std: f32) -> Vec<f32> {
 }
 
 /// Random q, k, v for the case, packed into one qkv tensor the way the fused projection writes
-/// it; runs `flash_attn` with each query tiling on a NaN-poisoned output and downloads the
-/// results (one per tiling, in `QueryTile::ALL` order).
+/// it; runs `flash_attn` with each available kernel on a NaN-poisoned output and downloads the
+/// results (in `AttnKernel::available()` order).
 fn run_case(ctx: &mut Ctx, mem: &mut DeviceAllocator, c: &Case) -> Result<Run, String> {
     let tokens: usize = c.segments.iter().sum();
     let (h, kvh, d) = (c.heads, c.kv_heads, c.head_dim);
@@ -78,20 +83,42 @@ fn run_case(ctx: &mut Ctx, mem: &mut DeviceAllocator, c: &Case) -> Result<Run, S
     ctx.gpu.upload(&mut qkv.view_mut(), &qkv_h).map_err(e)?;
     ctx.gpu.upload(&mut cu.view_mut(), &cu_h).map_err(e)?;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut outs = Vec::new();
-    for tile in QueryTile::ALL {
+    let mut outs: Vec<(AttnKernel, Vec<f32>)> = Vec::new();
+    for kernel in AttnKernel::available() {
         ctx.gpu.fill_u16(&mut out.view_mut(), BF16_NAN_BITS).map_err(e)?;
         #[rustfmt::skip]
-        ops::attention::flash_attn_tiled(
-            &ctx.gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, h, kvh, d, c.causal, scale, tile,
+        ops::attention::flash_attn_with(
+            &ctx.gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, h, kvh, d, c.causal, scale, kernel,
         )
         .map_err(e)?;
-        outs.push((tile, ctx.gpu.download(&out.view()).map_err(e)?.iter().map(|x| x.to_f32()).collect()));
+        outs.push((kernel, ctx.gpu.download(&out.view()).map_err(e)?.iter().map(|x| x.to_f32()).collect()));
+    }
+    // Every schedule of the Hopper kernel must give the default schedule's bits.
+    let mut schedule_mismatches = Vec::new();
+    if let Some((_, base)) = outs.iter().find(|(k, _)| *k == AttnKernel::Sm90) {
+        for sched in Sm90Schedule::ALL {
+            ctx.gpu.fill_u16(&mut out.view_mut(), BF16_NAN_BITS).map_err(e)?;
+            #[rustfmt::skip]
+            ops::attention::flash_attn_sm90(
+                &ctx.gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, h, kvh, d, c.causal, scale, sched,
+            )
+            .map_err(e)?;
+            let got = ctx.gpu.download(&out.view()).map_err(e)?;
+            if let Some(i) = (0..got.len()).find(|&i| got[i].to_f32().to_bits() != base[i].to_bits()) {
+                schedule_mismatches.push(format!(
+                    "{}: schedule {} differs from the default at element {i}: {} vs {}",
+                    c.name,
+                    sched.name(),
+                    got[i],
+                    base[i]
+                ));
+            }
+        }
     }
     mem.free(qkv.into_block());
     mem.free(out.into_block());
     mem.free(cu.into_block());
-    Ok(Run { q, k, v, cu: cu_h.iter().map(|&x| x as usize).collect(), outs })
+    Ok(Run { q, k, v, cu: cu_h.iter().map(|&x| x as usize).collect(), outs, schedule_mismatches })
 }
 
 /// Query rows to check: all of them, or `n` spread over the batch plus the tile edges around
@@ -138,32 +165,176 @@ fn reference_and_tol(
 
 pub fn attention_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
     let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
+    // Every case and kernel runs; the failures are reported together at the end.
+    let mut failures = Vec::new();
     for c in CASES {
         let run = run_case(ctx, &mut mem, c)?;
         let tokens = *run.cu.last().unwrap();
         let width = c.heads * c.head_dim;
         let rows = rows_to_check(ctx, tokens, c.sample_rows);
         let (want, tol) = reference_and_tol(c, &run.q, &run.k, &run.v, &run.cu, c.causal, &rows);
-        for (tile, out) in &run.outs {
+        for (kernel, out) in &run.outs {
             let got = gather(out, width, &rows);
-            let what = format!("flash_attn {} {tile:?} ({} of {tokens} rows)", c.name, rows.len());
-            let s = check_close(&what, &got, &want, |i| tol[i])?;
+            let what = format!("flash_attn {} {} ({} of {tokens} rows)", c.name, kernel.name(), rows.len());
+            let s = match check_close(&what, &got, &want, |i| tol[i]) {
+                Ok(s) => s,
+                Err(msg) => {
+                    let where_ = bad_pattern(c, &run.cu, &rows, &got, &want, &tol);
+                    println!("  FAILED {msg}\n    {where_}");
+                    failures.push(msg);
+                    continue;
+                }
+            };
             // Causal: the first token of a segment sees only itself, p = 1 exactly, so its
             // output is its own v row (of its kv head) bit for bit.
             if c.causal {
                 let group = c.heads / c.kv_heads;
-                for w in run.cu.windows(2).filter(|w| w[1] > w[0]) {
+                'seg: for w in run.cu.windows(2).filter(|w| w[1] > w[0]) {
                     let t = w[0];
                     for hh in 0..c.heads {
                         let o = &out[t * width + hh * c.head_dim..][..c.head_dim];
                         let vv = &run.v[(t * c.kv_heads + hh / group) * c.head_dim..][..c.head_dim];
                         if o != vv {
-                            return Err(format!("{what}: token {t} head {hh} is not exactly its v row"));
+                            let msg = format!("{what}: token {t} head {hh} is not exactly its v row");
+                            println!("  FAILED {msg}");
+                            failures.push(msg);
+                            break 'seg;
                         }
                     }
                 }
             }
             println!("  {what}: max |err| {:.2e}, worst err/tol {:.3}", s.max_abs, s.max_tol_ratio);
+        }
+        for msg in &run.schedule_mismatches {
+            println!("  FAILED {msg}");
+            failures.push(msg.clone());
+        }
+        if AttnKernel::sm90_built() && run.schedule_mismatches.is_empty() {
+            println!(
+                "  flash_attn {}: all {} sm90 schedules give the same bits",
+                c.name,
+                Sm90Schedule::ALL.len()
+            );
+        }
+        // flash_attn picks the FA2 tiling from max_seqlen (a property of the batch): both tilings
+        // must give the same bits.
+        let fa2: Vec<&Vec<f32>> =
+            run.outs.iter().filter(|(k, _)| matches!(k, AttnKernel::Fa2(_))).map(|(_, o)| o).collect();
+        if let Some(i) = (0..fa2[0].len()).find(|&i| fa2[0][i].to_bits() != fa2[1][i].to_bits()) {
+            let msg =
+                format!("{}: FA2 tilings differ at element {i}: {} vs {}", c.name, fa2[0][i], fa2[1][i]);
+            println!("  FAILED {msg}");
+            failures.push(msg);
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} failures; first: {}", failures.len(), failures[0]))
+    }
+}
+
+/// Where the out-of-tolerance elements of a failed comparison lie, as counts per bucket: head-dim
+/// column / 8, row within its segment mod 128 / 16 (the query tile), head. A layout mistake
+/// shows up as a pattern here.
+fn bad_pattern(c: &Case, cu: &[usize], rows: &[usize], got: &[f32], want: &[f32], tol: &[f32]) -> String {
+    let (d, width) = (c.head_dim, c.heads * c.head_dim);
+    let mut by_col = vec![0usize; d / 8];
+    let mut by_row = [0usize; 8];
+    let mut by_head = vec![0usize; c.heads];
+    let mut nan = 0usize;
+    for i in 0..got.len() {
+        let err = (got[i] - want[i]).abs();
+        if got[i].is_finite() && err <= tol[i] {
+            continue;
+        }
+        nan += usize::from(!got[i].is_finite());
+        let r = rows[i / width];
+        let seg_start = cu[cu.partition_point(|&x| x <= r) - 1];
+        let col = i % width;
+        by_col[(col % d) / 8] += 1;
+        by_row[((r - seg_start) % 128) / 16] += 1;
+        by_head[col / d] += 1;
+    }
+    format!("bad by col/8 {by_col:?}, by row%128/16 {by_row:?}, by head {by_head:?}, non-finite {nan}")
+}
+
+/// The GPU output (bf16 bits) of one kernel on host data: qkv `[T, row]` and segment lengths.
+#[allow(clippy::too_many_arguments)]
+fn run_bits(
+    ctx: &mut Ctx,
+    mem: &mut DeviceAllocator,
+    qkv_h: &[bf16],
+    segments: &[usize],
+    (h, kvh, d): (usize, usize, usize),
+    causal: bool,
+    kernel: AttnKernel,
+) -> Result<Vec<u16>, String> {
+    let row = (h + 2 * kvh) * d;
+    let tokens = qkv_h.len() / row;
+    let cu_h = cu_seqlens(segments);
+    let max_seqlen = segments.iter().copied().max().unwrap_or(0).max(1);
+    let mut qkv =
+        DTensor::<bf16>::from_block(mem.alloc((qkv_h.len() * 2) as u64).map_err(e)?, &[tokens, row]);
+    let mut out =
+        DTensor::<bf16>::from_block(mem.alloc((tokens * h * d * 2) as u64).map_err(e)?, &[tokens, h * d]);
+    let mut cu = DTensor::<i32>::from_block(mem.alloc((cu_h.len() * 4) as u64).map_err(e)?, &[cu_h.len()]);
+    ctx.gpu.upload(&mut qkv.view_mut(), qkv_h).map_err(e)?;
+    ctx.gpu.upload(&mut cu.view_mut(), &cu_h).map_err(e)?;
+    ctx.gpu.fill_u16(&mut out.view_mut(), BF16_NAN_BITS).map_err(e)?;
+    let scale = 1.0 / (d as f32).sqrt();
+    #[rustfmt::skip]
+    ops::attention::flash_attn_with(
+        &ctx.gpu, &qkv.view(), &mut out.view_mut(), &cu.view(), max_seqlen, h, kvh, d, causal, scale, kernel,
+    )
+    .map_err(e)?;
+    let bits = ctx.gpu.download(&out.view()).map_err(e)?.iter().map(|x| x.to_bits()).collect();
+    mem.free(qkv.into_block());
+    mem.free(out.into_block());
+    mem.free(cu.into_block());
+    Ok(bits)
+}
+
+/// Batch invariance, bitwise: a segment's output alone (at the end of its own tensor, where the
+/// tiles read zeros past it) equals its rows inside a large packed batch (between other
+/// segments, where the tiles read their neighbours' rows), for every kernel and both shapes.
+pub fn attention_batch_invariant(ctx: &mut Ctx) -> Result<(), String> {
+    let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
+    // (heads, kv heads, head dim), causal, the segment's lengths to test.
+    type Shape = ((usize, usize, usize), bool, &'static [usize]);
+    let shapes: [Shape; 2] =
+        [((16, 2, 128), true, &[300, 1, 64, 129]), ((16, 16, 80), false, &[64, 37, 1000])];
+    for ((h, kvh, d), causal, lens) in shapes {
+        let row = (h + 2 * kvh) * d;
+        for &len in lens {
+            // The batch: 40 mixed segments, a 2000-token one, the segment, 37 more tokens.
+            let mut segs: Vec<usize> = ops::attention::MIXED_5000[..40].to_vec();
+            segs.push(2000);
+            let at: usize = segs.iter().sum();
+            segs.extend([len, 37]);
+            let tokens: usize = segs.iter().sum();
+            let qkv_h: Vec<bf16> =
+                (0..tokens * row).map(|_| bf16::from_f32(ctx.rng.normal() * 2.0)).collect();
+            let alone_h = &qkv_h[at * row..(at + len) * row];
+            let width = h * d;
+            for kernel in AttnKernel::available() {
+                let packed = run_bits(ctx, &mut mem, &qkv_h, &segs, (h, kvh, d), causal, kernel)?;
+                let alone = run_bits(ctx, &mut mem, alone_h, &[len], (h, kvh, d), causal, kernel)?;
+                let inside = &packed[at * width..(at + len) * width];
+                if let Some(i) = (0..alone.len()).find(|&i| alone[i] != inside[i]) {
+                    return Err(format!(
+                        "d {d} len {len} {}: element {i} (row {}) is {:#06x} alone, {:#06x} in the batch",
+                        kernel.name(),
+                        i / width,
+                        alone[i],
+                        inside[i]
+                    ));
+                }
+                if alone.iter().any(|&b| !bf16::from_bits(b).to_f32().is_finite()) {
+                    return Err(format!("d {d} len {len} {}: non-finite output", kernel.name()));
+                }
+            }
+            println!("  d {d} len {len}: identical alone and at row {at} of {tokens} (all kernels)");
         }
     }
     Ok(())
@@ -228,12 +399,13 @@ pub fn attention_tolerance_catches_mistakes(ctx: &mut Ctx) -> Result<(), String>
             reference_and_tol(c, &run.q, &run.k, &run.v, &merged, c.causal, &rows),
         ));
 
-        for (tile, out) in &run.outs {
+        for (kernel, out) in &run.outs {
+            let kernel = kernel.name();
             let got = gather(out, width, &rows);
             let right = worst_ratio(&got, &want, &tol);
             if right > 1.0 {
                 return Err(format!(
-                    "{} {tile:?}: the right reference is {right:.3}x over tolerance",
+                    "{} {kernel}: the right reference is {right:.3}x over tolerance",
                     c.name
                 ));
             }
@@ -243,12 +415,12 @@ pub fn attention_tolerance_catches_mistakes(ctx: &mut Ctx) -> Result<(), String>
                 report += &format!(", {name} {r:.0}");
                 if r < 30.0 {
                     return Err(format!(
-                        "{} {tile:?}: a reference with '{name}' is only {r:.1}x over tolerance",
+                        "{} {kernel}: a reference with '{name}' is only {r:.1}x over tolerance",
                         c.name
                     ));
                 }
             }
-            println!("  {} {tile:?}: worst err/tol: {report}", c.name);
+            println!("  {} {kernel}: worst err/tol: {report}", c.name);
         }
     }
     Ok(())

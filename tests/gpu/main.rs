@@ -66,6 +66,7 @@ fn main() {
         ("attention_matches_reference", attention::attention_matches_reference),
         ("attention_tolerance_catches_mistakes", attention::attention_tolerance_catches_mistakes),
         ("attention_rejects_bad_shapes", attention::attention_rejects_bad_shapes),
+        ("attention_batch_invariant", attention::attention_batch_invariant),
         ("alloc_round_trip", alloc::alloc_round_trip),
         ("alloc_no_growth_over_100_cycles", alloc::alloc_no_growth_over_100_cycles),
         ("alloc_budget_gives_typed_oom", alloc::alloc_budget_gives_typed_oom),
