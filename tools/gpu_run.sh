@@ -71,6 +71,10 @@ if has images; then
             echo "-- baseline build (base/):"
             base/jv4-bench images --model "$model" --reference /tmp/ref_images.safetensors 2>&1 | tee "$out/images_base.txt"
         fi
+        if [ -n "${JV4_AB_REDUCTION:-}" ]; then
+            echo "-- JV4_BLAS_REDUCTION=any:"
+            JV4_BLAS_REDUCTION=any ./jv4-bench images --model "$model" --reference /tmp/ref_images.safetensors 2>&1 | tee "$out/images_anyreduction.txt"
+        fi
     else
         echo "reference run failed:"; tail -5 "$out/ref_images.txt"
     fi

@@ -232,7 +232,12 @@ impl Blas {
         // output-type reductions add them up in the bf16 output, one rounding per partial. (The
         // linear test's accumulating case of the vision down projection, m 129, k 3420, was off
         // by ~2 bf16 ulps of the old y under the default mask.)
-        let reduction = sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32;
+        // `JV4_BLAS_REDUCTION=any` lifts the restriction (a research switch, to measure its cost).
+        let reduction = if std::env::var("JV4_BLAS_REDUCTION").is_ok_and(|v| v == "any") {
+            sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_MASK as u32
+        } else {
+            sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32
+        };
         // SAFETY: pref is live; the attribute is a u32 passed by address.
         let r = r.and_then(|_| unsafe {
             lt::set_matmul_pref_attribute(
