@@ -45,8 +45,8 @@ pub mod rng;
 
 pub use cuda::parse_bytes;
 pub use engine::{
-    Embedding, Engine, EngineOptions, EngineStats, Input, MultiVector, OutputKind, PromptName, Request,
-    Truncation,
+    Chunk, Chunking, Embedding, Engine, EngineOptions, EngineStats, Input, MultiVector, OutputKind,
+    PromptName, Request, Truncation,
 };
 pub use error::{Error, Result};
 pub use model::{Device, Task};

@@ -90,12 +90,23 @@ pub fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line
                 None => return Line::Err(id, format!("line {n}: max_pixels must be a number")),
             },
         };
-        return Line::Ok(id, Request { input, task, prompt, output: d.output, dims, max_pixels });
+        return Line::Ok(
+            id,
+            Request { input, task, prompt, output: d.output, dims, max_pixels, chunking: None },
+        );
     }
     let t = text.unwrap_or_default();
     Line::Ok(
         id,
-        Request { input: Input::Text(t.to_string()), task, prompt, output: d.output, dims, max_pixels: None },
+        Request {
+            input: Input::Text(t.to_string()),
+            task,
+            prompt,
+            output: d.output,
+            dims,
+            max_pixels: None,
+            chunking: None,
+        },
     )
 }
 

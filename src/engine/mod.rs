@@ -46,7 +46,7 @@ use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::{Error, Result};
 use prepare::Preparer;
-pub use request::{matryoshka, Embedding, Input, MultiVector, OutputKind, Request};
+pub use request::{matryoshka, Chunk, Chunking, Embedding, Input, MultiVector, OutputKind, Request};
 pub use text::{prompt_prefix, EncodedText, PromptName, TextTokenizer, Truncation, DEFAULT_MAX_LENGTH};
 use worker::{Budgets, Counters, Item, Msg};
 

@@ -124,6 +124,10 @@ impl Preparer {
         if let Some(0) = r.max_pixels {
             return Err(Error::Input("max_pixels must be at least 1".into()));
         }
+        if r.chunking.is_some() {
+            // Partial: the request type is settled, the pooling per chunk is not built yet.
+            return Err(Error::Input("late chunking is not available yet in this build".into()));
+        }
         Ok(())
     }
 

@@ -66,6 +66,32 @@ pub struct Request {
     pub dims: Option<usize>,
     /// Resize ceiling for an image (default: the checkpoint's preprocessor `max_pixels`).
     pub max_pixels: Option<usize>,
+    /// Late chunking of a text: one forward over the whole text, then one result per chunk.
+    pub chunking: Option<Chunking>,
+}
+
+/// How a text is cut into chunks for late chunking (the whole text is embedded in one pass; each
+/// chunk's vectors pool that chunk's tokens only, docs/MODEL.md §11).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Chunking {
+    /// Consecutive chunks of this many tokens of the text (the prompt prefix belongs to none).
+    Tokens(usize),
+    /// Explicit `[start, end)` byte ranges of the text (UTF-8 character boundaries), in order,
+    /// not overlapping.
+    Spans(Vec<(usize, usize)>),
+}
+
+/// The result for one chunk of a late-chunked text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chunk {
+    /// Mean of the chunk's final hidden states, L2-normalised, at the request's width.
+    pub single: Option<Vec<f32>>,
+    /// The chunk's per-token vectors.
+    pub multi: Option<MultiVector>,
+    /// The chunk's `[start, end)` token positions in the embedded sequence (prompt included).
+    pub tokens: std::ops::Range<usize>,
+    /// The chunk's `[start, end)` byte range in the text.
+    pub chars: std::ops::Range<usize>,
 }
 
 impl Request {
@@ -77,6 +103,7 @@ impl Request {
             output: OutputKind::Single,
             dims: None,
             max_pixels: None,
+            chunking: None,
         }
     }
 
@@ -124,6 +151,12 @@ impl Request {
         self
     }
 
+    /// With late chunking.
+    pub fn late_chunking(mut self, chunking: Chunking) -> Request {
+        self.chunking = Some(chunking);
+        self
+    }
+
     /// With this image resize ceiling.
     pub fn max_pixels(mut self, max_pixels: usize) -> Request {
         self.max_pixels = Some(max_pixels);
@@ -168,6 +201,9 @@ pub struct Embedding {
     pub tokens: usize,
     /// Tokens cut off by truncation.
     pub dropped: usize,
+    /// Per chunk, for a late-chunked request (`single` and `multi` above are then the whole
+    /// text's).
+    pub chunks: Option<Vec<Chunk>>,
 }
 
 /// The first `dims` components of a unit vector, renormalised to unit length (Matryoshka

@@ -199,6 +199,7 @@ fn embedding(
         }),
         tokens: rows.len(),
         dropped: item.prepared.dropped,
+        chunks: None,
     }
 }
 
@@ -233,7 +234,8 @@ mod tests {
 
     #[test]
     fn non_finite_outputs_are_an_error() {
-        let good = Embedding { single: Some(vec![0.6, 0.8]), multi: None, tokens: 1, dropped: 0 };
+        let good =
+            Embedding { single: Some(vec![0.6, 0.8]), multi: None, tokens: 1, dropped: 0, chunks: None };
         assert_eq!(finite(good.clone()).unwrap(), good);
         let nan = Embedding { single: Some(vec![f32::NAN, 0.0]), ..good.clone() };
         let e = finite(nan).unwrap_err();
