@@ -34,6 +34,7 @@
 //! [`reference`] (the plain f32 CPU version of every op, the oracle of the tests) are public for
 //! kernel research and benchmarks; a host needs none of them.
 
+pub mod capi;
 pub mod cuda;
 pub mod diag;
 pub mod engine;
