@@ -734,14 +734,14 @@ pub unsafe extern "C" fn jv4_engine_open(
         let out = unsafe { out_handle(out, "out") }?;
         // SAFETY: NULL or a valid options struct, by the contract.
         let o = unsafe { opts.as_ref() }.ok_or_else(|| Fail::null("opts"))?;
-        // SAFETY (the strings): NULL or NUL-terminated, by the contract.
-        let dir =
-            unsafe { opt_str(o.model_dir, "model_dir") }?.ok_or_else(|| Fail::null("opts->model_dir"))?;
+        // SAFETY: the option strings are NULL or NUL-terminated, by the contract.
+        let string = |p, what| unsafe { opt_str(p, what) };
+        let dir = string(o.model_dir, "model_dir")?.ok_or_else(|| Fail::null("opts->model_dir"))?;
         let mut eo = EngineOptions::default();
-        if let Some(d) = unsafe { opt_str(o.device, "device") }? {
+        if let Some(d) = string(o.device, "device")? {
             eo.device = d.parse::<Device>()?;
         }
-        eo.tokenizer = unsafe { opt_str(o.tokenizer, "tokenizer") }?.map(PathBuf::from);
+        eo.tokenizer = string(o.tokenizer, "tokenizer")?.map(PathBuf::from);
         if o.max_batch_tokens != 0 {
             eo.max_batch_tokens = o.max_batch_tokens;
         }
