@@ -191,7 +191,7 @@ fn type_name(x: &Bound<'_, PyAny>) -> String {
 fn text_request(i: usize, x: &Bound<'_, PyAny>, chunks: Option<&ChunkArg>) -> Converted {
     let s = x
         .cast::<PyString>()
-        .map_err(|_| ("InputTypeError", format!("texts[{i}] is a {}, not a str", type_name(x))))?;
+        .map_err(|_| ("InputTypeError", format!("texts[{i}] has type {}, expected str", type_name(x))))?;
     let text: String = s
         .to_cow()
         .map_err(|e| ("InputError", format!("texts[{i}] is not valid UTF-8 (lone surrogate?): {e}")))?
@@ -240,7 +240,7 @@ fn image_request(i: usize, x: &Bound<'_, PyAny>) -> Converted {
     }
     Err((
         "InputTypeError",
-        format!("images[{i}] is a {}: expected a file path, bytes, or a PIL image", type_name(x)),
+        format!("images[{i}] has type {}, expected a file path, bytes or a PIL image", type_name(x)),
     ))
 }
 
