@@ -119,7 +119,7 @@ class MultiVectors(Sequence[np.ndarray]):
         return f"MultiVectors(n={len(self)}, rows={self.data.shape[0]}, dim={self.data.shape[1]})"
 
 
-@dataclass
+@dataclass(eq=False)
 class LateChunks(Sequence[np.ndarray]):
     """Late chunking of N texts into C chunks in all: chunk ``c`` of the batch has the vector
     ``embeddings[c]`` (``[C, dim]`` float32, unit length), the token positions
@@ -150,7 +150,7 @@ class LateChunks(Sequence[np.ndarray]):
         return (self[i] for i in range(len(self)))
 
 
-@dataclass
+@dataclass(eq=False)
 class Encoded:
     """Everything :meth:`Engine.encode` returns for N inputs, in input order."""
 

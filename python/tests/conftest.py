@@ -12,6 +12,8 @@ from jv4 import _jv4
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 IMAGES = REPO / "tests" / "fixtures" / "images"
+# The backend under test: the CPU (CI) or e.g. cuda:0 on a GPU machine.
+DEVICE = os.environ.get("JV4_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +25,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engine(model_dir):
-    return jv4.Engine(model_dir, device="cpu", preprocess_threads=2)
+    return jv4.Engine(model_dir, device=DEVICE, preprocess_threads=2)
 
 
 @pytest.fixture(scope="session")

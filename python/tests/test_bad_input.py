@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import jv4
+from conftest import DEVICE
 
 
 def test_non_string_in_a_list_fails_alone(engine):
@@ -98,11 +99,11 @@ def test_engine_options(model_dir, tmp_path):
     with pytest.raises(jv4.InputError, match='device "gpu": expected cpu, cuda or cuda:N'):
         jv4.Engine(model_dir, device="gpu")
     with pytest.raises(jv4.InputError, match="max_batch_tokens"):
-        jv4.Engine(model_dir, device="cpu", max_batch_tokens=0)
+        jv4.Engine(model_dir, device=DEVICE, max_batch_tokens=0)
     with pytest.raises(jv4.InputError, match="mem_budget"):
-        jv4.Engine(model_dir, device="cpu", mem_budget=[1])
+        jv4.Engine(model_dir, device=DEVICE, mem_budget=[1])
     with pytest.raises(jv4.Jv4Error) as ei:
-        jv4.Engine(tmp_path / "nowhere", device="cpu")
+        jv4.Engine(tmp_path / "nowhere", device=DEVICE)
     assert "nowhere" in str(ei.value) and isinstance(ei.value, (jv4.IoError, jv4.ModelError, jv4.TokenizerError))
 
 

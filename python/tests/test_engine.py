@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jv4
-from conftest import run_cli
+from conftest import DEVICE, run_cli
 
 TEXTS = [
     "What is the capital of France?",
@@ -83,10 +83,10 @@ def test_multivectors(engine):
 
 
 def test_truncation_reported(model_dir):
-    e = jv4.Engine(model_dir, device="cpu", max_length=16)
+    e = jv4.Engine(model_dir, device=DEVICE, max_length=16)
     r = e.encode(["word " * 100, "short"])
     assert r.tokens[0] == 16 and r.dropped[0] > 0 and r.dropped[1] == 0
-    strict = jv4.Engine(model_dir, device="cpu", max_length=16, strict=True)
+    strict = jv4.Engine(model_dir, device=DEVICE, max_length=16, strict=True)
     with pytest.raises(jv4.InputError, match="indices \\[0\\]"):
         strict.encode_text(["word " * 100, "short"])
 
@@ -95,7 +95,7 @@ def embed_cli(jv4_bin, model_dir, tmp_path, lines, *flags):
     inp = tmp_path / "in.jsonl"
     out = tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(l) + "\n" for l in lines))
-    r = run_cli(jv4_bin, "embed", "--model", model_dir, "--device", "cpu", "--input", inp, "--output", out, *flags)
+    r = run_cli(jv4_bin, "embed", "--model", model_dir, "--device", DEVICE, "--input", inp, "--output", out, *flags)
     assert r.returncode == 0, r.stderr
     return [json.loads(l) for l in out.read_text().splitlines()]
 
@@ -184,7 +184,7 @@ def test_the_gil_is_released(engine):
 
 
 def test_engine_reports(engine):
-    assert engine.device == "cpu" and "cpu" in engine.describe
+    assert engine.device == DEVICE and DEVICE.split(":")[0] in engine.describe
     assert engine.matryoshka_dims == sorted(engine.matryoshka_dims) and engine.matryoshka_dims[-1] <= engine.hidden_size
     before = engine.stats()
     engine.encode_text(["stats"])

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import jv4
+from conftest import DEVICE
 
 ray = pytest.importorskip("ray")
 from jv4.ray import Embedder  # noqa: E402
@@ -30,7 +31,7 @@ def test_map_batches_two_actors(cluster, model_dir, engine):
     ds = ray.data.from_items([{"id": i, "text": row_text(i)} for i in range(N)])
     out = ds.map_batches(
         Embedder,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "device": "cpu", "truncate_dim": 128,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "device": DEVICE, "truncate_dim": 128,
                                "preprocess_threads": 1},
         batch_size=250,
         concurrency=2,
@@ -47,7 +48,7 @@ def test_map_batches_two_actors(cluster, model_dir, engine):
 
 def test_missing_column_fails_clearly(cluster, model_dir):
     ds = ray.data.from_items([{"body": row_text(i)} for i in range(8)])
-    out = ds.map_batches(Embedder, fn_constructor_kwargs={"model_dir": str(model_dir), "device": "cpu"},
+    out = ds.map_batches(Embedder, fn_constructor_kwargs={"model_dir": str(model_dir), "device": DEVICE},
                          concurrency=1, num_cpus=1)
     with pytest.raises(Exception) as ei:
         out.take_all()
@@ -58,7 +59,7 @@ def test_missing_column_fails_clearly(cluster, model_dir):
 
 @pytest.fixture(scope="module")
 def embedder(model_dir):
-    return Embedder(model_dir, device="cpu", return_multivector=True, errors="column")
+    return Embedder(model_dir, device=DEVICE, return_multivector=True, errors="column")
 
 
 def test_embedder_columns_and_errors(embedder, engine):
@@ -76,11 +77,11 @@ def test_embedder_columns_and_errors(embedder, engine):
 
 
 def test_embedder_raises_by_default(model_dir):
-    e = Embedder(model_dir, device="cpu")
+    e = Embedder(model_dir, device=DEVICE)
     with pytest.raises(jv4.InputTypeError, match="indices \\[1\\]"):
         e({"text": np.array(["a", None], dtype=object)})
     with pytest.raises(jv4.InputError, match="no 'body' column \\(it has \\['text'\\]\\)"):
-        Embedder(model_dir, device="cpu", column="body")({"text": np.array(["a"])})
+        Embedder(model_dir, device=DEVICE, column="body")({"text": np.array(["a"])})
 
 
 def test_embedder_pandas_and_images(embedder, engine, images):
