@@ -112,6 +112,11 @@ class Embedder:
 
     def __call__(self, batch: Any) -> Any:
         is_pandas = not isinstance(batch, dict)
+        if is_pandas and not hasattr(batch, "iloc"):
+            raise InputError(
+                f"jv4.ray.Embedder takes numpy (dict) or pandas batches, not {type(batch).__name__}: "
+                "use batch_format='numpy' (the default) or 'pandas'"
+            )
         names = [str(c) for c in batch.columns] if is_pandas else list(batch)
         col = self._column(names)
         values = batch[col]

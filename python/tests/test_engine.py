@@ -1,9 +1,7 @@
 """The Python API on the CPU backend with the synthetic tiny model: shapes, norms, Matryoshka,
 multi-vectors, images, equality with the Rust engine (the `jv4` CLI), threads and the GIL."""
 
-import io
 import json
-import pathlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor

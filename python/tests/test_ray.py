@@ -91,3 +91,9 @@ def test_embedder_pandas_and_images(embedder, engine, images):
     out = embedder(df)
     assert list(out.columns) == ["image", "k", "embedding", "multivector", "error"]
     assert np.array_equal(np.stack(out["embedding"]), engine.encode_image([png, png]))
+
+
+def test_embedder_refuses_other_batch_formats(embedder):
+    pa = pytest.importorskip("pyarrow")
+    with pytest.raises(jv4.InputError, match="numpy \\(dict\\) or pandas batches, not Table"):
+        embedder(pa.table({"text": ["a"]}))
