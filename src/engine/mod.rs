@@ -47,7 +47,10 @@ use crate::model::config::ModelConfig;
 use crate::{Error, Result};
 use prepare::Preparer;
 pub use request::{matryoshka, Chunk, Chunking, Embedding, Input, MultiVector, OutputKind, Request};
-pub use text::{prompt_prefix, EncodedText, PromptName, TextTokenizer, Truncation, DEFAULT_MAX_LENGTH};
+pub use text::{
+    plan_chunks, prompt_prefix, ChunkSpan, EncodedText, OffsetText, PromptName, TextTokenizer, Truncation,
+    DEFAULT_MAX_LENGTH,
+};
 use worker::{Budgets, Counters, Item, Msg};
 
 /// Engine settings.
