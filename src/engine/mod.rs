@@ -30,6 +30,7 @@
 
 pub mod image;
 pub mod jsonl;
+pub mod output;
 pub(crate) mod prepare;
 pub mod request;
 pub mod text;
