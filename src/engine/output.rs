@@ -88,7 +88,9 @@ impl FromStr for EmbeddingType {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         EmbeddingType::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
-            Error::Input(format!("unknown embedding type {s:?}: expected one of float, binary, ubinary, int8"))
+            Error::Input(format!(
+                "unknown embedding type {s:?}: expected one of float, binary, ubinary, int8"
+            ))
         })
     }
 }
