@@ -143,7 +143,8 @@ pub struct ChunkSpan {
 /// - [`Chunking::Spans`]: each byte range must be non-empty, inside the text, on character
 ///   boundaries, and start at or after the previous one's end. A chunk's tokens are every token
 ///   that covers at least one byte of its range, so a token straddling two neighbouring spans
-///   belongs to both. `chars` is the span as given.
+///   belongs to both. `chars` is the span as given. (Token offsets are in text order, as a
+///   tokenizer gives them.)
 ///
 /// An empty text has no chunks. Anything else wrong is an [`Error::Input`] naming it.
 pub fn plan_chunks(enc: &OffsetText, text: &str, chunking: &Chunking) -> Result<Vec<ChunkSpan>> {
@@ -169,6 +170,7 @@ pub fn plan_chunks(enc: &OffsetText, text: &str, chunking: &Chunking) -> Result<
         }
         Chunking::Spans(spans) => {
             let mut prev_end = 0;
+            let mut from = first;
             let mut out = Vec::with_capacity(spans.len());
             for (i, &(s, e)) in spans.iter().enumerate() {
                 let bad =
@@ -188,12 +190,19 @@ pub fn plan_chunks(enc: &OffsetText, text: &str, chunking: &Chunking) -> Result<
                     ));
                 }
                 prev_end = e;
-                let hit: Vec<usize> =
-                    (first..n).filter(|&t| enc.offsets[t].0 < e && enc.offsets[t].1 > s).collect();
-                match (hit.first(), hit.last()) {
-                    (Some(&a), Some(&b)) => out.push(ChunkSpan { tokens: a..b + 1, chars: s..e }),
-                    _ => return bad("no token covers it".into()),
+                // Token offsets are in text order, and so are the spans: one sweep. Skip the
+                // tokens that end before the span, take those that start before its end.
+                while from < n && enc.offsets[from].1 <= s {
+                    from += 1;
                 }
+                let mut to = from;
+                while to < n && enc.offsets[to].0 < e {
+                    to += 1;
+                }
+                if to == from {
+                    return bad("no token covers it".into());
+                }
+                out.push(ChunkSpan { tokens: from..to, chars: s..e });
             }
             Ok(out)
         }
