@@ -148,7 +148,9 @@ impl Preparer {
             // Partial: "long late chunking" (overlapping macro-chunks) is not built; such a text
             // is refused rather than chunked over a truncated forward.
             return Err(Error::Input(format!(
-                "late chunking: the text is {} tokens with its prompt, over the limit of {limit}                  tokens of one forward (texts longer than one forward are not supported for late                  chunking yet; split the text first)",
+                "late chunking: the text is {} tokens with its prompt, over the limit of {limit} \
+                 tokens of one forward (long late chunking over several forwards is not \
+                 supported yet; split the text first)",
                 enc.ids.len()
             )));
         }
