@@ -1,24 +1,58 @@
-//! The `jv4 embed` command: JSON lines in, JSON lines (or .npy) out. Every line is answered; a
-//! line that cannot be read, parsed or embedded gets `{"id", "error"}` and the others go on.
+//! The `jv4 embed` command: JSON lines in, JSON lines (or .npy / .npz) out. Every line is
+//! answered; a line that cannot be read, parsed or embedded gets `{"id", "error"}` and the others
+//! go on. The vectors are written in the type and encoding asked for ([`jv4::engine::output`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
 use jv4::engine::jsonl::{parse_line, Defaults, Line};
-use jv4::engine::{Embedding, Engine, Request};
+use jv4::engine::output::{npy_bytes, npy_rows, npz_bytes, quantize, EmbeddingType, Quantized};
+use jv4::engine::{Embedding, Engine, MultiVector, Request};
 use jv4::{Error, Result};
 use serde_json::{json, Value};
 
 /// Requests are embedded in chunks of this many lines, so a large file streams.
 const CHUNK: usize = 1024;
 
+/// The kind of output file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    /// JSON lines.
+    Jsonl,
+    /// One `[lines, width]` matrix of the single vectors.
+    Npy,
+    /// The multi-vectors as `data` `[rows, width]` and `offsets` `[lines + 1]` (int64: line `i`'s
+    /// rows are `data[offsets[i]..offsets[i + 1]]`), plus `single` `[lines, width]` when both
+    /// outputs are asked for.
+    Npz,
+}
+
+/// How vectors are written.
+#[derive(Clone, Copy, Debug)]
+pub struct Format {
+    pub file: FileKind,
+    /// JSONL only: each vector as one base64 string of its little-endian bytes.
+    pub base64: bool,
+    pub ty: EmbeddingType,
+}
+
+/// What a .npy / .npz collects until the end.
+#[derive(Default)]
+struct Arrays {
+    single: Vec<Quantized>,
+    multi: Vec<u8>,
+    multi_width: Option<usize>,
+    offsets: Vec<i64>,
+}
+
 pub fn run(
     engine: &Engine,
     d: &Defaults,
     input: Option<&Path>,
     output: Option<&Path>,
-    npy: bool,
+    fmt: Format,
 ) -> Result<()> {
+    let npy = fmt.file != FileKind::Jsonl;
     let (reader, total): (Box<dyn Read>, Option<u64>) = match input {
         Some(p) => {
             let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
@@ -34,7 +68,7 @@ pub fn run(
     let mut reader = BufReader::new(reader);
     let mut consumed = 0u64;
     let (mut n, mut failed) = (0usize, 0usize);
-    let mut npy_rows: Vec<Vec<f32>> = Vec::new();
+    let mut arrays = Arrays { offsets: vec![0], ..Arrays::default() };
     loop {
         let mut chunk = Vec::with_capacity(CHUNK);
         while chunk.len() < CHUNK {
@@ -74,6 +108,13 @@ pub fn run(
                 }
                 Line::Err(id, msg) => (id, Err(msg)),
             };
+            let result = match result {
+                Ok(e) if npy && e.chunks.is_some() => {
+                    Err("late-chunked results need a .jsonl output (a .npy / .npz holds one vector per line)"
+                        .into())
+                }
+                r => r,
+            };
             match result {
                 Ok(emb) => {
                     if emb.dropped > 0 {
@@ -83,9 +124,9 @@ pub fn run(
                         );
                     }
                     if npy {
-                        npy_rows.push(emb.single.clone().unwrap_or_default());
+                        collect(&mut arrays, &emb, fmt.ty);
                     } else {
-                        writeln!(out, "{}", to_json(&id, &emb)).map_err(|e| Error::io("output", e))?;
+                        writeln!(out, "{}", to_json(&id, &emb, fmt)).map_err(|e| Error::io("output", e))?;
                     }
                 }
                 Err(msg) => {
@@ -110,10 +151,16 @@ pub fn run(
         let path = output.expect("npy implies --output");
         if failed > 0 {
             return Err(Error::Input(format!(
-                "{failed} of {n} lines failed; no .npy written (rows would not line up)"
+                "{failed} of {n} lines failed; no {} written (rows would not line up)",
+                path.display()
             )));
         }
-        write_npy(path, &npy_rows)?;
+        let bytes = match fmt.file {
+            FileKind::Npz => npz(&arrays, fmt.ty, d.output.single())?,
+            _ => npy_rows(&arrays.single, fmt.ty)
+                .map_err(|e| Error::Input(format!("{}: {e}; nothing written", path.display())))?,
+        };
+        std::fs::write(path, bytes).map_err(|e| Error::io(path, e))?;
     }
     if failed > 0 {
         return Err(Error::Input(format!("{failed} of {n} lines failed (their errors are in the output)")));
@@ -121,35 +168,70 @@ pub fn run(
     Ok(())
 }
 
-fn to_json(id: &Value, e: &Embedding) -> Value {
-    let mut v = json!({"id": id});
+/// Adds a line's vectors to the arrays of a .npy / .npz.
+fn collect(a: &mut Arrays, e: &Embedding, ty: EmbeddingType) {
     if let Some(s) = &e.single {
-        v["embedding"] = json!(s);
+        a.single.push(quantize(s, ty));
     }
     if let Some(m) = &e.multi {
-        let rows: Vec<&[f32]> = m.data.chunks(m.dim.max(1)).collect();
-        v["multi_vector"] = json!(rows);
+        for r in 0..m.rows() {
+            a.multi.extend(quantize(m.row(r), ty).to_le_bytes());
+        }
+        a.multi_width = Some(ty.width(m.dim));
+        let last = *a.offsets.last().expect("offsets start at 0");
+        a.offsets.push(last + m.rows() as i64);
     }
-    v
 }
 
-/// A little-endian f32 `.npy` (format 1.0) of equal-length rows.
-fn write_npy(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
-    let cols = rows.first().map_or(0, Vec::len);
-    let mut header =
-        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {cols}), }}", rows.len());
-    // Pad so that magic (6) + version (2) + length (2) + header ends on a 64-byte boundary.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
+fn npz(a: &Arrays, ty: EmbeddingType, with_single: bool) -> Result<Vec<u8>> {
+    let width = a.multi_width.unwrap_or(0);
+    let rows = *a.offsets.last().expect("offsets start at 0") as usize;
+    let offsets: Vec<u8> = a.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+    let mut members = vec![
+        ("data", npy_bytes(ty.npy_descr(), &[rows, width], &a.multi)),
+        ("offsets", npy_bytes("<i8", &[a.offsets.len()], &offsets)),
+    ];
+    if with_single {
+        members.push(("single", npy_rows(&a.single, ty)?));
     }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    for r in rows {
-        for v in r {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
+    npz_bytes(&members)
+}
+
+/// A vector in the requested type and encoding.
+fn vector(v: &[f32], fmt: Format) -> Value {
+    quantize(v, fmt.ty).to_json(fmt.base64)
+}
+
+fn rows(m: &MultiVector, fmt: Format) -> Value {
+    Value::Array((0..m.rows()).map(|r| vector(m.row(r), fmt)).collect())
+}
+
+fn to_json(id: &Value, e: &Embedding, fmt: Format) -> Value {
+    let mut v = json!({"id": id});
+    if let Some(s) = &e.single {
+        v["embedding"] = vector(s, fmt);
     }
-    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+    if let Some(m) = &e.multi {
+        v["multi_vector"] = rows(m, fmt);
+    }
+    if let Some(chunks) = &e.chunks {
+        let list: Vec<Value> = chunks
+            .iter()
+            .map(|c| {
+                let mut o = json!({
+                    "tokens": [c.tokens.start, c.tokens.end],
+                    "chars": [c.chars.start, c.chars.end],
+                });
+                if let Some(s) = &c.single {
+                    o["embedding"] = vector(s, fmt);
+                }
+                if let Some(m) = &c.multi {
+                    o["multi_vector"] = rows(m, fmt);
+                }
+                o
+            })
+            .collect();
+        v["chunks"] = Value::Array(list);
+    }
+    v
 }

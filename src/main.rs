@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use jv4::engine::output::EmbeddingType;
 use jv4::engine::text::{TextTokenizer, DEFAULT_MAX_LENGTH};
 use jv4::{Device, Engine, EngineOptions, Error, OutputKind, PromptName, Task, Truncation};
 
@@ -64,13 +65,18 @@ enum Cmd {
         /// Texts; when none are given, read one per line from standard input.
         texts: Vec<String>,
     },
-    /// Embed texts and images. Input: JSON lines `{"text": ..., "id"?, "task"?, "prompt_name"?}` or
-    /// `{"image": "<path>" | "image_base64": "...", "id"?, "task"?, "max_pixels"?}` from --input or
-    /// standard input. Output: JSON lines `{"id", "embedding"?, "multi_vector"?}` (or
-    /// `{"id", "error"}` for a line that fails; the others are still served), or a .npy matrix
-    /// of the single vectors.
+    /// Embed texts and images. Input: JSON lines `{"text": ..., "id"?, "task"?, "prompt_name"?,
+    /// "dims"?, "late_chunking"?}` or `{"image": "<path>" | "image_base64": "...", "id"?, "task"?,
+    /// "max_pixels"?}` from --input or standard input; "late_chunking" is `{"chunk_size": N}` or
+    /// `{"spans": [[start, end], ...]}` (byte offsets of the text). Output: JSON lines `{"id",
+    /// "embedding"?, "multi_vector"?, "chunks"?: [{"tokens": [a, b], "chars": [s, e],
+    /// "embedding"?, "multi_vector"?}]}` (or `{"id", "error"}` for a line that fails; the others
+    /// are still served), a .npy matrix of the single vectors, or a .npz of the multi-vectors
+    /// (`data`, `offsets`, and `single` with --vector both).
     Embed {
-        /// The model folder (checkpoint + tokenizer.json).
+        /// The model folder (checkpoint + tokenizer.json), a Hugging Face cache folder
+        /// (`models--jinaai--jina-embeddings-v4`, its snapshot from refs/main) or a hub cache
+        /// holding one.
         #[arg(long)]
         model: PathBuf,
         /// tokenizer.json, when the model folder has none (e.g. a synthetic checkpoint).
@@ -91,9 +97,20 @@ enum Cmd {
         /// Input JSONL file (default: standard input). A progress bar goes to stderr.
         #[arg(long)]
         input: Option<PathBuf>,
-        /// Output file: .jsonl (default: standard output) or .npy (single vectors only).
+        /// Output file: .jsonl (default: standard output), .npy (single vectors only) or .npz
+        /// (multi-vectors: `data` [rows, width] and int64 `offsets` [lines + 1]; with --vector
+        /// both also `single`).
         #[arg(long)]
         output: Option<PathBuf>,
+        /// JSONL vectors as arrays of numbers (float) or one base64 string of the little-endian
+        /// bytes each (base64, as OpenAI's encoding_format).
+        #[arg(long, value_enum, default_value_t = EncodingArg::Float)]
+        encoding: EncodingArg,
+        /// Element type: float (f32), binary (packed sign bits as int8, u − 128), ubinary (packed
+        /// sign bits as uint8; most significant bit first) or int8 (fixed range [−1, 1]);
+        /// see `jv4::engine::output`.
+        #[arg(long, default_value = "float", value_parser = parse_embedding_type)]
+        embedding_type: EmbeddingType,
         /// Longest token sequence kept per text (prompt included); longer texts are truncated
         /// with a warning.
         #[arg(long, default_value_t = DEFAULT_MAX_LENGTH)]
@@ -159,6 +176,16 @@ enum VectorArg {
     Both,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EncodingArg {
+    Float,
+    Base64,
+}
+
+fn parse_embedding_type(s: &str) -> Result<EmbeddingType, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum PresetArg {
     Tiny,
@@ -216,6 +243,8 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
             vector,
             input,
             output,
+            encoding,
+            embedding_type,
             max_length,
             strict,
             max_batch_tokens,
@@ -229,12 +258,27 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
                 VectorArg::Multi => OutputKind::Multi,
                 VectorArg::Both => OutputKind::Both,
             };
-            let npy = output.as_ref().is_some_and(|p| p.extension().is_some_and(|e| e == "npy"));
-            if npy && output_kind != OutputKind::Single {
+            let ext = output.as_ref().and_then(|p| p.extension()).and_then(|e| e.to_str());
+            let file = match ext {
+                Some("npy") => embed::FileKind::Npy,
+                Some("npz") => embed::FileKind::Npz,
+                _ => embed::FileKind::Jsonl,
+            };
+            if file == embed::FileKind::Npy && output_kind != OutputKind::Single {
                 return Err(Error::Input(
-                    "--output .npy holds single vectors only; use .jsonl for multi".into(),
+                    "--output .npy holds single vectors only; use .npz or .jsonl for multi".into(),
                 ));
             }
+            if file == embed::FileKind::Npz && output_kind == OutputKind::Single {
+                return Err(Error::Input(
+                    "--output .npz holds multi-vectors: use --vector multi or both (or .npy for single)"
+                        .into(),
+                ));
+            }
+            if file != embed::FileKind::Jsonl && encoding == EncodingArg::Base64 {
+                return Err(Error::Input("--encoding base64 applies to .jsonl output only".into()));
+            }
+            let format = embed::Format { file, base64: encoding == EncodingArg::Base64, ty: embedding_type };
             let opts = EngineOptions {
                 device,
                 max_batch_tokens,
@@ -248,7 +292,7 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
             let engine = Engine::open(&model, opts)?;
             let defaults =
                 jv4::engine::jsonl::Defaults { task, prompt: prompt_name, output: output_kind, dims };
-            embed::run(&engine, &defaults, input.as_deref(), output.as_deref(), npy)
+            embed::run(&engine, &defaults, input.as_deref(), output.as_deref(), format)
         }
         Cmd::Synth { out, preset, seed, f32_adapters } => {
             let t0 = Instant::now();

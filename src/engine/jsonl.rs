@@ -1,11 +1,13 @@
 //! The JSON-lines request format of `jv4 embed`: `{"text": ..., "id"?, "task"?, "prompt_name"?,
 //! "dims"?}` per line, or `{"image": "<path>" | "image_base64": "...", "id"?, "task"?, "dims"?,
-//! "max_pixels"?}` for an image. Parsing never fails as a whole: each line is a request or an error of its
+//! "max_pixels"?}` for an image. A text may ask for late chunking with `"late_chunking":
+//! {"chunk_size": N}` (chunks of N tokens) or `{"spans": [[start, end], ...]}` (byte ranges of the
+//! text). Parsing never fails as a whole: each line is a request or an error of its
 //! own, so one bad line never takes down the rest of a file.
 
 use serde_json::{json, Value};
 
-use crate::engine::{Input, OutputKind, PromptName, Request};
+use crate::engine::{Chunking, Input, OutputKind, PromptName, Request};
 use crate::model::Task;
 
 /// Values for lines that do not set their own.
@@ -62,6 +64,14 @@ pub fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line
         }
     };
     let text = v.get("text").and_then(Value::as_str);
+    let chunking = match v.get("late_chunking").map(parse_chunking) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(c))) => Some(c),
+        Some(Err(e)) => return Line::Err(id, format!("line {n}: late_chunking: {e}")),
+    };
+    if chunking.is_some() && image.is_some() {
+        return Line::Err(id, format!("line {n}: late_chunking applies to texts only"));
+    }
     if image.is_none() && text.is_none() {
         return Line::Err(id, format!("line {n}: no \"text\" string (or \"image\" / \"image_base64\")"));
     }
@@ -105,9 +115,41 @@ pub fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line
             output: d.output,
             dims,
             max_pixels: None,
-            chunking: None,
+            chunking,
         },
     )
+}
+
+/// `{"chunk_size": N}` or `{"spans": [[s, e], ...]}` (`null`: none). The values are checked
+/// against the text when the request is prepared (a chunk size of 0, spans outside the text…).
+fn parse_chunking(v: &Value) -> Result<Option<Chunking>, String> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let o = v.as_object().ok_or("must be an object {\"chunk_size\": N} or {\"spans\": [[s, e], ...]}")?;
+    match (o.get("chunk_size"), o.get("spans")) {
+        (Some(n), None) => n
+            .as_u64()
+            .map(|n| Some(Chunking::Tokens(n as usize)))
+            .ok_or_else(|| "chunk_size must be a number".into()),
+        (None, Some(spans)) => {
+            let bad = || "spans must be a list of [start, end] byte offsets".to_string();
+            let list = spans.as_array().ok_or_else(bad)?;
+            let mut out = Vec::with_capacity(list.len());
+            for s in list {
+                match s.as_array().map(Vec::as_slice) {
+                    Some([a, b]) => match (a.as_u64(), b.as_u64()) {
+                        (Some(a), Some(b)) => out.push((a as usize, b as usize)),
+                        _ => return Err(bad()),
+                    },
+                    _ => return Err(bad()),
+                }
+            }
+            Ok(Some(Chunking::Spans(out)))
+        }
+        (Some(_), Some(_)) => Err("give \"chunk_size\" or \"spans\", not both".into()),
+        (None, None) => Err("needs \"chunk_size\" or \"spans\"".into()),
+    }
 }
 
 /// Standard base64 (RFC 4648, `+/`, optional `=` padding, whitespace ignored).
@@ -148,7 +190,46 @@ pub fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::base64_decode;
+    use super::*;
+
+    fn parse(line: &str) -> Line {
+        let d = Defaults {
+            task: Task::Retrieval,
+            prompt: PromptName::Query,
+            output: OutputKind::Single,
+            dims: None,
+        };
+        parse_line(1, Ok(line.as_bytes().to_vec()), &d)
+    }
+
+    #[test]
+    fn late_chunking_fields_parse_and_bad_ones_are_line_errors() {
+        match parse(r#"{"text": "abc", "late_chunking": {"chunk_size": 2}}"#) {
+            Line::Ok(_, r) => assert_eq!(r.chunking, Some(Chunking::Tokens(2))),
+            l => panic!("{l:?}"),
+        }
+        match parse(r#"{"text": "abcdef", "late_chunking": {"spans": [[0, 2], [3, 6]]}}"#) {
+            Line::Ok(_, r) => assert_eq!(r.chunking, Some(Chunking::Spans(vec![(0, 2), (3, 6)]))),
+            l => panic!("{l:?}"),
+        }
+        match parse(r#"{"text": "abc", "late_chunking": null}"#) {
+            Line::Ok(_, r) => assert_eq!(r.chunking, None),
+            l => panic!("{l:?}"),
+        }
+        for (line, what) in [
+            (r#"{"text": "a", "late_chunking": 3}"#, "must be an object"),
+            (r#"{"text": "a", "late_chunking": {}}"#, "needs"),
+            (r#"{"text": "a", "late_chunking": {"chunk_size": -1}}"#, "chunk_size must be a number"),
+            (r#"{"text": "a", "late_chunking": {"spans": [[0]]}}"#, "spans must be"),
+            (r#"{"text": "a", "late_chunking": {"spans": [[0, 1]], "chunk_size": 1}}"#, "not both"),
+            (r#"{"image": "x.png", "late_chunking": {"chunk_size": 1}}"#, "texts only"),
+        ] {
+            match parse(line) {
+                Line::Err(_, msg) => assert!(msg.contains(what), "{line}: {msg}"),
+                l => panic!("{line}: {l:?}"),
+            }
+        }
+    }
 
     #[test]
     fn base64_round_trips_and_rejects_junk() {

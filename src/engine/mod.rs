@@ -30,6 +30,7 @@
 
 pub mod image;
 pub mod jsonl;
+pub mod output;
 pub(crate) mod prepare;
 pub mod request;
 pub mod text;
@@ -47,7 +48,10 @@ use crate::model::config::ModelConfig;
 use crate::{Error, Result};
 use prepare::Preparer;
 pub use request::{matryoshka, Chunk, Chunking, Embedding, Input, MultiVector, OutputKind, Request};
-pub use text::{prompt_prefix, EncodedText, PromptName, TextTokenizer, Truncation, DEFAULT_MAX_LENGTH};
+pub use text::{
+    plan_chunks, prompt_prefix, ChunkSpan, EncodedText, OffsetText, PromptName, TextTokenizer, Truncation,
+    DEFAULT_MAX_LENGTH,
+};
 use worker::{Budgets, Counters, Item, Msg};
 
 /// Engine settings.
@@ -131,8 +135,10 @@ const WINDOW: usize = 256;
 
 impl Engine {
     /// Opens a model folder (checkpoint and `tokenizer.json`, or `opts.tokenizer`), and loads the
-    /// model onto `opts.device` on the engine's worker thread.
+    /// model onto `opts.device` on the engine's worker thread. The folder may also be a Hugging
+    /// Face cache folder or the hub cache holding it ([`crate::model::folder::resolve_model_dir`]).
     pub fn open(model_dir: &Path, opts: EngineOptions) -> Result<Engine> {
+        let model_dir = &crate::model::folder::resolve_model_dir(model_dir)?;
         if opts.max_batch_tokens == 0 || opts.max_batch_patches == 0 {
             return Err(Error::Input("max_batch_tokens and max_batch_patches must be at least 1".into()));
         }

@@ -5,7 +5,7 @@
 
 use crate::engine::image::{self, ImageConfig};
 use crate::engine::request::{Input, Request};
-use crate::engine::text::{TextTokenizer, Truncation};
+use crate::engine::text::{plan_chunks, ChunkSpan, TextTokenizer, Truncation};
 use crate::model::batch::ImageInput;
 use crate::model::config::ModelConfig;
 use crate::model::plan::GridThw;
@@ -17,6 +17,8 @@ pub(crate) struct Prepared {
     pub ids: Vec<u32>,
     pub dropped: usize,
     pub image: Option<ImageInput>,
+    /// The late chunks of a chunked text (`None` when not chunked).
+    pub chunks: Option<Vec<ChunkSpan>>,
 }
 
 impl Prepared {
@@ -73,12 +75,19 @@ impl Preparer {
         let texts: Vec<(usize, &Request, &str)> = reqs
             .iter()
             .enumerate()
-            .filter(|(i, _)| out[*i].is_none())
+            .filter(|(i, r)| out[*i].is_none() && r.chunking.is_none())
             .filter_map(|(i, r)| if let Input::Text(t) = &r.input { Some((i, r, t.as_str())) } else { None })
             .collect();
         let items: Vec<_> = texts.iter().map(|(_, r, t)| (r.task, r.prompt, *t)).collect();
         for ((i, _, _), enc) in texts.iter().zip(self.tok.encode_batch_prompted(&items, self.truncation)) {
-            out[*i] = Some(enc.map(|e| Prepared { ids: e.ids, dropped: e.dropped, image: None }));
+            out[*i] =
+                Some(enc.map(|e| Prepared { ids: e.ids, dropped: e.dropped, image: None, chunks: None }));
+        }
+        // Late-chunked texts: one by one, with offsets.
+        for (i, r) in reqs.iter().enumerate() {
+            if let (None, Input::Text(t), Some(_)) = (&out[i], &r.input, &r.chunking) {
+                out[i] = Some(self.chunked(r, t));
+            }
         }
         // Token ids: as they are, truncated.
         for (i, r) in reqs.iter().enumerate() {
@@ -124,11 +133,29 @@ impl Preparer {
         if let Some(0) = r.max_pixels {
             return Err(Error::Input("max_pixels must be at least 1".into()));
         }
-        if r.chunking.is_some() {
-            // Partial: the request type is settled, the pooling per chunk is not built yet.
-            return Err(Error::Input("late chunking is not available yet in this build".into()));
+        if r.chunking.is_some() && !matches!(r.input, Input::Text(_)) {
+            return Err(Error::Input("late chunking applies to texts only".into()));
         }
         Ok(())
+    }
+
+    /// A late-chunked text: the whole text in one sequence (never truncated: chunks past a cut
+    /// would have no tokens), and its chunks.
+    fn chunked(&self, r: &Request, text: &str) -> Result<Prepared> {
+        let limit = self.truncation.limit()?;
+        let enc = self.tok.encode_with_offsets(r.task, r.prompt, text)?;
+        if enc.ids.len() > limit {
+            // Partial: "long late chunking" (overlapping macro-chunks) is not built; such a text
+            // is refused rather than chunked over a truncated forward.
+            return Err(Error::Input(format!(
+                "late chunking: the text is {} tokens with its prompt, over the limit of {limit} \
+                 tokens of one forward (long late chunking over several forwards is not \
+                 supported yet; split the text first)",
+                enc.ids.len()
+            )));
+        }
+        let chunks = plan_chunks(&enc, text, r.chunking.as_ref().expect("a chunked request"))?;
+        Ok(Prepared { ids: enc.ids, dropped: 0, image: None, chunks: Some(chunks) })
     }
 
     fn tokens(&self, ids: &[u32]) -> Result<Prepared> {
@@ -137,7 +164,7 @@ impl Preparer {
             return Err(Error::Input("no token ids".into()));
         }
         if ids.len() <= limit {
-            return Ok(Prepared { ids: ids.to_vec(), dropped: 0, image: None });
+            return Ok(Prepared { ids: ids.to_vec(), dropped: 0, image: None, chunks: None });
         }
         if self.truncation.strict {
             return Err(Error::Input(format!(
@@ -145,7 +172,7 @@ impl Preparer {
                 ids.len()
             )));
         }
-        Ok(Prepared { ids: ids[..limit].to_vec(), dropped: ids.len() - limit, image: None })
+        Ok(Prepared { ids: ids[..limit].to_vec(), dropped: ids.len() - limit, image: None, chunks: None })
     }
 
     /// Decodes and preprocesses one image (resized down to fit the patch budget), and lays out
@@ -170,6 +197,6 @@ impl Preparer {
         if self.bf16_pixels {
             image.pixel_values = image.pixel_values.into_bf16();
         }
-        Ok(Prepared { ids, dropped: 0, image: Some(image) })
+        Ok(Prepared { ids, dropped: 0, image: Some(image), chunks: None })
     }
 }

@@ -5,9 +5,11 @@
 //! `max_length` tokens of that prefixed string. Everything here reproduces exactly that, so the
 //! ids are the ones the HF reference would embed.
 
+use crate::engine::request::Chunking;
 use crate::model::task::Task;
 use crate::{Error, Result};
 use std::fmt;
+use std::ops::Range;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -106,6 +108,105 @@ pub struct EncodedText {
     pub ids: Vec<u32>,
     /// How many tokens truncation removed from the end (0 if the text fit).
     pub dropped: usize,
+}
+
+/// A prompted text's ids with, per token, the byte range of the text it covers (for late
+/// chunking). Nothing is truncated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OffsetText {
+    /// All ids of `prefix + text`.
+    pub ids: Vec<u32>,
+    /// Per token, its `[start, end)` bytes in the text (the prefix cut off: a token of the prefix
+    /// alone is `(0, 0)`; one that straddles the prefix and the text starts at 0).
+    pub offsets: Vec<(usize, usize)>,
+    /// The first token holding a byte of the text (`ids.len()` for an empty text): the tokens
+    /// before it are the prompt prefix, which belongs to no chunk.
+    pub first_text_token: usize,
+}
+
+/// One late chunk, planned: its token positions in the embedded sequence (prefix included) and
+/// its byte range in the text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkSpan {
+    /// `[start, end)` token positions.
+    pub tokens: Range<usize>,
+    /// `[start, end)` bytes of the text, on character boundaries.
+    pub chars: Range<usize>,
+}
+
+/// The chunks of `chunking` over a text tokenized as `enc` (docs/MODEL.md §11).
+///
+/// - [`Chunking::Tokens`]`(n)`: the text's tokens (the prefix excluded) in consecutive runs of
+///   `n` (the last one shorter); each chunk's bytes are the smallest range covering its tokens'.
+///   A byte-level token may hold part of a character, so two neighbouring chunks can share the
+///   character at their boundary in `chars` (never a token).
+/// - [`Chunking::Spans`]: each byte range must be non-empty, inside the text, on character
+///   boundaries, and start at or after the previous one's end. A chunk's tokens are every token
+///   that covers at least one byte of its range, so a token straddling two neighbouring spans
+///   belongs to both. `chars` is the span as given. (Token offsets are in text order, as a
+///   tokenizer gives them.)
+///
+/// An empty text has no chunks. Anything else wrong is an [`Error::Input`] naming it.
+pub fn plan_chunks(enc: &OffsetText, text: &str, chunking: &Chunking) -> Result<Vec<ChunkSpan>> {
+    let first = enc.first_text_token;
+    let n = enc.ids.len();
+    let cover = |tokens: Range<usize>| {
+        let s = enc.offsets[tokens.clone()].iter().map(|o| o.0).min().unwrap_or(0);
+        let e = enc.offsets[tokens.clone()].iter().map(|o| o.1).max().unwrap_or(0);
+        // Offsets are character-aligned already; widen to boundaries should a tokenizer not be.
+        let (mut s, mut e) = (s.min(text.len()), e.min(text.len()));
+        while !text.is_char_boundary(s) {
+            s -= 1;
+        }
+        while !text.is_char_boundary(e) {
+            e += 1;
+        }
+        ChunkSpan { tokens, chars: s..e }
+    };
+    match chunking {
+        Chunking::Tokens(0) => Err(Error::Input("late chunking: chunk_size must be at least 1 token".into())),
+        Chunking::Tokens(size) => {
+            Ok((first..n).step_by(*size).map(|a| cover(a..(a + size).min(n))).collect())
+        }
+        Chunking::Spans(spans) => {
+            let mut prev_end = 0;
+            let mut from = first;
+            let mut out = Vec::with_capacity(spans.len());
+            for (i, &(s, e)) in spans.iter().enumerate() {
+                let bad =
+                    |why: String| Err(Error::Input(format!("late chunking: span {i} [{s}, {e}): {why}")));
+                if s >= e {
+                    return bad("empty (start must be below end)".into());
+                }
+                if e > text.len() {
+                    return bad(format!("outside the text of {} bytes", text.len()));
+                }
+                if !text.is_char_boundary(s) || !text.is_char_boundary(e) {
+                    return bad("not on UTF-8 character boundaries".into());
+                }
+                if s < prev_end {
+                    return bad(format!(
+                        "overlaps or comes before the previous span (which ends at {prev_end})"
+                    ));
+                }
+                prev_end = e;
+                // Token offsets are in text order, and so are the spans: one sweep. Skip the
+                // tokens that end before the span, take those that start before its end.
+                while from < n && enc.offsets[from].1 <= s {
+                    from += 1;
+                }
+                let mut to = from;
+                while to < n && enc.offsets[to].0 < e {
+                    to += 1;
+                }
+                if to == from {
+                    return bad("no token covers it".into());
+                }
+                out.push(ChunkSpan { tokens: from..to, chars: s..e });
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// The Qwen2 byte-level BPE tokenizer of the model, loaded once and shared (it is `Send + Sync`;
@@ -211,6 +312,24 @@ impl TextTokenizer {
         }
     }
 
+    /// The ids of `prompt_prefix(task, prompt) + text` (not truncated), each with the bytes of
+    /// `text` it covers: what late chunking maps spans with. Slower than
+    /// [`encode_prompted`](Self::encode_prompted) (offsets are tracked).
+    pub fn encode_with_offsets(&self, task: Task, prompt: PromptName, text: &str) -> Result<OffsetText> {
+        let p = prompt_prefix(task, prompt).len();
+        let enc = self
+            .inner
+            .encode(prefixed(task, prompt, text), true)
+            .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
+        let offsets: Vec<(usize, usize)> = enc
+            .get_offsets()
+            .iter()
+            .map(|&(s, e)| (s.saturating_sub(p).min(text.len()), e.saturating_sub(p).min(text.len())))
+            .collect();
+        let first_text_token = enc.get_offsets().iter().position(|&(_, e)| e > p).unwrap_or(offsets.len());
+        Ok(OffsetText { ids: enc.get_ids().to_vec(), offsets, first_text_token })
+    }
+
     /// The full encoding with the tokenizer's own special-token handling (`add_special_tokens`
     /// true, like the reference; for this tokenizer it adds nothing). Offsets are not needed, so
     /// the fast path that skips them is used.
@@ -278,6 +397,48 @@ mod tests {
         assert_eq!(Truncation::new(16).limit().unwrap(), 16);
         assert_eq!(Truncation::new(1 << 20).limit().unwrap(), DEFAULT_MAX_LENGTH);
         assert!(matches!(Truncation::new(0).limit(), Err(Error::Input(_))));
+    }
+
+    fn enc(offsets: &[(usize, usize)], first: usize) -> OffsetText {
+        OffsetText { ids: vec![0; offsets.len()], offsets: offsets.to_vec(), first_text_token: first }
+    }
+
+    #[test]
+    fn chunks_by_tokens_skip_the_prefix() {
+        // "ab cd é": prefix tokens 0, 1; text tokens "ab" (straddling: starts in the prefix),
+        // " cd", and "é" split into two byte-level tokens sharing the character's bytes.
+        let text = "ab cd é";
+        let e = enc(&[(0, 0), (0, 0), (0, 2), (2, 5), (5, 6), (6, 8), (6, 8)], 2);
+        let got = plan_chunks(&e, text, &Chunking::Tokens(2)).unwrap();
+        let want = [(2..4, 0..5), (4..6, 5..8), (6..7, 6..8)];
+        let got: Vec<_> = got.into_iter().map(|c| (c.tokens, c.chars)).collect();
+        assert_eq!(got, want);
+        let one = plan_chunks(&e, text, &Chunking::Tokens(100)).unwrap();
+        assert_eq!((one[0].tokens.clone(), one[0].chars.clone()), (2..7, 0..8));
+        assert!(plan_chunks(&enc(&[(0, 0)], 1), "", &Chunking::Tokens(3)).unwrap().is_empty());
+        let zero = plan_chunks(&e, text, &Chunking::Tokens(0)).unwrap_err();
+        assert!(matches!(zero, Error::Input(_)) && zero.to_string().contains("chunk_size"), "{zero}");
+    }
+
+    #[test]
+    fn chunks_by_spans_take_every_covering_token_and_refuse_bad_spans() {
+        let text = "ab cd é";
+        let e = enc(&[(0, 0), (0, 0), (0, 2), (2, 5), (5, 6), (6, 8), (6, 8)], 2);
+        let got = plan_chunks(&e, text, &Chunking::Spans(vec![(0, 1), (1, 4), (6, 8)])).unwrap();
+        let got: Vec<_> = got.into_iter().map(|c| (c.tokens, c.chars)).collect();
+        assert_eq!(got, [(2..3, 0..1), (2..4, 1..4), (5..7, 6..8)]);
+        for (spans, what) in [
+            (vec![(2, 2)], "empty"),
+            (vec![(3, 2)], "empty"),
+            (vec![(0, 9)], "outside the text"),
+            (vec![(0, 7)], "character boundaries"),
+            (vec![(0, 3), (2, 4)], "overlaps"),
+            (vec![(3, 4), (0, 2)], "overlaps"),
+        ] {
+            let err = plan_chunks(&e, text, &Chunking::Spans(spans.clone())).unwrap_err();
+            assert!(matches!(err, Error::Input(_)), "{spans:?}: {err:?}");
+            assert!(err.to_string().contains(what), "{spans:?}: {err}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::prepare::Prepared;
-use crate::engine::request::{matryoshka, Embedding, MultiVector, OutputKind};
+use crate::engine::request::{matryoshka, Chunk, Embedding, MultiVector, OutputKind};
 use crate::model::backend::{Backend, MemoryReport};
 use crate::model::batch::{BatchOutput, PackedBatch};
 use crate::model::Task;
@@ -142,7 +142,9 @@ fn run_group(backend: &mut dyn Backend, group: Vec<Item>, counters: &Counters) {
     let mut members = Vec::with_capacity(group.len());
     for item in group {
         let image = item.prepared.image.clone().into_iter().collect();
-        match batch.push(&item.prepared.ids, item.task, image) {
+        let spans: Vec<(usize, usize)> =
+            item.prepared.chunks.iter().flatten().map(|c| (c.tokens.start, c.tokens.end)).collect();
+        match batch.push_chunked(&item.prepared.ids, item.task, image, &spans) {
             Ok(()) => members.push(item),
             Err(e) => answer(&item, Err(e)),
         }
@@ -186,27 +188,47 @@ fn embedding(
     hid: usize,
     pd: usize,
 ) -> Embedding {
-    let single = &out.single[k * hid..(k + 1) * hid];
     let rows = batch.rows(k);
+    let width = |v: &[f32]| match item.dims {
+        Some(d) if d < hid => matryoshka(v, d),
+        _ => v.to_vec(),
+    };
+    // Multi-vector rows `[a, b)` of this sequence.
+    let multi = |a: usize, b: usize| MultiVector {
+        dim: pd,
+        data: out
+            .multi
+            .as_ref()
+            .map_or_else(Vec::new, |m| m[(rows.start + a) * pd..(rows.start + b) * pd].to_vec()),
+    };
+    let chunks = item.prepared.chunks.as_ref().map(|plan| {
+        plan.iter()
+            .zip(batch.chunks(k))
+            .map(|(c, j)| Chunk {
+                single: item.output.single().then(|| width(&out.chunk_single[j * hid..(j + 1) * hid])),
+                multi: item.output.multi().then(|| multi(c.tokens.start, c.tokens.end)),
+                tokens: c.tokens.clone(),
+                chars: c.chars.clone(),
+            })
+            .collect()
+    });
     Embedding {
-        single: item.output.single().then(|| match item.dims {
-            Some(d) if d < hid => matryoshka(single, d),
-            _ => single.to_vec(),
-        }),
-        multi: item.output.multi().then(|| MultiVector {
-            dim: pd,
-            data: out.multi.as_ref().map_or_else(Vec::new, |m| m[rows.start * pd..rows.end * pd].to_vec()),
-        }),
+        single: item.output.single().then(|| width(&out.single[k * hid..(k + 1) * hid])),
+        multi: item.output.multi().then(|| multi(0, rows.len())),
         tokens: rows.len(),
         dropped: item.prepared.dropped,
-        chunks: None,
+        chunks,
     }
 }
 
 /// The embedding, or [`Error::NonFinite`] if any value of it is NaN or infinite.
 fn finite(e: Embedding) -> Result<Embedding> {
     let bad = |v: &[f32]| v.iter().filter(|x| !x.is_finite()).count();
-    let (s, m) = (e.single.as_deref().map_or(0, bad), e.multi.as_ref().map_or(0, |m| bad(&m.data)));
+    let (mut s, mut m) = (e.single.as_deref().map_or(0, bad), e.multi.as_ref().map_or(0, |m| bad(&m.data)));
+    for c in e.chunks.iter().flatten() {
+        s += c.single.as_deref().map_or(0, bad);
+        m += c.multi.as_ref().map_or(0, |m| bad(&m.data));
+    }
     if s + m > 0 {
         return Err(Error::NonFinite(format!(
             "{s} single-vector and {m} multi-vector values of this request's {} tokens are NaN or infinite",
@@ -240,7 +262,11 @@ mod tests {
         let nan = Embedding { single: Some(vec![f32::NAN, 0.0]), ..good.clone() };
         let e = finite(nan).unwrap_err();
         assert!(matches!(e, Error::NonFinite(_)) && e.to_string().contains("1 single-vector"), "{e}");
-        let inf = Embedding { multi: Some(MultiVector { dim: 2, data: vec![1.0, f32::INFINITY] }), ..good };
+        let inf =
+            Embedding { multi: Some(MultiVector { dim: 2, data: vec![1.0, f32::INFINITY] }), ..good.clone() };
         assert!(finite(inf).unwrap_err().to_string().contains("1 multi-vector"));
+        let chunk = Chunk { single: Some(vec![f32::NAN, 1.0]), multi: None, tokens: 0..1, chars: 0..1 };
+        let in_chunk = Embedding { chunks: Some(vec![chunk]), ..good };
+        assert!(finite(in_chunk).unwrap_err().to_string().contains("1 single-vector"));
     }
 }

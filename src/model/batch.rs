@@ -98,6 +98,10 @@ pub struct PackedBatch {
     tasks: Vec<Task>,
     row_task: Vec<u8>,
     spans: Vec<[u32; 2]>,
+    /// Extra pooling spans (late chunking), absolute rows, all sequences' in order.
+    chunk_spans: Vec<[u32; 2]>,
+    /// `[0, n0, n0 + n1, …]`: sequence k's extra spans are `chunk_spans[cu_chunks[k]..cu_chunks[k + 1]]`.
+    cu_chunks: Vec<usize>,
     images: Vec<ImageInput>,
     image_rows: Vec<u32>,
     /// Whether the multi-vector head runs (it always may: the single vector is always computed).
@@ -120,6 +124,8 @@ impl PackedBatch {
             tasks: Vec::new(),
             row_task: Vec::new(),
             spans: Vec::new(),
+            chunk_spans: Vec::new(),
+            cu_chunks: vec![0],
             images: Vec::new(),
             image_rows: Vec::new(),
             want_multi: false,
@@ -137,6 +143,26 @@ impl PackedBatch {
     /// leaves the batch unchanged on an error. A text holding `<|image_pad|>` tokens is refused
     /// here: the runs would not match its (zero) images.
     pub fn push(&mut self, ids: &[u32], task: Task, images: Vec<ImageInput>) -> Result<()> {
+        self.push_chunked(ids, task, images, &[])
+    }
+
+    /// [`PackedBatch::push`] with extra pooling spans: `[start, end)` positions in this sequence
+    /// (e.g. the chunks of late chunking), each pooled like the main span into
+    /// [`BatchOutput::chunk_single`]. Each must be non-empty and inside the sequence; they may
+    /// overlap and come in any order.
+    pub fn push_chunked(
+        &mut self,
+        ids: &[u32],
+        task: Task,
+        images: Vec<ImageInput>,
+        chunks: &[(usize, usize)],
+    ) -> Result<()> {
+        if let Some(&(s, e)) = chunks.iter().find(|&&(s, e)| s >= e || e > ids.len()) {
+            return Err(Error::Input(format!(
+                "pooling span [{s}, {e}) is empty or outside the sequence of {} tokens",
+                ids.len()
+            )));
+        }
         if ids.is_empty() {
             return Err(Error::Input("a sequence with no tokens".into()));
         }
@@ -189,6 +215,8 @@ impl PackedBatch {
         self.tasks.push(task);
         self.row_task.extend(std::iter::repeat_n(task.index() as u8, ids.len()));
         self.spans.push([(start + a) as u32, (start + b) as u32]);
+        self.chunk_spans.extend(chunks.iter().map(|&(s, e)| [(start + s) as u32, (start + e) as u32]));
+        self.cu_chunks.push(self.chunk_spans.len());
         let image_id = self.image_token_id;
         self.image_rows
             .extend(ids.iter().enumerate().filter(|&(_, &x)| x == image_id).map(|(i, _)| (start + i) as u32));
@@ -224,6 +252,22 @@ impl PackedBatch {
     /// Per sequence, the `[start, end)` packed rows its single vector pools.
     pub fn spans(&self) -> &[[u32; 2]] {
         &self.spans
+    }
+
+    /// The extra pooling spans of all sequences (absolute packed rows), in sequence order: the
+    /// rows of [`BatchOutput::chunk_single`].
+    pub fn chunk_spans(&self) -> &[[u32; 2]] {
+        &self.chunk_spans
+    }
+
+    /// The indices into [`PackedBatch::chunk_spans`] of sequence `k`'s extra spans.
+    pub fn chunks(&self, k: usize) -> std::ops::Range<usize> {
+        self.cu_chunks[k]..self.cu_chunks[k + 1]
+    }
+
+    /// The main spans, then the extra ones: every span a forward pools, in output order.
+    pub fn all_spans(&self) -> impl Iterator<Item = &[u32; 2]> {
+        self.spans.iter().chain(&self.chunk_spans)
     }
 
     /// The images of all sequences, in the order of their blocks.
@@ -275,6 +319,9 @@ pub struct BatchOutput {
     pub single: Vec<f32>,
     /// `[tokens, proj_dim]` L2-normalised multi-vector rows (f32), when the batch asked for them.
     pub multi: Option<Vec<f32>>,
+    /// `[chunk spans, hidden]` L2-normalised means of the extra pooling spans
+    /// ([`PackedBatch::chunk_spans`], in that order), at full width (f32).
+    pub chunk_single: Vec<f32>,
 }
 
 #[cfg(test)]
@@ -310,5 +357,24 @@ mod tests {
         assert_eq!(b.row_task(), &[2, 2, 2, 1, 1]);
         assert_eq!(b.positions().t, vec![0, 1, 2, 0, 1]);
         assert_eq!((b.sequences(), b.tokens(), b.max_seqlen()), (2, 5, 3));
+        assert!(b.chunk_spans().is_empty());
+    }
+
+    #[test]
+    fn extra_spans_are_absolute_and_bad_ones_refused() {
+        let c = cfg();
+        let mut b = PackedBatch::new(&c);
+        b.push_chunked(&[1, 2, 3], Task::Code, Vec::new(), &[(0, 2), (1, 3)]).unwrap();
+        for bad in [[(0, 0)], [(2, 1)], [(1, 4)]] {
+            let e = b.push_chunked(&[4, 5, 6], Task::Code, Vec::new(), &bad).unwrap_err().to_string();
+            assert!(e.contains("outside the sequence"), "{e}");
+        }
+        assert_eq!(b.sequences(), 1);
+        b.push_text(&[7], Task::Code).unwrap();
+        b.push_chunked(&[4, 5, 6, 7], Task::Retrieval, Vec::new(), &[(3, 4)]).unwrap();
+        assert_eq!(b.chunk_spans(), &[[0, 2], [1, 3], [7, 8]]);
+        assert_eq!((b.chunks(0), b.chunks(1), b.chunks(2)), (0..2, 2..2, 2..3));
+        let all: Vec<[u32; 2]> = b.all_spans().copied().collect();
+        assert_eq!(all, vec![[0, 3], [3, 4], [4, 8], [0, 2], [1, 3], [7, 8]]);
     }
 }

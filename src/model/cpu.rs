@@ -317,10 +317,13 @@ impl CpuModel {
         let spans: Vec<(usize, usize)> =
             batch.spans().iter().map(|&[a, b]| (a as usize, b as usize)).collect();
         let single = r::mean_pool_l2(&h, hid, &spans);
+        let chunks: Vec<(usize, usize)> =
+            batch.chunk_spans().iter().map(|&[a, b]| (a as usize, b as usize)).collect();
+        let chunk_single = r::mean_pool_l2(&h, hid, &chunks);
         if let Some(tr) = trace {
             tr.push(h);
         }
-        Ok(BatchOutput { single, multi: batch.want_multi.then_some(multi) })
+        Ok(BatchOutput { single, multi: batch.want_multi.then_some(multi), chunk_single })
     }
 }
 

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod constants;
 pub mod cpu;
+pub mod folder;
 pub mod gpu;
 pub mod plan;
 pub mod schema;

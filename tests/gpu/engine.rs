@@ -8,6 +8,9 @@ use jv4::Device;
 #[path = "../common/engine_cases.rs"]
 mod engine_cases;
 
+#[path = "../common/chunk_cases.rs"]
+mod chunk_cases;
+
 macro_rules! cuda_case {
     ($name:ident) => {
         pub fn $name(_ctx: &mut Ctx) -> Result<(), String> {
@@ -22,3 +25,15 @@ cuda_case!(concurrent_callers_share_forwards);
 cuda_case!(bad_requests_fail_alone);
 cuda_case!(tiny_budget_serves_every_request);
 cuda_case!(open_errors_are_clear);
+
+macro_rules! cuda_chunk_case {
+    ($name:ident) => {
+        pub fn $name(_ctx: &mut Ctx) -> Result<(), String> {
+            chunk_cases::$name(Device::Cuda(0))
+        }
+    };
+}
+
+cuda_chunk_case!(chunks_equal_the_reference_pooling);
+cuda_chunk_case!(chunk_vectors_are_independent_of_the_batch);
+cuda_chunk_case!(bad_chunking_fails_alone);

@@ -13,13 +13,16 @@ use crate::Result;
 impl GpuModel {
     /// Both heads over the final-norm states `x` `[tokens, hidden]`, downloaded: the forward's
     /// only waits for the GPU (the first download waits for all the work, the second finds it
-    /// done).
+    /// done). `spans` holds the `sequences` main pooling spans, then the extra (chunk) ones; the
+    /// pooled rows are split the same way into `single` and `chunk_single`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn heads(
         &self,
         gpu: &Gpu,
         arena: &Arena<'_>,
         x: &Tensor<'_, bf16>,
         spans: &DView<'_, u32>,
+        sequences: usize,
         want_multi: bool,
         lora: &mut LoraInputs<'_, '_>,
     ) -> Result<BatchOutput> {
@@ -37,7 +40,8 @@ impl GpuModel {
         } else {
             None
         };
-        let single = gpu.download(&single.view())?;
-        Ok(BatchOutput { single, multi })
+        let mut single = gpu.download(&single.view())?;
+        let chunk_single = single.split_off(sequences * hid);
+        Ok(BatchOutput { single, multi, chunk_single })
     }
 }

@@ -120,7 +120,8 @@ impl GpuModel {
         let pos = lay.push::<i32>(&[3, n]);
         let cu = lay.push::<i32>(&[batch.cu_seqlens().len()]);
         let row_task = lay.push::<u8>(&[n]);
-        let spans = lay.push::<u32>(&[batch.sequences(), 2]);
+        // The main pooling spans, then the extra ones (late chunking): one launch pools them all.
+        let spans = lay.push::<u32>(&[batch.sequences() + batch.chunk_spans().len(), 2]);
         let rows = lay.push::<u32>(&[batch.image_rows().len()]);
         let vision = if batch.images().is_empty() { None } else { Some(self.plan_vision(batch, &mut lay)?) };
         if let Some(v) = &vision {
@@ -143,7 +144,7 @@ impl GpuModel {
             }
             st.put(&cu, batch.cu_seqlens())?;
             st.put(&row_task, batch.row_task())?;
-            for (dst, src) in st.slice(&spans).chunks_exact_mut(2).zip(batch.spans()) {
+            for (dst, src) in st.slice(&spans).chunks_exact_mut(2).zip(batch.all_spans()) {
                 dst.copy_from_slice(src);
             }
             st.put(&rows, batch.image_rows())?;
@@ -171,6 +172,6 @@ impl GpuModel {
         let (pos, cu) = (staged.view(&pos), staged.view(&cu));
         self.decoder(gpu, arena, &mut h, &mut x, &pos, &cu, batch.max_seqlen(), &mut lora, &mut trace)?;
         trace.bf16(gpu, &x.view())?;
-        self.heads(gpu, arena, &x, &staged.view(&spans), want_multi, &mut lora)
+        self.heads(gpu, arena, &x, &staged.view(&spans), batch.sequences(), want_multi, &mut lora)
     }
 }
