@@ -1,25 +1,16 @@
-"""Late chunking through Python: one forward over the whole text, one vector per chunk.
-
-The engine refuses late-chunked requests until its pooling per chunk lands (it says so with an
-InputError); these tests then xfail for that reason only, and pass once it is in."""
+"""Late chunking through Python: one forward over the whole text, one vector per chunk."""
 
 import numpy as np
 import pytest
 
 import jv4
 
-PENDING = pytest.mark.xfail(
-    raises=jv4.InputError,
-    reason="the engine's late-chunking pooling is not merged yet (it refuses the request with an InputError)",
-    strict=False,
-)
 
 TEXT = "The first sentence is here. A second one follows it. Ünïcödé closes the text 🙂."
 SPANS = [(0, 27), (28, 52), (53, len(TEXT))]
 OTHER = "short other text"
 
 
-@PENDING
 def test_spans_and_values(engine):
     lc = engine.encode_text([TEXT, OTHER], late_chunking=[SPANS, [(0, 5), (6, 16)]], truncate_dim=128,
                             return_multivector=True)
@@ -45,7 +36,6 @@ def test_spans_and_values(engine):
     assert np.array_equal(alone.embeddings, lc.embeddings[:3])
 
 
-@PENDING
 def test_chunk_size_in_tokens(engine):
     lc = engine.encode_text([TEXT], late_chunking=4)
     n = engine.encode([TEXT]).tokens[0]
