@@ -1,7 +1,7 @@
 //! The `jv4 embed` command: JSON lines in, JSON lines (or .npy) out. Every line is answered; a
 //! line that cannot be read, parsed or embedded gets `{"id", "error"}` and the others go on.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::Path;
 
 use jv4::engine::jsonl::{parse_line, Defaults, Line};
@@ -35,11 +35,12 @@ pub fn run(
     let mut consumed = 0u64;
     let (mut n, mut failed) = (0usize, 0usize);
     let mut npy_rows: Vec<Vec<f32>> = Vec::new();
+    let mut broken = false; // a read error ends the input (reading again would repeat it)
     loop {
         let mut chunk = Vec::with_capacity(CHUNK);
-        while chunk.len() < CHUNK {
+        while !broken && chunk.len() < CHUNK {
             let mut buf = Vec::new();
-            match reader.read_until(b'\n', &mut buf) {
+            match jv4::engine::limits::read_line(&mut reader, &mut buf, d.limits.max_line_bytes) {
                 Ok(0) => break,
                 Ok(k) => {
                     consumed += k as u64;
@@ -55,7 +56,7 @@ pub fn run(
                 Err(e) => {
                     n += 1;
                     chunk.push(parse_line(n, Err(e), d));
-                    break;
+                    broken = true;
                 }
             }
         }

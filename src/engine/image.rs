@@ -402,10 +402,11 @@ fn probe<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Probe<'a>> {
     if bytes.is_empty() {
         return Err(Error::Input("empty image data".into()));
     }
+    // The message never echoes the bytes: they may be any file's contents.
     let format = image::guess_format(bytes).map_err(|_| {
-        let head: String = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
         Error::Input(format!(
-            "unrecognised image format (first bytes {head}); supported formats: {SUPPORTED}"
+            "unrecognised image format ({} bytes that are not an image); supported formats: {SUPPORTED}",
+            bytes.len()
         ))
     })?;
     if !matches!(
@@ -424,9 +425,9 @@ fn probe<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Probe<'a>> {
     }
     let mut il = image::Limits::default();
     il.max_alloc = Some(limits.max_bytes);
-    let decoder = guarded(format, || {
+    let mut decoder = guarded(format, || {
         let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-        reader.limits(il);
+        reader.limits(il.clone());
         reader.into_decoder().map_err(|e| decode_error(format, e))
     })?;
     let (w, h) = decoder.dimensions();
@@ -451,6 +452,13 @@ fn probe<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Probe<'a>> {
             limits.max_bytes
         )));
     }
+    // Pin the decoder to the checked header: the JPEG decoder parses the headers again when it
+    // decodes and sizes its own buffers from that parse, so it gets the header's sides as its
+    // maximum (PNG, GIF and TIFF also honour `max_alloc`; WebP's buffers are bounded by its
+    // canvas, which was checked above).
+    il.max_image_width = Some(w);
+    il.max_image_height = Some(h);
+    decoder.set_limits(il).map_err(|e| decode_error(format, e))?;
     Ok(Probe { format, decoder: Box::new(decoder), width, height })
 }
 
@@ -879,8 +887,21 @@ pub fn preprocess_bytes(bytes: &[u8], cfg: &ImageConfig, alpha: AlphaMode) -> Re
 
 /// Reads an image file and preprocesses it. A read failure is an [`Error::Io`]. A bad image is
 /// an [`Error::Input`] that starts with the path.
+///
+/// The file is read within the default [`Limits`](crate::engine::limits::Limits) (a regular file
+/// of at most 32 MiB); [`preprocess_file_with`] takes other limits.
 pub fn preprocess_file(path: &Path, cfg: &ImageConfig, alpha: AlphaMode) -> Result<Preprocessed> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    preprocess_file_with(path, cfg, alpha, &crate::engine::limits::Limits::default())
+}
+
+/// [`preprocess_file`] with explicit file limits (size, regular files only, `image_root`).
+pub fn preprocess_file_with(
+    path: &Path,
+    cfg: &ImageConfig,
+    alpha: AlphaMode,
+    limits: &crate::engine::limits::Limits,
+) -> Result<Preprocessed> {
+    let bytes = limits.read_image_file(path)?;
     preprocess_bytes(&bytes, cfg, alpha).map_err(|e| match e {
         Error::Input(msg) => Error::Input(format!("{}: {msg}", path.display())),
         other => other,
