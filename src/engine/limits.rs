@@ -240,7 +240,7 @@ mod tests {
         let mut buf = Vec::new();
         assert_eq!(read_line(&mut r, &mut buf, 8).unwrap(), 6);
         assert_eq!(buf, b"short\n");
-        assert_eq!(read_line(&mut r, &mut buf, 8).unwrap(), 27);
+        assert_eq!(read_line(&mut r, &mut buf, 8).unwrap(), 26);
         assert_eq!(buf.len(), 9, "kept max + 1 bytes");
         assert_eq!(read_line(&mut r, &mut buf, 8).unwrap(), 3);
         assert_eq!(buf, b"ok\n");
