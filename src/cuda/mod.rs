@@ -9,6 +9,7 @@ pub mod blas;
 pub mod kernels;
 pub mod lru;
 pub mod pinned;
+pub mod staging;
 pub mod tensor;
 
 use std::ffi::c_void;
@@ -26,6 +27,7 @@ pub use alloc::{
 pub use blas::Blas;
 pub use kernels::{KernelId, ModuleSource, CUDA_ARCH, MODULES};
 pub use pinned::HostPod;
+pub use staging::Staging;
 pub use tensor::{BufferLayout, DTensor, DView, DViewMut, DeviceBuffer, Region, Tensor};
 
 /// Converts a driver error into [`Error::Cuda`] saying what we were doing.
