@@ -117,19 +117,19 @@ enum Cmd {
         /// Milliseconds a forward that is not full waits for more requests (0: none).
         #[arg(long, default_value_t = 0)]
         batch_wait_ms: u64,
-        /// Longest input line (e.g. 48MiB); a longer line is an error of its own.
+        /// Longest input line (default 48MiB); a longer line is an error of its own.
         #[arg(long, value_parser = parse_size_usize)]
         max_line_bytes: Option<usize>,
-        /// Longest text in bytes (e.g. 8MiB); a longer text is refused (not cut).
+        /// Longest text in bytes (default 2MiB); a longer text is refused (not cut).
         #[arg(long, value_parser = parse_size_usize)]
         max_text_bytes: Option<usize>,
-        /// Longest image_base64 string (e.g. 45MiB).
+        /// Longest image_base64 string (default 45MiB).
         #[arg(long, value_parser = parse_size_usize)]
         max_base64_bytes: Option<usize>,
-        /// Largest image file or encoded image (e.g. 32MiB).
+        /// Largest image file or encoded image (default 32MiB).
         #[arg(long, value_parser = parse_size)]
         max_image_file_bytes: Option<u64>,
-        /// Most pixels (width x height) of a decoded image.
+        /// Most pixels (width x height) of a decoded image (default 178956970, PIL's limit).
         #[arg(long)]
         max_image_pixels: Option<u64>,
         /// Read image paths only from inside this folder (symlinks resolved; relative paths are

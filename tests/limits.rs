@@ -194,3 +194,16 @@ fn engine_applies_text_image_and_root_limits() {
     assert!(out[3].as_ref().unwrap_err().to_string().contains("outside the image root"));
     assert!(out[4].is_err());
 }
+
+/// Found by `tests/fuzz.rs`: a 12-kB TIFF whose directory entry claims millions of values made
+/// the TIFF decoder allocate 140 MB before any check ran.
+#[test]
+fn tiff_entry_counts_past_the_file_are_refused_before_the_decoder() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz");
+    let bytes = std::fs::read(dir.join("tiff_huge_tag_count.bin")).unwrap();
+    let e = msg(preprocess_bytes(&bytes, &ImageConfig::default(), AlphaMode::Drop));
+    assert!(e.contains("corrupt TIFF image") && e.contains("more than the file holds"), "{e}");
+    // The good fixture still decodes.
+    let good = std::fs::read(fixture("plain_64x64.tiff")).unwrap();
+    assert!(preprocess_bytes(&good, &ImageConfig::default(), AlphaMode::Drop).is_ok());
+}

@@ -423,6 +423,9 @@ fn probe<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Probe<'a>> {
             format_name(format)
         )));
     }
+    if format == ImageFormat::Tiff {
+        check_tiff_counts(bytes)?;
+    }
     let mut il = image::Limits::default();
     il.max_alloc = Some(limits.max_bytes);
     let mut decoder = guarded(format, || {
@@ -460,6 +463,59 @@ fn probe<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Probe<'a>> {
     il.max_image_height = Some(h);
     decoder.set_limits(il).map_err(|e| decode_error(format, e))?;
     Ok(Probe { format, decoder: Box::new(decoder), width, height })
+}
+
+/// Checks that no entry of a TIFF's first directory claims more values than the file holds. The
+/// TIFF decoder sizes a vector by an entry's count before reading it (up to 256 MiB by its
+/// default limits, which the `image` crate does not let us lower before the header is read), so
+/// a 12-kB file could make it allocate 140 MB (found by `tests/fuzz.rs`). Anything this refuses
+/// is corrupt: the values could not be in the file.
+fn check_tiff_counts(b: &[u8]) -> Result<()> {
+    let corrupt = |what: String| Error::Input(format!("corrupt TIFF image: {what}"));
+    let le = match b.get(..2) {
+        Some(b"II") => true,
+        Some(b"MM") => false,
+        _ => return Ok(()), // the decoder reports it
+    };
+    let u = |at: usize, n: usize| -> Option<u64> {
+        let s = b.get(at..at.checked_add(n)?)?;
+        Some(if le {
+            s.iter().rev().fold(0u64, |a, &x| a << 8 | x as u64)
+        } else {
+            s.iter().fold(0u64, |a, &x| a << 8 | x as u64)
+        })
+    };
+    // Classic TIFF (42): u16 entry count, 12-byte entries with a u32 count at 4; BigTIFF (43):
+    // u64 entry count, 20-byte entries with a u64 count at 4.
+    let (big, first) = match u(2, 2) {
+        Some(42) => (false, u(4, 4)),
+        Some(43) => (true, u(8, 8)),
+        _ => return Ok(()),
+    };
+    let Some(ifd) = first.and_then(|o| usize::try_from(o).ok()) else { return Ok(()) };
+    let (n, entries, size, count_len) =
+        if big { (u(ifd, 8), ifd + 8, 20, 8) } else { (u(ifd, 2), ifd.saturating_add(2), 12, 4) };
+    let Some(n) = n else { return Ok(()) };
+    if n.saturating_mul(size as u64) > b.len() as u64 {
+        return Err(corrupt(format!("its directory claims {n} entries, more than the file holds")));
+    }
+    for e in 0..n as usize {
+        let at = entries + e * size;
+        let (Some(tag), Some(ty), Some(count)) = (u(at, 2), u(at + 2, 2), u(at + 4, count_len)) else {
+            break; // truncated: the decoder reports it
+        };
+        let unit = match ty {
+            1 | 2 | 6 | 7 => 1,
+            3 | 8 => 2,
+            4 | 9 | 11 | 13 => 4,
+            5 | 10 | 12 | 16 | 17 | 18 => 8,
+            _ => 1,
+        };
+        if count.saturating_mul(unit) > b.len() as u64 {
+            return Err(corrupt(format!("tag {tag} claims {count} values, more than the file holds")));
+        }
+    }
+    Ok(())
 }
 
 /// Whether PIL opens these bytes as an "RGB" image although the `image` crate reports alpha:

@@ -32,8 +32,9 @@ use crate::{Error, Result};
 pub struct Limits {
     /// Most bytes in one JSON line of `jv4 embed` (default 48 MiB: a base64 image at its limit).
     pub max_line_bytes: usize,
-    /// Most UTF-8 bytes in one text (default 8 MiB, about 2M tokens of English, far past the
-    /// 32768-token `max_length`; longer texts are refused, not cut: see the module docs).
+    /// Most UTF-8 bytes in one text (default 2 MiB: about 500k tokens of English, far past the
+    /// 32768-token `max_length`, and at most ~2 s of tokenizing; longer texts are refused, not
+    /// cut: see the module docs).
     pub max_text_bytes: usize,
     /// Most characters of one `image_base64` string (default 45 MiB: an image file at its limit).
     pub max_base64_bytes: usize,
@@ -53,7 +54,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_line_bytes: 48 << 20,
-            max_text_bytes: 8 << 20,
+            max_text_bytes: 2 << 20,
             max_base64_bytes: 45 << 20,
             max_image_file_bytes: DEFAULT_MAX_IMAGE_FILE_BYTES,
             max_image_pixels: crate::engine::image::DEFAULT_MAX_INPUT_PIXELS,
