@@ -35,6 +35,7 @@ pub fn run(
     let mut consumed = 0u64;
     let (mut n, mut failed) = (0usize, 0usize);
     let mut npy_rows: Vec<Vec<f32>> = Vec::new();
+    let mut lost: Option<Error> = None; // a DeviceLost ends the run with its own exit code
     let mut broken = false; // a read error ends the input (reading again would repeat it)
     loop {
         let mut chunk = Vec::with_capacity(CHUNK);
@@ -71,7 +72,11 @@ pub fn run(
         for line in chunk {
             let (id, result) = match line {
                 Line::Ok(id, _) => {
-                    (id, results.next().expect("one result per request").map_err(|e| e.to_string()))
+                    let r = results.next().expect("one result per request");
+                    if let Err(e @ Error::DeviceLost(_)) = &r {
+                        lost.get_or_insert_with(|| e.clone());
+                    }
+                    (id, r.map_err(|e| e.to_string()))
                 }
                 Line::Err(id, msg) => (id, Err(msg)),
             };
@@ -107,6 +112,9 @@ pub fn run(
         eprintln!();
     }
     out.flush().map_err(|e| Error::io("output", e))?;
+    if let Some(e) = lost {
+        return Err(e);
+    }
     if npy {
         let path = output.expect("npy implies --output");
         if failed > 0 {
