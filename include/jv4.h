@@ -90,6 +90,8 @@ typedef enum jv4_status {
   JV4_ERR_INTERNAL = 22,
   // An op got operands of the wrong shape.
   JV4_ERR_SHAPE = 23,
+  // The device hit a sticky fault: this engine is lost; drop it and open a new one.
+  JV4_ERR_DEVICE_LOST = 24,
 } jv4_status;
 
 // An open engine (a model on a device). Thread-safe: any number of threads may call

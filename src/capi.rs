@@ -74,6 +74,8 @@ pub enum jv4_status {
     JV4_ERR_INTERNAL = 22,
     /// An op got operands of the wrong shape.
     JV4_ERR_SHAPE = 23,
+    /// The device hit a sticky fault: this engine is lost; drop it and open a new one.
+    JV4_ERR_DEVICE_LOST = 24,
 }
 
 use jv4_status::*;
@@ -338,6 +340,7 @@ fn code_of(e: &Error) -> jv4_status {
         Error::NonFinite(_) => JV4_ERR_NON_FINITE,
         Error::Internal(_) => JV4_ERR_INTERNAL,
         Error::Shape { .. } => JV4_ERR_SHAPE,
+        Error::DeviceLost(_) => JV4_ERR_DEVICE_LOST,
     }
 }
 

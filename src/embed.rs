@@ -2,7 +2,7 @@
 //! answered; a line that cannot be read, parsed or embedded gets `{"id", "error"}` and the others
 //! go on. The vectors are written in the type and encoding asked for ([`jv4::engine::output`]).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::Path;
 
 use jv4::engine::jsonl::{parse_line, Defaults, Line};
@@ -69,11 +69,13 @@ pub fn run(
     let mut consumed = 0u64;
     let (mut n, mut failed) = (0usize, 0usize);
     let mut arrays = Arrays { offsets: vec![0], ..Arrays::default() };
+    let mut lost: Option<Error> = None; // a DeviceLost ends the run with its own exit code
+    let mut broken = false; // a read error ends the input (reading again would repeat it)
     loop {
         let mut chunk = Vec::with_capacity(CHUNK);
-        while chunk.len() < CHUNK {
+        while !broken && chunk.len() < CHUNK {
             let mut buf = Vec::new();
-            match reader.read_until(b'\n', &mut buf) {
+            match jv4::engine::limits::read_line(&mut reader, &mut buf, d.limits.max_line_bytes) {
                 Ok(0) => break,
                 Ok(k) => {
                     consumed += k as u64;
@@ -89,7 +91,7 @@ pub fn run(
                 Err(e) => {
                     n += 1;
                     chunk.push(parse_line(n, Err(e), d));
-                    break;
+                    broken = true;
                 }
             }
         }
@@ -104,7 +106,11 @@ pub fn run(
         for line in chunk {
             let (id, result) = match line {
                 Line::Ok(id, _) => {
-                    (id, results.next().expect("one result per request").map_err(|e| e.to_string()))
+                    let r = results.next().expect("one result per request");
+                    if let Err(e @ Error::DeviceLost(_)) = &r {
+                        lost.get_or_insert_with(|| e.clone());
+                    }
+                    (id, r.map_err(|e| e.to_string()))
                 }
                 Line::Err(id, msg) => (id, Err(msg)),
             };
@@ -147,6 +153,9 @@ pub fn run(
         eprintln!();
     }
     out.flush().map_err(|e| Error::io("output", e))?;
+    if let Some(e) = lost {
+        return Err(e);
+    }
     if npy {
         let path = output.expect("npy implies --output");
         if failed > 0 {

@@ -72,6 +72,11 @@ pub enum Error {
         /// The driver's error.
         msg: String,
     },
+    /// The GPU hit a sticky error (an illegal address, a failed launch, an ECC error, ...): its
+    /// context is unusable, so this engine fails every later call with this error at once. Drop
+    /// the engine and open a new one (in a new process if the device itself is broken).
+    #[error("the GPU is lost: {0}; drop this engine and open a new one")]
+    DeviceLost(String),
     /// A kernel could not be loaded or launched.
     #[error("kernel `{kernel}`: {msg}")]
     Kernel {

@@ -46,7 +46,7 @@ pub mod rng;
 
 pub use cuda::parse_bytes;
 pub use engine::{
-    Chunk, Chunking, Embedding, Engine, EngineOptions, EngineStats, Input, MultiVector, OutputKind,
+    Chunk, Chunking, Embedding, Engine, EngineOptions, EngineStats, Input, Limits, MultiVector, OutputKind,
     PromptName, Request, Truncation,
 };
 pub use error::{Error, Result};

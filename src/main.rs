@@ -11,7 +11,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use jv4::engine::output::EmbeddingType;
 use jv4::engine::text::{TextTokenizer, DEFAULT_MAX_LENGTH};
-use jv4::{Device, Engine, EngineOptions, Error, OutputKind, PromptName, Task, Truncation};
+use jv4::{Device, Engine, EngineOptions, Error, Limits, OutputKind, PromptName, Task, Truncation};
 
 mod embed;
 
@@ -22,6 +22,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per run: the size of the largest variant (embed's flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Open a checkpoint folder, validate every tensor against the config, report what it holds,
@@ -134,6 +136,25 @@ enum Cmd {
         /// Milliseconds a forward that is not full waits for more requests (0: none).
         #[arg(long, default_value_t = 0)]
         batch_wait_ms: u64,
+        /// Longest input line (default 48MiB); a longer line is an error of its own.
+        #[arg(long, value_parser = parse_size_usize)]
+        max_line_bytes: Option<usize>,
+        /// Longest text in bytes (default 2MiB); a longer text is refused (not cut).
+        #[arg(long, value_parser = parse_size_usize)]
+        max_text_bytes: Option<usize>,
+        /// Longest image_base64 string (default 45MiB).
+        #[arg(long, value_parser = parse_size_usize)]
+        max_base64_bytes: Option<usize>,
+        /// Largest image file or encoded image (default 32MiB).
+        #[arg(long, value_parser = parse_size)]
+        max_image_file_bytes: Option<u64>,
+        /// Most pixels (width x height) of a decoded image (default 178956970, PIL's limit).
+        #[arg(long)]
+        max_image_pixels: Option<u64>,
+        /// Read image paths only from inside this folder (symlinks resolved; relative paths are
+        /// taken from it).
+        #[arg(long)]
+        image_root: Option<PathBuf>,
     },
     /// Write a random checkpoint in the exact on-disk layout of the real one (for tests and
     /// benchmarks where the real weights are not available).
@@ -200,6 +221,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
     jv4::parse_bytes(s).map_err(|e| e.to_string())
 }
 
+fn parse_size_usize(s: &str) -> Result<usize, String> {
+    usize::try_from(parse_size(s)?).map_err(|e| e.to_string())
+}
+
 fn parse_task(s: &str) -> Result<Task, String> {
     s.parse().map_err(|e: Error| e.to_string())
 }
@@ -208,23 +233,59 @@ fn parse_prompt(s: &str) -> Result<PromptName, String> {
     s.parse().map_err(|e: Error| e.to_string())
 }
 
+/// The exit status of a failed run (docs/RELIABILITY.md): 1 bad input (lines that failed, an
+/// invalid request or model folder), 2 usage error (clap's own), 3 no GPU, 4 the GPU was lost
+/// during the run, 5 a file could not be read or written. A closed standard output (`| head`)
+/// ends the run quietly with 0.
+fn exit_code(e: &Error) -> u8 {
+    match e {
+        Error::NoGpu(_) => 3,
+        Error::DeviceLost(_) => 4,
+        Error::Io { .. } => 5,
+        _ => 1,
+    }
+}
+
+fn is_closed_pipe(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            // 2: no GPU / driver (the environment), 1: everything else (the input or a failure).
-            ExitCode::from(if matches!(e, Error::NoGpu(_)) { 2 } else { 1 })
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// Prints to standard output, returning a write failure (a closed pipe) as an error, not a panic.
+fn out(s: &str) -> jv4::Result<()> {
+    let mut o = std::io::stdout().lock();
+    o.write_all(s.as_bytes()).and_then(|()| o.flush()).map_err(|e| Error::io("standard output", e))
+}
+
+/// Checks, before the model loads, that the input can be read and the output written.
+fn check_files(input: Option<&std::path::Path>, output: Option<&std::path::Path>) -> jv4::Result<()> {
+    if let Some(p) = input {
+        let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+        if f.metadata().map_err(|e| Error::io(p, e))?.is_dir() {
+            return Err(Error::io(p, std::io::Error::from(std::io::ErrorKind::IsADirectory)));
+        }
+    }
+    if let Some(p) = output {
+        std::fs::File::create(p).map_err(|e| Error::io(p, e))?;
+    }
+    Ok(())
 }
 
 fn run(cmd: Cmd) -> jv4::Result<()> {
     match cmd {
         Cmd::Info { model, no_gpu, device, tensors } => {
-            print!("{}", jv4::diag::checkpoint_report(&model, no_gpu, device, tensors)?);
-            Ok(())
+            out(&jv4::diag::checkpoint_report(&model, no_gpu, device, tensors)?)
         }
         Cmd::Tokenize { model, tokenizer, task, prompt_name, max_length, strict, texts } => {
             let tok = match (&model, &tokenizer) {
@@ -252,6 +313,12 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
             mem_budget,
             device,
             batch_wait_ms,
+            max_line_bytes,
+            max_text_bytes,
+            max_base64_bytes,
+            max_image_file_bytes,
+            max_image_pixels,
+            image_root,
         } => {
             let output_kind = match vector {
                 VectorArg::Single => OutputKind::Single,
@@ -279,6 +346,17 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
                 return Err(Error::Input("--encoding base64 applies to .jsonl output only".into()));
             }
             let format = embed::Format { file, base64: encoding == EncodingArg::Base64, ty: embedding_type };
+            let d = Limits::default();
+            let limits = Limits {
+                max_line_bytes: max_line_bytes.unwrap_or(d.max_line_bytes),
+                max_text_bytes: max_text_bytes.unwrap_or(d.max_text_bytes),
+                max_base64_bytes: max_base64_bytes.unwrap_or(d.max_base64_bytes),
+                max_image_file_bytes: max_image_file_bytes.unwrap_or(d.max_image_file_bytes),
+                max_image_pixels: max_image_pixels.unwrap_or(d.max_image_pixels),
+                image_root,
+            };
+            limits.validate()?;
+            check_files(input.as_deref(), output.as_deref())?;
             let opts = EngineOptions {
                 device,
                 max_batch_tokens,
@@ -287,27 +365,21 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
                 max_batch_patches,
                 batch_wait: std::time::Duration::from_millis(batch_wait_ms),
                 tokenizer,
+                limits: limits.clone(),
                 ..EngineOptions::default()
             };
             let engine = Engine::open(&model, opts)?;
             let defaults =
-                jv4::engine::jsonl::Defaults { task, prompt: prompt_name, output: output_kind, dims };
+                jv4::engine::jsonl::Defaults { task, prompt: prompt_name, output: output_kind, dims, limits };
             embed::run(&engine, &defaults, input.as_deref(), output.as_deref(), format)
         }
         Cmd::Synth { out, preset, seed, f32_adapters } => {
             let t0 = Instant::now();
             jv4::diag::synth(&out, matches!(preset, PresetArg::Full), seed, f32_adapters)?;
-            println!("wrote {} in {:.1} s", out.display(), t0.elapsed().as_secs_f64());
-            Ok(())
+            self::out(&format!("wrote {} in {:.1} s\n", out.display(), t0.elapsed().as_secs_f64()))
         }
-        Cmd::Gpu { device, mem_budget } => {
-            print!("{}", jv4::diag::gpu_report(device, mem_budget.as_deref())?);
-            Ok(())
-        }
-        Cmd::Kernels { ptxas } => {
-            print!("{}", jv4::diag::kernels_report(ptxas));
-            Ok(())
-        }
+        Cmd::Gpu { device, mem_budget } => out(&jv4::diag::gpu_report(device, mem_budget.as_deref())?),
+        Cmd::Kernels { ptxas } => out(&jv4::diag::kernels_report(ptxas)),
     }
 }
 

@@ -66,7 +66,7 @@ fn tiny_checkpoint_opens_with_every_expected_tensor() {
     for e in &table {
         let t = ck.get(&e.name).unwrap_or_else(|| panic!("{} absent", e.name));
         assert_eq!((&t.shape, t.source), (&e.shape, e.source), "{}", e.name);
-        assert_eq!(ck.data(t).len(), t.nbytes());
+        assert_eq!(ck.data(t).unwrap().len(), t.nbytes());
         assert_eq!(t.dtype, if e.source == Source::Base { Dtype::BF16 } else { Dtype::F32 });
     }
     assert!(ck.tensors().windows(2).all(|w| w[0].name < w[1].name), "sorted by name");
@@ -88,13 +88,13 @@ fn tiny_checkpoint_opens_with_every_expected_tensor() {
 
     // F32 → bf16 is per-element round-to-nearest-even of the stored floats.
     let raw: Vec<f32> =
-        ck.data(a).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    let conv = ck.to_bf16(a);
+        ck.data(a).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let conv = ck.to_bf16(a).unwrap();
     assert_eq!(conv.len(), a.numel());
     assert!(raw.iter().zip(&conv).all(|(x, y)| half::bf16::from_f32(*x) == *y));
     assert!(raw.iter().all(|x| *x != 0.0), "LoRA values are non-zero");
     let norm = ck.get("norm.weight").unwrap();
-    assert!(ck.to_bf16(norm).iter().all(|x| (0.89..=1.11).contains(&x.to_f32())));
+    assert!(ck.to_bf16(norm).unwrap().iter().all(|x| (0.89..=1.11).contains(&x.to_f32())));
 
     assert_eq!(ck.total_bytes(), ck.tensors().iter().map(|t| t.nbytes() as u64).sum::<u64>());
     assert_eq!(ck.files(), vec![dir.join(SHARD_FILES[0]), dir.join(SHARD2), dir.join(ADAPTER_FILE)]);
@@ -104,7 +104,7 @@ fn tiny_checkpoint_opens_with_every_expected_tensor() {
     // Same seed, same bytes.
     let (_tmp2, dir2) = tiny();
     let ck2 = Checkpoint::open(&dir2).unwrap();
-    assert_eq!(ck.data(q), ck2.data(ck2.get(&q.name).unwrap()));
+    assert_eq!(ck.data(q).unwrap(), ck2.data(ck2.get(&q.name).unwrap()).unwrap());
 }
 
 #[test]
@@ -202,6 +202,88 @@ fn truncated_shard() {
     let (e, s) = open_err(&dir);
     assert!(matches!(e, Error::Checkpoint { .. }), "{e:?}");
     assert!(s.contains(SHARD_FILES[0]) && s.contains("truncated"), "{s}");
+}
+
+#[test]
+fn shard_truncated_after_open_is_an_error_not_sigbus() {
+    let (_tmp, dir) = tiny();
+    let ck = Checkpoint::open(&dir).unwrap();
+    // Truncate the first shard under the open checkpoint (a file replaced or failing on NFS):
+    // with a memory map, touching its tail raised SIGBUS and killed the test process.
+    let p = dir.join(SHARD_FILES[0]);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(64).unwrap();
+    let mut failed = 0;
+    for t in ck.tensors().iter().filter(|t| t.file == p) {
+        let e = ck.data(t).unwrap_err();
+        let s = e.to_string();
+        assert!(matches!(e, Error::Tensor { .. }), "{e:?}");
+        assert!(s.contains(&t.stored_name) && s.contains(SHARD_FILES[0]) && s.contains("truncated"), "{s}");
+        assert!(ck.to_bf16(t).is_err());
+        failed += 1;
+    }
+    assert!(failed > 10, "{failed}");
+    // The other shards still read.
+    let other = ck.tensors().iter().find(|t| t.file != p).unwrap();
+    assert_eq!(ck.data(other).unwrap().len(), other.nbytes());
+    // Reads past a tensor's end are refused, whatever the file holds.
+    let mut buf = vec![0u8; 8];
+    assert!(ck.read_at(other, other.nbytes() - 4, &mut buf).is_err());
+}
+
+#[test]
+fn header_that_points_past_the_file_is_refused_at_open() {
+    let (_tmp, dir) = tiny();
+    let p = dir.join(SHARD_FILES[0]);
+    let mut bytes = std::fs::read(&p).unwrap();
+    // Drop the last tensor's final byte but keep the header: its range now ends past the data.
+    bytes.pop();
+    std::fs::write(&p, &bytes).unwrap();
+    let (e, s) = open_err(&dir);
+    assert!(matches!(e, Error::Checkpoint { .. }), "{e:?}");
+    assert!(s.contains(SHARD_FILES[0]) && s.contains("truncated"), "{s}");
+}
+
+/// Load speed on the CPU: positioned reads of the whole checkpoint (page cache warm), against
+/// copying out of a memory map as before. Prints the figures (`--nocapture`); checks only that
+/// both read the same bytes.
+#[test]
+fn read_speed_from_the_page_cache() {
+    let (_tmp, dir) = tiny();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let total: usize = ck.tensors().iter().map(|t| t.nbytes()).sum();
+    let rounds = 50;
+    let mut buf = vec![0u8; ck.tensors().iter().map(|t| t.nbytes()).max().unwrap()];
+    let t0 = std::time::Instant::now();
+    for _ in 0..rounds {
+        for t in ck.tensors() {
+            ck.read(t, &mut buf[..t.nbytes()]).unwrap();
+        }
+    }
+    let pread = (total * rounds) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+    let maps: Vec<_> = ck
+        .files()
+        .iter()
+        .map(|f| {
+            let file = std::fs::File::open(f).unwrap();
+            // SAFETY: test-only read-only map of a file nobody modifies during the test.
+            unsafe { memmap2::Mmap::map(&file) }.unwrap()
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    for _ in 0..rounds {
+        for (m, f) in maps.iter().zip(ck.files()) {
+            let n = buf.len().min(m.len());
+            buf[..n].copy_from_slice(&m[..n]);
+            std::hint::black_box(&buf);
+            let _ = f;
+        }
+    }
+    let mapped = (maps.iter().map(|m| m.len().min(buf.len())).sum::<usize>() * rounds) as f64
+        / t0.elapsed().as_secs_f64()
+        / 1e9;
+    eprintln!("checkpoint read: pread {pread:.1} GB/s, memory-map copy {mapped:.1} GB/s ({total} bytes)");
+    assert!(pread > 0.0);
 }
 
 #[test]

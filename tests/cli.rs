@@ -23,7 +23,7 @@ fn gpu_report_or_clear_no_gpu_error() {
     if o.status.success() {
         assert!(text(&o).contains("compute capability"), "{}", text(&o));
     } else {
-        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert_eq!(o.status.code(), Some(3), "no GPU: exit 3\n{}", text(&o));
         assert!(text(&o).contains("no GPU available"), "{}", text(&o));
     }
 }
@@ -32,7 +32,7 @@ fn gpu_report_or_clear_no_gpu_error() {
 fn info_on_a_missing_folder_names_it() {
     let o = jv4(&["info", "--model", "/nonexistent/jv4-model", "--no-gpu"]);
     assert_no_panic(&o);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(5), "a file that cannot be read: exit 5");
     assert!(text(&o).contains("/nonexistent/jv4-model"), "{}", text(&o));
 }
 
@@ -138,4 +138,92 @@ fn synth_then_embed_on_the_cpu() {
     }
     assert_eq!(out[2]["embedding"].as_array().unwrap().len(), 128, "the line's own dims");
     assert!(out[4]["error"].as_str().unwrap().contains("Matryoshka"), "{}", out[4]);
+}
+
+/// Runs jv4 with its standard output already closed by the reader (as `| head -1` does once it
+/// has its line), so that the first write gets EPIPE.
+fn jv4_closed_stdout(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jv4"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run jv4");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("wait for jv4")
+}
+
+fn synth_model(dir: &std::path::Path) -> std::path::PathBuf {
+    let model = dir.join("m");
+    let o = jv4(&["synth", "--out", model.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    model
+}
+
+#[test]
+fn a_closed_pipe_ends_the_run_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synth_model(dir.path());
+    let m = model.to_str().unwrap();
+    let o = jv4_closed_stdout(&["info", "--model", m, "--no-gpu", "--tensors"]);
+    assert_no_panic(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains("error"), "quiet: {}", text(&o));
+
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"text\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
+    let o =
+        jv4_closed_stdout(&["embed", "--model", m, "--device", "cpu", "--input", input.to_str().unwrap()]);
+    assert_no_panic(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains("Broken pipe"), "quiet: {}", text(&o));
+}
+
+#[test]
+fn embed_checks_its_files_before_loading_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    // The model folder does not exist: the input and output errors must come first.
+    let o = jv4(&["embed", "--model", "/nonexistent/model", "--input", "/nonexistent/in.jsonl"]);
+    assert_no_panic(&o);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(text(&o).contains("/nonexistent/in.jsonl"), "{}", text(&o));
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"text\": \"a\"}\n").unwrap();
+    let i = input.to_str().unwrap();
+    let o =
+        jv4(&["embed", "--model", "/nonexistent/model", "--input", i, "--output", "/nonexistent/o.jsonl"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(text(&o).contains("/nonexistent/o.jsonl"), "{}", text(&o));
+    // A directory as input used to be read forever (EISDIR on every read).
+    let o = jv4(&["embed", "--model", "/nonexistent/model", "--input", dir.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+}
+
+#[test]
+fn exit_codes_are_distinct() {
+    let dir = tempfile::tempdir().unwrap();
+    // 2: usage (clap).
+    let o = jv4(&["embed"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let model = synth_model(dir.path());
+    let m = model.to_str().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": 18446744073709551615, \"text\": \"a\"}\n{\"id\": 0.1, \"text\": \"b\"}\n{\"text\": 3}\n",
+    )
+    .unwrap();
+    let i = input.to_str().unwrap();
+    // 1: some lines failed; numeric ids come back exactly as given.
+    let o = jv4(&["embed", "--model", m, "--device", "cpu", "--input", i]);
+    assert_no_panic(&o);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = String::from_utf8(o.stdout.clone()).unwrap();
+    assert!(out.lines().next().unwrap().contains("\"id\":18446744073709551615"), "{out}");
+    assert!(out.lines().nth(1).unwrap().contains("\"id\":0.1"), "{out}");
+    // 3: no GPU (only where there is none).
+    let o = jv4(&["embed", "--model", m, "--device", "cuda", "--input", i]);
+    if !o.status.success() && text(&o).contains("no GPU available") {
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    }
 }

@@ -6,7 +6,13 @@ use jv4::engine::{Input, OutputKind, PromptName};
 use jv4::model::Task;
 
 fn defaults() -> Defaults {
-    Defaults { task: Task::Retrieval, prompt: PromptName::Query, output: OutputKind::Single, dims: None }
+    Defaults {
+        task: Task::Retrieval,
+        prompt: PromptName::Query,
+        output: OutputKind::Single,
+        dims: None,
+        limits: Default::default(),
+    }
 }
 
 fn err(line: Line) -> String {

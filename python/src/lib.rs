@@ -24,7 +24,7 @@ fn error_class(e: &Error) -> &'static str {
         Error::Config { .. } | Error::Checkpoint { .. } | Error::Tensor { .. } => "ModelError",
         Error::OutOfMemory { .. } => "OutOfMemoryError",
         Error::NoGpu(_) => "NoGpuError",
-        Error::Cuda { .. } | Error::Kernel { .. } | Error::Blas(_) => "DeviceError",
+        Error::Cuda { .. } | Error::Kernel { .. } | Error::Blas(_) | Error::DeviceLost(_) => "DeviceError",
         Error::NonFinite(_) => "NonFiniteError",
         _ => "InternalError",
     }

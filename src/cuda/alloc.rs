@@ -209,6 +209,18 @@ impl PagePool {
         }
     }
 
+    /// Of the mapped chunks (`(first page, pages)`, in mapping order, laid end to end from page
+    /// 0), the index from which every chunk lies wholly past the live allocations and can be
+    /// unmapped: `chunks.len()` when none can.
+    pub fn trim_from(&self, chunks: &[(usize, usize)]) -> usize {
+        let hw = self.high_water();
+        let mut i = chunks.len();
+        while i > 0 && chunks[i - 1].0 >= hw {
+            i -= 1;
+        }
+        i
+    }
+
     /// Pages currently backed by memory.
     pub fn mapped(&self) -> usize {
         self.mapped
@@ -360,6 +372,37 @@ impl DeviceAllocator {
     /// Restarts peak tracking (e.g. per batch).
     pub fn reset_peak(&mut self) {
         self.pool.reset_peak();
+    }
+
+    /// Gives the device memory of the unused pages at the end of the mapping back to the driver
+    /// (the allocator maps again on demand); returns the bytes released. Waits for the device
+    /// first, so that no enqueued kernel still touches them. Without VMM (one eager allocation)
+    /// there is nothing to give back.
+    pub fn trim(&mut self) -> Result<u64> {
+        let Backing::Vmm { chunks, .. } = &mut self.backing else {
+            return Ok(0);
+        };
+        let page = self.pool.page_size;
+        let pages: Vec<(usize, usize)> =
+            chunks.iter().map(|&(off, size, _)| ((off / page) as usize, (size / page) as usize)).collect();
+        let from = self.pool.trim_from(&pages);
+        if from == chunks.len() {
+            return Ok(0);
+        }
+        // SAFETY: a plain driver call on the current context (bound by the caller's thread).
+        unsafe { sys::cuCtxSynchronize() }.result().map_err(|e| cuda_err("wait before trimming", e))?;
+        let mut released = 0;
+        for (offset, size, handle) in chunks.drain(from..) {
+            // SAFETY: the chunk was mapped by map_up_to, holds no live allocation (it lies past the
+            // high-water page) and no pending work (synchronised above); unmapped once, here.
+            unsafe {
+                sys::cuMemUnmap(self.base + offset, size as usize);
+                sys::cuMemRelease(handle);
+            }
+            released += size;
+        }
+        self.pool.set_mapped(pages[from].0);
+        Ok(released)
     }
 
     fn map_up_to(&mut self, new_mapped: usize) -> Result<()> {
@@ -684,6 +727,38 @@ mod tests {
         assert_eq!(pool.stats().live_allocations, 0);
         assert_eq!(pool.mapped(), 5);
         assert_eq!(pool.alloc(8 * P).unwrap().0, PageRun { start: 0, len: 8 });
+    }
+
+    #[test]
+    fn trim_releases_only_trailing_chunks_past_the_live_blocks() {
+        let mut p = PagePool::new(1 << 20, 10);
+        let mut chunks = Vec::new();
+        let alloc = |p: &mut PagePool, chunks: &mut Vec<(usize, usize)>, pages: u64| {
+            let (run, grow) = p.alloc(pages << 20).unwrap();
+            if let Some(m) = grow {
+                chunks.push((p.mapped(), m - p.mapped()));
+                p.set_mapped(m);
+            }
+            run
+        };
+        let a = alloc(&mut p, &mut chunks, 2);
+        let b = alloc(&mut p, &mut chunks, 3);
+        let c = alloc(&mut p, &mut chunks, 1);
+        assert_eq!(chunks, [(0, 2), (2, 3), (5, 1)]);
+        assert_eq!(p.trim_from(&chunks), 3, "everything is live");
+        p.free(b);
+        assert_eq!(p.trim_from(&chunks), 3, "a hole below a live block is kept");
+        p.free(c);
+        assert_eq!(p.trim_from(&chunks), 1, "b's and c's chunks are past the high water");
+        chunks.truncate(1);
+        p.set_mapped(2);
+        assert_eq!(p.stats().mapped, 2 << 20);
+        // The next allocation past the trimmed mapping asks for memory again.
+        let (d, grow) = p.alloc(3 << 20).unwrap();
+        assert_eq!((d.start, grow), (2, Some(5)));
+        p.free(d);
+        p.free(a);
+        assert_eq!(p.trim_from(&chunks), 0);
     }
 
     #[test]

@@ -11,9 +11,10 @@
 //!
 //! Each distinct problem (m, n, k, bias, accumulate) gets a plan on first use: descriptors and the
 //! heuristic's algorithm, cached. Repeating a shape costs no heuristic query and no allocation.
+//! The cache is an LRU of [`DEFAULT_PLAN_CAPACITY`] plans ([`Blas::set_plan_capacity`]): every
+//! new token count is a new `m`, so an unbounded cache would grow for as long as a host runs.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::c_void;
 
 use cudarc::cublaslt::{result as lt, sys};
@@ -21,8 +22,13 @@ use cudarc::driver::{sys as dsys, CudaStream};
 use half::bf16;
 
 use super::cuda_err;
+use super::lru::Lru;
 use super::tensor::{DView, DViewMut};
 use crate::{Error, Result};
+
+/// Plans kept by default: a forward uses a few dozen shapes per token count, so this holds the
+/// plans of the last ~20 distinct token counts.
+pub const DEFAULT_PLAN_CAPACITY: usize = 1024;
 
 /// cuBLASLt workspace: NVIDIA's recommendation for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -64,7 +70,7 @@ pub struct Blas {
     handle: sys::cublasLtHandle_t,
     workspace: dsys::CUdeviceptr,
     stream: dsys::CUstream,
-    plans: RefCell<HashMap<Key, Plan>>,
+    plans: RefCell<Lru<Key, Plan>>,
 }
 
 impl Blas {
@@ -81,7 +87,12 @@ impl Blas {
         // SAFETY: plain device allocation, freed in Drop.
         let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }
             .map_err(|e| cuda_err("allocate the cuBLASLt workspace", e))?;
-        Ok(Blas { handle, workspace, stream: stream.cu_stream(), plans: RefCell::new(HashMap::new()) })
+        Ok(Blas {
+            handle,
+            workspace,
+            stream: stream.cu_stream(),
+            plans: RefCell::new(Lru::new(DEFAULT_PLAN_CAPACITY)),
+        })
     }
 
     /// `y = x·wᵀ (+ bias) (+ y)`; see the module documentation. Shapes: x `[m, k]`, w `[n, k]`,
@@ -142,10 +153,9 @@ impl Blas {
         }
         let key = Key { m, n, k, bias: bias.is_some(), accumulate, out_f32 };
         let mut plans = self.plans.borrow_mut();
-        let plan = match plans.entry(key) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(key)?),
-        };
+        // An evicted plan's descriptors are destroyed at once: cuBLASLt reads them when a
+        // matmul is enqueued, not when it runs.
+        let plan = plans.get_or_try_insert(key, || self.plan(key))?;
         if let Some(b) = bias {
             set_desc(
                 plan.desc,
@@ -180,9 +190,19 @@ impl Blas {
         .map_err(|e| blas_err(&format!("matmul m={m} n={n} k={k}"), e))
     }
 
-    /// Number of cached plans (distinct problem shapes seen).
+    /// Number of cached plans (distinct recent problem shapes, at most the capacity).
     pub fn plan_count(&self) -> usize {
         self.plans.borrow().len()
+    }
+
+    /// Changes how many plans are kept (at least one); the least recently used go first.
+    pub fn set_plan_capacity(&self, plans: usize) {
+        self.plans.borrow_mut().set_capacity(plans);
+    }
+
+    /// Plans dropped so far to stay within the capacity.
+    pub fn plan_evictions(&self) -> u64 {
+        self.plans.borrow().evictions()
     }
 
     fn plan(&self, key: Key) -> Result<Plan> {

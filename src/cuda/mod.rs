@@ -7,7 +7,9 @@
 pub mod alloc;
 pub mod blas;
 pub mod kernels;
+pub mod lru;
 pub mod pinned;
+pub mod staging;
 pub mod tensor;
 
 use std::ffi::c_void;
@@ -25,11 +27,38 @@ pub use alloc::{
 pub use blas::Blas;
 pub use kernels::{KernelId, ModuleSource, CUDA_ARCH, MODULES};
 pub use pinned::HostPod;
+pub use staging::Staging;
 pub use tensor::{BufferLayout, DTensor, DView, DViewMut, DeviceBuffer, Region, Tensor};
 
 /// Converts a driver error into [`Error::Cuda`] saying what we were doing.
 pub(crate) fn cuda_err(what: &str, e: DriverError) -> Error {
+    if is_sticky(e.0) {
+        return Error::DeviceLost(format!("{what}: {e:?}"));
+    }
     Error::Cuda { what: what.to_string(), msg: format!("{e:?}") }
+}
+
+/// Whether a driver error is sticky: after it the context is corrupt and every later call in it
+/// fails the same way (CUDA programming guide, "error checking"), so the engine is lost. An
+/// out-of-memory or invalid-value error is not: the context stays usable.
+pub fn is_sticky(e: sys::CUresult) -> bool {
+    use sys::CUresult as R;
+    matches!(
+        e,
+        R::CUDA_ERROR_ILLEGAL_ADDRESS
+            | R::CUDA_ERROR_LAUNCH_FAILED
+            | R::CUDA_ERROR_LAUNCH_TIMEOUT
+            | R::CUDA_ERROR_ECC_UNCORRECTABLE
+            | R::CUDA_ERROR_NVLINK_UNCORRECTABLE
+            | R::CUDA_ERROR_HARDWARE_STACK_ERROR
+            | R::CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | R::CUDA_ERROR_MISALIGNED_ADDRESS
+            | R::CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | R::CUDA_ERROR_INVALID_PC
+            | R::CUDA_ERROR_ASSERT
+            | R::CUDA_ERROR_CONTEXT_IS_DESTROYED
+            | R::CUDA_ERROR_DEVICE_UNAVAILABLE
+    )
 }
 
 /// What we know about the device, for reports.
@@ -237,7 +266,13 @@ impl Gpu {
         unsafe {
             cudarc::driver::result::launch_kernel(f, cfg.grid, cfg.block, cfg.smem, self.cu_stream(), args)
         }
-        .map_err(|e| Error::Kernel { kernel: id.symbol(), msg: format!("launch failed: {e:?}") })
+        .map_err(|e| {
+            if is_sticky(e.0) {
+                cuda_err(&format!("launch kernel `{}`", id.symbol()), e)
+            } else {
+                Error::Kernel { kernel: id.symbol(), msg: format!("launch failed: {e:?}") }
+            }
+        })
     }
 
     /// Lets kernel `id` launch with up to `bytes` of dynamic shared memory. Above 48 KB a kernel

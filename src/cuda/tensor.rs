@@ -348,6 +348,35 @@ impl DeviceBuffer {
         DView { ptr: self.ptr + region.offset as u64, shape: region.shape, _t: PhantomData }
     }
 
+    /// Streams `len` bytes into `region`, from byte `offset` of it on, through `staging`:
+    /// `fill(i, part)` writes the stream's bytes `i..i + part.len()`. The copies are
+    /// asynchronous: call [`Staging::finish`](super::Staging::finish) before using the region.
+    pub fn stream_in<T>(
+        &mut self,
+        gpu: &super::Gpu,
+        staging: &mut super::Staging,
+        region: &Region<T>,
+        offset: usize,
+        len: usize,
+        fill: &(dyn Fn(usize, &mut [u8]) -> crate::Result<()> + Sync),
+    ) -> crate::Result<()> {
+        let region_bytes = region.numel() * std::mem::size_of::<T>();
+        if offset.checked_add(len).is_none_or(|end| end > region_bytes) || region.end() > self.bytes {
+            return Err(crate::Error::Shape {
+                op: "upload",
+                msg: format!(
+                    "{len} bytes at offset {offset} into {region:?} of a {}-byte buffer",
+                    self.bytes
+                ),
+            });
+        }
+        let dst = self.ptr + (region.offset + offset) as u64;
+        // SAFETY: [dst, dst + len) lies inside this allocation (checked above), which `&mut self`
+        // keeps alive; the caller finishes the staging before the buffer is used or dropped
+        // (dropping the staging also waits for its copies).
+        unsafe { staging.copy_in(gpu, dst, len, fill) }
+    }
+
     /// Copies `data` into `region` (waits for the copy).
     pub fn fill<T: Copy>(&mut self, gpu: &super::Gpu, region: &Region<T>, data: &[T]) -> crate::Result<()> {
         if data.len() != region.numel() {

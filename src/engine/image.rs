@@ -402,10 +402,11 @@ fn probe<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Probe<'a>> {
     if bytes.is_empty() {
         return Err(Error::Input("empty image data".into()));
     }
+    // The message never echoes the bytes: they may be any file's contents.
     let format = image::guess_format(bytes).map_err(|_| {
-        let head: String = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
         Error::Input(format!(
-            "unrecognised image format (first bytes {head}); supported formats: {SUPPORTED}"
+            "unrecognised image format ({} bytes that are not an image); supported formats: {SUPPORTED}",
+            bytes.len()
         ))
     })?;
     if !matches!(
@@ -422,11 +423,14 @@ fn probe<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Probe<'a>> {
             format_name(format)
         )));
     }
+    if format == ImageFormat::Tiff {
+        check_tiff_counts(bytes)?;
+    }
     let mut il = image::Limits::default();
     il.max_alloc = Some(limits.max_bytes);
-    let decoder = guarded(format, || {
+    let mut decoder = guarded(format, || {
         let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-        reader.limits(il);
+        reader.limits(il.clone());
         reader.into_decoder().map_err(|e| decode_error(format, e))
     })?;
     let (w, h) = decoder.dimensions();
@@ -451,7 +455,67 @@ fn probe<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<Probe<'a>> {
             limits.max_bytes
         )));
     }
+    // Pin the decoder to the checked header: the JPEG decoder parses the headers again when it
+    // decodes and sizes its own buffers from that parse, so it gets the header's sides as its
+    // maximum (PNG, GIF and TIFF also honour `max_alloc`; WebP's buffers are bounded by its
+    // canvas, which was checked above).
+    il.max_image_width = Some(w);
+    il.max_image_height = Some(h);
+    decoder.set_limits(il).map_err(|e| decode_error(format, e))?;
     Ok(Probe { format, decoder: Box::new(decoder), width, height })
+}
+
+/// Checks that no entry of a TIFF's first directory claims more values than the file holds. The
+/// TIFF decoder sizes a vector by an entry's count before reading it (up to 256 MiB by its
+/// default limits, which the `image` crate does not let us lower before the header is read), so
+/// a 12-kB file could make it allocate 140 MB (found by `tests/fuzz.rs`). Anything this refuses
+/// is corrupt: the values could not be in the file.
+fn check_tiff_counts(b: &[u8]) -> Result<()> {
+    let corrupt = |what: String| Error::Input(format!("corrupt TIFF image: {what}"));
+    let le = match b.get(..2) {
+        Some(b"II") => true,
+        Some(b"MM") => false,
+        _ => return Ok(()), // the decoder reports it
+    };
+    let u = |at: usize, n: usize| -> Option<u64> {
+        let s = b.get(at..at.checked_add(n)?)?;
+        Some(if le {
+            s.iter().rev().fold(0u64, |a, &x| a << 8 | x as u64)
+        } else {
+            s.iter().fold(0u64, |a, &x| a << 8 | x as u64)
+        })
+    };
+    // Classic TIFF (42): u16 entry count, 12-byte entries with a u32 count at 4; BigTIFF (43):
+    // u64 entry count, 20-byte entries with a u64 count at 4.
+    let (big, first) = match u(2, 2) {
+        Some(42) => (false, u(4, 4)),
+        Some(43) => (true, u(8, 8)),
+        _ => return Ok(()),
+    };
+    let Some(ifd) = first.and_then(|o| usize::try_from(o).ok()) else { return Ok(()) };
+    let (n, entries, size, count_len) =
+        if big { (u(ifd, 8), ifd + 8, 20, 8) } else { (u(ifd, 2), ifd.saturating_add(2), 12, 4) };
+    let Some(n) = n else { return Ok(()) };
+    if n.saturating_mul(size as u64) > b.len() as u64 {
+        return Err(corrupt(format!("its directory claims {n} entries, more than the file holds")));
+    }
+    for e in 0..n as usize {
+        let at = entries + e * size;
+        let (Some(tag), Some(ty), Some(count)) = (u(at, 2), u(at + 2, 2), u(at + 4, count_len)) else {
+            break; // truncated: the decoder reports it
+        };
+        let unit = match ty {
+            1 | 2 | 6 | 7 => 1,
+            3 | 8 => 2,
+            4 | 9 | 11 | 13 => 4,
+            5 | 10 | 12 | 16 | 17 | 18 => 8,
+            _ => 1,
+        };
+        if count.saturating_mul(unit) > b.len() as u64 {
+            return Err(corrupt(format!("tag {tag} claims {count} values, more than the file holds")));
+        }
+    }
+    Ok(())
 }
 
 /// Whether PIL opens these bytes as an "RGB" image although the `image` crate reports alpha:
@@ -879,8 +943,21 @@ pub fn preprocess_bytes(bytes: &[u8], cfg: &ImageConfig, alpha: AlphaMode) -> Re
 
 /// Reads an image file and preprocesses it. A read failure is an [`Error::Io`]. A bad image is
 /// an [`Error::Input`] that starts with the path.
+///
+/// The file is read within the default [`Limits`](crate::engine::limits::Limits) (a regular file
+/// of at most 32 MiB); [`preprocess_file_with`] takes other limits.
 pub fn preprocess_file(path: &Path, cfg: &ImageConfig, alpha: AlphaMode) -> Result<Preprocessed> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    preprocess_file_with(path, cfg, alpha, &crate::engine::limits::Limits::default())
+}
+
+/// [`preprocess_file`] with explicit file limits (size, regular files only, `image_root`).
+pub fn preprocess_file_with(
+    path: &Path,
+    cfg: &ImageConfig,
+    alpha: AlphaMode,
+    limits: &crate::engine::limits::Limits,
+) -> Result<Preprocessed> {
+    let bytes = limits.read_image_file(path)?;
     preprocess_bytes(&bytes, cfg, alpha).map_err(|e| match e {
         Error::Input(msg) => Error::Input(format!("{}: {msg}", path.display())),
         other => other,

@@ -20,6 +20,8 @@ pub struct Defaults {
     pub output: OutputKind,
     /// Matryoshka width of lines without "dims".
     pub dims: Option<usize>,
+    /// Size limits of a line and of its base64 string.
+    pub limits: crate::engine::Limits,
 }
 
 /// One parsed input line: its id and request, or its id and what is wrong with it.
@@ -39,6 +41,13 @@ pub fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line
         Ok(b) => b,
         Err(e) => return Line::Err(line_id, format!("line {n}: read error: {e}")),
     };
+    if bytes.len() > d.limits.max_line_bytes {
+        let max = d.limits.max_line_bytes;
+        return Line::Err(
+            line_id,
+            format!("line {n}: longer than the limit of {max} bytes (max_line_bytes)"),
+        );
+    }
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => return Line::Err(line_id, format!("line {n}: not valid UTF-8 ({e})")),
@@ -47,14 +56,31 @@ pub fn parse_line(n: usize, raw: std::io::Result<Vec<u8>>, d: &Defaults) -> Line
         Ok(v) => v,
         Err(e) => return Line::Err(line_id, format!("line {n}: not a JSON object: {e}")),
     };
-    let id = v.get("id").cloned().unwrap_or(line_id);
+    let id = v.get("id").cloned().unwrap_or(line_id.clone());
+    if let Value::Number(num) = &id {
+        // serde_json holds numbers as u64, i64 or f64: an id it would print differently (past
+        // 64-bit integers, or a float not in shortest form such as `1.50` or `1e3`) is refused
+        // rather than echoed changed, since the host matches results by it.
+        let raw = top_level_raw(&text, "id");
+        if raw.is_some_and(|r| r != num.to_string()) {
+            return Line::Err(
+                line_id,
+                format!(
+                    "line {n}: numeric id {} cannot be echoed exactly (it is not a 64-bit integer or \
+                     a float in shortest form); send it as a string",
+                    raw.unwrap_or_default()
+                ),
+            );
+        }
+    }
     let image = match (v.get("image"), v.get("image_base64")) {
         (None, None) => None,
         (Some(p), None) => match p.as_str() {
             Some(p) => Some(Input::ImagePath(p.into())),
             None => return Line::Err(id, format!("line {n}: \"image\" must be a file path")),
         },
-        (None, Some(b)) => match b.as_str().map(base64_decode) {
+        (None, Some(b)) => match b.as_str().map(|s| d.limits.check_base64(s).and_then(|()| base64_decode(s)))
+        {
             Some(Ok(bytes)) => Some(Input::ImageBytes(bytes)),
             Some(Err(e)) => return Line::Err(id, format!("line {n}: image_base64: {e}")),
             None => return Line::Err(id, format!("line {n}: \"image_base64\" must be a string")),
@@ -152,6 +178,67 @@ fn parse_chunking(v: &Value) -> Result<Option<Chunking>, String> {
     }
 }
 
+/// The raw text of the value of top-level key `key` in a JSON object that is known to parse (the
+/// last one when the key repeats, as serde_json keeps), or `None`.
+fn top_level_raw<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let b = text.as_bytes();
+    let ws = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    // The end of the string starting at the quote `i`.
+    let string_end = |mut i: usize| {
+        i += 1;
+        while i < b.len() && b[i] != b'"' {
+            i += if b[i] == b'\\' { 2 } else { 1 };
+        }
+        i + 1
+    };
+    let mut i = ws(0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    let mut found = None;
+    i += 1;
+    loop {
+        i = ws(i);
+        if b.get(i) != Some(&b'"') {
+            return found;
+        }
+        let k_end = string_end(i);
+        let k: Option<String> = serde_json::from_str(text.get(i..k_end)?).ok();
+        i = ws(k_end);
+        if b.get(i) != Some(&b':') {
+            return found;
+        }
+        let v_start = ws(i + 1);
+        let mut j = v_start;
+        let mut depth = 0usize;
+        while j < b.len() {
+            match b[j] {
+                b'"' => {
+                    j = string_end(j);
+                    continue;
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' if depth > 0 => depth -= 1,
+                b',' | b'}' if depth == 0 => break,
+                _ => {}
+            }
+            j += 1;
+        }
+        if k.as_deref() == Some(key) {
+            found = Some(text.get(v_start..j)?.trim_end());
+        }
+        if b.get(j) != Some(&b',') {
+            return found;
+        }
+        i = j + 1;
+    }
+}
+
 /// Standard base64 (RFC 4648, `+/`, optional `=` padding, whitespace ignored).
 pub fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
@@ -198,6 +285,7 @@ mod tests {
             prompt: PromptName::Query,
             output: OutputKind::Single,
             dims: None,
+            limits: Default::default(),
         };
         parse_line(1, Ok(line.as_bytes().to_vec()), &d)
     }
@@ -229,6 +317,16 @@ mod tests {
                 l => panic!("{line}: {l:?}"),
             }
         }
+    }
+
+    #[test]
+    fn raw_top_level_values_are_found() {
+        let t = r#"{"text": "a,\"id\": 1}", "x": {"id": [1, {"id": 2}]}, "id" : 1.50 , "y": 3}"#;
+        assert_eq!(top_level_raw(t, "id"), Some("1.50"));
+        assert_eq!(top_level_raw(r#"{"id":7}"#, "id"), Some("7"));
+        assert_eq!(top_level_raw(r#"{"\u0069d":-0}"#, "id"), Some("-0"));
+        assert_eq!(top_level_raw(r#"{"id":1,"id":2}"#, "id"), Some("2"));
+        assert_eq!(top_level_raw(r#"{"text":"x"}"#, "id"), None);
     }
 
     #[test]

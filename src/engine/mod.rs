@@ -30,6 +30,7 @@
 
 pub mod image;
 pub mod jsonl;
+pub mod limits;
 pub mod output;
 pub(crate) mod prepare;
 pub mod request;
@@ -46,6 +47,7 @@ use crate::model::backend::{open_backend, Device, MemoryReport};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::{Error, Result};
+pub use limits::Limits;
 use prepare::Preparer;
 pub use request::{matryoshka, Chunk, Chunking, Embedding, Input, MultiVector, OutputKind, Request};
 pub use text::{
@@ -77,6 +79,9 @@ pub struct EngineOptions {
     pub batch_wait: Duration,
     /// `tokenizer.json` to use instead of the model folder's.
     pub tokenizer: Option<PathBuf>,
+    /// Input size limits (bytes per text, image file and base64 string, decoded pixels) and the
+    /// folder image paths must stay in; the defaults protect a host (docs/RELIABILITY.md).
+    pub limits: Limits,
 }
 
 impl Default for EngineOptions {
@@ -90,6 +95,7 @@ impl Default for EngineOptions {
             preprocess_threads: std::thread::available_parallelism().map_or(4, |n| n.get()).min(16),
             batch_wait: Duration::ZERO,
             tokenizer: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -148,8 +154,10 @@ impl Engine {
         };
         let ckpt = Checkpoint::open(model_dir)?;
         let cfg = ckpt.config.clone();
-        let image_cfg = image::ImageConfig::from(&ckpt.preprocessor);
-        let prep = Preparer::new(
+        opts.limits.validate()?;
+        let mut image_cfg = image::ImageConfig::from(&ckpt.preprocessor);
+        image_cfg.limits.max_pixels = opts.limits.max_image_pixels;
+        let mut prep = Preparer::new(
             tok,
             cfg,
             image_cfg,
@@ -158,6 +166,7 @@ impl Engine {
             opts.preprocess_threads,
             opts.device != Device::Cpu,
         )?;
+        prep.limits = opts.limits.clone();
 
         let (tx, rx) = mpsc::channel::<Msg>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String>>();

@@ -4,6 +4,7 @@
 //! can only fail for reasons of the batch.
 
 use crate::engine::image::{self, ImageConfig};
+use crate::engine::limits::Limits;
 use crate::engine::request::{Input, Request};
 use crate::engine::text::{plan_chunks, ChunkSpan, TextTokenizer, Truncation};
 use crate::model::batch::ImageInput;
@@ -39,6 +40,8 @@ pub(crate) struct Preparer {
     pub threads: usize,
     /// Round patch rows to bf16 here (for a GPU backend), off the worker's thread.
     pub bf16_pixels: bool,
+    /// Input size limits (set by `Engine::open`).
+    pub limits: Limits,
 }
 
 impl Preparer {
@@ -64,6 +67,7 @@ impl Preparer {
             max_batch_patches,
             threads,
             bf16_pixels,
+            limits: Limits::default(),
         })
     }
 
@@ -124,6 +128,11 @@ impl Preparer {
 
     /// What can be checked before any work.
     fn check(&self, r: &Request) -> Result<()> {
+        match &r.input {
+            Input::Text(t) => self.limits.check_text(t)?,
+            Input::ImageBytes(b) => self.limits.check_image_bytes(b)?,
+            _ => {}
+        }
         if let Some(d) = r.dims {
             let m = &self.cfg.matryoshka_dims;
             if !m.contains(&d) && d != self.cfg.text.hidden_size {
@@ -185,7 +194,9 @@ impl Preparer {
         c.min_pixels = c.min_pixels.min(c.max_pixels);
         let p = match &r.input {
             Input::ImageBytes(b) => image::preprocess_bytes(b, &c, image::AlphaMode::Drop)?,
-            Input::ImagePath(path) => image::preprocess_file(path, &c, image::AlphaMode::Drop)?,
+            Input::ImagePath(path) => {
+                image::preprocess_file_with(path, &c, image::AlphaMode::Drop, &self.limits)?
+            }
             _ => return Err(Error::Input("not an image request".into())),
         };
         let grid = GridThw { t: p.grid_thw[0], h: p.grid_thw[1], w: p.grid_thw[2] };

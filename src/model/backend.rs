@@ -121,6 +121,50 @@ impl Backend for CpuBackend {
     }
 }
 
+/// Whether a device is still usable. Once a forward has hit a sticky fault ([`Error::DeviceLost`])
+/// the device stays lost: every later call gets that first error at once, without touching the
+/// device, until the host drops the engine and opens a new one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceHealth {
+    lost: Option<String>,
+}
+
+impl DeviceHealth {
+    /// `Err(DeviceLost)` once lost.
+    pub fn check(&self) -> Result<()> {
+        match &self.lost {
+            Some(m) => Err(Error::DeviceLost(m.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a sticky fault has been seen.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_some()
+    }
+
+    /// Passes `r` on, remembering a `DeviceLost` in it (the first one is kept).
+    pub fn observe<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(Error::DeviceLost(m)) = &r {
+            self.lost.get_or_insert_with(|| m.clone());
+        }
+        r
+    }
+}
+
+/// Whether a failed forward may have left a sticky fault behind that the error itself does not
+/// show (e.g. cuBLAS reporting an execution failure), so the context must be probed.
+fn needs_probe(e: &Error) -> bool {
+    !matches!(
+        e,
+        Error::DeviceLost(_)
+            | Error::OutOfMemory { .. }
+            | Error::Input(_)
+            | Error::Shape { .. }
+            | Error::NonFinite(_)
+    )
+}
+
 /// The GPU forward behind the [`Backend`] seam: the context, the weights on the device and the
 /// paged activation allocator, all created on the calling thread.
 pub struct CudaBackend {
@@ -128,6 +172,7 @@ pub struct CudaBackend {
     model: GpuModel,
     mem: DeviceAllocator,
     ordinal: usize,
+    health: DeviceHealth,
 }
 
 impl CudaBackend {
@@ -143,7 +188,7 @@ impl CudaBackend {
             (None, None) => free / 10 * 9,
         };
         let mem = DeviceAllocator::new(&gpu, budget, DEFAULT_PAGE_SIZE)?;
-        Ok(CudaBackend { gpu, model, mem, ordinal })
+        Ok(CudaBackend { gpu, model, mem, ordinal, health: DeviceHealth::default() })
     }
 
     /// The GPU (for benchmarks and kernel research).
@@ -154,6 +199,18 @@ impl CudaBackend {
     /// The model on the GPU.
     pub fn model(&self) -> &GpuModel {
         &self.model
+    }
+
+    /// Whether the device is still usable.
+    pub fn health(&self) -> &DeviceHealth {
+        &self.health
+    }
+
+    /// Gives the activation pages no allocation uses back to the driver; returns the bytes freed.
+    pub fn trim(&mut self) -> Result<u64> {
+        self.health.check()?;
+        let r = self.gpu.bind().and_then(|()| self.mem.trim());
+        self.health.observe(r)
     }
 }
 
@@ -168,7 +225,18 @@ impl Backend for CudaBackend {
         format!("cuda:{} ({})", self.ordinal, self.gpu.info().name)
     }
     fn forward(&mut self, batch: &PackedBatch) -> Result<BatchOutput> {
-        self.model.forward(&self.gpu, &mut self.mem, batch)
+        self.health.check()?;
+        // Bind on entry: the engine calls from its worker thread, a benchmark may call from any.
+        let r = self.gpu.bind().and_then(|()| self.model.forward(&self.gpu, &mut self.mem, batch));
+        let r = match r {
+            // A sticky fault makes every later call fail with it: a synchronise tells.
+            Err(e) if needs_probe(&e) => Err(match self.gpu.sync() {
+                Err(lost @ Error::DeviceLost(_)) => lost,
+                _ => e,
+            }),
+            r => r,
+        };
+        self.health.observe(r)
     }
     fn memory(&self) -> MemoryReport {
         let s = self.mem.stats();
@@ -194,6 +262,35 @@ pub fn open_backend(device: Device, ckpt: &Checkpoint, mem_budget: Option<u64>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_device_stays_lost_with_its_first_error() {
+        let mut h = DeviceHealth::default();
+        assert!(h.check().is_ok());
+        let oom: Result<()> = Err(Error::OutOfMemory { requested: 1, in_use: 0, budget: 0 });
+        assert!(h.observe(oom).is_err());
+        assert!(!h.is_lost(), "out of memory is recoverable");
+        assert!(h.observe(Err::<(), _>(Error::DeviceLost("illegal address".into()))).is_err());
+        assert!(h.observe(Err::<(), _>(Error::DeviceLost("later".into()))).is_err());
+        for _ in 0..3 {
+            let e = h.check().unwrap_err();
+            assert!(matches!(&e, Error::DeviceLost(m) if m == "illegal address"), "{e}");
+        }
+        assert!(needs_probe(&Error::Blas("execution failed".into())));
+        assert!(!needs_probe(&Error::Input("x".into())));
+    }
+
+    #[test]
+    fn sticky_driver_errors_are_device_lost() {
+        use cudarc::driver::sys::CUresult as R;
+        for r in [R::CUDA_ERROR_ILLEGAL_ADDRESS, R::CUDA_ERROR_LAUNCH_FAILED, R::CUDA_ERROR_ECC_UNCORRECTABLE]
+        {
+            assert!(crate::cuda::is_sticky(r), "{r:?}");
+        }
+        for r in [R::CUDA_ERROR_OUT_OF_MEMORY, R::CUDA_ERROR_INVALID_VALUE, R::CUDA_SUCCESS] {
+            assert!(!crate::cuda::is_sticky(r), "{r:?}");
+        }
+    }
 
     #[test]
     fn devices_parse_and_print() {

@@ -91,6 +91,8 @@ pub struct PackedBatch {
     image_token_id: u32,
     vision_start: u32,
     vision_end: u32,
+    /// `<|video_pad|>` and `<|vision_pad|>` where the config names them: never in a sequence.
+    video_ids: [Option<u32>; 2],
     merge: usize,
     ids: Vec<u32>,
     cu_seqlens: Vec<i32>,
@@ -117,6 +119,7 @@ impl PackedBatch {
             image_token_id: sp.image_token_id,
             vision_start: sp.vision_start_token_id,
             vision_end: sp.vision_end_token_id,
+            video_ids: [sp.video_token_id, sp.vision_token_id],
             merge: cfg.vision.spatial_merge_size,
             ids: Vec::new(),
             cu_seqlens: vec![0],
@@ -176,12 +179,27 @@ impl PackedBatch {
         if start + ids.len() > i32::MAX as usize {
             return Err(Error::Input(format!("a packed batch of more than {} tokens", i32::MAX)));
         }
-        if images.is_empty() && ids.contains(&self.image_token_id) {
-            return Err(Error::Input(format!(
-                "a text holds the image token {} (`<|image_pad|>`), which only an image's block may \
-                 (the reference would mis-embed it)",
-                self.image_token_id
-            )));
+        // The pad tokens belong to image blocks only: in a text the reference counts them as
+        // image (or video) slots it has no pixels for and mis-embeds the text, so such a text fails
+        // alone with its own error. `<|vision_start|>` / `<|vision_end|>` alone are harmless in a
+        // text (plain positions, pooled over all tokens) and are embedded as the reference does.
+        if images.is_empty() {
+            let vision = [
+                (Some(self.image_token_id), "<|image_pad|>"),
+                (self.video_ids[0], "<|video_pad|>"),
+                (self.video_ids[1], "<|vision_pad|>"),
+            ];
+            if let Some((Some(id), name)) =
+                vision.iter().find(|(id, _)| id.is_some_and(|id| ids.contains(&id)))
+            {
+                return Err(Error::Input(format!(
+                    "a text holds the vision token {id} (`{name}`), which only an image's block may \
+                     (the reference would mis-embed it)"
+                )));
+            }
+        }
+        if let Some(id) = self.video_ids.iter().flatten().find(|id| ids.contains(id)) {
+            return Err(Error::Input(format!("video input (token {id}) is not supported")));
         }
         let grids: Vec<GridThw> = images.iter().map(|i| i.grid).collect();
         let pos = plan::mrope_positions(ids, self.image_token_id, &grids, self.merge)?;
@@ -344,7 +362,7 @@ mod tests {
         for (ids, what) in [
             (vec![], "no tokens"),
             (vec![5, vocab], "outside the vocabulary"),
-            (vec![7, c.special.image_token_id, 8], "image"),
+            (vec![7, c.special.image_token_id, 8], "<|image_pad|>"),
         ] {
             let e = b.push_text(&ids, Task::Retrieval).unwrap_err().to_string();
             assert!(e.contains(what), "{e}");

@@ -1,6 +1,11 @@
-//! Host-side checkpoint reading: configs, the shard index, memory-mapped safetensors files, and
-//! validation of every tensor against the table the config implies (docs/MODEL.md §9,
+//! Host-side checkpoint reading: configs, the shard index, safetensors files, and validation of
+//! every tensor against the table the config implies (docs/MODEL.md §9,
 //! [`crate::model::schema`]).
+//!
+//! Tensor data is read with positioned reads (`pread`), never through a memory map: a shard that
+//! is truncated or fails (e.g. on NFS) while the model loads is an [`Error::Tensor`] naming the
+//! file and the tensor, where a mapped read would kill the process with SIGBUS. The header is
+//! checked against the file's length at open time (every tensor's bytes must lie in the file).
 //!
 //! Stored names come in two spellings (legacy `model.layers.*` / `visual.*` and new
 //! `model.language_model.*` / `model.visual.*`, docs/MODEL.md §9.1b); both are normalised to one
@@ -13,12 +18,12 @@ use crate::model::schema::{Schema, TensorSpec};
 use crate::model::Task;
 use crate::{Error, Result};
 use half::{bf16, f16};
-use memmap2::Mmap;
-use safetensors::SafeTensors;
+use safetensors::tensor::Metadata;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
 /// The index of a sharded checkpoint.
@@ -118,8 +123,8 @@ impl TensorInfo {
     }
 }
 
-/// An opened, fully validated checkpoint folder. Holds the memory maps, so tensor data is read
-/// lazily by the OS page cache and never copied until [`Checkpoint::to_bf16`] or an upload.
+/// An opened, fully validated checkpoint folder. Holds the open shard files; tensor data is read
+/// on demand ([`Checkpoint::read`], [`Checkpoint::to_bf16`]) with positioned reads.
 #[derive(Debug)]
 pub struct Checkpoint {
     /// The checkpoint folder.
@@ -134,7 +139,7 @@ pub struct Checkpoint {
     /// as stored name and file, so a report can list them.
     pub ignored: Vec<(String, PathBuf)>,
     files: Vec<PathBuf>,
-    maps: Vec<Mmap>,
+    shards: Vec<File>,
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
 }
@@ -186,39 +191,62 @@ struct RawTensor {
     range: Range<usize>,
 }
 
-/// Maps `path` read-only and parses its safetensors header; every failure names the file.
-fn map_safetensors(path: &Path) -> Result<(Mmap, Vec<RawTensor>)> {
+/// The largest safetensors header accepted (the format's own limit, 100 MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Opens `path` and parses its safetensors header (read with positioned reads, bounded by the
+/// file's length); every tensor's byte range must lie inside the file. Every failure names the
+/// file.
+fn open_safetensors(path: &Path) -> Result<(File, Vec<RawTensor>)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the map is read-only and we assume nobody modifies or truncates the file while the
-    // Checkpoint is alive (checkpoints are immutable downloads); a concurrent writer would make
-    // the bytes (not memory safety of our bookkeeping) unspecified, and truncation could SIGBUS.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-        use safetensors::SafeTensorError as E;
-        let hint = match e {
-            E::HeaderTooSmall | E::InvalidHeaderLength | E::MetadataIncompleteBuffer => {
-                " (the file is truncated or was not fully written)"
-            }
-            _ => "",
-        };
-        Error::Checkpoint {
-            file: path.to_path_buf(),
-            msg: format!("not a valid safetensors file: {e}{hint}"),
+    let bad = |msg: String| Error::Checkpoint { file: path.to_path_buf(), msg };
+    const TRUNC: &str = " (the file is truncated or was not fully written)";
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    if len < 8 {
+        return Err(bad(format!("not a valid safetensors file: {len} bytes, no header{TRUNC}")));
+    }
+    file.read_exact_at(&mut n, 0).map_err(|e| Error::io(path, e))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER_BYTES {
+        return Err(bad(format!("not a valid safetensors file: header of {n} bytes is too large")));
+    }
+    if 8 + n > len {
+        return Err(bad(format!(
+            "not a valid safetensors file: header of {n} bytes in a file of {len} bytes{TRUNC}"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact_at(&mut header, 8).map_err(|e| Error::io(path, e))?;
+    let meta: Metadata = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("not a valid safetensors file: bad header: {e}")))?;
+    let start = 8 + n;
+    let data_len = len - start;
+    let mut raw = Vec::new();
+    for (name, info) in meta.tensors() {
+        let (b, e) = info.data_offsets;
+        let size = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(info.dtype.bitsize()))
+            .map(|bits| bits.div_ceil(8));
+        if b > e || size != Some(e - b) {
+            return Err(bad(format!(
+                "tensor `{name}`: data offsets {b}..{e} do not hold {:?} {:?}",
+                info.dtype, info.shape
+            )));
         }
-    })?;
-    let start = 8 + header_len;
-    let mut raw: Vec<RawTensor> = meta
-        .tensors()
-        .into_iter()
-        .map(|(name, info)| RawTensor {
-            name,
-            dtype: info.dtype,
-            shape: info.shape.clone(),
-            range: start + info.data_offsets.0..start + info.data_offsets.1,
-        })
-        .collect();
+        if e as u64 > data_len {
+            return Err(bad(format!(
+                "tensor `{name}`: data {b}..{e} ends past the data section of {data_len} bytes{TRUNC}"
+            )));
+        }
+        let (b, e) = (start as usize + b, start as usize + e);
+        raw.push(RawTensor { name, dtype: info.dtype, shape: info.shape.clone(), range: b..e });
+    }
     raw.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok((map, raw))
+    Ok((file, raw))
 }
 
 /// Shard file → stored names it holds, from the index (or the single file's own header).
@@ -362,19 +390,19 @@ impl Checkpoint {
             ignored: Vec::new(),
         };
         let mut files = Vec::new();
-        let mut maps = Vec::new();
+        let mut shards = Vec::new();
 
-        let shards: Vec<PathBuf> = match &plan {
+        let shard_paths: Vec<PathBuf> = match &plan {
             Some(plan) => plan.keys().map(|f| dir.join(f)).collect(),
             None => vec![base_ref.clone()],
         };
-        let mut stored = Vec::with_capacity(shards.len());
-        for path in shards {
-            let (map, raw) = map_safetensors(&path)?;
+        let mut stored = Vec::with_capacity(shard_paths.len());
+        for path in shard_paths {
+            let (shard, raw) = open_safetensors(&path)?;
             stored.push(raw.iter().map(|r| r.name.clone()).collect::<Vec<_>>());
             let fi = files.len();
             files.push(path.clone());
-            maps.push(map);
+            shards.push(shard);
             for r in raw {
                 b.admit(r, &path, fi, Source::Base)?;
             }
@@ -385,10 +413,10 @@ impl Checkpoint {
         }
 
         let adapter_path = dir.join(ADAPTER_FILE);
-        let (map, raw) = map_safetensors(&adapter_path)?;
+        let (shard, raw) = open_safetensors(&adapter_path)?;
         let fi = files.len();
         files.push(adapter_path.clone());
-        maps.push(map);
+        shards.push(shard);
         for r in raw {
             b.admit(r, &adapter_path, fi, Source::Adapter)?;
         }
@@ -434,7 +462,7 @@ impl Checkpoint {
             adapter,
             ignored: b.ignored,
             files,
-            maps,
+            shards,
             tensors,
             by_name,
         })
@@ -450,18 +478,59 @@ impl Checkpoint {
         self.by_name.get(canonical).map(|&i| &self.tensors[i])
     }
 
-    /// Raw little-endian bytes, straight from the map. `t` must come from this checkpoint.
-    pub fn data(&self, t: &TensorInfo) -> &[u8] {
-        &self.maps[t.file_index][t.range.clone()]
+    /// Reads `buf.len()` bytes of tensor `t`'s raw little-endian data, from byte `offset` of the
+    /// tensor on. `t` must come from this checkpoint. A short or failed read (a file truncated
+    /// or failing after open) is an [`Error::Tensor`] naming the tensor and its file.
+    pub fn read_at(&self, t: &TensorInfo, offset: usize, buf: &mut [u8]) -> Result<()> {
+        let err = |msg: String| Error::Tensor { name: t.stored_name.clone(), file: t.file.clone(), msg };
+        let len = t.range.len();
+        if offset.checked_add(buf.len()).is_none_or(|end| end > len) {
+            return Err(err(format!(
+                "read of {} bytes at {offset} past the tensor's {len} bytes",
+                buf.len()
+            )));
+        }
+        let at = (t.range.start + offset) as u64;
+        self.shards[t.file_index].read_exact_at(buf, at).map_err(|e| {
+            err(format!(
+                "cannot read {} bytes at file offset {at}: {e} (the file is truncated or failing)",
+                buf.len()
+            ))
+        })
+    }
+
+    /// Reads all of tensor `t`'s raw bytes into `buf` (which must hold [`TensorInfo::nbytes`]).
+    pub fn read(&self, t: &TensorInfo, buf: &mut [u8]) -> Result<()> {
+        if buf.len() != t.range.len() {
+            return Err(Error::Tensor {
+                name: t.stored_name.clone(),
+                file: t.file.clone(),
+                msg: format!("a buffer of {} bytes for a tensor of {} bytes", buf.len(), t.range.len()),
+            });
+        }
+        self.read_at(t, 0, buf)
+    }
+
+    /// Tensor `t`'s raw little-endian bytes, in a new vector.
+    pub fn data(&self, t: &TensorInfo) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; t.range.len()];
+        self.read(t, &mut v)?;
+        Ok(v)
     }
 
     /// The tensor as bf16: BF16 is copied, F16 and F32 are rounded to nearest even.
-    pub fn to_bf16(&self, t: &TensorInfo) -> Vec<bf16> {
-        let d = self.data(t);
-        match t.dtype {
-            Dtype::BF16 => {
-                d.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()
+    pub fn to_bf16(&self, t: &TensorInfo) -> Result<Vec<bf16>> {
+        if t.dtype == Dtype::BF16 {
+            // Read straight into the result (no second copy); the bytes are little-endian.
+            let mut v = vec![bf16::ZERO; t.numel()];
+            self.read(t, bytemuck::cast_slice_mut(&mut v))?;
+            for x in &mut v {
+                *x = bf16::from_bits(u16::from_le(x.to_bits()));
             }
+            return Ok(v);
+        }
+        let d = self.data(t)?;
+        Ok(match t.dtype {
             Dtype::F16 => d
                 .chunks_exact(2)
                 .map(|c| bf16::from_f32(f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
@@ -469,7 +538,8 @@ impl Checkpoint {
             Dtype::F32 => {
                 d.chunks_exact(4).map(|c| f32_to_bf16(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect()
             }
-        }
+            Dtype::BF16 => unreachable!("handled above"),
+        })
     }
 
     /// Sum of [`TensorInfo::nbytes`] over all (non-ignored) tensors.

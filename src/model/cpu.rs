@@ -81,7 +81,7 @@ impl Loader<'_> {
             file: self.ckpt.dir.clone(),
             msg: "missing".into(),
         })?;
-        let v: Vec<f32> = self.ckpt.to_bf16(t).iter().map(|v| v.to_f32()).collect();
+        let v: Vec<f32> = self.ckpt.to_bf16(t)?.iter().map(|v| v.to_f32()).collect();
         self.floats += v.len();
         Ok(v)
     }

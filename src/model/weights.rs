@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use half::bf16;
 
-use crate::cuda::{BufferLayout, DView, DeviceBuffer, Gpu, Region};
+use crate::cuda::{BufferLayout, DView, DeviceBuffer, Gpu, Region, Staging};
 use crate::model::checkpoint::{Checkpoint, Dtype};
 use crate::Result;
 
@@ -45,17 +45,20 @@ impl DeviceWeights {
             ckpt.tensors().iter().map(|t| (t.name.clone(), layout.push::<bf16>(&t.shape))).collect();
         let mut buffer = DeviceBuffer::new(gpu, layout.bytes())?;
         let mut report = LoadReport::default();
+        let mut staging = Staging::default();
         for t in ckpt.tensors() {
             let region = &index[&t.name];
             if t.dtype == Dtype::BF16 {
-                // Straight from the memory map: no host copy.
-                buffer.fill_bytes(gpu, region, ckpt.data(t))?;
+                // Positioned reads into pinned staging, overlapped with the copies.
+                let fill = |off: usize, part: &mut [u8]| ckpt.read_at(t, off, part);
+                buffer.stream_in(gpu, &mut staging, region, 0, t.nbytes(), &fill)?;
             } else {
-                buffer.fill(gpu, region, &ckpt.to_bf16(t))?;
+                buffer.fill(gpu, region, &ckpt.to_bf16(t)?)?;
                 report.converted += 1;
             }
             report.bytes += (t.numel() * 2) as u64;
         }
+        staging.finish(gpu)?;
         report.tensors = index.len();
         report.seconds = t0.elapsed().as_secs_f64();
         Ok((DeviceWeights { buffer, index }, report))

@@ -269,8 +269,9 @@ pub fn bad_requests_fail_alone(device: Device) -> Result<(), String> {
         (Request::image_bytes(b"not an image at all".to_vec()), "image"),
         (Request::tokens(Vec::<u32>::new()), "no token ids"),
         (Request::tokens(vec![1, vocab + 5]), "outside the vocabulary"),
-        (Request::tokens(vec![1, pad, 2]), "image token"),
-        (Request::text("a text with <|image_pad|> in it"), "image token"),
+        (Request::tokens(vec![1, pad, 2]), "<|image_pad|>"),
+        (Request::text("a text with <|image_pad|> in it"), "<|image_pad|>"),
+        (Request::text("<|video_pad|>"), "<|video_pad|>"),
         (Request::image_path(image("grad_224x224.png")).max_pixels(0), "max_pixels"),
     ];
     let mut reqs = vec![good[0].clone()];

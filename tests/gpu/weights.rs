@@ -23,7 +23,7 @@ pub fn weights_upload_round_trip(ctx: &mut Ctx) -> Result<(), String> {
             return Err(format!("{}: device shape {:?}, checkpoint {:?}", t.name, view.shape(), t.shape));
         }
         let back = ctx.gpu.download(&view).map_err(e)?;
-        let want = ckpt.to_bf16(t);
+        let want = ckpt.to_bf16(t).map_err(e)?;
         if let Some(i) = back.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits()) {
             return Err(format!(
                 "{}: element {i} is {} on the device, {} on the host",

@@ -12,8 +12,8 @@
 
 use half::bf16;
 
-use crate::cuda::{BufferLayout, DView, DViewMut, DeviceBuffer, Gpu, Region, Tensor};
-use crate::model::checkpoint::Checkpoint;
+use crate::cuda::{BufferLayout, DView, DViewMut, DeviceBuffer, Gpu, Region, Staging, Tensor};
+use crate::model::checkpoint::{Checkpoint, Dtype, TensorInfo};
 use crate::model::constants::text_inv_freq;
 use crate::model::schema::{LinearSpec, Schema};
 use crate::model::weights::{LoadReport, ALIGN};
@@ -223,31 +223,34 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(Weights, LoadRepo
     let tensors = lay.len();
 
     let mut buf = DeviceBuffer::new(gpu, lay.bytes())?;
-    let as_stored = |buf: &mut DeviceBuffer, w: &W, name: &str| buf.fill(gpu, w, &bf16_of(ckpt, name)?);
-    as_stored(&mut buf, &embed, &s.embed.0)?;
-    as_stored(&mut buf, &norm, &s.norm.weight)?;
+    // The tensors used as stored stream from the shards through pinned staging (positioned reads
+    // overlapped with the copies); the fused and stacked ones are assembled on the host.
+    let mut staging = Staging::default();
+    as_stored(gpu, &mut buf, &mut staging, ckpt, &embed, &s.embed.0)?;
+    as_stored(gpu, &mut buf, &mut staging, ckpt, &norm, &s.norm.weight)?;
     for (l, p) in s.layers.iter().zip(&layers) {
-        as_stored(&mut buf, &p.input_norm, &l.input_norm.weight)?;
-        fill_linear(gpu, &mut buf, ckpt, &l.qkv(), &p.qkv, scale)?;
-        fill_linear(gpu, &mut buf, ckpt, &[&l.o], &p.o, scale)?;
-        as_stored(&mut buf, &p.post_norm, &l.post_norm.weight)?;
-        fill_linear(gpu, &mut buf, ckpt, &l.gate_up(), &p.gate_up, scale)?;
-        fill_linear(gpu, &mut buf, ckpt, &[&l.down], &p.down, scale)?;
+        as_stored(gpu, &mut buf, &mut staging, ckpt, &p.input_norm, &l.input_norm.weight)?;
+        fill_linear(gpu, &mut buf, &mut staging, ckpt, &l.qkv(), &p.qkv, scale)?;
+        fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&l.o], &p.o, scale)?;
+        as_stored(gpu, &mut buf, &mut staging, ckpt, &p.post_norm, &l.post_norm.weight)?;
+        fill_linear(gpu, &mut buf, &mut staging, ckpt, &l.gate_up(), &p.gate_up, scale)?;
+        fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&l.down], &p.down, scale)?;
     }
-    fill_linear(gpu, &mut buf, ckpt, &[&s.projector], &projector, scale)?;
-    as_stored(&mut buf, &patch_embed, &s.patch_embed.weight)?;
+    fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&s.projector], &projector, scale)?;
+    as_stored(gpu, &mut buf, &mut staging, ckpt, &patch_embed, &s.patch_embed.weight)?;
     for (b, p) in s.blocks.iter().zip(&blocks) {
-        as_stored(&mut buf, &p.norm1, &b.norm1.weight)?;
-        as_stored(&mut buf, &p.norm2, &b.norm2.weight)?;
-        fill_linear(gpu, &mut buf, ckpt, &[&b.qkv], &p.qkv, scale)?;
-        fill_linear(gpu, &mut buf, ckpt, &[&b.proj], &p.proj, scale)?;
-        fill_linear(gpu, &mut buf, ckpt, &b.gate_up(), &p.gate_up, scale)?;
-        fill_linear(gpu, &mut buf, ckpt, &[&b.down], &p.down, scale)?;
+        as_stored(gpu, &mut buf, &mut staging, ckpt, &p.norm1, &b.norm1.weight)?;
+        as_stored(gpu, &mut buf, &mut staging, ckpt, &p.norm2, &b.norm2.weight)?;
+        fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&b.qkv], &p.qkv, scale)?;
+        fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&b.proj], &p.proj, scale)?;
+        fill_linear(gpu, &mut buf, &mut staging, ckpt, &b.gate_up(), &p.gate_up, scale)?;
+        fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&b.down], &p.down, scale)?;
     }
-    as_stored(&mut buf, &merger.ln_q, &m.ln_q.weight)?;
-    fill_linear(gpu, &mut buf, ckpt, &[&m.mlp0], &merger.mlp0, scale)?;
-    fill_linear(gpu, &mut buf, ckpt, &[&m.mlp2], &merger.mlp2, scale)?;
+    as_stored(gpu, &mut buf, &mut staging, ckpt, &merger.ln_q, &m.ln_q.weight)?;
+    fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&m.mlp0], &merger.mlp0, scale)?;
+    fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&m.mlp2], &merger.mlp2, scale)?;
     buf.fill(gpu, &inv_freq, &text_inv_freq(cfg.text.rope_theta, hd))?;
+    staging.finish(gpu)?;
 
     let report =
         LoadReport { tensors, bytes: lay.bytes() as u64, converted: 0, seconds: t0.elapsed().as_secs_f64() };
@@ -266,14 +269,70 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(Weights, LoadRepo
     Ok((w, report))
 }
 
-/// A checkpoint tensor as bf16, or the load error naming it.
-fn bf16_of(ckpt: &Checkpoint, name: &str) -> Result<Vec<bf16>> {
-    let t = ckpt.get(name).ok_or_else(|| Error::Tensor {
+/// A checkpoint tensor, or the load error naming it.
+fn tensor_of<'c>(ckpt: &'c Checkpoint, name: &str) -> Result<&'c TensorInfo> {
+    ckpt.get(name).ok_or_else(|| Error::Tensor {
         name: name.into(),
         file: ckpt.dir.clone(),
         msg: "missing".into(),
-    })?;
-    Ok(ckpt.to_bf16(t))
+    })
+}
+
+/// A checkpoint tensor as bf16, or the load error naming it.
+fn bf16_of(ckpt: &Checkpoint, name: &str) -> Result<Vec<bf16>> {
+    ckpt.to_bf16(tensor_of(ckpt, name)?)
+}
+
+/// Streams checkpoint tensor `name` as bf16 into `region` from byte `offset` on: a BF16 tensor
+/// straight from its shard (positioned reads into the pinned staging), another dtype converted
+/// on the host first. Returns the bytes written.
+fn stream_tensor(
+    gpu: &Gpu,
+    buf: &mut DeviceBuffer,
+    staging: &mut Staging,
+    ckpt: &Checkpoint,
+    name: &str,
+    region: &W,
+    offset: usize,
+) -> Result<usize> {
+    let t = tensor_of(ckpt, name)?;
+    let bytes = t.numel() * 2;
+    if t.dtype == Dtype::BF16 {
+        buf.stream_in(gpu, staging, region, offset, bytes, &|off, part| ckpt.read_at(t, off, part))?;
+    } else {
+        let v = ckpt.to_bf16(t)?;
+        let src: &[u8] = bytemuck::cast_slice(&v);
+        buf.stream_in(gpu, staging, region, offset, bytes, &|off, part| {
+            part.copy_from_slice(&src[off..off + part.len()]);
+            Ok(())
+        })?;
+    }
+    Ok(bytes)
+}
+
+/// A tensor used as stored, streamed into its whole region.
+fn as_stored(
+    gpu: &Gpu,
+    buf: &mut DeviceBuffer,
+    staging: &mut Staging,
+    ckpt: &Checkpoint,
+    region: &W,
+    name: &str,
+) -> Result<()> {
+    let n = stream_tensor(gpu, buf, staging, ckpt, name, region, 0)?;
+    check_filled(ckpt, name, n, region)
+}
+
+/// Whether `bytes` written fill `region` exactly (a shape mismatch would leave it half-written).
+fn check_filled(ckpt: &Checkpoint, name: &str, bytes: usize, region: &W) -> Result<()> {
+    if bytes != region.numel() * 2 {
+        return Err(Error::Tensor {
+            name: name.into(),
+            file: ckpt.dir.clone(),
+            msg: format!("{bytes} bytes for a prepared tensor of shape {:?}", region.shape()),
+        });
+    }
+    Ok(())
 }
 
 /// Plans the prepared tensor of the checkpoint projections `parts` (fused in row order).
@@ -297,16 +356,18 @@ fn plan_linear(lay: &mut BufferLayout, parts: &[&LinearSpec], rank: usize) -> Li
 fn fill_linear(
     gpu: &Gpu,
     buf: &mut DeviceBuffer,
+    staging: &mut Staging,
     ckpt: &Checkpoint,
     parts: &[&LinearSpec],
     lin: &Linear,
     scale: f32,
 ) -> Result<()> {
-    let mut w = Vec::new();
+    // The fused weight is the parts' rows one after the other: each part streams to its offset.
+    let mut off = 0;
     for p in parts {
-        w.extend(bf16_of(ckpt, &p.weight())?);
+        off += stream_tensor(gpu, buf, staging, ckpt, &p.weight(), &lin.w, off)?;
     }
-    buf.fill(gpu, &lin.w, &w)?;
+    check_filled(ckpt, &parts[0].weight(), off, &lin.w)?;
     if let Some(bias) = &lin.bias {
         let mut b = Vec::new();
         for name in parts.iter().filter_map(|p| p.bias_name()) {
