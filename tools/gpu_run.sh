@@ -79,20 +79,20 @@ if has images; then
         echo "reference run failed:"; tail -5 "$out/ref_images.txt"
     fi
 fi
-if has embed && [ -f tokenizer.json ]; then
-    echo "== the runner on real text"
+if has embed; then
+    echo "== the runner (texts, an image, bad lines)"
     printf '%s\n' '{"id": "q1", "text": "What is the capital of France?"}' \
         '{"id": "p1", "text": "Paris is the capital of France.", "prompt_name": "passage"}' \
         '{"id": "bad", "text": 42}' 'not json' \
         '{"id": "c1", "text": "fn main() {}", "task": "code", "prompt_name": "passage"}' \
         "{\"id\": \"img\", \"image\": \"$here/../tests/fixtures/images/grad_224x224.png\"}" \
         '{"id": "img64-bad", "image_base64": "aGVsbG8="}' > "$out/embed_in.jsonl"
-    ./jv4 embed --model "$model" --tokenizer tokenizer.json --device cuda --input "$out/embed_in.jsonl" --output "$out/embed_out.jsonl" --dims 128 --vector both 2> "$out/embed_err.txt"
+    ./jv4 embed --model "$model" --device cuda --input "$out/embed_in.jsonl" --output "$out/embed_out.jsonl" --dims 128 --vector both 2> "$out/embed_err.txt"
     echo "exit $? ; $(wc -l < "$out/embed_out.jsonl") output lines; errors:"; cat "$out/embed_err.txt" | tail -5
     python3 -c "import json,sys; [print(d.get('id'), len(d.get('embedding', [])), len(d.get('multi_vector', [])), d.get('error','')) for d in map(json.loads, open(sys.argv[1]))]" "$out/embed_out.jsonl"
     echo "-- an image larger than the patch budget by itself (resized down to fit, no out-of-memory):"
     printf '%s\n' "{\"id\": \"big\", \"image\": \"$here/../tests/fixtures/images/big_600x800.webp\", \"max_pixels\": 12845056}" \
-        | ./jv4 embed --model "$model" --tokenizer tokenizer.json --max-batch-patches 1024 --vector multi 2>&1 \
+        | ./jv4 embed --model "$model" --max-batch-patches 1024 --vector multi 2>&1 \
         | python3 -c "import json,sys; [print(d.get('id'), 'tokens', len(d.get('multi_vector', [])), d.get('error','')) for d in map(json.loads, sys.stdin)]"
 fi
 if has tests; then
