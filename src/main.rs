@@ -277,7 +277,18 @@ fn check_files(input: Option<&std::path::Path>, output: Option<&std::path::Path>
         }
     }
     if let Some(p) = output {
-        std::fs::File::create(p).map_err(|e| Error::io(p, e))?;
+        // Writable? Opened without truncating; a file made only for this check is removed again,
+        // so that a run that fails writes no (empty) output file.
+        let existed = p.exists();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(p)
+            .map_err(|e| Error::io(p, e))?;
+        if !existed {
+            let _ = std::fs::remove_file(p);
+        }
     }
     Ok(())
 }
