@@ -482,6 +482,15 @@ fn with_items<R>(p: *const jv4_result, f: impl FnOnce(&[Item]) -> Result<R, Fail
     })
 }
 
+/// Request `i` of a result handle (an index past the end is an invalid argument).
+fn with_item<R>(p: *const jv4_result, i: usize, f: impl FnOnce(&Item) -> Result<R, Fail>) -> Result<R, Fail> {
+    with_items(p, |items| {
+        let it =
+            items.get(i).ok_or_else(|| Fail::arg(format!("index {i}: the result holds {}", items.len())))?;
+        f(it)
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reading the caller's memory.
 
@@ -966,10 +975,7 @@ pub unsafe extern "C" fn jv4_result_get(
         if out.is_null() {
             return Err(Fail::null("out"));
         }
-        let v = with_items(result, |items| {
-            let it = items
-                .get(i)
-                .ok_or_else(|| Fail::arg(format!("index {i}: the result holds {}", items.len())))?;
+        let v = with_item(result, i, |it| {
             let e = it.embedding.as_ref();
             let (single, single_len) = view(e.and_then(|e| e.single.as_deref()));
             let m = e.and_then(|e| e.multi.as_ref());
@@ -1009,10 +1015,7 @@ pub unsafe extern "C" fn jv4_result_chunk(
         if out.is_null() {
             return Err(Fail::null("out"));
         }
-        let v = with_items(result, |items| {
-            let it = items
-                .get(i)
-                .ok_or_else(|| Fail::arg(format!("index {i}: the result holds {}", items.len())))?;
+        let v = with_item(result, i, |it| {
             let chunks: &[Chunk] = it.embedding.as_ref().and_then(|e| e.chunks.as_deref()).unwrap_or(&[]);
             let c = chunks
                 .get(k)
