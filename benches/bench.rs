@@ -615,10 +615,12 @@ fn bench_text(
     let vocab = m.config().text.vocab_size.min(150_000);
     let mut rng = Rng::new(2);
     println!(
-        "device: {}; weights {:.2} GB prepared in {:.1} s",
+        "device: {}; weights {:.2} GB prepared in {:.1} s; LoRA {:?}; GEMMs pinned at m={:?}",
         gpu.info().name,
         load.bytes as f64 / 1e9,
-        load.seconds
+        load.seconds,
+        m.lora_mode(),
+        gpu.blas().pin_height()
     );
     println!(
         "{:<10} {:>10} {:>12} {:>10} {:>12} {:>8} {:>12}",

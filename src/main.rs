@@ -136,6 +136,11 @@ enum Cmd {
         /// Milliseconds a forward that is not full waits for more requests (0: none).
         #[arg(long, default_value_t = 0)]
         batch_wait_ms: u64,
+        /// Task adapters on the GPU: merged (one weight per task, fastest, ≈ 11 GB more memory),
+        /// stacked (one base weight, two extra GEMMs per projection) or auto (merged where the
+        /// memory allows).
+        #[arg(long, default_value = "auto", value_parser = parse_lora)]
+        lora: jv4::LoraMode,
         /// Longest input line (default 48MiB); a longer line is an error of its own.
         #[arg(long, value_parser = parse_size_usize)]
         max_line_bytes: Option<usize>,
@@ -211,6 +216,15 @@ fn parse_embedding_type(s: &str) -> Result<EmbeddingType, String> {
 enum PresetArg {
     Tiny,
     Full,
+}
+
+fn parse_lora(s: &str) -> Result<jv4::LoraMode, String> {
+    match s {
+        "auto" => Ok(jv4::LoraMode::Auto),
+        "merged" => Ok(jv4::LoraMode::Merged),
+        "stacked" => Ok(jv4::LoraMode::Stacked),
+        _ => Err(format!("{s:?}: expected auto, merged or stacked")),
+    }
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -324,6 +338,7 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
             mem_budget,
             device,
             batch_wait_ms,
+            lora,
             max_line_bytes,
             max_text_bytes,
             max_base64_bytes,
@@ -377,6 +392,7 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
                 batch_wait: std::time::Duration::from_millis(batch_wait_ms),
                 tokenizer,
                 limits: limits.clone(),
+                lora,
                 ..EngineOptions::default()
             };
             let engine = Engine::open(&model, opts)?;

@@ -20,6 +20,7 @@ macro_rules! cpu_case {
 }
 
 cpu_case!(mixed_batch_equals_requests_alone);
+cpu_case!(batch_invariant_bitwise);
 cpu_case!(concurrent_callers_get_their_own_results);
 cpu_case!(concurrent_callers_share_forwards);
 cpu_case!(bad_requests_fail_alone);

@@ -9,8 +9,18 @@
 //! (k×n, ld k, transposed), B is `x` (k×m, ld k), C is `y` (n×m, ld n). The bias epilogue adds a
 //! vector along C's rows, i.e. one value per output feature.
 //!
+//! **Batch invariance.** The algorithm of a problem is pinned per weight shape: the heuristic is
+//! asked once at a reference height [`DEFAULT_PIN_M`] (not at the problem's own `m`), and that one
+//! configuration (tile, stages, split-K count) runs every `m`. The reduction order over K of an
+//! output element then depends on the shape of `w` alone, so a row of `y` is bit-for-bit the same
+//! whatever other rows share the GEMM — a request's vectors do not depend on its batch.
+//! `JV4_BLAS_PIN=<m>` pins at another height, `JV4_BLAS_PIN=off` asks the heuristic at each `m`
+//! (faster at some heights, not batch-invariant). Where the pinned configuration cannot run a
+//! height (cuBLASLt's check refuses it), that problem falls back to its own heuristic and
+//! [`Blas::pin_fallbacks`] counts it.
+//!
 //! Each distinct problem (m, n, k, bias, accumulate) gets a plan on first use: descriptors and the
-//! heuristic's algorithm, cached. Repeating a shape costs no heuristic query and no allocation.
+//! algorithm, cached. Repeating a shape costs no heuristic query and no allocation.
 //! The cache is an LRU of [`DEFAULT_PLAN_CAPACITY`] plans ([`Blas::set_plan_capacity`]): every
 //! new token count is a new `m`, so an unbounded cache would grow for as long as a host runs.
 
@@ -32,6 +42,21 @@ pub const DEFAULT_PLAN_CAPACITY: usize = 1024;
 
 /// cuBLASLt workspace: NVIDIA's recommendation for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// The height at which each weight shape's algorithm is chosen (module documentation).
+pub const DEFAULT_PIN_M: usize = 4096;
+
+/// The pinning height from `$JV4_BLAS_PIN` (`off`: none), else [`DEFAULT_PIN_M`].
+fn pin_from_env() -> Result<Option<usize>> {
+    match std::env::var("JV4_BLAS_PIN").as_deref() {
+        Err(_) => Ok(Some(DEFAULT_PIN_M)),
+        Ok("off") => Ok(None),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(m) if m > 0 => Ok(Some(m)),
+            _ => Err(Error::Input(format!("JV4_BLAS_PIN={v:?}: expected a height (e.g. 4096) or \"off\""))),
+        },
+    }
+}
 
 fn blas_err(what: &str, e: lt::CublasError) -> Error {
     Error::Blas(format!("{what}: {e:?}"))
@@ -71,6 +96,9 @@ pub struct Blas {
     workspace: dsys::CUdeviceptr,
     stream: dsys::CUstream,
     plans: RefCell<Lru<Key, Plan>>,
+    /// The pinning height, or `None` for a per-height heuristic.
+    pin: Option<usize>,
+    pin_fallbacks: std::cell::Cell<u64>,
 }
 
 impl Blas {
@@ -83,6 +111,7 @@ impl Blas {
                     .into(),
             ));
         }
+        let pin = pin_from_env()?;
         let handle = lt::create_handle().map_err(|e| blas_err("create handle", e))?;
         // SAFETY: plain device allocation, freed in Drop.
         let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }
@@ -92,6 +121,8 @@ impl Blas {
             workspace,
             stream: stream.cu_stream(),
             plans: RefCell::new(Lru::new(DEFAULT_PLAN_CAPACITY)),
+            pin,
+            pin_fallbacks: std::cell::Cell::new(0),
         })
     }
 
@@ -200,6 +231,18 @@ impl Blas {
         self.plans.borrow_mut().set_capacity(plans);
     }
 
+    /// The height each weight shape's algorithm is pinned at (`None`: chosen per height, not
+    /// batch-invariant). See the module documentation.
+    pub fn pin_height(&self) -> Option<usize> {
+        self.pin
+    }
+
+    /// Problems whose pinned algorithm could not run their height (each ran its own heuristic's
+    /// choice instead: not batch-invariant).
+    pub fn pin_fallbacks(&self) -> u64 {
+        self.pin_fallbacks.get()
+    }
+
     /// Plans dropped so far to stay within the capacity.
     pub fn plan_evictions(&self) -> u64 {
         self.plans.borrow().evictions()
@@ -267,15 +310,70 @@ impl Blas {
                 std::mem::size_of::<u32>(),
             )
         });
-        // SAFETY: all handles are live.
-        let heuristic =
-            r.and_then(|_| unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref) });
+        let pinned = match (r, self.pin) {
+            (Ok(()), Some(pm)) if pm != m => self.pinned_algo(desc, [a, b, c], pref, pm, n, k, out_type),
+            _ => None,
+        };
+        let algo = match (r, pinned) {
+            (_, Some(algo)) => Ok(algo),
+            (Err(e), None) => Err(e),
+            (Ok(()), None) => {
+                // SAFETY: all handles are live.
+                unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref) }.map(|h| h.algo)
+            }
+        };
         // SAFETY: pref was created above and is not used again.
         unsafe {
             let _ = lt::destroy_matmul_pref(pref);
         }
-        plan.algo = heuristic.map_err(|e| blas_err(&format!("no algorithm for m={m} n={n} k={k}"), e))?.algo;
+        plan.algo = algo.map_err(|e| blas_err(&format!("no algorithm for m={m} n={n} k={k}"), e))?;
         Ok(plan)
+    }
+
+    /// The heuristic's algorithm for this problem's weight shape at height `pm`, if cuBLASLt
+    /// confirms it runs the problem's own layouts `[a, b, c]` within the workspace; `None` (and a
+    /// counted fallback) otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn pinned_algo(
+        &self,
+        desc: sys::cublasLtMatmulDesc_t,
+        [a, b, c]: [sys::cublasLtMatrixLayout_t; 3],
+        pref: sys::cublasLtMatmulPreference_t,
+        pm: usize,
+        n: usize,
+        k: usize,
+        out_type: sys::cudaDataType_t,
+    ) -> Option<sys::cublasLtMatmulAlgo_t> {
+        let k = k as u64;
+        let bf = sys::cudaDataType_t::CUDA_R_16BF;
+        let b_ref = lt::create_matrix_layout(bf, k, pm as u64, k as i64).ok();
+        let c_ref = lt::create_matrix_layout(out_type, n as u64, pm as u64, n as i64).ok();
+        let found = match (b_ref, c_ref) {
+            (Some(br), Some(cr)) => {
+                // SAFETY: all handles are live; the reference layouts differ from the problem's
+                // only in the height.
+                let h = unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, a, br, cr, cr, pref) };
+                h.ok().and_then(|h| {
+                    // SAFETY: cublasLtMatmulHeuristicResult_t is plain data that the check fills.
+                    let mut res: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+                    // SAFETY: all handles are live; `res` is a valid output location.
+                    let st = unsafe {
+                        sys::cublasLtMatmulAlgoCheck(self.handle, desc, a, b, c, c, &h.algo, &mut res)
+                    };
+                    (st == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && res.workspaceSize <= WORKSPACE_BYTES)
+                        .then_some(h.algo)
+                })
+            }
+            _ => None,
+        };
+        for l in [b_ref, c_ref].into_iter().flatten() {
+            // SAFETY: created above, destroyed once.
+            let _ = unsafe { lt::destroy_matrix_layout(l) };
+        }
+        if found.is_none() {
+            self.pin_fallbacks.set(self.pin_fallbacks.get() + 1);
+        }
+        found
     }
 }
 

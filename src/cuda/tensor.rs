@@ -185,6 +185,21 @@ macro_rules! view_common {
 view_common!(DView);
 view_common!(DViewMut);
 
+/// Rows `r` of a 2-D (or higher) shape: the byte offset of the first row and the new shape.
+/// Panics when `r` is not inside the leading dimension (a programming error).
+fn rows_of(shape: &Shape, elem: usize, r: &std::ops::Range<usize>) -> (u64, Shape) {
+    let dims = shape.dims();
+    assert!(
+        !dims.is_empty() && r.start <= r.end && r.end <= dims[0],
+        "rows {r:?} of a view of shape {dims:?}"
+    );
+    let row: usize = dims[1..].iter().product();
+    let mut d = [0usize; MAX_DIMS];
+    d[..dims.len()].copy_from_slice(dims);
+    d[0] = r.end - r.start;
+    ((r.start * row * elem) as u64, Shape::new(&d[..dims.len()]))
+}
+
 impl<'a, T> DView<'a, T> {
     /// A view of raw device memory.
     ///
@@ -199,6 +214,11 @@ impl<'a, T> DView<'a, T> {
         let shape = Shape::new(dims);
         assert_eq!(shape.numel(), self.numel(), "reshape {:?} -> {:?}", self.shape, shape);
         DView { shape, ..self }
+    }
+    /// Rows `r` of the leading dimension (contiguous, so still a plain view).
+    pub fn rows(&self, r: std::ops::Range<usize>) -> DView<'a, T> {
+        let (off, shape) = rows_of(&self.shape, std::mem::size_of::<T>(), &r);
+        DView { ptr: self.ptr + off, shape, _t: PhantomData }
     }
 }
 
@@ -220,6 +240,11 @@ impl<'a, T> DViewMut<'a, T> {
     /// Reborrows as read-only.
     pub fn as_view(&self) -> DView<'_, T> {
         DView { ptr: self.ptr, shape: self.shape, _t: PhantomData }
+    }
+    /// Rows `r` of the leading dimension, writable (reborrows `self`).
+    pub fn rows_mut(&mut self, r: std::ops::Range<usize>) -> DViewMut<'_, T> {
+        let (off, shape) = rows_of(&self.shape, std::mem::size_of::<T>(), &r);
+        DViewMut { ptr: self.ptr + off, shape, _t: PhantomData }
     }
 }
 
@@ -346,6 +371,37 @@ impl DeviceBuffer {
             self.bytes
         );
         DView { ptr: self.ptr + region.offset as u64, shape: region.shape, _t: PhantomData }
+    }
+
+    /// The tensor at `region`, writable (for the few in-place steps of weight preparation).
+    pub fn at_mut<T>(&mut self, region: &Region<T>) -> DViewMut<'_, T> {
+        let v = self.at(region);
+        DViewMut { ptr: v.ptr, shape: v.shape, _t: PhantomData }
+    }
+
+    /// Copies region `src` of this buffer to region `dst` (same shape) on the GPU's stream,
+    /// asynchronously: stream order puts it before later kernels.
+    pub fn copy_region<T>(
+        &mut self,
+        gpu: &super::Gpu,
+        src: &Region<T>,
+        dst: &Region<T>,
+    ) -> crate::Result<()> {
+        if src.shape() != dst.shape() {
+            return Err(crate::Error::Shape {
+                op: "copy",
+                msg: format!("{src:?} into {dst:?}: the shapes differ"),
+            });
+        }
+        let (s, d) = (self.at(src).ptr, self.at(dst).ptr); // both checked inside the buffer
+        let len = src.numel() * std::mem::size_of::<T>();
+        if src.offset < dst.end() && dst.offset < src.end() {
+            return Err(crate::Error::Shape { op: "copy", msg: format!("{src:?} overlaps {dst:?}") });
+        }
+        // SAFETY: both ranges lie inside this allocation (checked by `at`) and do not overlap;
+        // `&mut self` keeps the buffer alive and unaliased while the copy is enqueued.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, len, gpu.cu_stream()) }
+            .map_err(|e| super::cuda_err("copy within the device", e))
     }
 
     /// Streams `len` bytes into `region`, from byte `offset` of it on, through `staging`:

@@ -46,6 +46,7 @@ use std::time::Duration;
 use crate::model::backend::{open_backend, Device, MemoryReport};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
+pub use crate::model::gpu::LoraMode;
 use crate::{Error, Result};
 pub use limits::Limits;
 use prepare::Preparer;
@@ -82,6 +83,10 @@ pub struct EngineOptions {
     /// Input size limits (bytes per text, image file and base64 string, decoded pixels) and the
     /// folder image paths must stay in; the defaults protect a host (docs/RELIABILITY.md).
     pub limits: Limits,
+    /// How the GPU carries the task adapters: merged into one weight per task (no LoRA work in
+    /// a forward, ≈ 11 GB more memory at full size) or stacked; `Auto` merges where memory
+    /// allows (`$JV4_LORA` overrides). The CPU backend ignores it.
+    pub lora: LoraMode,
 }
 
 impl Default for EngineOptions {
@@ -96,6 +101,7 @@ impl Default for EngineOptions {
             batch_wait: Duration::ZERO,
             tokenizer: None,
             limits: Limits::default(),
+            lora: LoraMode::default(),
         }
     }
 }
@@ -173,12 +179,12 @@ impl Engine {
         let counters = Arc::new(Counters::default());
         let budgets =
             Budgets { tokens: opts.max_batch_tokens, patches: opts.max_batch_patches, wait: opts.batch_wait };
-        let (device, mem_budget, c) = (opts.device, opts.mem_budget, counters.clone());
+        let (device, mem_budget, lora, c) = (opts.device, opts.mem_budget, opts.lora, counters.clone());
         let worker = std::thread::Builder::new()
             .name(format!("jv4-{device}"))
             .spawn(move || {
                 // The backend is created here, so its CUDA context is current on this thread.
-                let backend = match open_backend(device, &ckpt, mem_budget) {
+                let backend = match open_backend(device, &ckpt, mem_budget, lora) {
                     Ok(b) => b,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

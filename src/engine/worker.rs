@@ -137,7 +137,9 @@ fn take_group(queue: &mut VecDeque<Item>, b: Budgets) -> Vec<Item> {
 /// One forward for `group`. On out-of-memory, or an input error the batch cannot place, the
 /// group is halved and each half tried again, so that only the request(s) at fault fail; any
 /// other error is every member's.
-fn run_group(backend: &mut dyn Backend, group: Vec<Item>, counters: &Counters) {
+fn run_group(backend: &mut dyn Backend, mut group: Vec<Item>, counters: &Counters) {
+    // Same-task requests side by side: task-merged weights run one GEMM per run of a task.
+    group.sort_by_key(|i| i.task.index());
     let mut batch = PackedBatch::new(backend.config());
     let mut members = Vec::with_capacity(group.len());
     for item in group {

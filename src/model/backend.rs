@@ -17,7 +17,7 @@ use crate::model::batch::{BatchOutput, PackedBatch};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::cpu::CpuModel;
-use crate::model::gpu::GpuModel;
+use crate::model::gpu::{GpuModel, LoraMode};
 use crate::{Error, Result};
 
 /// Where a model runs.
@@ -178,15 +178,24 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// Opens GPU `ordinal`, uploads the weights, and reserves the activation budget:
     /// `mem_budget` bytes, else `$JV4_MEM_BUDGET`, else 90% of the memory free after the weights.
-    pub fn load(ordinal: usize, ckpt: &Checkpoint, mem_budget: Option<u64>) -> Result<CudaBackend> {
+    /// `lora`: how the task adapters are prepared ([`LoraMode::Auto`] merges them when the
+    /// merged weights leave the activation budget, or
+    /// [`MERGE_HEADROOM`](crate::model::gpu::MERGE_HEADROOM), free).
+    pub fn load(
+        ordinal: usize,
+        ckpt: &Checkpoint,
+        mem_budget: Option<u64>,
+        lora: LoraMode,
+    ) -> Result<CudaBackend> {
         let gpu = Gpu::new(ordinal)?;
-        let (model, _) = GpuModel::load(&gpu, ckpt)?;
-        let (free, _) = gpu.mem_info()?;
-        let budget = match (mem_budget, std::env::var(BUDGET_ENV).ok()) {
-            (Some(b), _) => b,
-            (None, Some(s)) => parse_bytes(&s)?,
-            (None, None) => free / 10 * 9,
+        let asked = match (mem_budget, std::env::var(BUDGET_ENV).ok()) {
+            (Some(b), _) => Some(b),
+            (None, Some(s)) => Some(parse_bytes(&s)?),
+            (None, None) => None,
         };
+        let (model, _) = GpuModel::load_with(&gpu, ckpt, lora, asked.unwrap_or(0))?;
+        let (free, _) = gpu.mem_info()?;
+        let budget = asked.unwrap_or(free / 10 * 9);
         let mem = DeviceAllocator::new(&gpu, budget, DEFAULT_PAGE_SIZE)?;
         Ok(CudaBackend { gpu, model, mem, ordinal, health: DeviceHealth::default() })
     }
@@ -252,10 +261,16 @@ impl Backend for CudaBackend {
 }
 
 /// Opens the backend for `device` (on the calling thread).
-pub fn open_backend(device: Device, ckpt: &Checkpoint, mem_budget: Option<u64>) -> Result<Box<dyn Backend>> {
+/// `lora` applies to the GPU (the CPU oracle always adds the LoRA unmerged, in f32).
+pub fn open_backend(
+    device: Device,
+    ckpt: &Checkpoint,
+    mem_budget: Option<u64>,
+    lora: LoraMode,
+) -> Result<Box<dyn Backend>> {
     Ok(match device {
         Device::Cpu => Box::new(CpuBackend::load(ckpt)?),
-        Device::Cuda(n) => Box::new(CudaBackend::load(n, ckpt, mem_budget)?),
+        Device::Cuda(n) => Box::new(CudaBackend::load(n, ckpt, mem_budget, lora)?),
     })
 }
 

@@ -20,6 +20,7 @@ macro_rules! cuda_case {
 }
 
 cuda_case!(mixed_batch_equals_requests_alone);
+cuda_case!(batch_invariant_bitwise);
 cuda_case!(concurrent_callers_get_their_own_results);
 cuda_case!(concurrent_callers_share_forwards);
 cuda_case!(bad_requests_fail_alone);

@@ -134,3 +134,76 @@ pub fn linear_rejects_bad_shapes(ctx: &mut Ctx) -> Result<(), String> {
         other => Err(format!("expected a linear shape error, got {other:?}")),
     }
 }
+
+/// Batch invariance of the GEMMs (src/cuda/blas.rs pins each weight shape's algorithm): rows of
+/// `x` multiplied inside a tall GEMM and alone, or inside slices of other heights and offsets,
+/// give bit-for-bit the same rows of `y`, in every form the model uses (bias; f32 accumulate).
+pub fn linear_batch_invariant(ctx: &mut Ctx) -> Result<(), String> {
+    let pin = ctx.gpu.blas().pin_height();
+    let Some(pin_m) = pin else {
+        return Err("JV4_BLAS_PIN=off: the GEMMs are not batch-invariant in this run".into());
+    };
+    let mut mem = allocator(ctx, 4 << 30)?;
+    let m = 1500;
+    let slices: [std::ops::Range<usize>; 6] = [0..1, 1..17, 5..6, 100..612, 1499..1500, 0..1024];
+    for &(name, n, k) in ops::linear::CASES {
+        let (w_h, _) = random_bf16(ctx, n * k, 1.0 / (k as f32).sqrt());
+        let mut w = dtensor::<bf16>(&mut mem, &[n, k])?;
+        ctx.gpu.upload(&mut w.view_mut(), &w_h).map_err(e)?;
+        let (b_h, _) = random_bf16(ctx, n, 0.5);
+        let mut b = dtensor::<bf16>(&mut mem, &[n])?;
+        ctx.gpu.upload(&mut b.view_mut(), &b_h).map_err(e)?;
+        let (x_h, _) = random_bf16(ctx, m * k, 1.0);
+        let mut x = dtensor::<bf16>(&mut mem, &[m, k])?;
+        ctx.gpu.upload(&mut x.view_mut(), &x_h).map_err(e)?;
+        // bf16 output with bias, and the f32 residual form (accumulating onto a random y0).
+        let mut y = dtensor::<bf16>(&mut mem, &[m, n])?;
+        ops::linear(&ctx.gpu, &x.view(), &w.view(), Some(&b.view()), &mut y.view_mut(), false).map_err(e)?;
+        let full = ctx.gpu.download(&y.view()).map_err(e)?;
+        let y0: Vec<f32> = random_bf16(ctx, m * n, 1.0).1;
+        let mut yf = dtensor::<f32>(&mut mem, &[m, n])?;
+        ctx.gpu.upload(&mut yf.view_mut(), &y0).map_err(e)?;
+        ops::linear_f32(&ctx.gpu, &x.view(), &w.view(), &mut yf.view_mut(), true).map_err(e)?;
+        let full_f = ctx.gpu.download(&yf.view()).map_err(e)?;
+        for r in slices.iter().cloned() {
+            let xs = x.view().rows(r.clone());
+            let mut ys = dtensor::<bf16>(&mut mem, &[r.len(), n])?;
+            ctx.gpu.fill_u16(&mut ys.view_mut(), BF16_NAN_BITS).map_err(e)?;
+            ops::linear(&ctx.gpu, &xs, &w.view(), Some(&b.view()), &mut ys.view_mut(), false).map_err(e)?;
+            let got = ctx.gpu.download(&ys.view()).map_err(e)?;
+            let want = &full[r.start * n..r.end * n];
+            if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+                return Err(format!(
+                    "linear {name} n={n} k={k}: rows {r:?} alone differ from the same rows in m={m} \
+                     (pinned at m={pin_m}): element {i}: {} vs {}",
+                    got[i], want[i]
+                ));
+            }
+            let mut yfs = dtensor::<f32>(&mut mem, &[r.len(), n])?;
+            ctx.gpu.upload(&mut yfs.view_mut(), &y0[r.start * n..r.end * n]).map_err(e)?;
+            ops::linear_f32(&ctx.gpu, &xs, &w.view(), &mut yfs.view_mut(), true).map_err(e)?;
+            let got = ctx.gpu.download(&yfs.view()).map_err(e)?;
+            let want = &full_f[r.start * n..r.end * n];
+            if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+                return Err(format!(
+                    "linear_f32 {name} n={n} k={k}: rows {r:?} alone differ from the same rows in \
+                     m={m}: element {i}: {} vs {}",
+                    got[i], want[i]
+                ));
+            }
+            mem.free(ys.into_block());
+            mem.free(yfs.into_block());
+        }
+        for t in [y.into_block(), x.into_block(), b.into_block(), w.into_block()] {
+            mem.free(t);
+        }
+        mem.free(yf.into_block());
+    }
+    println!(
+        "  {} shapes × {} row slices bitwise equal to the tall GEMM (pinned at m={pin_m}; {} fallbacks)",
+        ops::linear::CASES.len(),
+        slices.len(),
+        ctx.gpu.blas().pin_fallbacks()
+    );
+    Ok(())
+}

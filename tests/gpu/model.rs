@@ -9,7 +9,7 @@ use jv4::cuda::{DeviceAllocator, DEFAULT_PAGE_SIZE};
 use jv4::model::batch::{ImageInput, PackedBatch};
 use jv4::model::checkpoint::Checkpoint;
 use jv4::model::cpu::CpuModel;
-use jv4::model::gpu::GpuModel;
+use jv4::model::gpu::{GpuModel, LoraMode};
 use jv4::model::Task;
 use jv4::reference::cosine as cos;
 use serde_json::Value;
@@ -107,9 +107,21 @@ pub fn text_forward_matches_cpu_layer_by_layer(ctx: &mut Ctx) -> Result<(), Stri
     Ok(())
 }
 
+/// Both preparations of the task adapters (merged weights, stacked LoRA) against the fp32
+/// reference; in each, a mixed-task batch gives bit-for-bit the vectors of its requests alone.
 pub fn text_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
+    for mode in [LoraMode::Merged, LoraMode::Stacked] {
+        text_outputs_in_mode(ctx, mode).map_err(|m| format!("{mode:?}: {m}"))?;
+    }
+    Ok(())
+}
+
+fn text_outputs_in_mode(ctx: &mut Ctx, mode: LoraMode) -> Result<(), String> {
     let t = tiny()?;
-    let (model, _) = GpuModel::load(&ctx.gpu, &t.ckpt).map_err(e)?;
+    let (model, _) = GpuModel::load_with(&ctx.gpu, &t.ckpt, mode, 0).map_err(e)?;
+    if model.lora_mode() != mode {
+        return Err(format!("asked for {mode:?}, loaded {:?}", model.lora_mode()));
+    }
     let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
     let pd = t.ckpt.config.multi_vector_projector_dim;
     let (mut worst_single, mut worst_multi) = (1f64, 1f64);
@@ -146,9 +158,20 @@ pub fn text_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
     let out = model.forward(&ctx.gpu, &mut mem, &batch).map_err(e)?;
     let hid = t.ckpt.config.text.hidden_size;
     let mut max_diff = 0f32;
+    let mut row0 = 0;
     for (k, &j) in members.iter().enumerate() {
         let packed = &out.single[k * hid..(k + 1) * hid];
         max_diff = packed.iter().zip(&alone[j].0).map(|(a, b)| (a - b).abs()).fold(max_diff, f32::max);
+        let rows = all[j].0.len() * pd;
+        let multi = &out.multi.as_ref().unwrap()[row0..row0 + rows];
+        row0 += rows;
+        if packed.iter().zip(&alone[j].0).any(|(a, b)| a.to_bits() != b.to_bits())
+            || multi.iter().zip(&alone[j].1).any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            return Err(format!(
+                "mixed batch, text {j}: not bitwise equal to the text alone (max |diff| {max_diff:.2e})"
+            ));
+        }
         let cs = cos(packed, &t.refs[&format!("mixed/{j}/single/fp32")]);
         if cs < 0.9999 {
             return Err(format!("mixed batch, text {j}: single cos {cs:.6}"));
@@ -159,8 +182,7 @@ pub fn text_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
         return Err(format!("the forwards' arenas left blocks behind: {s:?}"));
     }
     println!(
-        "  worst single cos {worst_single:.6}, worst multi mean cos {worst_multi:.6}; mixed batch vs alone: max |diff| {max_diff:.2e}{}",
-        if max_diff == 0.0 { " (bitwise equal)" } else { "" }
+        "  {mode:?}: worst single cos {worst_single:.6}, worst multi mean cos {worst_multi:.6}; mixed batch vs alone bitwise equal"
     );
     Ok(())
 }

@@ -26,7 +26,8 @@ use crate::model::weights::{LoadReport, ALIGN};
 use crate::model::Task;
 use crate::ops;
 use crate::{Error, Result};
-use weights::{LoraInputs, Weights};
+use weights::{task_runs, LoraInputs, Weights};
+pub use weights::{LoraMode, MERGE_HEADROOM};
 
 /// The model on the GPU.
 pub struct GpuModel {
@@ -58,8 +59,29 @@ impl GpuModel {
     /// Prepares and uploads the weights (`weights`). A tensor missing from the checkpoint is
     /// an [`Error::Tensor`] naming it.
     pub fn load(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(GpuModel, LoadReport)> {
-        let (w, report) = weights::prepare(gpu, ckpt)?;
+        Self::load_with(gpu, ckpt, LoraMode::Auto, 0)
+    }
+
+    /// [`GpuModel::load`] with the task adapters prepared as `lora` says; `reserve` is the
+    /// activation memory that [`LoraMode::Auto`] keeps free beside merged weights (at least
+    /// [`MERGE_HEADROOM`]).
+    pub fn load_with(
+        gpu: &Gpu,
+        ckpt: &Checkpoint,
+        lora: LoraMode,
+        reserve: u64,
+    ) -> Result<(GpuModel, LoadReport)> {
+        let (w, report) = weights::prepare(gpu, ckpt, lora, reserve)?;
         Ok((GpuModel { cfg: ckpt.config.clone(), w }, report))
+    }
+
+    /// How the task adapters were prepared: [`LoraMode::Merged`] or [`LoraMode::Stacked`].
+    pub fn lora_mode(&self) -> LoraMode {
+        if self.w.merged() {
+            LoraMode::Merged
+        } else {
+            LoraMode::Stacked
+        }
     }
 
     /// The configuration.
@@ -167,8 +189,10 @@ impl GpuModel {
         }
         trace.f32(gpu, &h.view())?;
         let mut x = arena.alloc::<bf16>(&[n, hid])?;
-        let mut lora_t = arena.alloc::<bf16>(&[n, groups])?;
-        let mut lora = LoraInputs { t: &mut lora_t, row_task: staged.view(&row_task) };
+        // Stacked LoRA needs a scratch for the shrink; merged weights only the task runs.
+        let mut lora_t = if self.w.merged() { None } else { Some(arena.alloc::<bf16>(&[n, groups])?) };
+        let runs = task_runs(batch.row_task());
+        let mut lora = LoraInputs { t: lora_t.as_mut(), row_task: staged.view(&row_task), runs: &runs };
         let (pos, cu) = (staged.view(&pos), staged.view(&cu));
         self.decoder(gpu, arena, &mut h, &mut x, &pos, &cu, batch.max_seqlen(), &mut lora, &mut trace)?;
         trace.bf16(gpu, &x.view())?;

@@ -9,6 +9,13 @@
 //! `t = x·A_allᵀ`, zero in each row the column groups of the other tasks (`lora_mask`), and
 //! `y += t·B_allᵀ`. Every row gets exactly its own task's delta, so a request's vectors do not
 //! depend on what else shares its batch.
+//!
+//! Where memory allows ([`LoraMode`]), the adapted projections are instead **task-merged**: one
+//! weight per task, `W_τ = W + B_τ·A_τ` (scale folded into B), computed once at load on the GPU
+//! with f32 accumulation and one rounding to bf16, and the base weight is not kept. A forward then
+//! runs one plain GEMM per run of same-task rows ([`TaskRun`]): the LoRA costs nothing at run
+//! time, at the price of three copies of the decoder's adapted weights (≈ 16.6 GB at full size
+//! instead of 5.5 GB + the stacked factors).
 
 use half::bf16;
 
@@ -33,11 +40,69 @@ pub(super) struct Lora {
     pub(super) parts: usize,
 }
 
-/// `y = x·Wᵀ (+ b)` with an optional stacked LoRA.
+/// How the adapted projections carry their task LoRA (module documentation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LoraMode {
+    /// [`LoraMode::Merged`] when the device has room for it with [`MERGE_HEADROOM`] to spare for
+    /// activations, else [`LoraMode::Stacked`]; `$JV4_LORA=merged|stacked` overrides.
+    #[default]
+    Auto,
+    /// One merged weight per task: no LoRA work in a forward, ≈ 11 GB more device memory at full
+    /// size.
+    Merged,
+    /// The base weight and the stacked factors of all tasks: two extra GEMMs per projection.
+    Stacked,
+}
+
+/// Device memory [`LoraMode::Auto`] keeps free beside merged weights for activations and the
+/// cuBLAS workspace (the default 16k-token forward peaks at ≈ 2 GB; long inputs and large image
+/// batches want more).
+pub const MERGE_HEADROOM: u64 = 16 << 30;
+
+/// The weight of a projection.
+pub(super) enum Weight {
+    /// Used as is (no adapter).
+    Plain(W),
+    /// The base weight and the stacked LoRA of all tasks.
+    Stacked(W, Lora),
+    /// One task-merged weight per task, in [`Task::ALL`] order.
+    Merged([W; Task::ALL.len()]),
+}
+
+/// `y = x·Wᵀ (+ b)`, task-adapted or not.
 pub(super) struct Linear {
-    pub(super) w: W,
+    pub(super) weight: Weight,
     pub(super) bias: Option<W>,
-    pub(super) lora: Option<Lora>,
+}
+
+impl Linear {
+    /// The `[n, k]` shape of the weight (of each task's, when merged).
+    fn shape(&self) -> &[usize] {
+        match &self.weight {
+            Weight::Plain(w) | Weight::Stacked(w, _) => w.shape(),
+            Weight::Merged(ws) => ws[0].shape(),
+        }
+    }
+}
+
+/// A run of consecutive rows of one task in a packed batch: `rows` and the task's index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct TaskRun {
+    pub(super) rows: std::ops::Range<usize>,
+    pub(super) task: usize,
+}
+
+/// The maximal runs of equal tasks in `row_task` (the engine packs a forward's requests sorted by
+/// task, so a forward has at most one run per task).
+pub(super) fn task_runs(row_task: &[u8]) -> Vec<TaskRun> {
+    let mut runs: Vec<TaskRun> = Vec::new();
+    for (i, &t) in row_task.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if r.task == t as usize => r.rows.end = i + 1,
+            _ => runs.push(TaskRun { rows: i..i + 1, task: t as usize }),
+        }
+    }
+    runs
 }
 
 /// One decoder layer, prepared.
@@ -100,8 +165,9 @@ impl Weights {
         self.buf.bytes()
     }
 
-    /// `y = x·Wᵀ (+ b)` (`accumulate`: `y +=`), then, for an adapted projection, its LoRA delta
-    /// `y += t·B_allᵀ` with `t` from [`Weights::lora_t`]. Adapted projections need `lora`.
+    /// `y = x·Wᵀ (+ b)` (`accumulate`: `y +=`) with each row's task adapter: one GEMM per task
+    /// run for merged weights; for stacked ones the base GEMM, then `y += t·B_allᵀ` with `t`
+    /// from [`Weights::lora_t`]. Adapted projections need `lora`.
     pub(super) fn linear(
         &self,
         gpu: &Gpu,
@@ -111,13 +177,23 @@ impl Weights {
         accumulate: bool,
         lora: Option<&mut LoraInputs<'_, '_>>,
     ) -> Result<()> {
-        let w = self;
-        ops::linear(gpu, x, &w.at(&lin.w), lin.bias.as_ref().map(|b| w.at(b)).as_ref(), y, accumulate)?;
-        if let Some(l) = &lin.lora {
-            let t = self.lora_t(gpu, x, l, lora)?;
-            ops::linear(gpu, &t.as_view(), &w.at(&l.b), None, y, true)?;
+        let bias = lin.bias.as_ref().map(|b| self.at(b));
+        match &lin.weight {
+            Weight::Plain(w) => ops::linear(gpu, x, &self.at(w), bias.as_ref(), y, accumulate),
+            Weight::Stacked(w, l) => {
+                ops::linear(gpu, x, &self.at(w), bias.as_ref(), y, accumulate)?;
+                let t = self.lora_t(gpu, x, l, lora)?;
+                ops::linear(gpu, &t.as_view(), &self.at(&l.b), None, y, true)
+            }
+            Weight::Merged(ws) => {
+                for r in runs_of(lora)? {
+                    let w = self.at(task_weight(ws, r.task)?);
+                    let mut yr = y.rows_mut(r.rows.clone());
+                    ops::linear(gpu, &x.rows(r.rows.clone()), &w, bias.as_ref(), &mut yr, accumulate)?;
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// [`Weights::linear`] accumulating into the f32 residual stream (no bias: the decoder's
@@ -133,13 +209,21 @@ impl Weights {
         if lin.bias.is_some() {
             return Err(Error::Shape { op: "linear_f32", msg: "a residual projection with a bias".into() });
         }
-        let w = self;
-        ops::linear_f32(gpu, x, &w.at(&lin.w), h, true)?;
-        if let Some(l) = &lin.lora {
-            let t = self.lora_t(gpu, x, l, lora)?;
-            ops::linear_f32(gpu, &t.as_view(), &w.at(&l.b), h, true)?;
+        match &lin.weight {
+            Weight::Plain(w) => ops::linear_f32(gpu, x, &self.at(w), h, true),
+            Weight::Stacked(w, l) => {
+                ops::linear_f32(gpu, x, &self.at(w), h, true)?;
+                let t = self.lora_t(gpu, x, l, lora)?;
+                ops::linear_f32(gpu, &t.as_view(), &self.at(&l.b), h, true)
+            }
+            Weight::Merged(ws) => {
+                for r in runs_of(lora)? {
+                    let w = self.at(task_weight(ws, r.task)?);
+                    ops::linear_f32(gpu, &x.rows(r.rows.clone()), &w, &mut h.rows_mut(r.rows.clone()), true)?;
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// The LoRA shrink of a projection that fuses `l.parts` checkpoint projections: `x·A_allᵀ`
@@ -152,35 +236,64 @@ impl Weights {
         l: &Lora,
         inputs: Option<&'t mut LoraInputs<'_, '_>>,
     ) -> Result<DViewMut<'t, bf16>> {
-        let Some(inputs) = inputs else {
-            return Err(Error::Shape { op: "lora", msg: "an adapted projection without row tasks".into() });
+        let Some(LoraInputs { t: Some(t), row_task, .. }) = inputs else {
+            return Err(Error::Shape {
+                op: "lora",
+                msg: "a stacked LoRA without row tasks or scratch".into(),
+            });
         };
         let a = self.at(&l.a);
         let n = x.shape()[0];
-        let mut tv = inputs.t.view_mut_as(&[n, a.shape()[0]]);
+        let mut tv = t.view_mut_as(&[n, a.shape()[0]]);
         ops::linear(gpu, x, &a, None, &mut tv, false)?;
-        ops::lora_mask(gpu, &mut tv, &inputs.row_task, l.parts * self.rank)?;
+        ops::lora_mask(gpu, &mut tv, row_task, l.parts * self.rank)?;
         Ok(tv)
+    }
+
+    /// Whether the adapted projections are task-merged (no LoRA scratch needed).
+    pub(super) fn merged(&self) -> bool {
+        self.layers.first().is_some_and(|l| matches!(l.o.weight, Weight::Merged(_)))
     }
 }
 
-/// What the LoRA deltas of a forward need: a scratch wide enough for the widest stacked LoRA,
-/// and each row's task.
-pub(super) struct LoraInputs<'a, 't> {
-    pub(super) t: &'a mut Tensor<'t, bf16>,
-    pub(super) row_task: DView<'a, u8>,
+/// The task runs a merged projection needs from the forward's LoRA inputs.
+fn runs_of<'a>(lora: Option<&'a mut LoraInputs<'_, '_>>) -> Result<&'a [TaskRun]> {
+    match lora {
+        Some(l) => Ok(l.runs),
+        None => Err(Error::Shape { op: "lora", msg: "a task-merged projection without row tasks".into() }),
+    }
 }
 
-/// Prepares and uploads every weight (see the module documentation). A tensor missing from the
-/// checkpoint is an [`Error::Tensor`] naming it.
-pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(Weights, LoadReport)> {
-    let t0 = std::time::Instant::now();
-    let cfg = &ckpt.config;
-    let s = Schema::new(cfg, &ckpt.adapter);
-    let rank = s.rank;
-    let scale = ckpt.adapter.scale();
+/// Task `task`'s merged weight, or the error for a row task out of range.
+fn task_weight(ws: &[W], task: usize) -> Result<&W> {
+    ws.get(task)
+        .ok_or_else(|| Error::Input(format!("row task {task}: the model has {} task adapters", ws.len())))
+}
 
-    // The layout: every prepared tensor's place in the one buffer.
+/// What the task adapters of a forward need: each row's task and the runs of equal tasks, and for
+/// stacked LoRA a scratch wide enough for the widest stacked shrink.
+pub(super) struct LoraInputs<'a, 't> {
+    pub(super) t: Option<&'a mut Tensor<'t, bf16>>,
+    pub(super) row_task: DView<'a, u8>,
+    pub(super) runs: &'a [TaskRun],
+}
+
+/// Every prepared tensor's place in the one buffer (the layout and the typed regions).
+struct Planned {
+    lay: BufferLayout,
+    embed: W,
+    norm: W,
+    layers: Vec<TextLayer>,
+    projector: Linear,
+    patch_embed: W,
+    blocks: Vec<VisionBlock>,
+    merger: Merger,
+    inv_freq: Region<f32>,
+}
+
+/// Plans the buffer: adapted projections task-merged (`merged`) or stacked.
+fn plan(s: &Schema, head_dim: usize, merged: bool) -> Planned {
+    let rank = s.rank;
     let mut lay = BufferLayout::new(ALIGN);
     let embed = lay.push(&s.embed.1);
     let norm = lay.push(&[s.norm.dim]);
@@ -189,14 +302,14 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(Weights, LoadRepo
         .iter()
         .map(|l| TextLayer {
             input_norm: lay.push(&[l.input_norm.dim]),
-            qkv: plan_linear(&mut lay, &l.qkv(), rank),
-            o: plan_linear(&mut lay, &[&l.o], rank),
+            qkv: plan_linear(&mut lay, &l.qkv(), rank, merged),
+            o: plan_linear(&mut lay, &[&l.o], rank, merged),
             post_norm: lay.push(&[l.post_norm.dim]),
-            gate_up: plan_linear(&mut lay, &l.gate_up(), rank),
-            down: plan_linear(&mut lay, &[&l.down], rank),
+            gate_up: plan_linear(&mut lay, &l.gate_up(), rank, merged),
+            down: plan_linear(&mut lay, &[&l.down], rank, merged),
         })
         .collect();
-    let projector = plan_linear(&mut lay, &[&s.projector], rank);
+    let projector = plan_linear(&mut lay, &[&s.projector], rank, merged);
     // The vision tower (docs/MODEL.md §5): the patch embedding as the [hidden, c·t·p·p] matrix its
     // Conv3d is, and gate/up fused like the decoder's.
     let patch_embed = lay.push(&s.patch_embed.matrix());
@@ -206,20 +319,61 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(Weights, LoadRepo
         .map(|b| VisionBlock {
             norm1: lay.push(&[b.norm1.dim]),
             norm2: lay.push(&[b.norm2.dim]),
-            qkv: plan_linear(&mut lay, &[&b.qkv], rank),
-            proj: plan_linear(&mut lay, &[&b.proj], rank),
-            gate_up: plan_linear(&mut lay, &b.gate_up(), rank),
-            down: plan_linear(&mut lay, &[&b.down], rank),
+            qkv: plan_linear(&mut lay, &[&b.qkv], rank, merged),
+            proj: plan_linear(&mut lay, &[&b.proj], rank, merged),
+            gate_up: plan_linear(&mut lay, &b.gate_up(), rank, merged),
+            down: plan_linear(&mut lay, &[&b.down], rank, merged),
         })
         .collect();
     let m = &s.merger;
     let merger = Merger {
         ln_q: lay.push(&[m.ln_q.dim]),
-        mlp0: plan_linear(&mut lay, &[&m.mlp0], rank),
-        mlp2: plan_linear(&mut lay, &[&m.mlp2], rank),
+        mlp0: plan_linear(&mut lay, &[&m.mlp0], rank, merged),
+        mlp2: plan_linear(&mut lay, &[&m.mlp2], rank, merged),
     };
+    let inv_freq = lay.push::<f32>(&[head_dim / 2]);
+    Planned { lay, embed, norm, layers, projector, patch_embed, blocks, merger, inv_freq }
+}
+
+/// Whether `mode` means merged weights on this device: `Auto` reads `$JV4_LORA` (`merged` or
+/// `stacked`), else merges when the merged weights fit in the free memory with `reserve` bytes
+/// (the activation budget asked for, at least [`MERGE_HEADROOM`]) to spare.
+fn resolve_merged(gpu: &Gpu, mode: LoraMode, merged_bytes: usize, reserve: u64) -> Result<bool> {
+    Ok(match mode {
+        LoraMode::Merged => true,
+        LoraMode::Stacked => false,
+        LoraMode::Auto => match std::env::var("JV4_LORA").as_deref() {
+            Ok("merged") => true,
+            Ok("stacked") => false,
+            Ok(other) => {
+                return Err(Error::Input(format!("JV4_LORA={other:?}: expected \"merged\" or \"stacked\"")))
+            }
+            Err(_) => gpu.mem_info()?.0 >= merged_bytes as u64 + reserve.max(MERGE_HEADROOM),
+        },
+    })
+}
+
+/// Prepares and uploads every weight (see the module documentation), the task adapters as `mode`
+/// says (`reserve`: the activation memory `Auto` keeps free). A tensor missing from the checkpoint
+/// is an [`Error::Tensor`] naming it.
+pub(super) fn prepare(
+    gpu: &Gpu,
+    ckpt: &Checkpoint,
+    mode: LoraMode,
+    reserve: u64,
+) -> Result<(Weights, LoadReport)> {
+    let t0 = std::time::Instant::now();
+    let cfg = &ckpt.config;
+    let s = Schema::new(cfg, &ckpt.adapter);
+    let rank = s.rank;
+    let scale = ckpt.adapter.scale();
     let hd = cfg.text.head_dim;
-    let inv_freq = lay.push::<f32>(&[hd / 2]);
+    let merged = {
+        let bytes = plan(&s, hd, true).lay.bytes();
+        resolve_merged(gpu, mode, bytes, reserve)?
+    };
+    let Planned { lay, embed, norm, layers, projector, patch_embed, blocks, merger, inv_freq } =
+        plan(&s, hd, merged);
     let tensors = lay.len();
 
     let mut buf = DeviceBuffer::new(gpu, lay.bytes())?;
@@ -246,11 +400,24 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(Weights, LoadRepo
         fill_linear(gpu, &mut buf, &mut staging, ckpt, &b.gate_up(), &p.gate_up, scale)?;
         fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&b.down], &p.down, scale)?;
     }
+    let m = &s.merger;
     as_stored(gpu, &mut buf, &mut staging, ckpt, &merger.ln_q, &m.ln_q.weight)?;
     fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&m.mlp0], &merger.mlp0, scale)?;
     fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&m.mlp2], &merger.mlp2, scale)?;
     buf.fill(gpu, &inv_freq, &text_inv_freq(cfg.text.rope_theta, hd))?;
     staging.finish(gpu)?;
+    if merged {
+        // Every base weight is in place (in task 0's region): add each task's delta.
+        let mut merge = Merge::new(gpu, &s, rank)?;
+        for (l, p) in s.layers.iter().zip(&layers) {
+            merge.linear(gpu, &mut buf, ckpt, &l.qkv(), &p.qkv, scale)?;
+            merge.linear(gpu, &mut buf, ckpt, &[&l.o], &p.o, scale)?;
+            merge.linear(gpu, &mut buf, ckpt, &l.gate_up(), &p.gate_up, scale)?;
+            merge.linear(gpu, &mut buf, ckpt, &[&l.down], &p.down, scale)?;
+        }
+        merge.linear(gpu, &mut buf, ckpt, &[&s.projector], &projector, scale)?;
+        gpu.sync()?;
+    }
 
     let report =
         LoadReport { tensors, bytes: lay.bytes() as u64, converted: 0, seconds: t0.elapsed().as_secs_f64() };
@@ -267,6 +434,69 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(Weights, LoadRepo
         rank,
     };
     Ok((w, report))
+}
+
+/// The merge of task LoRA into per-task weights on the GPU: `W_τ = W + B_τ·A_τ` as one GEMM
+/// accumulating into the bf16 weight (f32 accumulation, one rounding), `B_τ [n, P·r]` (the parts'
+/// blocks, scale folded in) and `A_τᵀ [k, P·r]` assembled on the host into a scratch buffer.
+struct Merge {
+    scratch: DeviceBuffer,
+}
+
+impl Merge {
+    fn new(gpu: &Gpu, s: &Schema, rank: usize) -> Result<Merge> {
+        // The largest B_τ and A_τᵀ of any adapted projection (gate_up: 2 parts; qkv: 3).
+        let widest = s
+            .layers
+            .iter()
+            .flat_map(|l| [l.qkv().to_vec(), vec![&l.o], l.gate_up().to_vec(), vec![&l.down]])
+            .chain(std::iter::once(vec![&s.projector]))
+            .map(|parts| {
+                let n: usize = parts.iter().map(|p| p.out).sum();
+                (n + parts[0].inp) * parts.len() * rank
+            })
+            .max()
+            .unwrap_or(0);
+        Ok(Merge { scratch: DeviceBuffer::new(gpu, widest * 2 + ALIGN)? })
+    }
+
+    fn linear(
+        &mut self,
+        gpu: &Gpu,
+        buf: &mut DeviceBuffer,
+        ckpt: &Checkpoint,
+        parts: &[&LinearSpec],
+        lin: &Linear,
+        scale: f32,
+    ) -> Result<()> {
+        let Weight::Merged(ws) = &lin.weight else { return Ok(()) };
+        let (n, k) = (ws[0].shape()[0], ws[0].shape()[1]);
+        for w in &ws[1..] {
+            buf.copy_region(gpu, &ws[0], w)?;
+        }
+        for (ti, task) in Task::ALL.iter().enumerate().rev() {
+            let (a, b) = task_lora(ckpt, parts, *task, scale)?; // [R, k], [n, R]
+            let r = a.len() / k;
+            let mut at = vec![bf16::ZERO; k * r];
+            for (i, row) in a.chunks_exact(k).enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    at[j * r + i] = *v;
+                }
+            }
+            // upload_at waits for the copy (and so for the GEMM before it, which read the scratch).
+            let b_bytes = (n * r * 2).next_multiple_of(ALIGN);
+            self.scratch.upload_at(gpu, 0, &b)?;
+            self.scratch.upload_at(gpu, b_bytes, &at)?;
+            let (Some(bv), Some(av)) =
+                (self.scratch.view::<bf16>(0, &[n, r]), self.scratch.view::<bf16>(b_bytes, &[k, r]))
+            else {
+                return Err(Error::Internal(format!("merge scratch too small for [{n}, {r}] + [{k}, {r}]")));
+            };
+            // Task 0's region holds the base weight until its own delta is added, last.
+            ops::linear(gpu, &bv, &av, None, &mut buf.at_mut(&ws[ti]), true)?;
+        }
+        Ok(())
+    }
 }
 
 /// A checkpoint tensor, or the load error naming it.
@@ -335,24 +565,26 @@ fn check_filled(ckpt: &Checkpoint, name: &str, bytes: usize, region: &W) -> Resu
     Ok(())
 }
 
-/// Plans the prepared tensor of the checkpoint projections `parts` (fused in row order).
-fn plan_linear(lay: &mut BufferLayout, parts: &[&LinearSpec], rank: usize) -> Linear {
+/// Plans the prepared tensor of the checkpoint projections `parts` (fused in row order); an
+/// adapted one as one weight per task (`merged`) or base + stacked LoRA.
+fn plan_linear(lay: &mut BufferLayout, parts: &[&LinearSpec], rank: usize, merged: bool) -> Linear {
     let rows: usize = parts.iter().map(|p| p.out).sum();
     let k = parts[0].inp;
     let g = Task::ALL.len() * parts.len() * rank;
-    Linear {
-        w: lay.push(&[rows, k]),
-        bias: parts[0].bias.then(|| lay.push(&[rows])),
-        lora: parts[0].lora.then(|| Lora {
-            a: lay.push(&[g, k]),
-            b: lay.push(&[rows, g]),
-            parts: parts.len(),
-        }),
-    }
+    let weight = match (parts[0].lora, merged) {
+        (false, _) => Weight::Plain(lay.push(&[rows, k])),
+        (true, true) => Weight::Merged(std::array::from_fn(|_| lay.push(&[rows, k]))),
+        (true, false) => {
+            let w = lay.push(&[rows, k]);
+            Weight::Stacked(w, Lora { a: lay.push(&[g, k]), b: lay.push(&[rows, g]), parts: parts.len() })
+        }
+    };
+    Linear { weight, bias: parts[0].bias.then(|| lay.push(&[rows])) }
 }
 
-/// Fills a planned [`Linear`] from the checkpoint: weights and biases concatenated, the LoRA
-/// stacked with `scale` folded in.
+/// Fills a planned [`Linear`] from the checkpoint: weights and biases concatenated, a stacked
+/// LoRA with `scale` folded in. A merged projection gets its base weight in task 0's region
+/// ([`Merge`] adds the deltas once everything has streamed in).
 fn fill_linear(
     gpu: &Gpu,
     buf: &mut DeviceBuffer,
@@ -362,12 +594,17 @@ fn fill_linear(
     lin: &Linear,
     scale: f32,
 ) -> Result<()> {
+    let w = match &lin.weight {
+        Weight::Plain(w) | Weight::Stacked(w, _) => w,
+        Weight::Merged(ws) => &ws[0],
+    };
+    debug_assert_eq!(w.shape(), lin.shape());
     // The fused weight is the parts' rows one after the other: each part streams to its offset.
     let mut off = 0;
     for p in parts {
-        off += stream_tensor(gpu, buf, staging, ckpt, &p.weight(), &lin.w, off)?;
+        off += stream_tensor(gpu, buf, staging, ckpt, &p.weight(), w, off)?;
     }
-    check_filled(ckpt, &parts[0].weight(), off, &lin.w)?;
+    check_filled(ckpt, &parts[0].weight(), off, w)?;
     if let Some(bias) = &lin.bias {
         let mut b = Vec::new();
         for name in parts.iter().filter_map(|p| p.bias_name()) {
@@ -375,12 +612,58 @@ fn fill_linear(
         }
         buf.fill(gpu, bias, &b)?;
     }
-    if let Some(lora) = &lin.lora {
+    if let Weight::Stacked(_, lora) = &lin.weight {
         let (a, b) = stack_lora(ckpt, parts, lora, scale)?;
         buf.fill(gpu, &lora.a, &a)?;
         buf.fill(gpu, &lora.b, &b)?;
     }
     Ok(())
+}
+
+/// One task's LoRA of the checkpoint projections `parts`: `A_τ [P·r, k]` (the parts' A one
+/// after the other) and `B_τ [Σn_p, P·r]` (part p's `scale·B` in its rows and its r columns,
+/// zeros elsewhere).
+fn task_lora(
+    ckpt: &Checkpoint,
+    parts: &[&LinearSpec],
+    task: Task,
+    scale: f32,
+) -> Result<(Vec<bf16>, Vec<bf16>)> {
+    let p = parts.len();
+    let rows: usize = parts.iter().map(|q| q.out).sum();
+    let mut a = Vec::new();
+    for q in parts {
+        a.extend(bf16_of(ckpt, &q.lora_a(task))?);
+    }
+    let rank = a.len() / (p * parts[0].inp).max(1);
+    if a.len() != p * rank * parts[0].inp || rank == 0 {
+        return Err(Error::Tensor {
+            name: parts[0].lora_a(task),
+            file: ckpt.dir.clone(),
+            msg: format!("{} values in the A factors, expected [r, {}] per part", a.len(), parts[0].inp),
+        });
+    }
+    let cols = p * rank;
+    let mut b = vec![bf16::ZERO; rows * cols];
+    let mut row0 = 0;
+    for (pi, q) in parts.iter().enumerate() {
+        let name = q.lora_b(task);
+        let bt = bf16_of(ckpt, &name)?; // [n_p, r]
+        if bt.len() != q.out * rank {
+            return Err(Error::Tensor {
+                name,
+                file: ckpt.dir.clone(),
+                msg: format!("{} values, expected [{}, {rank}]", bt.len(), q.out),
+            });
+        }
+        for (i, row) in bt.chunks(rank).enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                b[(row0 + i) * cols + pi * rank + j] = bf16::from_f32(v.to_f32() * scale);
+            }
+        }
+        row0 += q.out;
+    }
+    Ok((a, b))
 }
 
 /// Stacks the LoRA of the checkpoint projections `parts` for all tasks (module documentation):
@@ -391,31 +674,25 @@ fn stack_lora(
     lora: &Lora,
     scale: f32,
 ) -> Result<(Vec<bf16>, Vec<bf16>)> {
-    let p = parts.len();
     let (cols, rows) = (lora.b.shape()[1], lora.b.shape()[0]);
-    let rank = cols / (Task::ALL.len() * p);
+    let per_task = cols / Task::ALL.len();
     let mut a = Vec::new();
     let mut b = vec![bf16::ZERO; rows * cols];
     for (ti, task) in Task::ALL.iter().enumerate() {
-        let mut row0 = 0;
-        for (pi, q) in parts.iter().enumerate() {
-            a.extend(bf16_of(ckpt, &q.lora_a(*task))?);
-            let name = q.lora_b(*task);
-            let bt = bf16_of(ckpt, &name)?; // [n_p, r]
-            if bt.len() != q.out * rank || row0 + q.out > rows {
-                return Err(Error::Tensor {
-                    name,
-                    file: ckpt.dir.clone(),
-                    msg: format!("{} values, expected [{}, {rank}]", bt.len(), q.out),
-                });
-            }
-            let col0 = (ti * p + pi) * rank;
-            for (i, row) in bt.chunks(rank).enumerate() {
-                for (j, v) in row.iter().enumerate() {
-                    b[(row0 + i) * cols + col0 + j] = bf16::from_f32(v.to_f32() * scale);
-                }
-            }
-            row0 += q.out;
+        let (at, bt) = task_lora(ckpt, parts, *task, scale)?;
+        if bt.len() != rows * per_task {
+            return Err(Error::Tensor {
+                name: parts[0].lora_b(*task),
+                file: ckpt.dir.clone(),
+                msg: format!(
+                    "rank {} does not match the planned {per_task} columns per task",
+                    bt.len() / rows.max(1)
+                ),
+            });
+        }
+        a.extend(at);
+        for (dst, src) in b.chunks_exact_mut(cols).zip(bt.chunks_exact(per_task)) {
+            dst[ti * per_task..(ti + 1) * per_task].copy_from_slice(src);
         }
     }
     Ok((a, b))
