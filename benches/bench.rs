@@ -104,6 +104,10 @@ enum Cmd {
         #[arg(long)]
         reference: std::path::PathBuf,
     },
+    /// Research for batch-invariant GEMMs: per decoder weight shape, the heuristic's candidate
+    /// algorithms at several heights, each timed at every height, with a hash of the first 16
+    /// output rows (equal hashes: bit-for-bit the same rows).
+    BlasSurvey,
 }
 
 /// Attention cases: the LM's causal d 128 GQA 16:2 on single documents, 32 × 512 and the 256
@@ -148,6 +152,7 @@ fn main() -> ExitCode {
         Cmd::Engine { model, max_batch_tokens, callers } => bench_engine(&model, max_batch_tokens, callers),
         Cmd::Parity { model, reference } => parity(&model, &reference),
         Cmd::Images { model, reference } => bench_images(&model, &reference),
+        Cmd::BlasSurvey => blas_survey(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -938,5 +943,61 @@ fn bench_engine(model: &std::path::Path, max_batch_tokens: usize, callers: usize
         pct(0.5),
         pct(0.99)
     );
+    Ok(())
+}
+
+/// See `Cmd::BlasSurvey`.
+fn blas_survey() -> Result<()> {
+    let gpu = Gpu::new(0)?;
+    let mut mem = DeviceAllocator::new(&gpu, 8 << 30, DEFAULT_PAGE_SIZE)?;
+    let mut rng = Rng::new(5);
+    let heights = [16usize, 64, 256, 4096, 16384];
+    println!("device: {}; pinned at m={:?}", gpu.info().name, gpu.blas().pin_height());
+    for &(name, n, k) in &ops::linear::CASES[..4] {
+        let w = random_tensor(&gpu, &mut mem, &mut rng, &[n, k], 1.0 / (k as f32).sqrt())?;
+        let mmax = *heights.last().unwrap();
+        let x = random_tensor(&gpu, &mut mem, &mut rng, &[mmax, k], 1.0)?;
+        let mut y = empty::<bf16>(&mut mem, &[mmax, n])?;
+        let mut algos: Vec<jv4::cuda::blas::Algo> = Vec::new();
+        for &m in &heights {
+            for a in gpu.blas().survey(m, n, k, 8)? {
+                if !algos.iter().any(|b| b.config == a.config) {
+                    algos.push(a);
+                }
+            }
+        }
+        println!(
+            "== {name} n={n} k={k}: {} candidates; µs at m = {heights:?}; hash of rows 0..16 per height",
+            algos.len()
+        );
+        for a in &algos {
+            let mut cells = Vec::new();
+            let mut hashes = Vec::new();
+            for &m in &heights {
+                let xv = x.view().rows(0..m);
+                let run = |y: &mut DTensor<bf16>| -> Result<()> {
+                    let mut yv = y.view_mut_as(&[m, n]);
+                    gpu.blas().linear_with(a, &xv, &w.view(), &mut yv)
+                };
+                if run(&mut y).is_err() {
+                    cells.push("-".to_string());
+                    hashes.push("-".to_string());
+                    continue;
+                }
+                let ms = time_ms(&gpu, 10, || run(&mut y))?;
+                let head = gpu.download(&y.view().rows(0..16))?;
+                let h = head
+                    .iter()
+                    .fold(0xcbf29ce484222325u64, |h, v| (h ^ v.to_bits() as u64).wrapping_mul(0x100000001b3));
+                cells.push(format!("{:.1}", ms * 1e3));
+                hashes.push(format!("{:06x}", h & 0xffffff));
+            }
+            println!("  {a:<44} {:>40}   {}", cells.join(" "), hashes.join(" "));
+        }
+        for t in [w, x] {
+            mem.free(t.into_block());
+        }
+        mem.free(y.into_block());
+    }
     Ok(())
 }

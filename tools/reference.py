@@ -466,15 +466,22 @@ def fixtures(args):
 def texts(args):
     """Random-id texts of the given lengths (tasks cycling) through the model as jina runs it (bf16
     weights under bf16 autocast, one request per forward): the single vectors, and the multi-vector
-    rows of the texts up to 1024 tokens. For GPU parity on the full model (jv4-bench parity)."""
+    rows of the texts up to 1024 tokens. For GPU parity on the full model (jv4-bench parity).
+    `--fp32`: the same texts (same seed, same ids) in float32 throughout, no TF32: the fidelity
+    reference both the engine and the bf16 run are measured against."""
+    import contextlib
+
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     device = "cuda"
-    model, projector, cfg = build(args.model, torch.bfloat16, device)
+    dtype = torch.float32 if args.fp32 else torch.bfloat16
+    model, projector, cfg = build(args.model, dtype, device)
+    autocast = contextlib.nullcontext() if args.fp32 else torch.autocast("cuda", dtype=torch.bfloat16)
     vocab = min(cfg["text_config"]["vocab_size"], 150000)
     g = torch.Generator().manual_seed(args.seed)
     lengths = [int(x) for x in args.lengths.split(",")]
     out, meta = {}, []
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast:
         for i, n in enumerate(lengths):
             ids = torch.randint(0, vocab, (n,), generator=g).tolist()
             task = TASKS[i % 3]
@@ -487,6 +494,26 @@ def texts(args):
             print(f"text {i}: {n} tokens, {task}", flush=True)
     out = {k: v.contiguous() for k, v in out.items()}
     save_file(out, args.out, metadata={"texts": json.dumps(meta)})
+
+
+def compare(args):
+    """Per text: single-vector cosine and multi-vector mean per-token cosine of `got` against
+    `ref` (two `texts` files of the same seed and lengths), the largest single-vector error and
+    the margin (smallest distance between different texts' reference vectors over it)."""
+    a, b = load_file(args.got), load_file(args.ref)
+    n = len([k for k in b if k.endswith("/single")])
+    print(f"{'text':<5} {'tokens':>7} {'single cos':>12} {'multi mean cos':>15}")
+    worst = 0.0
+    for i in range(n):
+        s = F.cosine_similarity(a[f"{i}/single"].double(), b[f"{i}/single"].double(), dim=0).item()
+        worst = max(worst, (a[f"{i}/single"].double() - b[f"{i}/single"].double()).abs().max().item())
+        m = "-"
+        if f"{i}/multi" in b:
+            m = f"{F.cosine_similarity(a[f'{i}/multi'].double(), b[f'{i}/multi'].double(), dim=-1).mean().item():.6f}"
+        print(f"{i:<5} {b[f'{i}/ids'].numel():>7} {s:>12.6f} {m:>15}")
+    refs = [b[f"{i}/single"].double() for i in range(n)]
+    dmin = min((refs[i] - refs[j]).norm().item() for i in range(n) for j in range(i + 1, n))
+    print(f"max |got - ref| = {worst:.4f}, min distance between different texts = {dmin:.4f}, ratio {dmin / max(worst, 1e-30):.1f}x")
 
 
 def images(args):
@@ -552,6 +579,10 @@ def main():
     tx.add_argument("--lengths", default="16,100,512,1000,2048,8192,32768")
     tx.add_argument("--out", required=True)
     tx.add_argument("--seed", type=int, default=0)
+    tx.add_argument("--fp32", action="store_true", help="float32 throughout (the fidelity reference)")
+    cm = sub.add_parser("compare", help="cosines of one texts file against another (e.g. bf16 vs --fp32)")
+    cm.add_argument("got")
+    cm.add_argument("ref")
     f = sub.add_parser("fixtures", help="reference outputs and dumps for the tiny fixture model")
     f.add_argument("--model", required=True)
     f.add_argument("--images", required=True)
@@ -565,6 +596,8 @@ def main():
         texts(args)
     elif args.cmd == "images":
         images(args)
+    elif args.cmd == "compare":
+        compare(args)
     print(f"done in {time.time() - t0:.1f} s")
 
 

@@ -249,6 +249,36 @@ impl Blas {
     }
 
     fn plan(&self, key: Key) -> Result<Plan> {
+        let Key { m, n, k, out_f32, .. } = key;
+        let bf = sys::cudaDataType_t::CUDA_R_16BF;
+        let out_type = if out_f32 { sys::cudaDataType_t::CUDA_R_32F } else { bf };
+        let mut plan = self.descriptors(key)?;
+        let (desc, [a, b, c]) = (plan.desc, plan.layouts);
+        let pref = self.preference();
+        let pinned = match (pref, self.pin) {
+            (Ok(pref), Some(pm)) if pm != m => self.pinned_algo(desc, [a, b, c], pref, pm, n, k, out_type),
+            _ => None,
+        };
+        let algo = match (pref, pinned) {
+            (_, Some(algo)) => Ok(algo),
+            (Err(e), None) => Err(e),
+            (Ok(pref), None) => {
+                // SAFETY: all handles are live.
+                unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref) }.map(|h| h.algo)
+            }
+        };
+        if let Ok(pref) = pref {
+            // SAFETY: pref was created by `preference` and is not used again.
+            unsafe {
+                let _ = lt::destroy_matmul_pref(pref);
+            }
+        }
+        plan.algo = algo.map_err(|e| blas_err(&format!("no algorithm for m={m} n={n} k={k}"), e))?;
+        Ok(plan)
+    }
+
+    /// The descriptor and layouts of a problem (its algorithm still to choose).
+    fn descriptors(&self, key: Key) -> Result<Plan> {
         let Key { m, n, k, bias, out_f32, .. } = key;
         let bf = sys::cudaDataType_t::CUDA_R_16BF;
         let desc = lt::create_matmul_desc(
@@ -267,7 +297,7 @@ impl Blas {
                 return Err(blas_err("create matrix layout", e));
             }
         };
-        let mut plan = Plan { desc, layouts: [a, b, c], algo: unsafe_zeroed_algo() };
+        let plan = Plan { desc, layouts: [a, b, c], algo: unsafe_zeroed_algo() };
         use sys::cublasLtMatmulDescAttributes_t as A;
         // cublasOperation_t values: 0 = N, 1 = T (an int32 attribute).
         set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
@@ -280,7 +310,13 @@ impl Blas {
             sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
         };
         set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
-        let pref = lt::create_matmul_pref().map_err(|e| blas_err("create preference", e))?;
+        Ok(plan)
+    }
+
+    /// The search preference every problem uses: the workspace size, and split-K reductions in
+    /// f32 only. The caller destroys it.
+    fn preference(&self) -> std::result::Result<sys::cublasLtMatmulPreference_t, lt::CublasError> {
+        let pref = lt::create_matmul_pref()?;
         let ws = WORKSPACE_BYTES as u64;
         // SAFETY: pref is live; the attribute is a u64 passed by address.
         let r = unsafe {
@@ -310,24 +346,14 @@ impl Blas {
                 std::mem::size_of::<u32>(),
             )
         });
-        let pinned = match (r, self.pin) {
-            (Ok(()), Some(pm)) if pm != m => self.pinned_algo(desc, [a, b, c], pref, pm, n, k, out_type),
-            _ => None,
-        };
-        let algo = match (r, pinned) {
-            (_, Some(algo)) => Ok(algo),
-            (Err(e), None) => Err(e),
-            (Ok(()), None) => {
-                // SAFETY: all handles are live.
-                unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref) }.map(|h| h.algo)
+        if let Err(e) = r {
+            // SAFETY: created above, not used again.
+            unsafe {
+                let _ = lt::destroy_matmul_pref(pref);
             }
-        };
-        // SAFETY: pref was created above and is not used again.
-        unsafe {
-            let _ = lt::destroy_matmul_pref(pref);
+            return Err(e);
         }
-        plan.algo = algo.map_err(|e| blas_err(&format!("no algorithm for m={m} n={n} k={k}"), e))?;
-        Ok(plan)
+        Ok(pref)
     }
 
     /// The heuristic's algorithm for this problem's weight shape at height `pm`, if cuBLASLt
@@ -374,6 +400,145 @@ impl Blas {
             self.pin_fallbacks.set(self.pin_fallbacks.get() + 1);
         }
         found
+    }
+}
+
+/// A cuBLASLt algorithm with its configuration, for research ([`Blas::survey`]).
+#[derive(Clone, Copy)]
+pub struct Algo {
+    raw: sys::cublasLtMatmulAlgo_t,
+    /// (id, tile, stages, split-K, reduction scheme, swizzle, custom option, inner shape,
+    /// cluster shape): the configuration attributes.
+    pub config: [u64; 9],
+}
+
+impl std::fmt::Display for Algo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = self.config;
+        write!(
+            f,
+            "id{} tile{} st{} sk{} red{} sw{} cu{} in{} cl{}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
+        )
+    }
+}
+
+impl Blas {
+    /// Research: the heuristic's first `count` algorithms for `y [m, n] (bf16) = x·wᵀ`.
+    pub fn survey(&self, m: usize, n: usize, k: usize, count: usize) -> Result<Vec<Algo>> {
+        let key = Key { m, n, k, bias: false, accumulate: false, out_f32: false };
+        let plan = self.descriptors(key)?;
+        let [a, b, c] = plan.layouts;
+        let pref = self.preference().map_err(|e| blas_err("create preference", e))?;
+        // SAFETY: plain data the heuristic fills.
+        let mut res: Vec<sys::cublasLtMatmulHeuristicResult_t> = vec![unsafe { std::mem::zeroed() }; count];
+        let mut found = 0i32;
+        // SAFETY: all handles are live; `res` has room for `count` results.
+        let st = unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                plan.desc,
+                a,
+                b,
+                c,
+                c,
+                pref,
+                count as i32,
+                res.as_mut_ptr(),
+                &mut found,
+            )
+        };
+        // SAFETY: created by `preference`, not used again.
+        unsafe {
+            let _ = lt::destroy_matmul_pref(pref);
+        }
+        if st != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(Error::Blas(format!("heuristic m={m} n={n} k={k}: {st:?}")));
+        }
+        use sys::cublasLtMatmulAlgoConfigAttributes_t as C;
+        // (attribute, its size in bytes: cuBLASLt refuses any other size).
+        let attrs = [
+            (C::CUBLASLT_ALGO_CONFIG_ID, 4),
+            (C::CUBLASLT_ALGO_CONFIG_TILE_ID, 4),
+            (C::CUBLASLT_ALGO_CONFIG_STAGES_ID, 4),
+            (C::CUBLASLT_ALGO_CONFIG_SPLITK_NUM, 4),
+            (C::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, 4),
+            (C::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, 4),
+            (C::CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, 4),
+            (C::CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID, 2),
+            (C::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, 2),
+        ];
+        Ok(res[..found.max(0) as usize]
+            .iter()
+            .map(|r| {
+                let mut config = [0u64; 9];
+                for (v, (attr, size)) in config.iter_mut().zip(attrs) {
+                    let mut buf = [0u8; 8];
+                    let mut written = 0usize;
+                    // SAFETY: the algo is plain data; the attribute (`size` ≤ 8 bytes) is written
+                    // to buf.
+                    let _ = unsafe {
+                        sys::cublasLtMatmulAlgoConfigGetAttribute(
+                            &r.algo,
+                            attr,
+                            buf.as_mut_ptr() as *mut c_void,
+                            size,
+                            &mut written,
+                        )
+                    };
+                    *v = u64::from_le_bytes(buf);
+                }
+                Algo { raw: r.algo, config }
+            })
+            .collect())
+    }
+
+    /// Research: `y = x·wᵀ` (bf16, no bias) with algorithm `algo`; an error when cuBLASLt's
+    /// check refuses it for this problem.
+    pub fn linear_with(
+        &self,
+        algo: &Algo,
+        x: &DView<'_, bf16>,
+        w: &DView<'_, bf16>,
+        y: &mut DViewMut<'_, bf16>,
+    ) -> Result<()> {
+        let (&[m, k], &[n, _]) = (x.shape(), w.shape()) else {
+            return Err(Error::Shape { op: "linear_with", msg: "2-D operands".into() });
+        };
+        let plan = self.descriptors(Key { m, n, k, bias: false, accumulate: false, out_f32: false })?;
+        let [a, b, c] = plan.layouts;
+        // SAFETY: plain data the check fills.
+        let mut res: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        // SAFETY: all handles are live.
+        let st =
+            unsafe { sys::cublasLtMatmulAlgoCheck(self.handle, plan.desc, a, b, c, c, &algo.raw, &mut res) };
+        if st != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || res.workspaceSize > WORKSPACE_BYTES {
+            return Err(Error::Blas(format!("{algo} refused for m={m} n={n} k={k}: {st:?}")));
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: as in `gemm`: the layouts describe these live allocations; the plan outlives the
+        // enqueue (cuBLASLt reads descriptors at enqueue time).
+        unsafe {
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w.ptr() as *const c_void,
+                a,
+                x.ptr() as *const c_void,
+                b,
+                y.ptr() as *const c_void,
+                c,
+                y.ptr() as *mut c_void,
+                c,
+                &algo.raw,
+                self.workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                self.stream as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| blas_err("matmul", e))
     }
 }
 
