@@ -624,7 +624,7 @@ fn bench_text(
     // configuration (merged LoRA, compiled, cuDNN SDPA; its JSON rows say what ran). Ratios are
     // ours over theirs in tok/s.
     println!(
-        "{:<10} {:>9} {:>10} {:>12} {:>7} {:>10} {:>7} {:>15}",
+        "{:<10} {:>9} {:>10} {:>13} {:>7} {:>10} {:>7} {:>15}",
         "workload", "ours ms", "ours tok/s", "shipped tok/s", "ratio", "best tok/s", "ratio", "peak GB o/s/b"
     );
     let mut configs = Vec::new();
@@ -667,7 +667,7 @@ fn bench_text(
         let best = format!("best/{name}");
         let (stok, btok) = (field(name, "tok_s"), field(&best, "tok_s"));
         println!(
-            "{name:<10} {:>9.2} {:>10.0} {:>12} {:>7} {:>10} {:>7} {:>15}",
+            "{name:<10} {:>9.2} {:>10.0} {:>13} {:>7} {:>10} {:>7} {:>15}",
             sec * 1e3,
             ours,
             fmt(stok, 0),
