@@ -145,9 +145,11 @@ async fn render(sh: &Arc<Shared>) -> String {
 
     // The worker answers between forwards: bounded, so that a long forward cannot hang a scrape.
     let engine = sh.engine.clone();
-    let mem =
-        tokio::time::timeout(Duration::from_secs(2), tokio::task::spawn_blocking(move || engine.memory()))
-            .await;
+    let mem = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::task::spawn_blocking(move || engine.memory()),
+    )
+    .await;
     if let Ok(Ok(Ok(mem))) = mem {
         family(&mut out, "jv4_device_weights_bytes", "gauge", "Device memory held by the weights.");
         let _ = writeln!(out, "jv4_device_weights_bytes {}", mem.weights);
