@@ -543,11 +543,20 @@ async fn health(State(sh): State<Arc<Shared>>) -> Response {
 async fn info(State(sh): State<Arc<Shared>>) -> Response {
     let cfg = sh.engine.config();
     let o = &sh.opts;
+    let sp = &cfg.special;
+    let vision_ids: Vec<u32> = [sp.vision_start_token_id, sp.image_token_id, sp.vision_end_token_id]
+        .into_iter()
+        .chain(sp.vision_token_id)
+        .chain(sp.video_token_id)
+        .collect();
     let body = json!({
         "model_id": o.served_model_name,
         "version": env!("CARGO_PKG_VERSION"),
         "device": sh.engine.describe(),
         "hidden_size": cfg.text.hidden_size,
+        "vocab_size": cfg.text.vocab_size,
+        // Token-id inputs may not hold these (only an image's block does).
+        "vision_token_ids": vision_ids,
         "matryoshka_dims": cfg.matryoshka_dims,
         "multi_vector_dim": cfg.multi_vector_projector_dim,
         "tasks": openai::TASKS.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
