@@ -36,6 +36,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, Semaphore};
@@ -368,6 +369,10 @@ impl Server {
                 sh.draining.store(true, Ordering::Relaxed);
                 let _ = began_tx.send(());
             };
+            // No Nagle delay on small answers (a query's vector is one short write).
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let serve = axum::serve(listener, router(shared)).with_graceful_shutdown(signal);
             let cap = async move {
                 if began_rx.await.is_ok() {
