@@ -19,6 +19,8 @@ use jv4::rng::Rng;
 use jv4::{ops, Result};
 use serde::Serialize;
 
+mod serve_load;
+
 #[derive(Parser)]
 #[command(name = "jv4-bench", about = "Benchmarks of jv4 on the GPU, beside PyTorch")]
 struct Cli {
@@ -81,6 +83,32 @@ enum Cmd {
         /// Concurrent callers for the query run.
         #[arg(long, default_value_t = 64)]
         callers: usize,
+    },
+    /// Load on a running `jv4 serve` (loopback): 16-token queries at each concurrency level
+    /// (requests/s, p50/p99 latency), then the `docs256` mix of `text` as concurrent
+    /// single-document requests (tokens/s). `tools/serve_bench.sh` starts the server and runs it.
+    ServeLoad {
+        /// The server, e.g. http://127.0.0.1:8080.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// API key, when the server wants one (default $JV4_API_KEY).
+        #[arg(long)]
+        api_key: Option<String>,
+        /// Concurrency levels of the query run.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+        concurrency: Vec<usize>,
+        /// Seconds per concurrency level at most.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Requests per concurrency level at most.
+        #[arg(long, default_value_t = 50000)]
+        max_requests: usize,
+        /// Documents of the docs256 mix to send (its first N; all 256 by default).
+        #[arg(long, default_value_t = 256)]
+        docs: usize,
+        /// Repetitions of the documents run (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
     },
     /// Parity of the text path against `tools/reference.py texts` output (PyTorch bf16, same
     /// checkpoint): per text the single-vector cosine, the multi-vector mean per-token cosine, and
@@ -150,6 +178,11 @@ fn main() -> ExitCode {
             bench_text(&model, torch_json, max_batch_tokens, iters)
         }
         Cmd::Engine { model, max_batch_tokens, callers } => bench_engine(&model, max_batch_tokens, callers),
+        Cmd::ServeLoad { url, api_key, concurrency, seconds, max_requests, docs, reps } => {
+            let api_key = api_key.or_else(|| std::env::var("JV4_API_KEY").ok()).filter(|k| !k.is_empty());
+            let o = serve_load::LoadOptions { url, api_key, concurrency, seconds, max_requests, docs, reps };
+            serve_load::run(&o, &text_workloads()[0].1)
+        }
         Cmd::Parity { model, reference } => parity(&model, &reference),
         Cmd::Images { model, reference } => bench_images(&model, &reference),
         Cmd::BlasSurvey => blas_survey(),

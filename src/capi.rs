@@ -338,7 +338,8 @@ fn code_of(e: &Error) -> jv4_status {
         Error::Kernel { .. } => JV4_ERR_KERNEL,
         Error::Blas(_) => JV4_ERR_BLAS,
         Error::NonFinite(_) => JV4_ERR_NON_FINITE,
-        Error::Internal(_) => JV4_ERR_INTERNAL,
+        // The C ABI has no way to cancel, so a cancelled request never reaches it.
+        Error::Internal(_) | Error::Cancelled(_) => JV4_ERR_INTERNAL,
         Error::Shape { .. } => JV4_ERR_SHAPE,
         Error::DeviceLost(_) => JV4_ERR_DEVICE_LOST,
     }

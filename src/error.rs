@@ -92,6 +92,10 @@ pub enum Error {
     /// vector must never leave the engine).
     #[error("non-finite output: {0}")]
     NonFinite(String),
+    /// The caller gave up on the request before it ran (its [`crate::engine::Cancel`] was set:
+    /// e.g. a server's client went away or its time ran out).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     /// A bug or a broken invariant inside the engine (e.g. its worker thread stopped); the
     /// message says where.
     #[error("internal error: {0}")]

@@ -30,7 +30,8 @@
 //! Layers, each depending only on the ones before it:
 //! `kernels/*.cu` → [`cuda`] (context, kernels, allocator, cuBLAS) → [`ops`] (typed launches) →
 //! [`model`] (config, checkpoint, weights, the packed batch, the CPU and CUDA backends) →
-//! [`engine`] (requests, tokenizer, images, the worker) → the `jv4` binary. [`cuda`], [`ops`] and
+//! [`engine`] (requests, tokenizer, images, the worker) → [`server`] (the HTTP server of
+//! `jv4 serve`) → the `jv4` binary. [`cuda`], [`ops`] and
 //! [`reference`] (the plain f32 CPU version of every op, the oracle of the tests) are public for
 //! kernel research and benchmarks; a host needs none of them.
 
@@ -43,6 +44,7 @@ pub mod model;
 pub mod ops;
 pub mod reference;
 pub mod rng;
+pub mod server;
 
 pub use cuda::parse_bytes;
 pub use engine::{

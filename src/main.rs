@@ -14,6 +14,7 @@ use jv4::engine::text::{TextTokenizer, DEFAULT_MAX_LENGTH};
 use jv4::{Device, Engine, EngineOptions, Error, Limits, OutputKind, PromptName, Task, Truncation};
 
 mod embed;
+mod serve;
 
 #[derive(Parser)]
 #[command(name = "jv4", version, about = "jina-embeddings-v4 on NVIDIA GPUs", long_about = None)]
@@ -161,6 +162,12 @@ enum Cmd {
         #[arg(long)]
         image_root: Option<PathBuf>,
     },
+    /// Serve embeddings over HTTP: the OpenAI API (POST /v1/embeddings, with jina's task,
+    /// image, multi-vector and late-chunking extensions), text-embeddings-inference's POST /embed
+    /// and /embed_all, GET /health, /info and /metrics (docs/SERVER.md). Requests from all
+    /// connections are packed into shared forwards. Stops on SIGTERM / SIGINT after finishing
+    /// the requests in flight.
+    Serve(serve::ServeArgs),
     /// Write a random checkpoint in the exact on-disk layout of the real one (for tests and
     /// benchmarks where the real weights are not available).
     Synth {
@@ -400,6 +407,7 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
                 jv4::engine::jsonl::Defaults { task, prompt: prompt_name, output: output_kind, dims, limits };
             embed::run(&engine, &defaults, input.as_deref(), output.as_deref(), format)
         }
+        Cmd::Serve(args) => serve::run(args),
         Cmd::Synth { out, preset, seed, f32_adapters } => {
             let t0 = Instant::now();
             jv4::diag::synth(&out, matches!(preset, PresetArg::Full), seed, f32_adapters)?;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The Python wheel and the Ray Data actor, tested on the CPU backend with a synthetic tiny model:
-# a venv (target/pyenv) with pinned maturin / numpy / pytest / ray[data] / pillow, the wheel built
+# The Python wheel, the Ray Data actor and `jv4 serve` (through the official openai client),
+# tested on the CPU backend with a synthetic tiny model:
+# a venv (target/pyenv) with pinned maturin / numpy / pytest / ray[data] / pillow / openai, the wheel built
 # into the shared cargo target/ folder (it reuses the jv4 artifacts of `cargo build --release`:
 # only PyO3 and the bindings compile), installed, and pytest over python/tests.
 # Usage: bash tools/test_python.sh [pytest args...]
@@ -11,7 +12,7 @@ t0=$SECONDS
 venv=target/pyenv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-    "maturin==1.16.0" "numpy==2.4.6" "pytest==9.2.0" "ray[data]==2.60.0" "pillow==13.0.0"
+    "maturin==1.16.0" "numpy==2.4.6" "pytest==9.2.0" "ray[data]==2.60.0" "pillow==13.0.0" "openai==3.51.0"
 echo "test_python: venv ready ($((SECONDS - t0)) s)"
 
 # The CLI the tests compare against (the Rust engine called directly); fresh after `cargo test --release`.

@@ -38,6 +38,7 @@ pub mod text;
 mod worker;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -239,11 +240,29 @@ impl Engine {
         &self.inner.prep.tok
     }
 
+    /// The input size limits it was opened with.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.prep.limits
+    }
+
+    /// How it truncates long inputs.
+    pub fn truncation(&self) -> Truncation {
+        self.inner.prep.truncation
+    }
+
     /// Work done so far.
     pub fn stats(&self) -> EngineStats {
         let c = &self.inner.counters;
         let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         EngineStats { forwards: get(&c.forwards), sequences: get(&c.sequences), tokens: get(&c.tokens) }
+    }
+
+    /// Forwards run so far by how many sequences they packed: `(at most this many, forwards)`
+    /// for 1, 2, 4, ..., 2048 sequences, then `(usize::MAX, forwards of more)`; not cumulative.
+    pub fn batch_sizes(&self) -> Vec<(usize, u64)> {
+        let c = &self.inner.counters.batch_sizes;
+        let bound = |b: usize| if b + 1 < worker::BATCH_BUCKETS { 1usize << b } else { usize::MAX };
+        c.iter().enumerate().map(|(b, n)| (bound(b), n.load(std::sync::atomic::Ordering::Relaxed))).collect()
     }
 
     /// Memory the backend holds (asks the worker: waits for the forward in progress).
@@ -268,12 +287,24 @@ impl Engine {
     /// Requests are prepared in windows on the calling thread; while the worker runs one window's
     /// forwards, the next window is prepared.
     pub fn embed(&self, reqs: &[Request]) -> Vec<Result<Embedding>> {
+        self.embed_with(reqs, &CallOptions::default())
+    }
+
+    /// [`Engine::embed`] with a cancel flag and a window size (a server's hooks, see
+    /// [`CallOptions`]). Once `opts.cancel` is set, requests not yet in a forward are answered
+    /// with [`Error::Cancelled`] (those in a forward finish; nothing is prepared any more).
+    pub fn embed_with(&self, reqs: &[Request], opts: &CallOptions) -> Vec<Result<Embedding>> {
+        let window = opts.window.max(1);
+        let cancelled = || opts.cancel.as_ref().is_some_and(Cancel::is_cancelled);
         let mut results: Vec<Option<Result<Embedding>>> = (0..reqs.len()).map(|_| None).collect();
         let (tx, rx) = mpsc::channel::<(usize, Result<Embedding>)>();
         let mut sent = 0usize; // requests handed to the worker
         let mut answered = 0usize; // of those, answered
-        for (w, chunk) in reqs.chunks(WINDOW).enumerate() {
-            let offset = w * WINDOW;
+        for (w, chunk) in reqs.chunks(window).enumerate() {
+            if cancelled() {
+                break; // the rest are answered Cancelled below
+            }
+            let offset = w * window;
             let mut items = Vec::with_capacity(chunk.len());
             for (k, p) in self.inner.prep.prepare(chunk).into_iter().enumerate() {
                 let r = &chunk[k];
@@ -285,12 +316,13 @@ impl Engine {
                         output: r.output,
                         dims: r.dims,
                         reply: tx.clone(),
+                        cancel: opts.cancel.clone(),
                     }),
                     Err(e) => results[offset + k] = Some(Err(e)),
                 }
             }
             // At most two windows with the worker: wait for the one before the last.
-            while sent - answered > WINDOW {
+            while sent - answered > window {
                 match rx.recv() {
                     Ok((slot, r)) => {
                         results[slot] = Some(r);
@@ -321,8 +353,52 @@ impl Engine {
                 Err(_) => break, // the worker is gone: the rest get the error below
             }
         }
-        results.into_iter().map(|r| r.unwrap_or_else(|| Err(stopped()))).collect()
+        let missing = || if cancelled() { cancelled_error() } else { stopped() };
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(missing()))).collect()
     }
+}
+
+/// A flag a caller sets to give up on the requests of its [`Engine::embed_with`] call (cheap to
+/// clone; set from any thread).
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// A flag not yet set.
+    pub fn new() -> Cancel {
+        Cancel::default()
+    }
+
+    /// Gives up: requests of the call not yet in a forward are answered [`Error::Cancelled`].
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// How one [`Engine::embed_with`] call runs.
+#[derive(Clone, Debug)]
+pub struct CallOptions {
+    /// When set and then cancelled, the call's requests still queued are dropped.
+    pub cancel: Option<Cancel>,
+    /// Requests prepared and handed to the worker at a time (at most two windows of a call are
+    /// queued at once). The worker serves requests in arrival order, so a smaller window lets
+    /// other callers' requests in between sooner (fairness) at the cost of more hand-offs.
+    pub window: usize,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        CallOptions { cancel: None, window: WINDOW }
+    }
+}
+
+pub(crate) fn cancelled_error() -> Error {
+    Error::Cancelled("the caller gave up before the request ran".into())
 }
 
 fn stopped() -> Error {

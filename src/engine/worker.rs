@@ -31,6 +31,8 @@ pub(crate) struct Item {
     pub dims: Option<usize>,
     /// Where its result goes.
     pub reply: Sender<(usize, Result<Embedding>)>,
+    /// Set when the caller has given up: the item is answered Cancelled instead of run.
+    pub cancel: Option<crate::engine::Cancel>,
 }
 
 /// What the worker is sent.
@@ -49,7 +51,12 @@ pub(crate) struct Counters {
     pub forwards: AtomicU64,
     pub sequences: AtomicU64,
     pub tokens: AtomicU64,
+    /// Forwards by sequences packed: bucket `b` counts those of at most `2^b` (the last, more).
+    pub batch_sizes: [AtomicU64; BATCH_BUCKETS],
 }
+
+/// Buckets of [`Counters::batch_sizes`]: at most 1, 2, 4, ..., 2048 sequences, then more.
+pub(crate) const BATCH_BUCKETS: usize = 13;
 
 /// Packing limits.
 #[derive(Clone, Copy, Debug)]
@@ -99,6 +106,7 @@ pub(crate) fn run(
                 Err(RecvTimeoutError::Disconnected) => open = false,
             }
         }
+        drop_cancelled(&mut queue);
         let group = take_group(&mut queue, budgets);
         run_group(backend.as_mut(), group, &counters);
     }
@@ -112,6 +120,17 @@ fn handle(m: Msg, queue: &mut VecDeque<Item>, backend: &mut dyn Backend) {
         }
         Msg::ResetPeak => backend.reset_peak(),
     }
+}
+
+/// Answers the items whose caller has given up, and removes them from the queue.
+fn drop_cancelled(queue: &mut VecDeque<Item>) {
+    queue.retain(|item| {
+        let gone = item.cancel.as_ref().is_some_and(|c| c.is_cancelled());
+        if gone {
+            answer(item, Err(crate::engine::cancelled_error()));
+        }
+        !gone
+    });
 }
 
 fn queued(queue: &VecDeque<Item>) -> (usize, usize) {
@@ -162,6 +181,9 @@ fn run_group(backend: &mut dyn Backend, mut group: Vec<Item>, counters: &Counter
             counters.forwards.fetch_add(1, Ordering::Relaxed);
             counters.sequences.fetch_add(batch.sequences() as u64, Ordering::Relaxed);
             counters.tokens.fetch_add(batch.tokens() as u64, Ordering::Relaxed);
+            let bucket = (batch.sequences().max(1).next_power_of_two().trailing_zeros() as usize)
+                .min(BATCH_BUCKETS - 1);
+            counters.batch_sizes[bucket].fetch_add(1, Ordering::Relaxed);
             let hid = backend.config().text.hidden_size;
             let pd = backend.config().multi_vector_projector_dim;
             for (k, item) in members.iter().enumerate() {
