@@ -653,12 +653,12 @@ fn bench_text(
     let vocab = m.config().text.vocab_size.min(150_000);
     let mut rng = Rng::new(2);
     println!(
-        "device: {}; weights {:.2} GB prepared in {:.1} s; LoRA {:?}; GEMMs pinned at m={:?}",
+        "device: {}; weights {:.2} GB prepared in {:.1} s; LoRA {:?}; GEMMs batch-invariant {}",
         gpu.info().name,
         load.bytes as f64 / 1e9,
         load.seconds,
         m.lora_mode(),
-        gpu.blas().pin_height()
+        gpu.blas().invariant()
     );
     // Two PyTorch columns: "shipped" is the model as jina runs it, "best" the fastest stock
     // configuration (merged LoRA, compiled, cuDNN SDPA; its JSON rows say what ran). Ratios are
@@ -997,7 +997,7 @@ fn blas_survey() -> Result<()> {
     let mut mem = DeviceAllocator::new(&gpu, 8 << 30, DEFAULT_PAGE_SIZE)?;
     let mut rng = Rng::new(5);
     let heights = [16usize, 64, 256, 4096, 16384];
-    println!("device: {}; pinned at m={:?}", gpu.info().name, gpu.blas().pin_height());
+    println!("device: {}; batch-invariant plans: {}", gpu.info().name, gpu.blas().invariant());
     for &(name, n, k) in &ops::linear::CASES[..4] {
         let w = random_tensor(&gpu, &mut mem, &mut rng, &[n, k], 1.0 / (k as f32).sqrt())?;
         let mmax = *heights.last().unwrap();

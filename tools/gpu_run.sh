@@ -7,6 +7,10 @@
 #   text    text-path benchmark beside PyTorch (tokens/s, latency, peak memory)
 #   engine  the whole engine (Engine::embed) on the text workloads, and concurrent 16-token queries
 #   parity  the full model against PyTorch bf16 (tools/reference.py texts), incl. 8k and 32k tokens
+#   fidelity  against a float32 PyTorch run of the same texts (up to 8k tokens): ours in both LoRA
+#           modes (merged, stacked) and PyTorch bf16, each against fp32
+#   survey  cuBLASLt candidates per decoder GEMM shape: µs per height, bitwise agreement
+#   serve   `jv4 serve` load figures beside the offline engine (tools/serve_bench.sh)
 #   images  images on the full model against PyTorch bf16: parity, latency, images/s
 #   embed   the runner on real text (tokenizer.json packed alongside)
 #   tests   the GPU test suite; its summary `N passed, M failed` is the last line
@@ -27,7 +31,7 @@ if has device; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | tee "$out/device.txt"
     ./jv4 gpu 2>&1 | tee -a "$out/device.txt"
 fi
-if has load || has text || has engine || has parity || has images || has embed; then
+if has load || has text || has engine || has parity || has fidelity || has images || has embed || has serve; then
     if [ ! -f "$model/config.json" ]; then
         ./jv4 synth --preset full --out "$model" 2>&1 | tee "$out/synth.txt"
     fi
@@ -62,6 +66,29 @@ if has parity; then
     else
         echo "reference run failed: see $out/ref_texts.txt"
     fi
+fi
+if has fidelity; then
+    echo "== fidelity against float32 (ours merged, ours stacked, PyTorch bf16)"
+    lens=16,100,512,1000,2048,8192 # fp32 SDPA at 32k would need a 64 GB score matrix
+    if torch_ok && python3 reference.py texts --lengths $lens --model "$model" --out /tmp/fid_bf16.safetensors > "$out/fid_bf16.txt" 2>&1 \
+        && python3 reference.py texts --lengths $lens --fp32 --model "$model" --out /tmp/fid_fp32.safetensors > "$out/fid_fp32.txt" 2>&1; then
+        echo "-- PyTorch bf16 (as jina runs it) vs fp32"
+        python3 reference.py compare /tmp/fid_bf16.safetensors /tmp/fid_fp32.safetensors 2>&1 | grep -v '^done' | tee "$out/fid_torch.txt"
+        for mode in merged stacked; do
+            echo "-- ours, LoRA $mode, vs fp32"
+            JV4_LORA=$mode ./jv4-bench parity --model "$model" --reference /tmp/fid_fp32.safetensors 2>&1 | tee "$out/fid_$mode.txt"
+        done
+    else
+        echo "reference run failed:"; tail -3 "$out/fid_bf16.txt" "$out/fid_fp32.txt"
+    fi
+fi
+if has survey; then
+    echo "== cuBLASLt survey"
+    ./jv4-bench blas-survey 2>&1 | tee "$out/survey.txt"
+fi
+if has serve; then
+    echo "== server load (jv4 serve over loopback) beside the offline engine"
+    JV4_BIN_DIR="$here" bash serve_bench.sh "$model" cuda 2>&1 | tee "$out/serve.txt"
 fi
 if has images; then
     echo "== images: full-model parity and speed against PyTorch bf16"

@@ -9,15 +9,14 @@
 //! (k×n, ld k, transposed), B is `x` (k×m, ld k), C is `y` (n×m, ld n). The bias epilogue adds a
 //! vector along C's rows, i.e. one value per output feature.
 //!
-//! **Batch invariance.** The algorithm of a problem is pinned per weight shape: the heuristic is
-//! asked once at a reference height [`DEFAULT_PIN_M`] (not at the problem's own `m`), and that one
-//! configuration (tile, stages, split-K count) runs every `m`. The reduction order over K of an
-//! output element then depends on the shape of `w` alone, so a row of `y` is bit-for-bit the same
-//! whatever other rows share the GEMM — a request's vectors do not depend on its batch.
-//! `JV4_BLAS_PIN=<m>` pins at another height, `JV4_BLAS_PIN=off` asks the heuristic at each `m`
-//! (faster at some heights, not batch-invariant). Where the pinned configuration cannot run a
-//! height (cuBLASLt's check refuses it), that problem falls back to its own heuristic and
-//! [`Blas::pin_fallbacks`] counts it.
+//! **Batch invariance.** Measured on the H200 (`jv4-bench blas-survey`, benches/NOTES.md): every
+//! cuBLASLt algorithm without split-K gives the same bits for a row of `y` (whatever its tile,
+//! cluster shape or kernel, at any height `m`), while each split-K count gives other bits. So the
+//! plans take, at each height, the heuristic's best algorithm **without split-K**: the reduction
+//! order over K of an output element then does not depend on `m`, and a request's vectors do not
+//! depend on what shares its forward. `JV4_BLAS_INVARIANT=0` lets the heuristic split K (faster for
+//! a few small-`m` shapes, not batch-invariant); a problem with no unsplit algorithm takes the
+//! heuristic's first and [`Blas::invariance_fallbacks`] counts it.
 //!
 //! Each distinct problem (m, n, k, bias, accumulate) gets a plan on first use: descriptors and the
 //! algorithm, cached. Repeating a shape costs no heuristic query and no allocation.
@@ -43,19 +42,12 @@ pub const DEFAULT_PLAN_CAPACITY: usize = 1024;
 /// cuBLASLt workspace: NVIDIA's recommendation for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-/// The height at which each weight shape's algorithm is chosen (module documentation).
-pub const DEFAULT_PIN_M: usize = 4096;
+/// Heuristic candidates looked at per problem for one without split-K.
+const CANDIDATES: usize = 16;
 
-/// The pinning height from `$JV4_BLAS_PIN` (`off`: none), else [`DEFAULT_PIN_M`].
-fn pin_from_env() -> Result<Option<usize>> {
-    match std::env::var("JV4_BLAS_PIN").as_deref() {
-        Err(_) => Ok(Some(DEFAULT_PIN_M)),
-        Ok("off") => Ok(None),
-        Ok(v) => match v.parse::<usize>() {
-            Ok(m) if m > 0 => Ok(Some(m)),
-            _ => Err(Error::Input(format!("JV4_BLAS_PIN={v:?}: expected a height (e.g. 4096) or \"off\""))),
-        },
-    }
+/// Whether the plans keep to unsplit algorithms: unless `$JV4_BLAS_INVARIANT=0`.
+fn invariant_from_env() -> bool {
+    std::env::var("JV4_BLAS_INVARIANT").map_or(true, |v| v != "0")
 }
 
 fn blas_err(what: &str, e: lt::CublasError) -> Error {
@@ -96,9 +88,9 @@ pub struct Blas {
     workspace: dsys::CUdeviceptr,
     stream: dsys::CUstream,
     plans: RefCell<Lru<Key, Plan>>,
-    /// The pinning height, or `None` for a per-height heuristic.
-    pin: Option<usize>,
-    pin_fallbacks: std::cell::Cell<u64>,
+    /// Plans keep to algorithms without split-K (module documentation).
+    invariant: bool,
+    invariance_fallbacks: std::cell::Cell<u64>,
 }
 
 impl Blas {
@@ -111,7 +103,7 @@ impl Blas {
                     .into(),
             ));
         }
-        let pin = pin_from_env()?;
+        let invariant = invariant_from_env();
         let handle = lt::create_handle().map_err(|e| blas_err("create handle", e))?;
         // SAFETY: plain device allocation, freed in Drop.
         let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }
@@ -121,8 +113,8 @@ impl Blas {
             workspace,
             stream: stream.cu_stream(),
             plans: RefCell::new(Lru::new(DEFAULT_PLAN_CAPACITY)),
-            pin,
-            pin_fallbacks: std::cell::Cell::new(0),
+            invariant,
+            invariance_fallbacks: std::cell::Cell::new(0),
         })
     }
 
@@ -231,16 +223,16 @@ impl Blas {
         self.plans.borrow_mut().set_capacity(plans);
     }
 
-    /// The height each weight shape's algorithm is pinned at (`None`: chosen per height, not
-    /// batch-invariant). See the module documentation.
-    pub fn pin_height(&self) -> Option<usize> {
-        self.pin
+    /// Whether the plans keep to algorithms without split-K (batch-invariant GEMMs; module
+    /// documentation).
+    pub fn invariant(&self) -> bool {
+        self.invariant
     }
 
-    /// Problems whose pinned algorithm could not run their height (each ran its own heuristic's
-    /// choice instead: not batch-invariant).
-    pub fn pin_fallbacks(&self) -> u64 {
-        self.pin_fallbacks.get()
+    /// Problems that found no algorithm without split-K among the heuristic's candidates (each
+    /// runs a split one: not batch-invariant).
+    pub fn invariance_fallbacks(&self) -> u64 {
+        self.invariance_fallbacks.get()
     }
 
     /// Plans dropped so far to stay within the capacity.
@@ -249,32 +241,58 @@ impl Blas {
     }
 
     fn plan(&self, key: Key) -> Result<Plan> {
-        let Key { m, n, k, out_f32, .. } = key;
-        let bf = sys::cudaDataType_t::CUDA_R_16BF;
-        let out_type = if out_f32 { sys::cudaDataType_t::CUDA_R_32F } else { bf };
+        let Key { m, n, k, .. } = key;
         let mut plan = self.descriptors(key)?;
-        let (desc, [a, b, c]) = (plan.desc, plan.layouts);
-        let pref = self.preference();
-        let pinned = match (pref, self.pin) {
-            (Ok(pref), Some(pm)) if pm != m => self.pinned_algo(desc, [a, b, c], pref, pm, n, k, out_type),
-            _ => None,
-        };
-        let algo = match (pref, pinned) {
-            (_, Some(algo)) => Ok(algo),
-            (Err(e), None) => Err(e),
-            (Ok(pref), None) => {
-                // SAFETY: all handles are live.
-                unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref) }.map(|h| h.algo)
+        let count = if self.invariant { CANDIDATES } else { 1 };
+        let found = self.heuristics(&plan, count)?;
+        let unsplit = found.iter().find(|a| algo_config(a)[3] <= 1);
+        plan.algo = match (unsplit, found.first()) {
+            (Some(a), _) if self.invariant => *a,
+            (_, Some(a)) => {
+                if self.invariant {
+                    self.invariance_fallbacks.set(self.invariance_fallbacks.get() + 1);
+                }
+                *a
             }
+            (_, None) => return Err(Error::Blas(format!("no algorithm for m={m} n={n} k={k}"))),
         };
-        if let Ok(pref) = pref {
-            // SAFETY: pref was created by `preference` and is not used again.
-            unsafe {
-                let _ = lt::destroy_matmul_pref(pref);
-            }
-        }
-        plan.algo = algo.map_err(|e| blas_err(&format!("no algorithm for m={m} n={n} k={k}"), e))?;
         Ok(plan)
+    }
+
+    /// The heuristic's first `count` algorithms for a planned problem, best first.
+    fn heuristics(&self, plan: &Plan, count: usize) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
+        let [a, b, c] = plan.layouts;
+        let pref = self.preference().map_err(|e| blas_err("create preference", e))?;
+        // SAFETY: plain data the heuristic fills.
+        let mut res: Vec<sys::cublasLtMatmulHeuristicResult_t> = vec![unsafe { std::mem::zeroed() }; count];
+        let mut found = 0i32;
+        // SAFETY: all handles are live; `res` has room for `count` results.
+        let st = unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                plan.desc,
+                a,
+                b,
+                c,
+                c,
+                pref,
+                count as i32,
+                res.as_mut_ptr(),
+                &mut found,
+            )
+        };
+        // SAFETY: created by `preference`, not used again.
+        unsafe {
+            let _ = lt::destroy_matmul_pref(pref);
+        }
+        if st != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(Error::Blas(format!("algorithm heuristic: {st:?}")));
+        }
+        Ok(res[..found.max(0) as usize]
+            .iter()
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect())
     }
 
     /// The descriptor and layouts of a problem (its algorithm still to choose).
@@ -355,52 +373,6 @@ impl Blas {
         }
         Ok(pref)
     }
-
-    /// The heuristic's algorithm for this problem's weight shape at height `pm`, if cuBLASLt
-    /// confirms it runs the problem's own layouts `[a, b, c]` within the workspace; `None` (and a
-    /// counted fallback) otherwise.
-    #[allow(clippy::too_many_arguments)]
-    fn pinned_algo(
-        &self,
-        desc: sys::cublasLtMatmulDesc_t,
-        [a, b, c]: [sys::cublasLtMatrixLayout_t; 3],
-        pref: sys::cublasLtMatmulPreference_t,
-        pm: usize,
-        n: usize,
-        k: usize,
-        out_type: sys::cudaDataType_t,
-    ) -> Option<sys::cublasLtMatmulAlgo_t> {
-        let k = k as u64;
-        let bf = sys::cudaDataType_t::CUDA_R_16BF;
-        let b_ref = lt::create_matrix_layout(bf, k, pm as u64, k as i64).ok();
-        let c_ref = lt::create_matrix_layout(out_type, n as u64, pm as u64, n as i64).ok();
-        let found = match (b_ref, c_ref) {
-            (Some(br), Some(cr)) => {
-                // SAFETY: all handles are live; the reference layouts differ from the problem's
-                // only in the height.
-                let h = unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, a, br, cr, cr, pref) };
-                h.ok().and_then(|h| {
-                    // SAFETY: cublasLtMatmulHeuristicResult_t is plain data that the check fills.
-                    let mut res: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
-                    // SAFETY: all handles are live; `res` is a valid output location.
-                    let st = unsafe {
-                        sys::cublasLtMatmulAlgoCheck(self.handle, desc, a, b, c, c, &h.algo, &mut res)
-                    };
-                    (st == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && res.workspaceSize <= WORKSPACE_BYTES)
-                        .then_some(h.algo)
-                })
-            }
-            _ => None,
-        };
-        for l in [b_ref, c_ref].into_iter().flatten() {
-            // SAFETY: created above, destroyed once.
-            let _ = unsafe { lt::destroy_matrix_layout(l) };
-        }
-        if found.is_none() {
-            self.pin_fallbacks.set(self.pin_fallbacks.get() + 1);
-        }
-        found
-    }
 }
 
 /// A cuBLASLt algorithm with its configuration, for research ([`Blas::survey`]).
@@ -426,70 +398,11 @@ impl std::fmt::Display for Algo {
 impl Blas {
     /// Research: the heuristic's first `count` algorithms for `y [m, n] (bf16) = x·wᵀ`.
     pub fn survey(&self, m: usize, n: usize, k: usize, count: usize) -> Result<Vec<Algo>> {
-        let key = Key { m, n, k, bias: false, accumulate: false, out_f32: false };
-        let plan = self.descriptors(key)?;
-        let [a, b, c] = plan.layouts;
-        let pref = self.preference().map_err(|e| blas_err("create preference", e))?;
-        // SAFETY: plain data the heuristic fills.
-        let mut res: Vec<sys::cublasLtMatmulHeuristicResult_t> = vec![unsafe { std::mem::zeroed() }; count];
-        let mut found = 0i32;
-        // SAFETY: all handles are live; `res` has room for `count` results.
-        let st = unsafe {
-            sys::cublasLtMatmulAlgoGetHeuristic(
-                self.handle,
-                plan.desc,
-                a,
-                b,
-                c,
-                c,
-                pref,
-                count as i32,
-                res.as_mut_ptr(),
-                &mut found,
-            )
-        };
-        // SAFETY: created by `preference`, not used again.
-        unsafe {
-            let _ = lt::destroy_matmul_pref(pref);
-        }
-        if st != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(Error::Blas(format!("heuristic m={m} n={n} k={k}: {st:?}")));
-        }
-        use sys::cublasLtMatmulAlgoConfigAttributes_t as C;
-        // (attribute, its size in bytes: cuBLASLt refuses any other size).
-        let attrs = [
-            (C::CUBLASLT_ALGO_CONFIG_ID, 4),
-            (C::CUBLASLT_ALGO_CONFIG_TILE_ID, 4),
-            (C::CUBLASLT_ALGO_CONFIG_STAGES_ID, 4),
-            (C::CUBLASLT_ALGO_CONFIG_SPLITK_NUM, 4),
-            (C::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, 4),
-            (C::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, 4),
-            (C::CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, 4),
-            (C::CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID, 2),
-            (C::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, 2),
-        ];
-        Ok(res[..found.max(0) as usize]
-            .iter()
-            .map(|r| {
-                let mut config = [0u64; 9];
-                for (v, (attr, size)) in config.iter_mut().zip(attrs) {
-                    let mut buf = [0u8; 8];
-                    let mut written = 0usize;
-                    // SAFETY: the algo is plain data; the attribute (`size` ≤ 8 bytes) is written
-                    // to buf.
-                    let _ = unsafe {
-                        sys::cublasLtMatmulAlgoConfigGetAttribute(
-                            &r.algo,
-                            attr,
-                            buf.as_mut_ptr() as *mut c_void,
-                            size,
-                            &mut written,
-                        )
-                    };
-                    *v = u64::from_le_bytes(buf);
-                }
-                Algo { raw: r.algo, config }
-            })
+        let plan = self.descriptors(Key { m, n, k, bias: false, accumulate: false, out_f32: false })?;
+        Ok(self
+            .heuristics(&plan, count)?
+            .into_iter()
+            .map(|raw| Algo { raw, config: algo_config(&raw) })
             .collect())
     }
 
@@ -540,6 +453,41 @@ impl Blas {
         }
         .map_err(|e| blas_err("matmul", e))
     }
+}
+
+/// An algorithm's configuration attributes: (id, tile, stages, split-K, reduction scheme,
+/// swizzle, custom option, inner shape, cluster shape); an unreadable one reads 0.
+fn algo_config(algo: &sys::cublasLtMatmulAlgo_t) -> [u64; 9] {
+    use sys::cublasLtMatmulAlgoConfigAttributes_t as C;
+    // (attribute, its size in bytes: cuBLASLt refuses any other size).
+    let attrs = [
+        (C::CUBLASLT_ALGO_CONFIG_ID, 4),
+        (C::CUBLASLT_ALGO_CONFIG_TILE_ID, 4),
+        (C::CUBLASLT_ALGO_CONFIG_STAGES_ID, 4),
+        (C::CUBLASLT_ALGO_CONFIG_SPLITK_NUM, 4),
+        (C::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, 4),
+        (C::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, 4),
+        (C::CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, 4),
+        (C::CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID, 2),
+        (C::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, 2),
+    ];
+    let mut config = [0u64; 9];
+    for (v, (attr, size)) in config.iter_mut().zip(attrs) {
+        let mut buf = [0u8; 8];
+        let mut written = 0usize;
+        // SAFETY: the algo is plain data; the attribute (`size` ≤ 8 bytes) is written to buf.
+        let _ = unsafe {
+            sys::cublasLtMatmulAlgoConfigGetAttribute(
+                algo,
+                attr,
+                buf.as_mut_ptr() as *mut c_void,
+                size,
+                &mut written,
+            )
+        };
+        *v = u64::from_le_bytes(buf);
+    }
+    config
 }
 
 /// Sets one matmul-descriptor attribute from a plain value (passed by address and size).

@@ -84,9 +84,9 @@ pub struct EngineOptions {
     /// Input size limits (bytes per text, image file and base64 string, decoded pixels) and the
     /// folder image paths must stay in; the defaults protect a host (docs/RELIABILITY.md).
     pub limits: Limits,
-    /// How the GPU carries the task adapters: merged into one weight per task (no LoRA work in
-    /// a forward, ≈ 11 GB more memory at full size) or stacked; `Auto` merges where memory
-    /// allows (`$JV4_LORA` overrides). The CPU backend ignores it.
+    /// How the GPU carries the task adapters: stacked (the default, the more faithful) or merged
+    /// into one weight per task (faster, ≈ 11 GB more memory at full size, less faithful; see
+    /// [`LoraMode`]). `$JV4_LORA` overrides. The CPU backend ignores it.
     pub lora: LoraMode,
 }
 

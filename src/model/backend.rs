@@ -178,9 +178,7 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// Opens GPU `ordinal`, uploads the weights, and reserves the activation budget:
     /// `mem_budget` bytes, else `$JV4_MEM_BUDGET`, else 90% of the memory free after the weights.
-    /// `lora`: how the task adapters are prepared ([`LoraMode::Auto`] merges them when the
-    /// merged weights leave the activation budget, or
-    /// [`MERGE_HEADROOM`](crate::model::gpu::MERGE_HEADROOM), free).
+    /// `lora`: how the task adapters are prepared (`$JV4_LORA` overrides).
     pub fn load(
         ordinal: usize,
         ckpt: &Checkpoint,
@@ -193,7 +191,7 @@ impl CudaBackend {
             (None, Some(s)) => Some(parse_bytes(&s)?),
             (None, None) => None,
         };
-        let (model, _) = GpuModel::load_with(&gpu, ckpt, lora, asked.unwrap_or(0))?;
+        let (model, _) = GpuModel::load_with(&gpu, ckpt, lora.or_env()?)?;
         let (free, _) = gpu.mem_info()?;
         let budget = asked.unwrap_or(free / 10 * 9);
         let mem = DeviceAllocator::new(&gpu, budget, DEFAULT_PAGE_SIZE)?;

@@ -118,12 +118,15 @@ pub fn text_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
 
 fn text_outputs_in_mode(ctx: &mut Ctx, mode: LoraMode) -> Result<(), String> {
     let t = tiny()?;
-    let (model, _) = GpuModel::load_with(&ctx.gpu, &t.ckpt, mode, 0).map_err(e)?;
+    let (model, _) = GpuModel::load_with(&ctx.gpu, &t.ckpt, mode).map_err(e)?;
     if model.lora_mode() != mode {
         return Err(format!("asked for {mode:?}, loaded {:?}", model.lora_mode()));
     }
     let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
     let pd = t.ckpt.config.multi_vector_projector_dim;
+    // Merged weights round W + B·A to bf16: about twice stacked's 1 − cos against fp32 (measured
+    // on the full model, benches/NOTES.md); this tiny model's text 1 sits at 0.99990 merged.
+    let min_single = if mode == LoraMode::Merged { 0.9998 } else { 0.9999 };
     let (mut worst_single, mut worst_multi) = (1f64, 1f64);
     let mut alone = Vec::new();
     for (i, (ids, task)) in texts(&t).iter().enumerate() {
@@ -139,8 +142,10 @@ fn text_outputs_in_mode(ctx: &mut Ctx, mode: LoraMode) -> Result<(), String> {
         let mc =
             (0..rows).map(|r| cos(&got[r * pd..(r + 1) * pd], &multi[r * pd..(r + 1) * pd])).sum::<f64>()
                 / rows as f64;
-        if cs < 0.9999 || mc < 0.999 {
-            return Err(format!("text {i}: single cos {cs:.6} (≥ 0.9999), multi mean cos {mc:.6} (≥ 0.999)"));
+        if cs < min_single || mc < 0.999 {
+            return Err(format!(
+                "text {i}: single cos {cs:.6} (≥ {min_single}), multi mean cos {mc:.6} (≥ 0.999)"
+            ));
         }
         worst_single = worst_single.min(cs);
         worst_multi = worst_multi.min(mc);

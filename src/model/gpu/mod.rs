@@ -26,8 +26,8 @@ use crate::model::weights::{LoadReport, ALIGN};
 use crate::model::Task;
 use crate::ops;
 use crate::{Error, Result};
+pub use weights::LoraMode;
 use weights::{task_runs, LoraInputs, Weights};
-pub use weights::{LoraMode, MERGE_HEADROOM};
 
 /// The model on the GPU.
 pub struct GpuModel {
@@ -59,23 +59,16 @@ impl GpuModel {
     /// Prepares and uploads the weights (`weights`). A tensor missing from the checkpoint is
     /// an [`Error::Tensor`] naming it.
     pub fn load(gpu: &Gpu, ckpt: &Checkpoint) -> Result<(GpuModel, LoadReport)> {
-        Self::load_with(gpu, ckpt, LoraMode::Auto, 0)
+        Self::load_with(gpu, ckpt, LoraMode::default().or_env()?)
     }
 
-    /// [`GpuModel::load`] with the task adapters prepared as `lora` says; `reserve` is the
-    /// activation memory that [`LoraMode::Auto`] keeps free beside merged weights (at least
-    /// [`MERGE_HEADROOM`]).
-    pub fn load_with(
-        gpu: &Gpu,
-        ckpt: &Checkpoint,
-        lora: LoraMode,
-        reserve: u64,
-    ) -> Result<(GpuModel, LoadReport)> {
-        let (w, report) = weights::prepare(gpu, ckpt, lora, reserve)?;
+    /// [`GpuModel::load`] with the task adapters prepared as `lora` says.
+    pub fn load_with(gpu: &Gpu, ckpt: &Checkpoint, lora: LoraMode) -> Result<(GpuModel, LoadReport)> {
+        let (w, report) = weights::prepare(gpu, ckpt, lora)?;
         Ok((GpuModel { cfg: ckpt.config.clone(), w }, report))
     }
 
-    /// How the task adapters were prepared: [`LoraMode::Merged`] or [`LoraMode::Stacked`].
+    /// How the task adapters were prepared.
     pub fn lora_mode(&self) -> LoraMode {
         if self.w.merged() {
             LoraMode::Merged

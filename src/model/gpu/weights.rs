@@ -10,7 +10,7 @@
 //! `y += t·B_allᵀ`. Every row gets exactly its own task's delta, so a request's vectors do not
 //! depend on what else shares its batch.
 //!
-//! Where memory allows ([`LoraMode`]), the adapted projections are instead **task-merged**: one
+//! With [`LoraMode::Merged`] the adapted projections are instead **task-merged**: one
 //! weight per task, `W_τ = W + B_τ·A_τ` (scale folded into B), computed once at load on the GPU
 //! with f32 accumulation and one rounding to bf16, and the base weight is not kept. A forward then
 //! runs one plain GEMM per run of same-task rows ([`TaskRun`]): the LoRA costs nothing at run
@@ -43,21 +43,28 @@ pub(super) struct Lora {
 /// How the adapted projections carry their task LoRA (module documentation).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum LoraMode {
-    /// [`LoraMode::Merged`] when the device has room for it with [`MERGE_HEADROOM`] to spare for
-    /// activations, else [`LoraMode::Stacked`]; `$JV4_LORA=merged|stacked` overrides.
+    /// The base weight and the stacked factors of all tasks: two extra GEMMs per projection,
+    /// and the more faithful of the two (measured against fp32, benches/NOTES.md).
     #[default]
-    Auto,
-    /// One merged weight per task: no LoRA work in a forward, ≈ 11 GB more device memory at full
-    /// size.
-    Merged,
-    /// The base weight and the stacked factors of all tasks: two extra GEMMs per projection.
     Stacked,
+    /// One merged weight per task: no LoRA work in a forward (+21% tokens/s at 32 × 512 on the
+    /// H200), ≈ 11 GB more device memory at full size, and the rounding of `W + B·A` to bf16:
+    /// about twice the error of [`LoraMode::Stacked`] against fp32, more than PyTorch bf16's on
+    /// long texts.
+    Merged,
 }
 
-/// Device memory [`LoraMode::Auto`] keeps free beside merged weights for activations and the
-/// cuBLAS workspace (the default 16k-token forward peaks at ≈ 2 GB; long inputs and large image
-/// batches want more).
-pub const MERGE_HEADROOM: u64 = 16 << 30;
+impl LoraMode {
+    /// `$JV4_LORA` (`merged` or `stacked`) where set, else `self`.
+    pub fn or_env(self) -> crate::Result<LoraMode> {
+        match std::env::var("JV4_LORA").as_deref() {
+            Ok("merged") => Ok(LoraMode::Merged),
+            Ok("stacked") => Ok(LoraMode::Stacked),
+            Ok(other) => Err(Error::Input(format!("JV4_LORA={other:?}: expected \"merged\" or \"stacked\""))),
+            Err(_) => Ok(self),
+        }
+    }
+}
 
 /// The weight of a projection.
 pub(super) enum Weight {
@@ -335,43 +342,16 @@ fn plan(s: &Schema, head_dim: usize, merged: bool) -> Planned {
     Planned { lay, embed, norm, layers, projector, patch_embed, blocks, merger, inv_freq }
 }
 
-/// Whether `mode` means merged weights on this device: `Auto` reads `$JV4_LORA` (`merged` or
-/// `stacked`), else merges when the merged weights fit in the free memory with `reserve` bytes
-/// (the activation budget asked for, at least [`MERGE_HEADROOM`]) to spare.
-fn resolve_merged(gpu: &Gpu, mode: LoraMode, merged_bytes: usize, reserve: u64) -> Result<bool> {
-    Ok(match mode {
-        LoraMode::Merged => true,
-        LoraMode::Stacked => false,
-        LoraMode::Auto => match std::env::var("JV4_LORA").as_deref() {
-            Ok("merged") => true,
-            Ok("stacked") => false,
-            Ok(other) => {
-                return Err(Error::Input(format!("JV4_LORA={other:?}: expected \"merged\" or \"stacked\"")))
-            }
-            Err(_) => gpu.mem_info()?.0 >= merged_bytes as u64 + reserve.max(MERGE_HEADROOM),
-        },
-    })
-}
-
 /// Prepares and uploads every weight (see the module documentation), the task adapters as `mode`
-/// says (`reserve`: the activation memory `Auto` keeps free). A tensor missing from the checkpoint
-/// is an [`Error::Tensor`] naming it.
-pub(super) fn prepare(
-    gpu: &Gpu,
-    ckpt: &Checkpoint,
-    mode: LoraMode,
-    reserve: u64,
-) -> Result<(Weights, LoadReport)> {
+/// says. A tensor missing from the checkpoint is an [`Error::Tensor`] naming it.
+pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint, mode: LoraMode) -> Result<(Weights, LoadReport)> {
     let t0 = std::time::Instant::now();
     let cfg = &ckpt.config;
     let s = Schema::new(cfg, &ckpt.adapter);
     let rank = s.rank;
     let scale = ckpt.adapter.scale();
     let hd = cfg.text.head_dim;
-    let merged = {
-        let bytes = plan(&s, hd, true).lay.bytes();
-        resolve_merged(gpu, mode, bytes, reserve)?
-    };
+    let merged = mode == LoraMode::Merged;
     let Planned { lay, embed, norm, layers, projector, patch_embed, blocks, merger, inv_freq } =
         plan(&s, hd, merged);
     let tensors = lay.len();
