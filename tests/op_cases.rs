@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use jv4::model::constants::vision_mlp_width;
 use jv4::model::synth::{adapter_config_json, config_json, Preset};
 use jv4::model::{AdapterConfig, ModelConfig, Task};
 use jv4::ops;
@@ -48,8 +49,8 @@ fn model_gemms(cfg: &ModelConfig, adapter: &AdapterConfig) -> Vec<(&'static str,
         ("vision patch_embed", v.hidden_size, patch),
         ("vision qkv", 3 * v.hidden_size, v.hidden_size),
         ("vision proj", v.hidden_size, v.hidden_size),
-        ("vision gate_up", 2 * v.intermediate_size, v.hidden_size),
-        ("vision down", v.hidden_size, v.intermediate_size),
+        ("vision gate_up", 2 * vision_mlp_width(v.intermediate_size), v.hidden_size),
+        ("vision down", v.hidden_size, vision_mlp_width(v.intermediate_size)),
         ("merger 0", v.merged_dim(), v.merged_dim()),
         ("merger 2", v.out_hidden_size, v.merged_dim()),
     ]
@@ -87,7 +88,7 @@ fn other_cases_cover_the_models_shapes() {
         assert!(ops::rmsnorm::CASES.iter().any(|c| c.1 == d), "rmsnorm d={d}");
     }
     assert_eq!(ops::rmsnorm::EPS as f64, t.rms_norm_eps as f32 as f64);
-    for i in [t.intermediate_size, v.intermediate_size] {
+    for i in [t.intermediate_size, vision_mlp_width(v.intermediate_size)] {
         assert!(ops::swiglu::CASES.iter().any(|c| c.1 == i), "swiglu I={i}");
     }
     let section = t.mrope_section.map(|s| s as u32);

@@ -47,8 +47,15 @@ if has ops; then
 fi
 if has text; then
     echo "== text benchmark (ours vs PyTorch, same call)"
-    torch_ok && { python3 torch_text_bench.py --model "$model" --json "$out/torch_text.json" > "$out/torch_text.txt" 2>&1 || echo "torch text benchmark failed: see $out/torch_text.txt"; }
+    # $JV4_TORCH_TEXT_ARGS: e.g. "--compile-budget-s 100 --fixed-modes default" to bound compiling.
+    # shellcheck disable=SC2086
+    torch_ok && { python3 torch_text_bench.py --model "$model" --json "$out/torch_text.json" ${JV4_TORCH_TEXT_ARGS:-} > "$out/torch_text.txt" 2>&1 || echo "torch text benchmark failed: see $out/torch_text.txt"; }
     ./jv4-bench text --model "$model" --torch-json "$out/torch_text.json" --max-batch-tokens 32768 2>&1 | tee "$out/bench_text.txt"
+    # $JV4_TEXT_AB: settings to A/B in the same call, e.g. "JV4_LORA=merged JV4_BLAS_INVARIANT=0".
+    for ab in ${JV4_TEXT_AB:-}; do
+        echo "-- with $ab:"
+        env "$ab" ./jv4-bench text --model "$model" --torch-json "$out/torch_text.json" --max-batch-tokens 32768 2>&1 | tee "$out/bench_text_${ab%%=*}.txt"
+    done
     # A baseline build carried beside this one (base/jv4-bench): the same workloads, same call.
     if [ -x base/jv4-bench ]; then
         echo "-- baseline build (base/):"

@@ -32,8 +32,8 @@ pub const CASES: &[(&str, usize, usize)] = &[
     ("vision_patch_embed", 1280, 1176),
     ("vision_qkv", 3840, 1280),
     ("vision_proj", 1280, 1280),
-    ("vision_gate_up", 6840, 1280),
-    ("vision_down", 1280, 3420),
+    ("vision_gate_up", 6912, 1280), // 2 × 3456: the MLP padded (model::constants::vision_mlp_width)
+    ("vision_down", 1280, 3456),
     ("merger_0", 5120, 5120),
     ("merger_2", 2048, 5120),
 ];

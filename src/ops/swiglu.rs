@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// path), vision MLP 3420 (scalar path), single tokens and sizes that are not multiples of
 /// the block.
 pub const CASES: &[(usize, usize)] =
-    &[(1, 11008), (7, 11008), (333, 11008), (4096, 11008), (1, 3420), (517, 3420), (3, 8), (5, 12)];
+    &[(1, 11008), (7, 11008), (333, 11008), (4096, 11008), (1, 3456), (517, 3456), (3, 8), (5, 12)];
 
 /// `out [T, I] = swiglu(gu [T, 2I])`.
 pub fn swiglu(gpu: &Gpu, gu: &DView<'_, bf16>, out: &mut DViewMut<'_, bf16>) -> Result<()> {

@@ -149,8 +149,10 @@ impl GpuModel {
         let mut x = x0;
         let mut qkv = alloc(&[np, 3 * d])?;
         let mut attn = alloc(&[np, d])?;
-        let mut gu = alloc(&[np, 2 * v.intermediate_size])?;
-        let mut act = alloc(&[np, v.intermediate_size])?;
+        // The MLP's padded width (weights::plan_padded; exact, see vision_mlp_width).
+        let inter = crate::model::constants::vision_mlp_width(v.intermediate_size);
+        let mut gu = alloc(&[np, 2 * inter])?;
+        let mut act = alloc(&[np, inter])?;
         let eps = VISION_RMS_EPS;
         for (j, b) in w.blocks.iter().enumerate() {
             ops::rmsnorm(gpu, &h.view(), &w.at(&b.norm1), eps, &mut x.view_mut())?;

@@ -21,7 +21,7 @@ use half::bf16;
 
 use crate::cuda::{BufferLayout, DView, DViewMut, DeviceBuffer, Gpu, Region, Staging, Tensor};
 use crate::model::checkpoint::{Checkpoint, Dtype, TensorInfo};
-use crate::model::constants::text_inv_freq;
+use crate::model::constants::{text_inv_freq, vision_mlp_width};
 use crate::model::schema::{LinearSpec, Schema};
 use crate::model::weights::{LoadReport, ALIGN};
 use crate::model::Task;
@@ -328,8 +328,8 @@ fn plan(s: &Schema, head_dim: usize, merged: bool) -> Planned {
             norm2: lay.push(&[b.norm2.dim]),
             qkv: plan_linear(&mut lay, &[&b.qkv], rank, merged),
             proj: plan_linear(&mut lay, &[&b.proj], rank, merged),
-            gate_up: plan_linear(&mut lay, &b.gate_up(), rank, merged),
-            down: plan_linear(&mut lay, &[&b.down], rank, merged),
+            gate_up: plan_padded(&mut lay, &b.gate_up(), vision_mlp_width(b.down.inp), None),
+            down: plan_padded(&mut lay, &[&b.down], b.down.out, Some(vision_mlp_width(b.down.inp))),
         })
         .collect();
     let m = &s.merger;
@@ -377,8 +377,8 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint, mode: LoraMode) -> Result<(W
         as_stored(gpu, &mut buf, &mut staging, ckpt, &p.norm2, &b.norm2.weight)?;
         fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&b.qkv], &p.qkv, scale)?;
         fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&b.proj], &p.proj, scale)?;
-        fill_linear(gpu, &mut buf, &mut staging, ckpt, &b.gate_up(), &p.gate_up, scale)?;
-        fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&b.down], &p.down, scale)?;
+        fill_padded(gpu, &mut buf, ckpt, &b.gate_up(), &p.gate_up)?;
+        fill_padded(gpu, &mut buf, ckpt, &[&b.down], &p.down)?;
     }
     let m = &s.merger;
     as_stored(gpu, &mut buf, &mut staging, ckpt, &merger.ln_q, &m.ln_q.weight)?;
@@ -560,6 +560,74 @@ fn plan_linear(lay: &mut BufferLayout, parts: &[&LinearSpec], rank: usize, merge
         }
     };
     Linear { weight, bias: parts[0].bias.then(|| lay.push(&[rows])) }
+}
+
+/// Plans an unadapted projection padded with zeros: each part's rows to `part_rows` (gate/up
+/// of the vision MLP) and, with `k_to`, its input width to `k_to` (the vision down projection).
+fn plan_padded(
+    lay: &mut BufferLayout,
+    parts: &[&LinearSpec],
+    part_rows: usize,
+    k_to: Option<usize>,
+) -> Linear {
+    let rows = parts.len() * part_rows;
+    let k = k_to.unwrap_or(parts[0].inp);
+    Linear { weight: Weight::Plain(lay.push(&[rows, k])), bias: parts[0].bias.then(|| lay.push(&[rows])) }
+}
+
+/// Fills a [`plan_padded`] projection: each part's weight rows (and bias) at the start of its
+/// block of rows, each row's values at the start of the padded width, zeros elsewhere. Assembled
+/// on the host (the vision MLP: 17 MB per block).
+fn fill_padded(
+    gpu: &Gpu,
+    buf: &mut DeviceBuffer,
+    ckpt: &Checkpoint,
+    parts: &[&LinearSpec],
+    lin: &Linear,
+) -> Result<()> {
+    let Weight::Plain(w) = &lin.weight else {
+        return Err(Error::Internal("a padded projection with an adapter".into()));
+    };
+    let (rows, k) = (w.shape()[0], w.shape()[1]);
+    let part_rows = rows / parts.len();
+    let mut wp = vec![bf16::ZERO; rows * k];
+    let mut bp = vec![bf16::ZERO; rows];
+    for (pi, p) in parts.iter().enumerate() {
+        let name = p.weight();
+        let src = bf16_of(ckpt, &name)?;
+        if src.len() != p.out * p.inp || p.out > part_rows || p.inp > k {
+            return Err(Error::Tensor {
+                name,
+                file: ckpt.dir.clone(),
+                msg: format!(
+                    "{} values for [{}, {}] padded into [{part_rows}, {k}]",
+                    src.len(),
+                    p.out,
+                    p.inp
+                ),
+            });
+        }
+        for (i, row) in src.chunks_exact(p.inp).enumerate() {
+            let at = (pi * part_rows + i) * k;
+            wp[at..at + p.inp].copy_from_slice(row);
+        }
+        if let Some(bname) = p.bias_name() {
+            let b = bf16_of(ckpt, &bname)?;
+            if b.len() != p.out {
+                return Err(Error::Tensor {
+                    name: bname,
+                    file: ckpt.dir.clone(),
+                    msg: format!("{} values, expected {}", b.len(), p.out),
+                });
+            }
+            bp[pi * part_rows..pi * part_rows + p.out].copy_from_slice(&b);
+        }
+    }
+    buf.fill(gpu, w, &wp)?;
+    if let Some(b) = &lin.bias {
+        buf.fill(gpu, b, &bp)?;
+    }
+    Ok(())
 }
 
 /// Fills a planned [`Linear`] from the checkpoint: weights and biases concatenated, a stacked
