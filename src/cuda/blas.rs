@@ -245,8 +245,14 @@ impl Blas {
         let mut plan = self.descriptors(key)?;
         let count = if self.invariant { CANDIDATES } else { 1 };
         let found = self.heuristics(&plan, count)?;
-        let unsplit = found.iter().find(|a| algo_config(a)[3] <= 1);
-        plan.algo = match (unsplit, found.first()) {
+        // The heuristic's best unsplit algorithm; else (small m, long k: all its candidates split
+        // K) the first candidate that runs with its split-K count forced to 1.
+        let unsplit = found
+            .iter()
+            .find(|a| algo_config(a)[3] <= 1)
+            .copied()
+            .or_else(|| found.iter().find_map(|a| self.unsplit(&plan, a)));
+        plan.algo = match (unsplit.as_ref(), found.first()) {
             (Some(a), _) if self.invariant => *a,
             (_, Some(a)) => {
                 if self.invariant {
@@ -257,6 +263,37 @@ impl Blas {
             (_, None) => return Err(Error::Blas(format!("no algorithm for m={m} n={n} k={k}"))),
         };
         Ok(plan)
+    }
+
+    /// `algo` with split-K off (count 1, no reduction), if cuBLASLt's check accepts it for `plan`.
+    fn unsplit(&self, plan: &Plan, algo: &sys::cublasLtMatmulAlgo_t) -> Option<sys::cublasLtMatmulAlgo_t> {
+        use sys::cublasLtMatmulAlgoConfigAttributes_t as C;
+        let mut a = *algo;
+        let (one, none) = (1i32, 0u32);
+        // SAFETY: `a` is plain data owned here; each attribute is passed by address with its size.
+        let set = unsafe {
+            sys::cublasLtMatmulAlgoConfigSetAttribute(
+                &mut a,
+                C::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+                &one as *const i32 as *const c_void,
+                4,
+            ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                && sys::cublasLtMatmulAlgoConfigSetAttribute(
+                    &mut a,
+                    C::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME,
+                    &none as *const u32 as *const c_void,
+                    4,
+                ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+        };
+        let [l0, l1, l2] = plan.layouts;
+        // SAFETY: plain data the check fills.
+        let mut res: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        // SAFETY: all handles are live; `res` is a valid output location.
+        let ok = set
+            && unsafe { sys::cublasLtMatmulAlgoCheck(self.handle, plan.desc, l0, l1, l2, l2, &a, &mut res) }
+                == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            && res.workspaceSize <= WORKSPACE_BYTES;
+        ok.then_some(a)
     }
 
     /// The heuristic's first `count` algorithms for a planned problem, best first.

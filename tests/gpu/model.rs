@@ -178,7 +178,7 @@ fn text_outputs_in_mode(ctx: &mut Ctx, mode: LoraMode) -> Result<(), String> {
             ));
         }
         let cs = cos(packed, &t.refs[&format!("mixed/{j}/single/fp32")]);
-        if cs < 0.9999 {
+        if cs < min_single {
             return Err(format!("mixed batch, text {j}: single cos {cs:.6}"));
         }
     }
