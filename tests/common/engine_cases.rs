@@ -2,8 +2,8 @@
 //! (in CI), the GPU suite on CUDA. Each takes the device and returns `Err(message)` on failure.
 //!
 //! The model is a synthetic tiny checkpoint written with its tokenizer (`jv4 synth`). Every
-//! comparison of a request's vectors across batches is bitwise, on both backends: the GPU pins
-//! each GEMM's algorithm per weight shape (src/cuda/blas.rs) and its attention has no
+//! comparison of a request's vectors across batches is bitwise, on both backends: the GPU's GEMMs
+//! keep to cuBLASLt algorithms without split-K (src/cuda/blas.rs) and its attention has no
 //! batch-dependent split, so a request's vectors do not depend on what shares its forward.
 #![allow(dead_code)]
 
