@@ -22,6 +22,10 @@ pub struct ServeArgs {
     /// Where to run: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cuda", value_parser = super::parse_device)]
     device: Device,
+    /// Task adapters on the GPU: stacked (the default, the more faithful) or merged (faster,
+    /// ≈ 11 GB more memory, less faithful; see `jv4 embed --help`).
+    #[arg(long, default_value = "stacked", value_parser = super::parse_lora)]
+    lora: jv4::LoraMode,
     /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0 to serve the network).
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
@@ -95,6 +99,7 @@ pub fn run(a: ServeArgs) -> jv4::Result<()> {
         batch_wait: Duration::from_millis(a.batch_wait_ms),
         tokenizer: a.tokenizer,
         limits,
+        lora: a.lora,
         ..EngineOptions::default()
     };
     let api_key = a.api_key.or_else(|| std::env::var("JV4_API_KEY").ok()).filter(|k| !k.is_empty());
