@@ -48,8 +48,8 @@ pub mod server;
 
 pub use cuda::parse_bytes;
 pub use engine::{
-    Chunk, Chunking, Embedding, Engine, EngineOptions, EngineStats, Input, Limits, LoraMode, MultiVector,
-    OutputKind, PromptName, Request, Truncation,
+    Chunk, Chunking, DeviceState, Embedding, Engine, EngineOptions, EngineStats, Input, Limits, LoraMode,
+    MultiVector, OutputKind, PromptName, Request, Truncation,
 };
 pub use error::{Error, Result};
 pub use model::{Device, Task};

@@ -134,6 +134,11 @@ enum Cmd {
         /// cuda:N.
         #[arg(long, default_value = "cuda", value_parser = parse_device)]
         device: Device,
+        /// Several devices, one copy of the model each, sharing the work (instead of --device):
+        /// all (every GPU the driver reports), a list of ordinals (0,1,...) or of devices
+        /// (cuda:0,cuda:1 or cpu,cpu).
+        #[arg(long, conflicts_with = "device")]
+        devices: Option<String>,
         /// Milliseconds a forward that is not full waits for more requests (0: none).
         #[arg(long, default_value_t = 0)]
         batch_wait_ms: u64,
@@ -343,6 +348,7 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
             max_batch_patches,
             mem_budget,
             device,
+            devices,
             batch_wait_ms,
             lora,
             max_line_bytes,
@@ -389,8 +395,10 @@ fn run(cmd: Cmd) -> jv4::Result<()> {
             };
             limits.validate()?;
             check_files(input.as_deref(), output.as_deref())?;
+            let devices = devices.as_deref().map(Device::parse_list).transpose()?.unwrap_or_default();
             let opts = EngineOptions {
                 device,
+                devices,
                 max_batch_tokens,
                 mem_budget,
                 truncation: Truncation { max_length, strict },

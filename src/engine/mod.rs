@@ -1,6 +1,7 @@
 //! The engine layer: requests in, embeddings out.
 //!
-//! [`Engine`] is a handle (`Send + Sync + Clone`) to one model on one device. The device's
+//! [`Engine`] is a handle (`Send + Sync + Clone`) to one model on one device, or on several
+//! ([`EngineOptions::devices`]: one worker per device, see src/engine/pool.rs). The device's
 //! [`Backend`](crate::model::Backend) lives on a worker thread the engine owns; any number of
 //! threads may call [`Engine::embed`] at once. Each caller prepares its own requests (tokenizing
 //! texts, decoding images) on its own thread, then hands them to the worker, which packs the
@@ -32,6 +33,7 @@ pub mod image;
 pub mod jsonl;
 pub mod limits;
 pub mod output;
+mod pool;
 pub(crate) mod prepare;
 pub mod request;
 pub mod text;
@@ -39,7 +41,7 @@ mod worker;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -50,19 +52,23 @@ use crate::model::config::ModelConfig;
 pub use crate::model::gpu::LoraMode;
 use crate::{Error, Result};
 pub use limits::Limits;
+use pool::{stopped, LoseAfter, Pool};
 use prepare::Preparer;
 pub use request::{matryoshka, Chunk, Chunking, Embedding, Input, MultiVector, OutputKind, Request};
 pub use text::{
     plan_chunks, prompt_prefix, ChunkSpan, EncodedText, OffsetText, PromptName, TextTokenizer, Truncation,
     DEFAULT_MAX_LENGTH,
 };
-use worker::{Budgets, Counters, Item, Msg};
+use worker::{Budgets, Item, Msg};
 
 /// Engine settings.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
-    /// Where the model runs (default `cuda:0`).
+    /// Where the model runs (default `cuda:0`), unless `devices` is set.
     pub device: Device,
+    /// Several devices of one kind (data parallelism: one worker and one copy of the model each;
+    /// see src/engine/pool.rs). Empty (the default): `device` alone. CUDA devices must be distinct.
+    pub devices: Vec<Device>,
     /// Most tokens in one forward (sequences are packed up to it; a longer one runs alone).
     pub max_batch_tokens: usize,
     /// Most image patches in one forward; a larger image is resized down to fit (its max_pixels
@@ -88,6 +94,10 @@ pub struct EngineOptions {
     /// into one weight per task (faster, ≈ 11 GB more memory at full size, less faithful; see
     /// [`LoraMode`]). `$JV4_LORA` overrides. The CPU backend ignores it.
     pub lora: LoraMode,
+    /// TEST HOOK (fault injection), not an API: each `(i, n)` makes worker `i` (an index into the
+    /// devices) report [`Error::DeviceLost`] from its forward `n + 1` on (`n = 0`: the first).
+    #[doc(hidden)]
+    pub lose_device_after: Vec<(usize, u64)>,
 }
 
 impl Default for EngineOptions {
@@ -103,6 +113,8 @@ impl Default for EngineOptions {
             tokenizer: None,
             limits: Limits::default(),
             lora: LoraMode::default(),
+            devices: Vec::new(),
+            lose_device_after: Vec::new(),
         }
     }
 }
@@ -118,6 +130,19 @@ pub struct EngineStats {
     pub tokens: u64,
 }
 
+/// One device of an engine, as [`Engine::devices`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceState {
+    /// The device.
+    pub device: Device,
+    /// In words (e.g. `cuda:0 (NVIDIA H200)`).
+    pub describe: String,
+    /// Why it was lost (taken out of the rotation), if it was.
+    pub lost: Option<String>,
+    /// The work it has done.
+    pub stats: EngineStats,
+}
+
 /// A handle to a model on a device. See the module documentation.
 #[derive(Clone)]
 pub struct Engine {
@@ -126,21 +151,40 @@ pub struct Engine {
 
 struct Inner {
     prep: Preparer,
-    device: Device,
     describe: String,
-    tx: Option<Sender<Msg>>,
-    worker: Mutex<Option<JoinHandle<()>>>,
-    counters: Arc<Counters>,
+    pool: Arc<Pool>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Closing the channel ends the worker once its queue is done.
-        self.tx.take();
-        if let Some(h) = self.worker.get_mut().ok().and_then(Option::take) {
-            let _ = h.join();
+        // Closing the channels ends the workers once their queues are done.
+        close(&self.pool, self.workers.get_mut().map(std::mem::take).unwrap_or_default());
+    }
+}
+
+fn close(pool: &Pool, workers: Vec<JoinHandle<()>>) {
+    pool.close();
+    for h in workers {
+        let _ = h.join();
+    }
+}
+
+/// The devices of `opts`, checked: one kind, no CUDA device twice.
+fn devices_of(opts: &EngineOptions) -> Result<Vec<Device>> {
+    let devices = if opts.devices.is_empty() { vec![opts.device] } else { opts.devices.clone() };
+    let cpu = devices[0] == Device::Cpu;
+    if devices.iter().any(|&d| (d == Device::Cpu) != cpu) {
+        return Err(Error::Input(
+            "devices must be all CUDA or all cpu (their results would differ otherwise)".into(),
+        ));
+    }
+    for (i, d) in devices.iter().enumerate() {
+        if *d != Device::Cpu && devices[..i].contains(d) {
+            return Err(Error::Input(format!("device {d} is listed twice")));
         }
     }
+    Ok(devices)
 }
 
 /// Requests prepared ahead of the worker at a time, per caller.
@@ -148,13 +192,15 @@ const WINDOW: usize = 256;
 
 impl Engine {
     /// Opens a model folder (checkpoint and `tokenizer.json`, or `opts.tokenizer`), and loads the
-    /// model onto `opts.device` on the engine's worker thread. The folder may also be a Hugging
+    /// model onto `opts.device` (or each of `opts.devices`) on the engine's worker thread(s),
+    /// in parallel. The folder may also be a Hugging
     /// Face cache folder or the hub cache holding it ([`crate::model::folder::resolve_model_dir`]).
     pub fn open(model_dir: &Path, opts: EngineOptions) -> Result<Engine> {
         let model_dir = &crate::model::folder::resolve_model_dir(model_dir)?;
         if opts.max_batch_tokens == 0 || opts.max_batch_patches == 0 {
             return Err(Error::Input("max_batch_tokens and max_batch_patches must be at least 1".into()));
         }
+        let devices = devices_of(&opts)?;
         let tok = match &opts.tokenizer {
             Some(t) => TextTokenizer::from_file(t)?,
             None => TextTokenizer::from_model_dir(model_dir)?,
@@ -171,53 +217,73 @@ impl Engine {
             opts.truncation,
             opts.max_batch_patches,
             opts.preprocess_threads,
-            opts.device != Device::Cpu,
+            devices[0] != Device::Cpu,
         )?;
         prep.limits = opts.limits.clone();
 
-        let (tx, rx) = mpsc::channel::<Msg>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<String>>();
-        let counters = Arc::new(Counters::default());
+        let ckpt = Arc::new(ckpt);
+        let (txs, rxs): (Vec<_>, Vec<_>) = devices.iter().map(|_| mpsc::channel::<Msg>()).unzip();
+        let pool = Arc::new(Pool::new(&devices, txs));
+        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<String>)>();
         let budgets =
             Budgets { tokens: opts.max_batch_tokens, patches: opts.max_batch_patches, wait: opts.batch_wait };
-        let (device, mem_budget, lora, c) = (opts.device, opts.mem_budget, opts.lora, counters.clone());
-        let worker = std::thread::Builder::new()
-            .name(format!("jv4-{device}"))
-            .spawn(move || {
+        let mut workers = Vec::with_capacity(devices.len());
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let (device, mem_budget, lora) = (devices[i], opts.mem_budget, opts.lora);
+            let (ckpt, worker_pool, ready_tx) = (ckpt.clone(), pool.clone(), ready_tx.clone());
+            let lose_after = opts.lose_device_after.iter().find(|&&(w, _)| w == i).map(|&(_, n)| n);
+            let name = if devices.len() == 1 { format!("jv4-{device}") } else { format!("jv4-{i}-{device}") };
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
                 // The backend is created here, so its CUDA context is current on this thread.
                 let backend = match open_backend(device, &ckpt, mem_budget, lora) {
                     Ok(b) => b,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e));
+                        let _ = ready_tx.send((i, Err(e)));
                         return;
                     }
                 };
                 drop(ckpt);
-                let _ = ready_tx.send(Ok(backend.describe()));
-                worker::run(backend, rx, budgets, c);
-            })
-            .map_err(|e| Error::Internal(format!("cannot start the engine's worker thread: {e}")))?;
-        let describe = match ready_rx.recv() {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                let _ = worker.join();
-                return Err(e);
+                let backend = match lose_after {
+                    Some(left) => Box::new(LoseAfter { inner: backend, left }),
+                    None => backend,
+                };
+                let _ = ready_tx.send((i, Ok(backend.describe())));
+                drop(ready_tx);
+                worker::run(backend, rx, budgets, worker_pool, i);
+            });
+            match spawned {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    close(&pool, workers);
+                    return Err(Error::Internal(format!("cannot start the engine's worker thread: {e}")));
+                }
             }
-            Err(_) => {
-                let _ = worker.join();
-                return Err(Error::Internal("the engine's worker stopped while loading the model".into()));
+        }
+        drop((ready_tx, ckpt));
+        let mut failed = None;
+        for _ in 0..devices.len() {
+            match ready_rx.recv() {
+                Ok((i, Ok(d))) => {
+                    let _ = pool.slots[i].describe.set(d);
+                }
+                Ok((_, Err(e))) => {
+                    failed.get_or_insert(e);
+                }
+                Err(_) => {
+                    failed.get_or_insert(Error::Internal(
+                        "the engine's worker stopped while loading the model".into(),
+                    ));
+                    break;
+                }
             }
-        };
-        Ok(Engine {
-            inner: Arc::new(Inner {
-                prep,
-                device,
-                describe,
-                tx: Some(tx),
-                worker: Mutex::new(Some(worker)),
-                counters,
-            }),
-        })
+        }
+        if let Some(e) = failed {
+            close(&pool, workers);
+            return Err(e);
+        }
+        let describe =
+            pool.slots.iter().filter_map(|s| s.describe.get().cloned()).collect::<Vec<_>>().join(", ");
+        Ok(Engine { inner: Arc::new(Inner { prep, describe, pool, workers: Mutex::new(workers) }) })
     }
 
     /// The model's configuration.
@@ -225,12 +291,28 @@ impl Engine {
         &self.inner.prep.cfg
     }
 
-    /// Where the model runs.
+    /// Where the model runs (the first device, when there are several).
     pub fn device(&self) -> Device {
-        self.inner.device
+        self.inner.pool.slots[0].device
     }
 
-    /// The device, in words (e.g. `cuda:0 (NVIDIA H200)`).
+    /// Every device, in the order of [`EngineOptions::devices`], with its state and its work.
+    pub fn devices(&self) -> Vec<DeviceState> {
+        let pool = &self.inner.pool;
+        (0..pool.slots.len())
+            .map(|i| {
+                let s = &pool.slots[i];
+                DeviceState {
+                    device: s.device,
+                    describe: s.describe.get().cloned().unwrap_or_default(),
+                    lost: pool.lost(i),
+                    stats: stats_of(&s.counters),
+                }
+            })
+            .collect()
+    }
+
+    /// The device(s), in words (e.g. `cuda:0 (NVIDIA H200)`; several joined by `, `).
     pub fn describe(&self) -> &str {
         &self.inner.describe
     }
@@ -250,42 +332,57 @@ impl Engine {
         self.inner.prep.truncation
     }
 
-    /// Work done so far.
+    /// Work done so far (all devices together).
     pub fn stats(&self) -> EngineStats {
-        let c = &self.inner.counters;
-        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        EngineStats { forwards: get(&c.forwards), sequences: get(&c.sequences), tokens: get(&c.tokens) }
+        self.devices().iter().fold(EngineStats::default(), |a, d| EngineStats {
+            forwards: a.forwards + d.stats.forwards,
+            sequences: a.sequences + d.stats.sequences,
+            tokens: a.tokens + d.stats.tokens,
+        })
     }
 
     /// Forwards run so far by how many sequences they packed: `(at most this many, forwards)`
     /// for 1, 2, 4, ..., 2048 sequences, then `(usize::MAX, forwards of more)`; not cumulative.
     pub fn batch_sizes(&self) -> Vec<(usize, u64)> {
-        let c = &self.inner.counters.batch_sizes;
         let bound = |b: usize| if b + 1 < worker::BATCH_BUCKETS { 1usize << b } else { usize::MAX };
-        c.iter().enumerate().map(|(b, n)| (bound(b), n.load(std::sync::atomic::Ordering::Relaxed))).collect()
+        let count = |b: usize| {
+            self.inner.pool.slots.iter().map(|s| s.counters.batch_sizes[b].load(Ordering::Relaxed)).sum()
+        };
+        (0..worker::BATCH_BUCKETS).map(|b| (bound(b), count(b))).collect()
     }
 
-    /// Memory the backend holds (asks the worker: waits for the forward in progress).
+    /// Memory the backends hold, summed over the devices (asks the workers: waits for the
+    /// forwards in progress).
     pub fn memory(&self) -> Result<MemoryReport> {
         let (tx, rx) = mpsc::channel();
-        self.send(Msg::Memory(tx))?;
-        rx.recv().map_err(|_| stopped())
+        let n = self.inner.pool.broadcast(|| Msg::Memory(tx.clone()));
+        drop(tx);
+        if n == 0 {
+            return Err(stopped());
+        }
+        let mut sum = MemoryReport::default();
+        for _ in 0..n {
+            let m = rx.recv().map_err(|_| stopped())?;
+            sum.weights += m.weights;
+            sum.activations_peak += m.activations_peak;
+            sum.activations_budget += m.activations_budget;
+        }
+        Ok(sum)
     }
 
-    /// Restarts the activation-memory peak.
+    /// Restarts the activation-memory peak (of every device).
     pub fn reset_peak(&self) -> Result<()> {
-        self.send(Msg::ResetPeak)
-    }
-
-    fn send(&self, m: Msg) -> Result<()> {
-        self.inner.tx.as_ref().ok_or_else(stopped)?.send(m).map_err(|_| stopped())
+        match self.inner.pool.broadcast(|| Msg::ResetPeak) {
+            0 => Err(stopped()),
+            _ => Ok(()),
+        }
     }
 
     /// Embeds any mix of texts, images and token ids, tasks, outputs and widths: one result per
     /// request, in order. Safe to call from many threads at once.
     ///
-    /// Requests are prepared in windows on the calling thread; while the worker runs one window's
-    /// forwards, the next window is prepared.
+    /// Requests are prepared in windows on the calling thread; while the workers run some windows'
+    /// forwards, the next window is prepared. Each window goes to the least-loaded device.
     pub fn embed(&self, reqs: &[Request]) -> Vec<Result<Embedding>> {
         self.embed_with(reqs, &CallOptions::default())
     }
@@ -298,8 +395,10 @@ impl Engine {
         let cancelled = || opts.cancel.as_ref().is_some_and(Cancel::is_cancelled);
         let mut results: Vec<Option<Result<Embedding>>> = (0..reqs.len()).map(|_| None).collect();
         let (tx, rx) = mpsc::channel::<(usize, Result<Embedding>)>();
-        let mut sent = 0usize; // requests handed to the worker
+        let mut sent = 0usize; // requests handed to the workers
         let mut answered = 0usize; // of those, answered
+                                   // Windows with the workers at a time: one per device and one more (two for one device).
+        let in_flight = window * self.inner.pool.slots.len();
         for (w, chunk) in reqs.chunks(window).enumerate() {
             if cancelled() {
                 break; // the rest are answered Cancelled below
@@ -321,8 +420,8 @@ impl Engine {
                     Err(e) => results[offset + k] = Some(Err(e)),
                 }
             }
-            // At most two windows with the worker: wait for the one before the last.
-            while sent - answered > window {
+            // Keep every device busy: wait only once `in_flight` are with the workers.
+            while sent - answered > in_flight {
                 match rx.recv() {
                     Ok((slot, r)) => {
                         results[slot] = Some(r);
@@ -331,16 +430,10 @@ impl Engine {
                     Err(_) => break,
                 }
             }
-            let n = items.len();
-            if n > 0 {
-                match self.send(Msg::Work(items)) {
-                    Ok(()) => sent += n,
-                    Err(e) => {
-                        for r in results[offset..offset + chunk.len()].iter_mut().filter(|r| r.is_none()) {
-                            *r = Some(Err(e.clone()));
-                        }
-                    }
-                }
+            if !items.is_empty() {
+                // Every item is answered on `rx`, by a worker or by the pool.
+                sent += items.len();
+                self.inner.pool.dispatch(items);
             }
         }
         drop(tx);
@@ -401,8 +494,9 @@ pub(crate) fn cancelled_error() -> Error {
     Error::Cancelled("the caller gave up before the request ran".into())
 }
 
-fn stopped() -> Error {
-    Error::Internal("the engine's worker has stopped".into())
+fn stats_of(c: &worker::Counters) -> EngineStats {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    EngineStats { forwards: get(&c.forwards), sequences: get(&c.sequences), tokens: get(&c.tokens) }
 }
 
 #[cfg(test)]

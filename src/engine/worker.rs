@@ -3,6 +3,9 @@
 //! the worker queues them from all callers, packs them in arrival order into forwards under the
 //! token and patch budgets, and sends each result back to the caller it came from.
 //!
+//! Several devices: one worker each, see pool.rs; a worker whose device is lost
+//! hands its requests back to the pool and forwards whatever still reaches it.
+//!
 //! Batching: whatever has queued while the previous forward ran is packed together (continuous
 //! batching). With a wait window, a forward that is not yet full waits up to that long for more
 //! requests first.
@@ -14,6 +17,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::engine::pool::{tokens, Pool};
 use crate::engine::prepare::Prepared;
 use crate::engine::request::{matryoshka, Chunk, Embedding, MultiVector, OutputKind};
 use crate::model::backend::{Backend, MemoryReport};
@@ -66,13 +70,17 @@ pub(crate) struct Budgets {
     pub wait: Duration,
 }
 
-/// The worker's loop: until every handle is gone (the channel closes).
+/// The worker's loop: until every handle is gone (the channel closes). `me`: this worker's slot
+/// in `pool`.
 pub(crate) fn run(
     mut backend: Box<dyn Backend>,
     rx: Receiver<Msg>,
     budgets: Budgets,
-    counters: Arc<Counters>,
+    pool: Arc<Pool>,
+    me: usize,
 ) {
+    let slot = &pool.slots[me];
+    let counters = &slot.counters;
     let mut queue: VecDeque<Item> = VecDeque::new();
     let mut open = true;
     loop {
@@ -106,9 +114,28 @@ pub(crate) fn run(
                 Err(RecvTimeoutError::Disconnected) => open = false,
             }
         }
-        drop_cancelled(&mut queue);
+        let dropped = drop_cancelled(&mut queue);
         let group = take_group(&mut queue, budgets);
-        run_group(backend.as_mut(), group, &counters);
+        let t = tokens(&group) + dropped;
+        let lost = run_group(backend.as_mut(), group, counters);
+        slot.load.fetch_sub(t, Ordering::Relaxed);
+        if let Some((e, mut items)) = lost {
+            // Out of the rotation first, so that nothing handed on comes back here.
+            items.extend(queue.drain(..));
+            let why = match e {
+                Error::DeviceLost(m) => m,
+                e => e.to_string(),
+            };
+            pool.lose(me, &why, items.len());
+            pool.dispatch(items);
+            for m in rx {
+                match m {
+                    Msg::Work(items) => pool.dispatch(items),
+                    m => handle(m, &mut queue, backend.as_mut()),
+                }
+            }
+            return;
+        }
     }
 }
 
@@ -122,15 +149,18 @@ fn handle(m: Msg, queue: &mut VecDeque<Item>, backend: &mut dyn Backend) {
     }
 }
 
-/// Answers the items whose caller has given up, and removes them from the queue.
-fn drop_cancelled(queue: &mut VecDeque<Item>) {
+/// Answers the items whose caller has given up, and removes them from the queue; their tokens.
+fn drop_cancelled(queue: &mut VecDeque<Item>) -> u64 {
+    let mut dropped = 0;
     queue.retain(|item| {
         let gone = item.cancel.as_ref().is_some_and(|c| c.is_cancelled());
         if gone {
             answer(item, Err(crate::engine::cancelled_error()));
+            dropped += tokens(std::slice::from_ref(item));
         }
         !gone
     });
+    dropped
 }
 
 fn queued(queue: &VecDeque<Item>) -> (usize, usize) {
@@ -155,8 +185,13 @@ fn take_group(queue: &mut VecDeque<Item>, b: Budgets) -> Vec<Item> {
 
 /// One forward for `group`. On out-of-memory, or an input error the batch cannot place, the
 /// group is halved and each half tried again, so that only the request(s) at fault fail; any
-/// other error is every member's.
-fn run_group(backend: &mut dyn Backend, mut group: Vec<Item>, counters: &Counters) {
+/// other error is every member's, except [`Error::DeviceLost`]: then the error and the requests
+/// not yet answered are returned, for other devices to serve.
+fn run_group(
+    backend: &mut dyn Backend,
+    mut group: Vec<Item>,
+    counters: &Counters,
+) -> Option<(Error, Vec<Item>)> {
     // Same-task requests side by side: task-merged weights run one GEMM per run of a task.
     group.sort_by_key(|i| i.task.index());
     let mut batch = PackedBatch::new(backend.config());
@@ -171,7 +206,7 @@ fn run_group(backend: &mut dyn Backend, mut group: Vec<Item>, counters: &Counter
         }
     }
     if members.is_empty() {
-        return;
+        return None;
     }
     batch.want_multi = members.iter().any(|i| i.output.multi());
     let result = catch_unwind(AssertUnwindSafe(|| backend.forward(&batch)))
@@ -189,17 +224,25 @@ fn run_group(backend: &mut dyn Backend, mut group: Vec<Item>, counters: &Counter
             for (k, item) in members.iter().enumerate() {
                 answer(item, finite(embedding(&out, &batch, k, item, hid, pd)));
             }
+            None
         }
         Err(Error::OutOfMemory { .. } | Error::Input(_)) if members.len() > 1 => {
             let mut rest = members;
             let second = rest.split_off(rest.len() / 2);
-            run_group(backend, rest, counters);
-            run_group(backend, second, counters);
+            match run_group(backend, rest, counters) {
+                Some((e, mut items)) => {
+                    items.extend(second);
+                    Some((e, items))
+                }
+                None => run_group(backend, second, counters),
+            }
         }
+        Err(e @ Error::DeviceLost(_)) => Some((e, members)),
         Err(e) => {
             for item in &members {
                 answer(item, Err(e.clone()));
             }
+            None
         }
     }
 }

@@ -58,6 +58,46 @@ impl FromStr for Device {
     }
 }
 
+impl Device {
+    /// A list of devices: `all` (every CUDA device the driver reports; [`Error::NoGpu`] when it
+    /// reports none), or comma-separated devices, each `cpu`, `cuda`, `cuda:N` or an ordinal `N`.
+    pub fn parse_list(s: &str) -> Result<Vec<Device>> {
+        if s.trim() == "all" {
+            return Ok((0..cuda_device_count()?).map(Device::Cuda).collect());
+        }
+        s.split(',')
+            .map(|d| match d.trim().parse::<usize>() {
+                Ok(n) => Ok(Device::Cuda(n)),
+                Err(_) => d.parse().map_err(|e: Error| {
+                    Error::Input(format!("devices {s:?}: {e}; or all, or a list such as 0,1 or cpu,cpu"))
+                }),
+            })
+            .collect()
+    }
+}
+
+/// How many CUDA devices the driver reports; [`Error::NoGpu`] without a driver, a device, or
+/// kernels in this binary.
+pub fn cuda_device_count() -> Result<usize> {
+    use cudarc::driver::{sys, CudaContext};
+    if cfg!(no_kernels) {
+        return Err(Error::NoGpu("this binary was built without CUDA kernels (JV4_ALLOW_NO_NVCC=1)".into()));
+    }
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::NoGpu(
+            "the NVIDIA driver library (libcuda.so.1) was not found on this machine".into(),
+        ));
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => Ok(n as usize),
+        Err(e) if e.0 != sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+            Err(Error::NoGpu(format!("the CUDA driver failed to start: {e:?}")))
+        }
+        _ => Err(Error::NoGpu("the CUDA driver reports no device".into())),
+    }
+}
+
 /// Memory a backend holds, for reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryReport {
@@ -313,6 +353,18 @@ mod tests {
         for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", ""] {
             let e = bad.parse::<Device>().unwrap_err().to_string();
             assert!(e.contains("expected cpu, cuda or cuda:N"), "{bad}: {e}");
+        }
+        assert_eq!(Device::parse_list("0,1").unwrap(), [Device::Cuda(0), Device::Cuda(1)]);
+        assert_eq!(Device::parse_list("cpu, cpu").unwrap(), [Device::Cpu, Device::Cpu]);
+        assert_eq!(Device::parse_list("cuda:2,3,cuda").unwrap(), [2, 3, 0].map(Device::Cuda));
+        for bad in ["", "0,,1", "gpu", "1,x", "-1"] {
+            let e = Device::parse_list(bad).unwrap_err().to_string();
+            assert!(e.contains("or all, or a list"), "{bad}: {e}");
+        }
+        // `all`: every device the driver reports, or a clear error on a machine without one.
+        match Device::parse_list("all") {
+            Ok(all) => assert!(!all.is_empty() && all.iter().enumerate().all(|(i, &d)| d == Device::Cuda(i))),
+            Err(e) => assert!(matches!(e, Error::NoGpu(_)), "{e}"),
         }
         assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
         assert_eq!(Device::Cpu.to_string(), "cpu");
