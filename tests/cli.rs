@@ -227,3 +227,38 @@ fn exit_codes_are_distinct() {
         assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     }
 }
+
+#[test]
+fn embed_on_several_devices_equals_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synth_model(dir.path());
+    let input = dir.path().join("in.jsonl");
+    let lines: String =
+        (0..7).map(|i| format!("{{\"id\": \"{i}\", \"text\": \"line {i} of the input\"}}\n")).collect();
+    std::fs::write(&input, lines).unwrap();
+    let run = |device: &[&str]| {
+        let mut args = vec!["embed", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()];
+        args.extend_from_slice(device);
+        jv4(&args)
+    };
+    let one = run(&["--device", "cpu"]);
+    assert!(one.status.success(), "{}", text(&one));
+    let two = run(&["--devices", "cpu,cpu"]);
+    assert!(two.status.success(), "{}", text(&two));
+    assert_eq!(one.stdout, two.stdout, "the same lines, in the same order");
+    let bad = run(&["--devices", "cpu,gpu"]);
+    assert_no_panic(&bad);
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    assert!(text(&bad).contains("or all, or a list"), "{}", text(&bad));
+    let mixed = run(&["--devices", "cpu,0"]);
+    assert_eq!(mixed.status.code(), Some(1), "{}", text(&mixed));
+    assert!(text(&mixed).contains("all CUDA or all cpu"), "{}", text(&mixed));
+    let both = run(&["--device", "cpu", "--devices", "cpu"]);
+    assert_eq!(both.status.code(), Some(2), "--device and --devices conflict\n{}", text(&both));
+    let all = run(&["--devices", "all"]);
+    assert_no_panic(&all);
+    if !all.status.success() {
+        assert_eq!(all.status.code(), Some(3), "no GPU: exit 3\n{}", text(&all));
+        assert!(text(&all).contains("no GPU available"), "{}", text(&all));
+    }
+}

@@ -149,11 +149,13 @@ impl Pool {
         let left = (0..self.slots.len()).filter(|&k| self.lost(k).is_none()).count();
         let device = self.slots[i].device;
         if left == 0 {
-            eprintln!("jv4: device {device} lost ({why}); no device left, requests fail with device-lost");
+            eprintln!(
+                "jv4: device #{i} ({device}) lost ({why}); no device left, requests fail with device-lost"
+            );
         } else {
             eprintln!(
-                "jv4: device {device} lost ({why}); taken out of rotation, {requeued} queued request(s) \
-                 re-sent to the {left} device(s) left"
+                "jv4: device #{i} ({device}) lost ({why}); taken out of rotation, {requeued} queued \
+                 request(s) re-sent to the {left} device(s) left"
             );
         }
     }
