@@ -22,6 +22,10 @@ pub struct ServeArgs {
     /// Where to run: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cuda", value_parser = super::parse_device)]
     device: Device,
+    /// Several devices, one copy of the model each, sharing the requests (instead of --device):
+    /// all (every GPU the driver reports) or a list (0,1,... or cuda:0,cuda:1 or cpu,cpu).
+    #[arg(long, conflicts_with = "device")]
+    devices: Option<String>,
     /// Task adapters on the GPU: stacked (the default, the more faithful) or merged (faster,
     /// ≈ 11 GB more memory, less faithful; see `jv4 embed --help`).
     #[arg(long, default_value = "stacked", value_parser = super::parse_lora)]
@@ -89,8 +93,10 @@ pub fn run(a: ServeArgs) -> jv4::Result<()> {
     if !(a.request_timeout_s > 0.0 && a.request_timeout_s.is_finite()) {
         return Err(Error::Input("--request-timeout-s must be a positive number".into()));
     }
+    let devices = a.devices.as_deref().map(Device::parse_list).transpose()?.unwrap_or_default();
     let opts = EngineOptions {
         device: a.device,
+        devices,
         max_batch_tokens: a.max_batch_tokens,
         max_batch_patches: a.max_batch_patches,
         mem_budget: a.mem_budget,

@@ -255,6 +255,10 @@ fn embed_on_several_devices_equals_one() {
     assert!(text(&mixed).contains("all CUDA or all cpu"), "{}", text(&mixed));
     let both = run(&["--device", "cpu", "--devices", "cpu"]);
     assert_eq!(both.status.code(), Some(2), "--device and --devices conflict\n{}", text(&both));
+    let serve = jv4(&["serve", "--model", model.to_str().unwrap(), "--devices", "cpu,gpu", "--port", "0"]);
+    assert_no_panic(&serve);
+    assert_eq!(serve.status.code(), Some(1), "{}", text(&serve));
+    assert!(text(&serve).contains("or all, or a list"), "{}", text(&serve));
     let all = run(&["--devices", "all"]);
     assert_no_panic(&all);
     if !all.status.success() {

@@ -478,9 +478,10 @@ impl Cancel {
 pub struct CallOptions {
     /// When set and then cancelled, the call's requests still queued are dropped.
     pub cancel: Option<Cancel>,
-    /// Requests prepared and handed to the worker at a time (at most two windows of a call are
-    /// queued at once). The worker serves requests in arrival order, so a smaller window lets
-    /// other callers' requests in between sooner (fairness) at the cost of more hand-offs.
+    /// Requests prepared and handed to a worker at a time (at most one window of a call per device
+    /// and one more are queued at once; each window goes to one device). A worker serves requests
+    /// in arrival order, so a smaller window lets other callers' requests in between sooner
+    /// (fairness) and spreads one caller over more devices, at the cost of more hand-offs.
     pub window: usize,
 }
 
