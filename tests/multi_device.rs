@@ -131,6 +131,24 @@ fn a_lost_worker_is_taken_out_and_its_requests_served_by_the_others() {
 }
 
 #[test]
+fn a_request_in_two_lost_forwards_fails_instead_of_taking_a_third_device() {
+    let model = Model::new().unwrap();
+    // Workers 0 and 1 fail their first forward; the one request goes to 0 (idle workers take
+    // turns from 0), is re-sent once to 1, and after that second loss fails with its error
+    // rather than reaching worker 2: a request that faults every device must not take them all.
+    let three = three_cpus(&model, vec![(0, 0), (1, 0)]);
+    let r = three.embed(&texts(3, 1)).remove(0);
+    assert!(matches!(&r, Err(jv4::Error::DeviceLost(_))), "{r:?}");
+    let devices = three.devices();
+    assert!(devices[0].lost.is_some() && devices[1].lost.is_some(), "{devices:?}");
+    assert!(devices[2].lost.is_none() && devices[2].stats.forwards == 0, "{devices:?}");
+    // Worker 2 still serves new requests.
+    let again = three.embed(&texts(4, 2));
+    assert!(again.iter().all(|r| r.is_ok()), "{again:?}");
+    assert!(three.devices()[2].stats.forwards > 0);
+}
+
+#[test]
 fn with_every_device_lost_requests_fail_with_device_lost() {
     let model = Model::new().unwrap();
     // The first of two lost: the second serves alone.

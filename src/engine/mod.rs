@@ -416,6 +416,7 @@ impl Engine {
                         dims: r.dims,
                         reply: tx.clone(),
                         cancel: opts.cancel.clone(),
+                        resent: false,
                     }),
                     Err(e) => results[offset + k] = Some(Err(e)),
                 }

@@ -37,6 +37,10 @@ pub(crate) struct Item {
     pub reply: Sender<(usize, Result<Embedding>)>,
     /// Set when the caller has given up: the item is answered Cancelled instead of run.
     pub cancel: Option<crate::engine::Cancel>,
+    /// Whether it was in a forward on a device that was then lost. Such a request is re-sent once;
+    /// in a forward that loses a second device it fails with that error (it may be the cause: a
+    /// request that faults every device must not take them all down in turn).
+    pub resent: bool,
 }
 
 /// What the worker is sent.
@@ -119,7 +123,17 @@ pub(crate) fn run(
         let t = tokens(&group) + dropped;
         let lost = run_group(backend.as_mut(), group, counters);
         slot.load.fetch_sub(t, Ordering::Relaxed);
-        if let Some((e, mut items)) = lost {
+        if let Some((e, ran)) = lost {
+            // The failed forward's requests go on once; the queued ones (never run) always.
+            let mut items = Vec::with_capacity(ran.len() + queue.len());
+            for mut item in ran {
+                if item.resent {
+                    answer(&item, Err(e.clone()));
+                } else {
+                    item.resent = true;
+                    items.push(item);
+                }
+            }
             // Out of the rotation first, so that nothing handed on comes back here.
             items.extend(queue.drain(..));
             let why = match e {
