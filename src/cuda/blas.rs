@@ -186,31 +186,69 @@ impl Blas {
                 &b.ptr(),
             )?;
         }
+        // SAFETY: shapes were checked against the layouts of this plan; all pointers are live
+        // device allocations of the sizes the layouts describe.
+        unsafe { self.enqueue(plan, w.ptr(), x.ptr(), y_ptr, accumulate) }
+            .map_err(|e| blas_err(&format!("matmul m={m} n={n} k={k}"), e))
+    }
+
+    /// Enqueues `y = x·wᵀ (+ y when accumulate)` with `plan`'s descriptors and algorithm.
+    ///
+    /// # Safety
+    /// `w`, `x` and `y` must be live device allocations of the sizes `plan`'s layouts describe.
+    unsafe fn enqueue(
+        &self,
+        plan: &Plan,
+        w: dsys::CUdeviceptr,
+        x: dsys::CUdeviceptr,
+        y: dsys::CUdeviceptr,
+        accumulate: bool,
+    ) -> std::result::Result<(), lt::CublasError> {
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
-        // SAFETY: shapes were checked against the layouts of this plan; all pointers are live
-        // device allocations of the sizes the layouts describe; workspace is ours.
+        let [la, lb, lc] = plan.layouts;
+        // SAFETY: the caller guarantees the operands; the descriptors are live (cuBLASLt reads
+        // them at enqueue time) and the workspace is ours.
         unsafe {
             lt::matmul(
                 self.handle,
                 plan.desc,
                 &alpha as *const f32 as *const c_void,
                 &beta as *const f32 as *const c_void,
-                w.ptr() as *const c_void,
-                plan.layouts[0],
-                x.ptr() as *const c_void,
-                plan.layouts[1],
-                y_ptr as *const c_void,
-                plan.layouts[2],
-                y_ptr as *mut c_void,
-                plan.layouts[2],
+                w as *const c_void,
+                la,
+                x as *const c_void,
+                lb,
+                y as *const c_void,
+                lc,
+                y as *mut c_void,
+                lc,
                 &plan.algo,
                 self.workspace as *mut c_void,
                 WORKSPACE_BYTES,
                 self.stream as sys::cudaStream_t,
             )
         }
-        .map_err(|e| blas_err(&format!("matmul m={m} n={n} k={k}"), e))
+    }
+
+    /// Whether cuBLASLt's check accepts `algo` for `plan`'s problem within the workspace.
+    fn accepts(
+        &self,
+        plan: &Plan,
+        algo: &sys::cublasLtMatmulAlgo_t,
+    ) -> std::result::Result<(), sys::cublasStatus_t> {
+        let [a, b, c] = plan.layouts;
+        // SAFETY: plain data the check fills.
+        let mut res: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        // SAFETY: all handles are live; `res` is a valid output location.
+        let st = unsafe { sys::cublasLtMatmulAlgoCheck(self.handle, plan.desc, a, b, c, c, algo, &mut res) };
+        match st {
+            sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS if res.workspaceSize <= WORKSPACE_BYTES => Ok(()),
+            sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => {
+                Err(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)
+            }
+            e => Err(e),
+        }
     }
 
     /// Number of cached plans (distinct recent problem shapes, at most the capacity).
@@ -285,14 +323,7 @@ impl Blas {
                     4,
                 ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
         };
-        let [l0, l1, l2] = plan.layouts;
-        // SAFETY: plain data the check fills.
-        let mut res: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
-        // SAFETY: all handles are live; `res` is a valid output location.
-        let ok = set
-            && unsafe { sys::cublasLtMatmulAlgoCheck(self.handle, plan.desc, l0, l1, l2, l2, &a, &mut res) }
-                == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-            && res.workspaceSize <= WORKSPACE_BYTES;
+        let ok = set && self.accepts(plan, &a).is_ok();
         ok.then_some(a)
     }
 
@@ -452,43 +483,21 @@ impl Blas {
         w: &DView<'_, bf16>,
         y: &mut DViewMut<'_, bf16>,
     ) -> Result<()> {
-        let (&[m, k], &[n, _]) = (x.shape(), w.shape()) else {
-            return Err(Error::Shape { op: "linear_with", msg: "2-D operands".into() });
+        let shapes = format!("x {:?} · w {:?}ᵀ -> y {:?}", x.shape(), w.shape(), y.shape());
+        let (&[m, k], &[n, k2]) = (x.shape(), w.shape()) else {
+            return Err(Error::Shape { op: "linear_with", msg: shapes });
         };
-        let plan = self.descriptors(Key { m, n, k, bias: false, accumulate: false, out_f32: false })?;
-        let [a, b, c] = plan.layouts;
-        // SAFETY: plain data the check fills.
-        let mut res: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
-        // SAFETY: all handles are live.
-        let st =
-            unsafe { sys::cublasLtMatmulAlgoCheck(self.handle, plan.desc, a, b, c, c, &algo.raw, &mut res) };
-        if st != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || res.workspaceSize > WORKSPACE_BYTES {
+        if k != k2 || y.shape() != [m, n] {
+            return Err(Error::Shape { op: "linear_with", msg: shapes });
+        }
+        let mut plan = self.descriptors(Key { m, n, k, bias: false, accumulate: false, out_f32: false })?;
+        if let Err(st) = self.accepts(&plan, &algo.raw) {
             return Err(Error::Blas(format!("{algo} refused for m={m} n={n} k={k}: {st:?}")));
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: as in `gemm`: the layouts describe these live allocations; the plan outlives the
-        // enqueue (cuBLASLt reads descriptors at enqueue time).
-        unsafe {
-            lt::matmul(
-                self.handle,
-                plan.desc,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                w.ptr() as *const c_void,
-                a,
-                x.ptr() as *const c_void,
-                b,
-                y.ptr() as *const c_void,
-                c,
-                y.ptr() as *mut c_void,
-                c,
-                &algo.raw,
-                self.workspace as *mut c_void,
-                WORKSPACE_BYTES,
-                self.stream as sys::cudaStream_t,
-            )
-        }
-        .map_err(|e| blas_err("matmul", e))
+        plan.algo = algo.raw;
+        // SAFETY: x [m, k], w [n, k] and y [m, n] (checked) are the live allocations the layouts
+        // describe.
+        unsafe { self.enqueue(&plan, w.ptr(), x.ptr(), y.ptr(), false) }.map_err(|e| blas_err("matmul", e))
     }
 }
 
