@@ -125,14 +125,9 @@ pub(crate) fn run(
         slot.load.fetch_sub(t, Ordering::Relaxed);
         if let Some((e, ran)) = lost {
             // The failed forward's requests go on once; the queued ones (never run) always.
-            let mut items = Vec::with_capacity(ran.len() + queue.len());
-            for mut item in ran {
-                if item.resent {
-                    answer(&item, Err(e.clone()));
-                } else {
-                    item.resent = true;
-                    items.push(item);
-                }
+            let (failed, mut items): (Vec<Item>, Vec<Item>) = ran.into_iter().partition(|i| i.resent);
+            for item in &mut items {
+                item.resent = true;
             }
             // Out of the rotation first, so that nothing handed on comes back here.
             items.extend(queue.drain(..));
@@ -140,7 +135,11 @@ pub(crate) fn run(
                 Error::DeviceLost(m) => m,
                 e => e.to_string(),
             };
+            // Reported lost before anyone hears of it.
             pool.lose(me, &why, items.len());
+            for item in &failed {
+                answer(item, Err(Error::DeviceLost(why.clone())));
+            }
             pool.dispatch(items);
             for m in rx {
                 match m {
