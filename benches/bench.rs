@@ -638,7 +638,7 @@ fn bench_text(
 ) -> Result<()> {
     use jv4::model::batch::PackedBatch;
     use jv4::model::checkpoint::Checkpoint;
-    use jv4::model::gpu::GpuModel;
+    use jv4::model::gpu::{GpuModel, Graphs};
     use jv4::model::Task;
     let torch: BTreeMap<String, serde_json::Value> = torch_json
         .and_then(|p| std::fs::read_to_string(p).ok())
@@ -652,13 +652,16 @@ fn bench_text(
     let mut mem = DeviceAllocator::new(&gpu, free / 10 * 9, DEFAULT_PAGE_SIZE)?;
     let vocab = m.config().text.vocab_size.min(150_000);
     let mut rng = Rng::new(2);
+    // Short forwards through CUDA graphs, as the engine runs them (`JV4_GRAPHS=0`: eager).
+    let mut graphs = if Graphs::enabled_by_env() { Some(Graphs::new(&gpu)?) } else { None };
     println!(
-        "device: {}; weights {:.2} GB prepared in {:.1} s; LoRA {:?}; GEMMs batch-invariant {}",
+        "device: {}; weights {:.2} GB prepared in {:.1} s; LoRA {:?}; GEMMs batch-invariant {}; graphs {}",
         gpu.info().name,
         load.bytes as f64 / 1e9,
         load.seconds,
         m.lora_mode(),
-        gpu.blas().invariant()
+        gpu.blas().invariant(),
+        graphs.is_some()
     );
     // Two PyTorch columns: "shipped" is the model as jina runs it, "best" the fastest stock
     // configuration (merged LoRA, compiled, cuDNN SDPA; its JSON rows say what ran). Ratios are
@@ -668,7 +671,16 @@ fn bench_text(
         "workload", "ours ms", "ours tok/s", "shipped tok/s", "ratio", "best tok/s", "ratio", "peak GB o/s/b"
     );
     let mut configs = Vec::new();
-    for (name, lengths) in text_workloads() {
+    // `$JV4_TEXT_WORKLOADS` (comma-separated names) runs a subset; "q32x16" (32 queries of 16
+    // tokens in one forward, a server's batch) runs only when named there (PyTorch has no row).
+    let only = std::env::var("JV4_TEXT_WORKLOADS").ok();
+    let mut workloads = text_workloads();
+    workloads.push(("q32x16", vec![16; 32]));
+    let wanted = |n: &str| match &only {
+        Some(list) => list.split(',').any(|w| w.trim() == n),
+        None => n != "q32x16",
+    };
+    for (name, lengths) in workloads.into_iter().filter(|(n, _)| wanted(n)) {
         let seqs: Vec<Vec<u32>> =
             lengths.iter().map(|&n| (0..n).map(|_| rng.below(vocab) as u32).collect()).collect();
         let limit = budget.max(*lengths.iter().max().unwrap());
@@ -681,19 +693,22 @@ fn bench_text(
             cur.push_text(s, Task::Retrieval)?;
         }
         batches.push(cur);
-        let run = |mem: &mut DeviceAllocator| -> Result<()> {
+        let run = |mem: &mut DeviceAllocator, graphs: &mut Option<Graphs>| -> Result<()> {
             for b in &batches {
-                m.forward(&gpu, mem, b)?;
+                match graphs {
+                    Some(g) => m.forward_graphed(&gpu, mem, g, b)?,
+                    None => m.forward(&gpu, mem, b)?,
+                };
             }
             Ok(())
         };
-        run(&mut mem)?;
+        run(&mut mem, &mut graphs)?;
         mem.reset_peak();
-        let reps = if name == "query16" { 20 } else { iters };
+        let reps = if name.starts_with('q') { 20 } else { iters };
         let mut times = Vec::new();
         for _ in 0..reps {
             let t0 = std::time::Instant::now();
-            run(&mut mem)?;
+            run(&mut mem, &mut graphs)?;
             times.push(t0.elapsed().as_secs_f64());
         }
         times.sort_by(|a, b| a.total_cmp(b));
@@ -722,6 +737,9 @@ fn bench_text(
     }
     for c in configs {
         println!("{c}");
+    }
+    if let Some(g) = &graphs {
+        println!("  graphs: {:?}", g.stats());
     }
     Ok(())
 }

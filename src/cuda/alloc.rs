@@ -625,6 +625,12 @@ pub struct Staged<'a> {
 }
 
 impl<'a> Staged<'a> {
+    /// The device address of the staged block (a captured graph checks that its inputs land
+    /// where it reads them).
+    pub fn ptr(&self) -> sys::CUdeviceptr {
+        self.ptr
+    }
+
     /// The device tensor of `region`. Panics when the region lies outside the staged layout (a
     /// region of another layout: a programming error).
     pub fn view<T>(&self, region: &Region<T>) -> DView<'a, T> {

@@ -38,6 +38,28 @@ impl<K: Hash + Eq + Copy, V> Lru<K, V> {
         Ok(&mut e.0)
     }
 
+    /// The entry for `k`, if held (counts as a use).
+    pub fn get_mut(&mut self, k: &K) -> Option<&mut V> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.map.get_mut(k).map(|e| {
+            e.1 = tick;
+            &mut e.0
+        })
+    }
+
+    /// Holds `v` for `k` (replacing an entry for `k`; the oldest entry is dropped first when the
+    /// map is full).
+    pub fn insert(&mut self, k: K, v: V) {
+        self.tick += 1;
+        if !self.map.contains_key(&k) {
+            while self.map.len() >= self.capacity {
+                self.evict_oldest();
+            }
+        }
+        self.map.insert(k, (v, self.tick));
+    }
+
     /// Changes the capacity (0 is taken as 1), dropping the oldest entries that no longer fit.
     pub fn set_capacity(&mut self, capacity: usize) {
         self.capacity = capacity.max(1);
@@ -109,6 +131,19 @@ mod tests {
         assert_eq!((lru.len(), lru.evictions()), (2, 1));
         lru.set_capacity(1);
         assert!(lru.contains(&3) && !lru.contains(&1));
+    }
+
+    #[test]
+    fn get_counts_as_a_use_and_insert_evicts_the_oldest() {
+        let mut lru = Lru::new(2);
+        lru.insert(1, 10);
+        lru.insert(2, 20);
+        assert_eq!(lru.get_mut(&1).copied(), Some(10)); // 2 is now the older use
+        lru.insert(3, 30);
+        assert!(lru.contains(&1) && lru.contains(&3) && !lru.contains(&2));
+        lru.insert(3, 31); // a replacement evicts nothing
+        assert_eq!((lru.get_mut(&3).copied(), lru.len(), lru.evictions()), (Some(31), 2, 1));
+        assert!(lru.get_mut(&2).is_none());
     }
 
     #[test]

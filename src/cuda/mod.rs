@@ -6,6 +6,7 @@
 
 pub mod alloc;
 pub mod blas;
+pub mod graph;
 pub mod kernels;
 pub mod lru;
 pub mod pinned;
@@ -25,6 +26,7 @@ pub use alloc::{
     BUDGET_ENV, DEFAULT_PAGE_SIZE,
 };
 pub use blas::Blas;
+pub use graph::Graph;
 pub use kernels::{KernelId, ModuleSource, CUDA_ARCH, MODULES};
 pub use pinned::HostPod;
 pub use staging::Staging;

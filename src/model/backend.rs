@@ -17,7 +17,7 @@ use crate::model::batch::{BatchOutput, PackedBatch};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::ModelConfig;
 use crate::model::cpu::CpuModel;
-use crate::model::gpu::{GpuModel, LoraMode};
+use crate::model::gpu::{GpuModel, GraphStats, Graphs, LoraMode, GRAPH_POOL_BYTES};
 use crate::{Error, Result};
 
 /// Where a model runs.
@@ -211,6 +211,8 @@ pub struct CudaBackend {
     gpu: Gpu,
     model: GpuModel,
     mem: DeviceAllocator,
+    /// Short text forwards through CUDA graphs (`model::gpu::graph`); `None` when turned off.
+    graphs: Option<Graphs>,
     ordinal: usize,
     health: DeviceHealth,
 }
@@ -234,8 +236,15 @@ impl CudaBackend {
         let (model, _) = GpuModel::load_with(&gpu, ckpt, lora.or_env()?)?;
         let (free, _) = gpu.mem_info()?;
         let budget = asked.unwrap_or(free / 10 * 9);
+        // The graph pool comes out of the budget; a budget too small to spare it runs eagerly.
+        let graphs = if Graphs::enabled_by_env() && budget >= 8 * GRAPH_POOL_BYTES {
+            Some(Graphs::new(&gpu)?)
+        } else {
+            None
+        };
+        let budget = budget - graphs.as_ref().map_or(0, |_| GRAPH_POOL_BYTES);
         let mem = DeviceAllocator::new(&gpu, budget, DEFAULT_PAGE_SIZE)?;
-        Ok(CudaBackend { gpu, model, mem, ordinal, health: DeviceHealth::default() })
+        Ok(CudaBackend { gpu, model, mem, graphs, ordinal, health: DeviceHealth::default() })
     }
 
     /// The GPU (for benchmarks and kernel research).
@@ -246,6 +255,16 @@ impl CudaBackend {
     /// The model on the GPU.
     pub fn model(&self) -> &GpuModel {
         &self.model
+    }
+
+    /// The CUDA graph counters (`None`: graphs are off).
+    pub fn graph_stats(&self) -> Option<GraphStats> {
+        self.graphs.as_ref().map(Graphs::stats)
+    }
+
+    /// Turns CUDA graphs off (every later forward eager), e.g. to compare the two paths.
+    pub fn disable_graphs(&mut self) {
+        self.graphs = None;
     }
 
     /// Whether the device is still usable.
@@ -274,7 +293,10 @@ impl Backend for CudaBackend {
     fn forward(&mut self, batch: &PackedBatch) -> Result<BatchOutput> {
         self.health.check()?;
         // Bind on entry: the engine calls from its worker thread, a benchmark may call from any.
-        let r = self.gpu.bind().and_then(|()| self.model.forward(&self.gpu, &mut self.mem, batch));
+        let r = self.gpu.bind().and_then(|()| match &mut self.graphs {
+            Some(g) => self.model.forward_graphed(&self.gpu, &mut self.mem, g, batch),
+            None => self.model.forward(&self.gpu, &mut self.mem, batch),
+        });
         let r = match r {
             // A sticky fault makes every later call fail with it: a synchronise tells.
             Err(e) if needs_probe(&e) => Err(match self.gpu.sync() {

@@ -77,6 +77,7 @@ fn main() {
         ("text_forward_matches_cpu_layer_by_layer", model::text_forward_matches_cpu_layer_by_layer),
         ("text_outputs_match_fp32_reference", model::text_outputs_match_fp32_reference),
         ("image_outputs_match_fp32_reference", model::image_outputs_match_fp32_reference),
+        ("graph_forward_equals_eager_bitwise", model::graph_forward_equals_eager_bitwise),
         ("engine_mixed_batch_equals_requests_alone", engine::mixed_batch_equals_requests_alone),
         ("engine_batch_invariant_bitwise", engine::batch_invariant_bitwise),
         ("engine_concurrent_callers_get_their_own_results", engine::concurrent_callers_get_their_own_results),

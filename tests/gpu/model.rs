@@ -280,3 +280,93 @@ pub fn image_outputs_match_fp32_reference(ctx: &mut Ctx) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The graphed forward (`model::gpu::graph`) against the eager one, in both LoRA modes: every
+/// vector bitwise equal, at capture and at replay, for batches of several buckets (1 to 500
+/// tokens, one to many sequences, mixed tasks, with and without multi-vectors), a second batch
+/// of the same bucket with other inputs (the replay reads the new inputs), and a batch over the
+/// graph limit (eager). The counters show which forwards were captured and which replayed.
+pub fn graph_forward_equals_eager_bitwise(ctx: &mut Ctx) -> Result<(), String> {
+    use jv4::model::gpu::{Graphs, GRAPH_MAX_TOKENS};
+    let t = tiny()?;
+    let all = texts(&t);
+    let cfg = &t.ckpt.config;
+    // Batches as lists of (text index, truncated length); lengths chosen to hit several buckets.
+    type Texts = Vec<(Vec<u32>, Task)>;
+    let pick = |n: usize, from: usize, len: usize| -> Texts {
+        (0..n)
+            .map(|k| {
+                let (ids, task) = &all[(from + k) % all.len()];
+                let mut ids = ids.clone();
+                ids.resize(len.max(1), ids[0]);
+                (ids, *task)
+            })
+            .collect()
+    };
+    let batches: Vec<(Texts, bool)> = vec![
+        (pick(1, 0, 1), false),
+        (pick(1, 1, 16), true),
+        (pick(1, 2, 16), true), // same bucket as the last: a replay on other inputs
+        (pick(3, 0, 17), true),
+        (pick(5, 1, 20), false),
+        (pick(2, 2, 100), true),
+        (pick(7, 0, 70), true),
+        (pick(1, 3, 500), true),
+        (pick(3, 1, 200), false), // 600 tokens: over the graph limit, eager
+        (pick(1, 1, 16), true),   // replay of the second batch's graph
+    ];
+    for mode in [LoraMode::Stacked, LoraMode::Merged] {
+        let (model, _) = GpuModel::load_with(&ctx.gpu, &t.ckpt, mode).map_err(e)?;
+        let mut mem = DeviceAllocator::new(&ctx.gpu, 2 << 30, DEFAULT_PAGE_SIZE).map_err(e)?;
+        let mut graphs = Graphs::new(&ctx.gpu).map_err(e)?;
+        for (bi, (texts, want_multi)) in batches.iter().enumerate() {
+            let mut batch = PackedBatch::new(cfg);
+            for (ids, task) in texts {
+                // Merged weights run a graph for one task only: make most batches one task.
+                let task = if mode == LoraMode::Merged && bi % 3 != 0 { Task::Retrieval } else { *task };
+                batch.push_text(ids, task).map_err(e)?;
+            }
+            batch.want_multi = *want_multi;
+            let eager = model.forward(&ctx.gpu, &mut mem, &batch).map_err(e)?;
+            for round in 0..2 {
+                let before = graphs.stats();
+                let g = model.forward_graphed(&ctx.gpu, &mut mem, &mut graphs, &batch).map_err(e)?;
+                let after = graphs.stats();
+                let what = format!("{mode:?} batch {bi} ({} tokens) round {round}", batch.tokens());
+                let same = |a: &[f32], b: &[f32]| {
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                };
+                if !same(&g.single, &eager.single) || !same(&g.chunk_single, &eager.chunk_single) {
+                    return Err(format!("{what}: single vectors differ from the eager forward"));
+                }
+                match (&g.multi, &eager.multi) {
+                    (Some(a), Some(b)) if same(a, b) => {}
+                    (None, None) => {}
+                    _ => return Err(format!("{what}: multi-vector rows differ from the eager forward")),
+                }
+                if after.fallbacks != 0 {
+                    return Err(format!("{what}: a graph failed and the forward ran eagerly: {after:?}"));
+                }
+                let graphed = batch.tokens() <= GRAPH_MAX_TOKENS
+                    && (mode == LoraMode::Stacked
+                        || batch.row_task().iter().all(|&r| r == batch.row_task()[0]));
+                let ran = (after.captures - before.captures) + (after.replays - before.replays);
+                if ran != graphed as u64 {
+                    return Err(format!(
+                        "{what}: expected {} graph run, counters {before:?} -> {after:?}",
+                        graphed as u8
+                    ));
+                }
+                if graphed && round == 1 && after.replays != before.replays + 1 {
+                    return Err(format!("{what}: the second run did not replay: {before:?} -> {after:?}"));
+                }
+            }
+        }
+        let s = graphs.stats();
+        println!("  {mode:?}: {} batches bitwise equal to eager; graphs {s:?}", batches.len());
+        if s.replays < s.captures {
+            return Err(format!("{mode:?}: fewer replays than captures: {s:?}"));
+        }
+    }
+    Ok(())
+}

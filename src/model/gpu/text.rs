@@ -4,7 +4,7 @@
 
 use half::bf16;
 
-use super::{GpuModel, LoraInputs, Trace};
+use super::{Dims, GpuModel, LoraInputs, Trace};
 use crate::cuda::{Arena, DView, Gpu, Tensor};
 use crate::ops;
 use crate::Result;
@@ -12,7 +12,7 @@ use crate::Result;
 impl GpuModel {
     /// Runs every decoder layer on the residual stream `h` `[tokens, hidden]` (f32) and leaves
     /// the final-norm states in `x` (bf16). `pos` are the M-RoPE positions `[3, tokens]`, `cu`
-    /// the sequence boundaries.
+    /// the sequence boundaries; `dims` what the kernels are launched for.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn decoder(
         &self,
@@ -22,7 +22,7 @@ impl GpuModel {
         x: &mut Tensor<'_, bf16>,
         pos: &DView<'_, i32>,
         cu: &DView<'_, i32>,
-        max_seqlen: usize,
+        dims: &Dims,
         lora: &mut LoraInputs<'_, '_>,
         trace: &mut Trace<'_>,
     ) -> Result<()> {
@@ -34,6 +34,12 @@ impl GpuModel {
         let mut attn = arena.alloc::<bf16>(&[n, heads * hd])?;
         let mut gu = arena.alloc::<bf16>(&[n, 2 * t.intermediate_size])?;
         let mut act = arena.alloc::<bf16>(&[n, t.intermediate_size])?;
+        // Padding rows (a graph's bucket) lie in no segment: the attention never writes them, so
+        // they are zeroed once here and stay zero (o_proj reads them like any row). The segment
+        // rows are written by the attention of every layer before o_proj reads them.
+        if dims.padded {
+            gpu.fill_u16(&mut attn.view_mut(), 0)?;
+        }
         let w = &self.w;
         let inv_freq = w.buf.at(&w.inv_freq);
         let section = t.mrope_section.map(|v| v as u32);
@@ -46,7 +52,7 @@ impl GpuModel {
                 &qkv.view(),
                 &mut attn.view_mut(),
                 cu,
-                max_seqlen,
+                dims.max_seqlen,
                 heads,
                 kvh,
                 hd,
