@@ -76,27 +76,7 @@ impl Device {
     }
 }
 
-/// How many CUDA devices the driver reports; [`Error::NoGpu`] without a driver, a device, or
-/// kernels in this binary.
-pub fn cuda_device_count() -> Result<usize> {
-    use cudarc::driver::{sys, CudaContext};
-    if cfg!(no_kernels) {
-        return Err(Error::NoGpu("this binary was built without CUDA kernels (JV4_ALLOW_NO_NVCC=1)".into()));
-    }
-    // SAFETY: only tries to dlopen the driver library.
-    if !unsafe { sys::is_culib_present() } {
-        return Err(Error::NoGpu(
-            "the NVIDIA driver library (libcuda.so.1) was not found on this machine".into(),
-        ));
-    }
-    match CudaContext::device_count() {
-        Ok(n) if n > 0 => Ok(n as usize),
-        Err(e) if e.0 != sys::CUresult::CUDA_ERROR_NO_DEVICE => {
-            Err(Error::NoGpu(format!("the CUDA driver failed to start: {e:?}")))
-        }
-        _ => Err(Error::NoGpu("the CUDA driver reports no device".into())),
-    }
-}
+pub use crate::cuda::device_count as cuda_device_count;
 
 /// Memory a backend holds, for reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
