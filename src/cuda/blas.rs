@@ -62,6 +62,10 @@ struct Key {
     bias: bool,
     accumulate: bool,
     out_f32: bool,
+    /// Row strides (elements) of x and y: k and n unless they are column windows of wider
+    /// buffers ([`Blas::linear_cols`]).
+    ldx: usize,
+    ldy: usize,
 }
 
 struct Plan {
@@ -128,7 +132,7 @@ impl Blas {
         y: &mut DViewMut<'_, bf16>,
         accumulate: bool,
     ) -> Result<()> {
-        self.gemm(x, w, bias, y.ptr(), y.shape(), false, accumulate)
+        self.gemm_dense(x, w, bias, y.ptr(), y.shape(), false, accumulate)
     }
 
     /// [`Blas::linear`] with an f32 output (no bias): `y [m, n] (f32) = x·wᵀ (+ y)`. The decoder
@@ -140,11 +144,42 @@ impl Blas {
         y: &mut DViewMut<'_, f32>,
         accumulate: bool,
     ) -> Result<()> {
-        self.gemm(x, w, None, y.ptr(), y.shape(), true, accumulate)
+        self.gemm_dense(x, w, None, y.ptr(), y.shape(), true, accumulate)
+    }
+
+    /// [`Blas::linear`] within one row-major buffer `xt [m, ld]`: `xt[:, y_col..y_col + n] =
+    /// xt[:, ..k] · w [n, k]ᵀ`, the input columns before the output ones (`y_col ≥ k`), the other
+    /// columns untouched. The folded LoRA's shrink writes `t` beside the `x` it reads this way.
+    pub fn linear_cols(
+        &self,
+        xt: &mut DViewMut<'_, bf16>,
+        k: usize,
+        w: &DView<'_, bf16>,
+        y_col: usize,
+    ) -> Result<()> {
+        let (&[m, ld], &[n, kw]) = (xt.shape(), w.shape()) else {
+            return Err(Error::Shape {
+                op: "linear_cols",
+                msg: format!("xt {:?} and w {:?} must be 2-D", xt.shape(), w.shape()),
+            });
+        };
+        if k != kw || y_col < k || y_col + n > ld {
+            return Err(Error::Shape {
+                op: "linear_cols",
+                msg: format!(
+                    "xt {:?}: columns ..{k} · w {:?}ᵀ -> columns {y_col}..{}: expected w [n, k] and k ≤ y_col, y_col + n ≤ {ld}",
+                    xt.shape(),
+                    w.shape(),
+                    y_col + n
+                ),
+            });
+        }
+        let y = xt.ptr() + (y_col * std::mem::size_of::<bf16>()) as u64;
+        self.gemm(Operands { x: xt.ptr(), w, bias: None, y, m, n, k, ldx: ld, ldy: ld }, false, false)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn gemm(
+    fn gemm_dense(
         &self,
         x: &DView<'_, bf16>,
         w: &DView<'_, bf16>,
@@ -166,15 +201,23 @@ impl Blas {
                 y_shape
             )));
         }
+        self.gemm(Operands { x: x.ptr(), w, bias, y: y_ptr, m, n, k, ldx: k, ldy: n }, out_f32, accumulate)
+    }
+
+    fn gemm(&self, o: Operands<'_, '_>, out_f32: bool, accumulate: bool) -> Result<()> {
+        let Operands { x, w, bias, y, m, n, k, ldx, ldy } = o;
         if let Some(b) = bias {
             if b.shape() != [n] {
-                return Err(shape_err(format!("bias {:?}, expected [{n}]", b.shape())));
+                return Err(Error::Shape {
+                    op: "linear",
+                    msg: format!("bias {:?}, expected [{n}]", b.shape()),
+                });
             }
         }
         if m == 0 || n == 0 || k == 0 {
-            return Err(shape_err(format!("empty problem m={m} n={n} k={k}")));
+            return Err(Error::Shape { op: "linear", msg: format!("empty problem m={m} n={n} k={k}") });
         }
-        let key = Key { m, n, k, bias: bias.is_some(), accumulate, out_f32 };
+        let key = Key { m, n, k, bias: bias.is_some(), accumulate, out_f32, ldx, ldy };
         let mut plans = self.plans.borrow_mut();
         // An evicted plan's descriptors are destroyed at once: cuBLASLt reads them when a
         // matmul is enqueued, not when it runs.
@@ -186,9 +229,10 @@ impl Blas {
                 &b.ptr(),
             )?;
         }
-        // SAFETY: shapes were checked against the layouts of this plan; all pointers are live
-        // device allocations of the sizes the layouts describe.
-        unsafe { self.enqueue(plan, w.ptr(), x.ptr(), y_ptr, accumulate) }
+        // SAFETY: the callers checked the shapes against the layouts of this plan (x [m, ldx]
+        // reading k columns, w [n, k], y n columns of rows ldy apart); all pointers are live
+        // device allocations of those sizes.
+        unsafe { self.enqueue(plan, w.ptr(), x, y, accumulate) }
             .map_err(|e| blas_err(&format!("matmul m={m} n={n} k={k}"), e))
     }
 
@@ -365,7 +409,7 @@ impl Blas {
 
     /// The descriptor and layouts of a problem (its algorithm still to choose).
     fn descriptors(&self, key: Key) -> Result<Plan> {
-        let Key { m, n, k, bias, out_f32, .. } = key;
+        let Key { m, n, k, bias, out_f32, ldx, ldy, .. } = key;
         let bf = sys::cudaDataType_t::CUDA_R_16BF;
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -373,9 +417,9 @@ impl Blas {
         )
         .map_err(|e| blas_err("create matmul desc", e))?;
         let a = lt::create_matrix_layout(bf, k as u64, n as u64, k as i64);
-        let b = lt::create_matrix_layout(bf, k as u64, m as u64, k as i64);
+        let b = lt::create_matrix_layout(bf, k as u64, m as u64, ldx as i64);
         let out_type = if out_f32 { sys::cudaDataType_t::CUDA_R_32F } else { bf };
-        let c = lt::create_matrix_layout(out_type, n as u64, m as u64, n as i64);
+        let c = lt::create_matrix_layout(out_type, n as u64, m as u64, ldy as i64);
         let (a, b, c) = match (a, b, c) {
             (Ok(a), Ok(b), Ok(c)) => (a, b, c),
             (a, b, c) => {
@@ -443,6 +487,20 @@ impl Blas {
     }
 }
 
+/// The operands of one GEMM: x `[m, k]` read with rows `ldx` apart, w `[n, k]`, y `[m, n]`
+/// written with rows `ldy` apart.
+struct Operands<'w, 'a> {
+    x: dsys::CUdeviceptr,
+    w: &'w DView<'a, bf16>,
+    bias: Option<&'w DView<'a, bf16>>,
+    y: dsys::CUdeviceptr,
+    m: usize,
+    n: usize,
+    k: usize,
+    ldx: usize,
+    ldy: usize,
+}
+
 /// A cuBLASLt algorithm with its configuration, for research ([`Blas::survey`]).
 #[derive(Clone, Copy)]
 pub struct Algo {
@@ -466,7 +524,16 @@ impl std::fmt::Display for Algo {
 impl Blas {
     /// Research: the heuristic's first `count` algorithms for `y [m, n] (bf16) = x·wᵀ`.
     pub fn survey(&self, m: usize, n: usize, k: usize, count: usize) -> Result<Vec<Algo>> {
-        let plan = self.descriptors(Key { m, n, k, bias: false, accumulate: false, out_f32: false })?;
+        let plan = self.descriptors(Key {
+            m,
+            n,
+            k,
+            bias: false,
+            accumulate: false,
+            out_f32: false,
+            ldx: k,
+            ldy: n,
+        })?;
         Ok(self
             .heuristics(&plan, count)?
             .into_iter()
@@ -490,7 +557,16 @@ impl Blas {
         if k != k2 || y.shape() != [m, n] {
             return Err(Error::Shape { op: "linear_with", msg: shapes });
         }
-        let mut plan = self.descriptors(Key { m, n, k, bias: false, accumulate: false, out_f32: false })?;
+        let mut plan = self.descriptors(Key {
+            m,
+            n,
+            k,
+            bias: false,
+            accumulate: false,
+            out_f32: false,
+            ldx: k,
+            ldy: n,
+        })?;
         if let Err(st) = self.accepts(&plan, &algo.raw) {
             return Err(Error::Blas(format!("{algo} refused for m={m} n={n} k={k}: {st:?}")));
         }

@@ -6,7 +6,7 @@
 
 use std::marker::PhantomData;
 
-use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::sys::{self, CUdeviceptr};
 
 use super::alloc::DeviceBlock;
 
@@ -402,6 +402,51 @@ impl DeviceBuffer {
         // `&mut self` keeps the buffer alive and unaliased while the copy is enqueued.
         unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, len, gpu.cu_stream()) }
             .map_err(|e| super::cuda_err("copy within the device", e))
+    }
+
+    /// Copies region `src` `[n, c]` of buffer `from` into columns `col..col + c` of region `dst`
+    /// `[n, ld]` of this buffer (one 2-D copy on the GPU's stream, asynchronous): the folded
+    /// LoRA weight `[W | B]` is assembled this way from W and B.
+    pub fn copy_cols_from<T>(
+        &mut self,
+        gpu: &super::Gpu,
+        from: &DeviceBuffer,
+        src: &Region<T>,
+        dst: &Region<T>,
+        col: usize,
+    ) -> crate::Result<()> {
+        let (&[n, c], &[nd, ld]) = (src.shape(), dst.shape()) else {
+            return Err(crate::Error::Shape {
+                op: "copy",
+                msg: format!("{src:?} into {dst:?}: both must be 2-D"),
+            });
+        };
+        if n != nd || col + c > ld {
+            return Err(crate::Error::Shape {
+                op: "copy",
+                msg: format!("{src:?} into columns {col}.. of {dst:?}: the rows differ or it does not fit"),
+            });
+        }
+        let (s, d) = (from.at(src).ptr, self.at(dst).ptr); // both checked inside their buffers
+        let e = std::mem::size_of::<T>();
+        // SAFETY: a zeroed CUDA_MEMCPY2D is the documented "no options" value; the fields set
+        // below describe n rows of c·e bytes read `c·e` apart from `from`'s region and written
+        // `ld·e` apart from column `col` of this buffer's region, both inside their allocations
+        // (checked above). The buffers are distinct (`&mut self` and `&from`).
+        unsafe {
+            let mut m: sys::CUDA_MEMCPY2D = std::mem::zeroed();
+            m.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            m.srcDevice = s;
+            m.srcPitch = c * e;
+            m.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            m.dstDevice = d + (col * e) as u64;
+            m.dstPitch = ld * e;
+            m.WidthInBytes = c * e;
+            m.Height = n;
+            sys::cuMemcpy2DAsync_v2(&m, gpu.cu_stream())
+        }
+        .result()
+        .map_err(|e| super::cuda_err("copy columns within the device", e))
     }
 
     /// Streams `len` bytes into `region`, from byte `offset` of it on, through `staging`:

@@ -24,6 +24,10 @@ pub const CASES: &[(&str, usize, usize)] = &[
     ("gate_up_lora_a", 192, 2048),
     ("gate_up_lora_b", 22016, 192),
     ("down_lora_a", 96, 11008),
+    // The folded LoRA (`model::gpu::weights`, the default): `[W | B_all]` over `[x | t]`.
+    ("qkv_folded", 2560, 2336),
+    ("gate_up_folded", 22016, 2240),
+    ("down_folded", 2048, 11104),
     // Multi-vector projector (its shrink is o_lora_a's shape).
     ("multi", 128, 2048),
     ("multi_lora_b", 128, 96),
@@ -67,4 +71,17 @@ pub fn linear_f32(
     accumulate: bool,
 ) -> Result<()> {
     gpu.blas().linear_f32(x, w, y, accumulate)
+}
+
+/// [`linear`] within one buffer: `xt[:, y_col..y_col + n] = xt[:, ..k] · w [n, k]ᵀ` (`y_col ≥ k`,
+/// the other columns untouched). The folded LoRA writes its shrink `t` beside the `x` it reads
+/// (`model::gpu::weights`).
+pub fn linear_cols(
+    gpu: &Gpu,
+    xt: &mut DViewMut<'_, bf16>,
+    k: usize,
+    w: &DView<'_, bf16>,
+    y_col: usize,
+) -> Result<()> {
+    gpu.blas().linear_cols(xt, k, w, y_col)
 }

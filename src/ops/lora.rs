@@ -28,29 +28,54 @@ pub const CASES: &[(usize, usize, usize)] = &[
 /// of that row's task (`row_task [T]`). A row whose task is ≥ tasks has every group zeroed (no
 /// LoRA delta). Kept elements are not touched.
 pub fn lora_mask(gpu: &Gpu, t: &mut DViewMut<'_, bf16>, row_task: &DView<'_, u8>, r: usize) -> Result<()> {
-    let &[tokens, cols] = t.shape() else {
+    let &[_, cols] = t.shape() else {
         return Err(Error::Shape { op: "lora_mask", msg: format!("t must be 2-D, got {:?}", t.shape()) });
     };
-    if r == 0 || cols == 0 || cols % r != 0 || tokens == 0 || row_task.shape() != [tokens] {
+    lora_mask_cols(gpu, t, 0..cols, row_task, r)
+}
+
+/// [`lora_mask`] on the column window `cols` of a wider buffer `t [T, ld]` (the `t` of the folded
+/// LoRA's `[x | t]`); the other columns are not touched.
+pub fn lora_mask_cols(
+    gpu: &Gpu,
+    t: &mut DViewMut<'_, bf16>,
+    cols: std::ops::Range<usize>,
+    row_task: &DView<'_, u8>,
+    r: usize,
+) -> Result<()> {
+    let &[tokens, ld] = t.shape() else {
+        return Err(Error::Shape { op: "lora_mask", msg: format!("t must be 2-D, got {:?}", t.shape()) });
+    };
+    let width = cols.len();
+    if r == 0 || width == 0 || width % r != 0 || cols.end > ld || tokens == 0 || row_task.shape() != [tokens]
+    {
         return Err(Error::Shape {
             op: "lora_mask",
             msg: format!(
-                "t {:?}, row_task {:?}, r {r}: expected t [T, tasks·r], row_task [T] with T, tasks, r > 0",
+                "t {:?} columns {cols:?}, row_task {:?}, r {r}: expected a window of tasks·r columns of t [T, ld], row_task [T] with T, tasks, r > 0",
                 t.shape(),
                 row_task.shape()
             ),
         });
     }
+    let start = t.ptr() + (cols.start * 2) as u64;
     if r % 8 == 0 {
-        check_aligned("lora_mask", "t", t.ptr(), 16)?;
+        check_aligned("lora_mask", "t", start, 16)?;
+        if ld % 8 != 0 {
+            return Err(Error::Shape {
+                op: "lora_mask",
+                msg: format!("t rows of {ld} elements: the 8-wide path needs a multiple of 8"),
+            });
+        }
     }
-    let tasks = cols / r;
-    let work = if r % 8 == 0 { tokens * cols / 8 } else { tokens * cols };
-    let (mut tp, mut rp) = (t.ptr(), row_task.ptr());
-    let (mut n, mut k, mut rr) = (tokens as i64, tasks as i64, r as i64);
-    let mut args = [arg(&mut tp), arg(&mut rp), arg(&mut n), arg(&mut k), arg(&mut rr)];
-    // SAFETY: args match lora_mask_bf16(bf16*, const u8*, int64, int64, int64); t holds
-    // T·tasks·r and row_task T elements (checked above), t is aligned for the vector path.
+    let tasks = width / r;
+    let work = if r % 8 == 0 { tokens * width / 8 } else { tokens * width };
+    let (mut tp, mut rp) = (start, row_task.ptr());
+    let (mut n, mut k, mut rr, mut l) = (tokens as i64, tasks as i64, r as i64, ld as i64);
+    let mut args = [arg(&mut tp), arg(&mut rp), arg(&mut n), arg(&mut k), arg(&mut rr), arg(&mut l)];
+    // SAFETY: args match lora_mask_bf16(bf16*, const u8*, int64, int64, int64, int64); the window
+    // (columns cols.start.. of rows ld apart) lies inside t's T·ld elements and row_task holds T
+    // (checked above); the window's start and rows are aligned for the vector path.
     unsafe {
         gpu.launch(KernelId::LoraMaskBf16, Launch::linear(grid_for(work, THREADS), THREADS as u32), &mut args)
     }

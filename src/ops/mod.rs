@@ -15,13 +15,13 @@ pub mod swiglu;
 pub use attention::flash_attn;
 pub use embedding::{embedding, embedding_f32};
 pub use gelu::gelu;
-pub use linear::{linear, linear_f32};
-pub use lora::lora_mask;
+pub use linear::{linear, linear_cols, linear_f32};
+pub use lora::{lora_mask, lora_mask_cols};
 pub use pool::{l2_rows, mean_pool_l2};
-pub use rmsnorm::{rmsnorm, rmsnorm_f32};
+pub use rmsnorm::{rmsnorm, rmsnorm_f32, rmsnorm_f32_cols};
 pub use rope::{mrope, vision_rope};
 pub use rows::{gather_rows, scatter_rows_f32};
-pub use swiglu::swiglu;
+pub use swiglu::{swiglu, swiglu_cols};
 
 use std::ffi::c_void;
 

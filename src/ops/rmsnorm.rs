@@ -65,13 +65,38 @@ pub fn rmsnorm_f32(
     eps: f32,
     out: &mut DViewMut<'_, bf16>,
 ) -> Result<()> {
-    let &[tokens, dim] = x.shape() else {
-        return Err(Error::Shape { op: "rmsnorm_f32", msg: format!("x must be 2-D, got {:?}", x.shape()) });
-    };
-    if out.shape() != [tokens, dim] || w.shape() != [dim] || tokens == 0 || dim == 0 {
+    if out.shape() != x.shape() {
         return Err(Error::Shape {
             op: "rmsnorm_f32",
             msg: format!("{} with w {:?}: expected x [T, d], w [d] -> out [T, d]", shapes(x, out), w.shape()),
+        });
+    }
+    rmsnorm_f32_cols(gpu, x, w, eps, out)
+}
+
+/// [`rmsnorm_f32`] into the first d columns of a wider `out [T, ld]` (ld ≥ d), the others not
+/// touched: the `x` of the folded LoRA's `[x | t]` (`model::gpu::weights`).
+pub fn rmsnorm_f32_cols(
+    gpu: &Gpu,
+    x: &DView<'_, f32>,
+    w: &DView<'_, bf16>,
+    eps: f32,
+    out: &mut DViewMut<'_, bf16>,
+) -> Result<()> {
+    let (&[tokens, dim], &[out_rows, ld]) = (x.shape(), out.shape()) else {
+        return Err(Error::Shape {
+            op: "rmsnorm_f32",
+            msg: format!("x and out must be 2-D, got {}", shapes(x, out)),
+        });
+    };
+    if out_rows != tokens || ld < dim || w.shape() != [dim] || tokens == 0 || dim == 0 {
+        return Err(Error::Shape {
+            op: "rmsnorm_f32",
+            msg: format!(
+                "{} with w {:?}: expected x [T, d], w [d] -> out [T, ≥ d] with T, d > 0",
+                shapes(x, out),
+                w.shape()
+            ),
         });
     }
     if !(eps.is_finite() && eps >= 0.0) {
@@ -86,9 +111,11 @@ pub fn rmsnorm_f32(
     let threads = threads_for_row(if dim % 4 == 0 { dim / 4 } else { dim });
     let blocks = tokens.min(MAX_ROW_BLOCKS) as u32;
     let (mut xp, mut wp, mut op) = (x.ptr(), w.ptr(), out.ptr());
-    let (mut t, mut d, mut e) = (tokens as i64, dim as i64, eps);
-    let mut args = [arg(&mut xp), arg(&mut wp), arg(&mut op), arg(&mut t), arg(&mut d), arg(&mut e)];
-    // SAFETY: args match rmsnorm_f32_bf16(const float*, const bf16*, bf16*, int64, int64, float);
-    // x and out hold T·d and w d elements (checked above); x aligned for the float4 path.
+    let (mut t, mut d, mut l, mut e) = (tokens as i64, dim as i64, ld as i64, eps);
+    let mut args =
+        [arg(&mut xp), arg(&mut wp), arg(&mut op), arg(&mut t), arg(&mut d), arg(&mut l), arg(&mut e)];
+    // SAFETY: args match rmsnorm_f32_bf16(const float*, const bf16*, bf16*, int64, int64, int64,
+    // float); x holds T·d, out T·ld (ld ≥ d) and w d elements (checked above); x aligned for the
+    // float4 path (out is written one element at a time).
     unsafe { gpu.launch(KernelId::RmsnormF32Bf16, Launch::linear(blocks, threads), &mut args) }
 }

@@ -10,6 +10,7 @@ mod attention;
 mod check;
 mod embedding;
 mod engine;
+mod fold;
 mod gelu;
 mod harness;
 mod kernels;
@@ -51,6 +52,7 @@ fn main() {
         ("linear_matches_reference", linear::linear_matches_reference),
         ("linear_rejects_bad_shapes", linear::linear_rejects_bad_shapes),
         ("linear_batch_invariant", linear::linear_batch_invariant),
+        ("fold_ops_write_only_their_columns", fold::fold_ops_write_only_their_columns),
         ("embedding_matches_reference", embedding::embedding_matches_reference),
         ("rmsnorm_matches_reference", rmsnorm::rmsnorm_matches_reference),
         ("mrope_matches_reference", rope::mrope_matches_reference),

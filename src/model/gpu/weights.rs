@@ -72,6 +72,10 @@ pub(super) enum Weight {
     Plain(W),
     /// The base weight and the stacked LoRA of all tasks.
     Stacked(W, Lora),
+    /// The stacked LoRA folded into the base GEMM (module documentation): `wb = [W | B_all | 0]`
+    /// `[n, k + g8]` and `a = [A_all; 0]` `[g8, k]`, g = tasks·parts·r real LoRA columns and
+    /// g8 = g rounded up to a multiple of 8 (16-byte rows). The input is `[x | t]` `[T, k + g8]`.
+    Folded { wb: W, a: W, k: usize, g: usize, parts: usize },
     /// One task-merged weight per task, in [`Task::ALL`] order.
     Merged([W; Task::ALL.len()]),
 }
@@ -83,11 +87,22 @@ pub(super) struct Linear {
 }
 
 impl Linear {
-    /// The `[n, k]` shape of the weight (of each task's, when merged).
-    fn shape(&self) -> &[usize] {
+    /// The `[n, k]` shape of the projection (of each task's weight, when merged).
+    fn shape(&self) -> [usize; 2] {
+        let w = match &self.weight {
+            Weight::Plain(w) | Weight::Stacked(w, _) => w,
+            Weight::Merged(ws) => &ws[0],
+            Weight::Folded { wb, k, .. } => return [wb.shape()[0], *k],
+        };
+        [w.shape()[0], w.shape()[1]]
+    }
+
+    /// The width of the input buffer the projection reads: `k`, or `k + g8` for a folded LoRA
+    /// (`[x | t]`: the producer writes x into the first k columns).
+    pub(super) fn input_width(&self) -> usize {
         match &self.weight {
-            Weight::Plain(w) | Weight::Stacked(w, _) => w.shape(),
-            Weight::Merged(ws) => ws[0].shape(),
+            Weight::Folded { wb, .. } => wb.shape()[1],
+            _ => self.shape()[1],
         }
     }
 }
@@ -200,7 +215,46 @@ impl Weights {
                 }
                 Ok(())
             }
+            Weight::Folded { .. } => Err(folded_without_xt()),
         }
+    }
+
+    /// [`Weights::linear`] on the projection's input buffer `xt` `[T, input_width]` (x in its
+    /// first k columns): a folded LoRA writes its shrink beside x, then one GEMM reads `[x | t]`.
+    pub(super) fn linear_xt(
+        &self,
+        gpu: &Gpu,
+        xt: &mut DViewMut<'_, bf16>,
+        lin: &Linear,
+        y: &mut DViewMut<'_, bf16>,
+        accumulate: bool,
+        lora: Option<&mut LoraInputs<'_, '_>>,
+    ) -> Result<()> {
+        let Weight::Folded { wb, .. } = &lin.weight else {
+            return self.linear(gpu, &xt.as_view(), lin, y, accumulate, lora);
+        };
+        self.fold_t(gpu, xt, lin, lora)?;
+        let bias = lin.bias.as_ref().map(|b| self.at(b));
+        ops::linear(gpu, &xt.as_view(), &self.at(wb), bias.as_ref(), y, accumulate)
+    }
+
+    /// [`Weights::linear_residual`] on the projection's input buffer (see [`Weights::linear_xt`]).
+    pub(super) fn linear_residual_xt(
+        &self,
+        gpu: &Gpu,
+        xt: &mut DViewMut<'_, bf16>,
+        lin: &Linear,
+        h: &mut DViewMut<'_, f32>,
+        lora: Option<&mut LoraInputs<'_, '_>>,
+    ) -> Result<()> {
+        let Weight::Folded { wb, .. } = &lin.weight else {
+            return self.linear_residual(gpu, &xt.as_view(), lin, h, lora);
+        };
+        if lin.bias.is_some() {
+            return Err(Error::Shape { op: "linear_f32", msg: "a residual projection with a bias".into() });
+        }
+        self.fold_t(gpu, xt, lin, lora)?;
+        ops::linear_f32(gpu, &xt.as_view(), &self.at(wb), h, true)
     }
 
     /// [`Weights::linear`] accumulating into the f32 residual stream (no bias: the decoder's
@@ -230,7 +284,38 @@ impl Weights {
                 }
                 Ok(())
             }
+            Weight::Folded { .. } => Err(folded_without_xt()),
         }
+    }
+
+    /// The folded LoRA's shrink, in place: `t = x·A_allᵀ` into the g8 columns after x of
+    /// `xt [T, k + g8]`, the other tasks' column groups of each row zeroed. (A's padding rows are
+    /// zero, so t's padding columns are exact zeros that meet B's zero columns.)
+    fn fold_t(
+        &self,
+        gpu: &Gpu,
+        xt: &mut DViewMut<'_, bf16>,
+        lin: &Linear,
+        inputs: Option<&mut LoraInputs<'_, '_>>,
+    ) -> Result<()> {
+        let Weight::Folded { a, k, g, parts, .. } = &lin.weight else {
+            return Err(Error::Internal("fold_t on a projection without a folded LoRA".into()));
+        };
+        let Some(LoraInputs { row_task, .. }) = inputs else {
+            return Err(Error::Shape { op: "lora", msg: "a folded LoRA without row tasks".into() });
+        };
+        if xt.shape().get(1) != Some(&lin.input_width()) {
+            return Err(Error::Shape {
+                op: "lora",
+                msg: format!(
+                    "[x | t] {:?} for a folded projection of input width {}",
+                    xt.shape(),
+                    lin.input_width()
+                ),
+            });
+        }
+        ops::linear_cols(gpu, xt, *k, &self.at(a), *k)?;
+        ops::lora_mask_cols(gpu, xt, *k..*k + *g, row_task, *parts * self.rank)
     }
 
     /// The LoRA shrink of a projection that fuses `l.parts` checkpoint projections: `x·A_allᵀ`
@@ -261,6 +346,11 @@ impl Weights {
     pub(super) fn merged(&self) -> bool {
         self.layers.first().is_some_and(|l| matches!(l.o.weight, Weight::Merged(_)))
     }
+}
+
+/// A folded projection called without its `[x | t]` buffer (a programming error).
+fn folded_without_xt() -> Error {
+    Error::Internal("a projection with a folded LoRA needs its [x | t] input buffer (linear_xt)".into())
 }
 
 /// The task runs a merged projection needs from the forward's LoRA inputs.
@@ -298,9 +388,21 @@ struct Planned {
     inv_freq: Region<f32>,
 }
 
-/// Plans the buffer: adapted projections task-merged (`merged`) or stacked.
+/// `JV4_LORA_FOLD=0` keeps the stacked LoRA's expand as a GEMM of its own (research: the A/B of
+/// the fold).
+fn fold_from_env() -> bool {
+    std::env::var("JV4_LORA_FOLD").map_or(true, |v| v.trim() != "0")
+}
+
+/// Plans the buffer: adapted projections task-merged (`merged`) or stacked, the stacked ones
+/// folded where their input's producer writes `[x | t]` (unless `$JV4_LORA_FOLD=0`).
 fn plan(s: &Schema, head_dim: usize, merged: bool) -> Planned {
     let rank = s.rank;
+    let (adapt, fold) = match (merged, fold_from_env()) {
+        (true, _) => (Adapt::Merged, Adapt::Merged),
+        (false, true) => (Adapt::Stacked, Adapt::Folded),
+        (false, false) => (Adapt::Stacked, Adapt::Stacked),
+    };
     let mut lay = BufferLayout::new(ALIGN);
     let embed = lay.push(&s.embed.1);
     let norm = lay.push(&[s.norm.dim]);
@@ -309,14 +411,14 @@ fn plan(s: &Schema, head_dim: usize, merged: bool) -> Planned {
         .iter()
         .map(|l| TextLayer {
             input_norm: lay.push(&[l.input_norm.dim]),
-            qkv: plan_linear(&mut lay, &l.qkv(), rank, merged),
-            o: plan_linear(&mut lay, &[&l.o], rank, merged),
+            qkv: plan_linear(&mut lay, &l.qkv(), rank, fold),
+            o: plan_linear(&mut lay, &[&l.o], rank, adapt),
             post_norm: lay.push(&[l.post_norm.dim]),
-            gate_up: plan_linear(&mut lay, &l.gate_up(), rank, merged),
-            down: plan_linear(&mut lay, &[&l.down], rank, merged),
+            gate_up: plan_linear(&mut lay, &l.gate_up(), rank, fold),
+            down: plan_linear(&mut lay, &[&l.down], rank, fold),
         })
         .collect();
-    let projector = plan_linear(&mut lay, &[&s.projector], rank, merged);
+    let projector = plan_linear(&mut lay, &[&s.projector], rank, adapt);
     // The vision tower (docs/MODEL.md §5): the patch embedding as the [hidden, c·t·p·p] matrix its
     // Conv3d is, and gate/up fused like the decoder's.
     let patch_embed = lay.push(&s.patch_embed.matrix());
@@ -326,8 +428,8 @@ fn plan(s: &Schema, head_dim: usize, merged: bool) -> Planned {
         .map(|b| VisionBlock {
             norm1: lay.push(&[b.norm1.dim]),
             norm2: lay.push(&[b.norm2.dim]),
-            qkv: plan_linear(&mut lay, &[&b.qkv], rank, merged),
-            proj: plan_linear(&mut lay, &[&b.proj], rank, merged),
+            qkv: plan_linear(&mut lay, &[&b.qkv], rank, adapt),
+            proj: plan_linear(&mut lay, &[&b.proj], rank, adapt),
             gate_up: plan_padded(&mut lay, &b.gate_up(), vision_mlp_width(b.down.inp), None),
             down: plan_padded(&mut lay, &[&b.down], b.down.out, Some(vision_mlp_width(b.down.inp))),
         })
@@ -335,8 +437,8 @@ fn plan(s: &Schema, head_dim: usize, merged: bool) -> Planned {
     let m = &s.merger;
     let merger = Merger {
         ln_q: lay.push(&[m.ln_q.dim]),
-        mlp0: plan_linear(&mut lay, &[&m.mlp0], rank, merged),
-        mlp2: plan_linear(&mut lay, &[&m.mlp2], rank, merged),
+        mlp0: plan_linear(&mut lay, &[&m.mlp0], rank, adapt),
+        mlp2: plan_linear(&mut lay, &[&m.mlp2], rank, adapt),
     };
     let inv_freq = lay.push::<f32>(&[head_dim / 2]);
     Planned { lay, embed, norm, layers, projector, patch_embed, blocks, merger, inv_freq }
@@ -360,32 +462,34 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint, mode: LoraMode) -> Result<(W
     // The tensors used as stored stream from the shards through pinned staging (positioned reads
     // overlapped with the copies); the fused and stacked ones are assembled on the host.
     let mut staging = Staging::default();
+    let mut scratch = DeviceBuffer::new(gpu, fold_scratch_bytes(&layers).max(ALIGN))?;
     as_stored(gpu, &mut buf, &mut staging, ckpt, &embed, &s.embed.0)?;
     as_stored(gpu, &mut buf, &mut staging, ckpt, &norm, &s.norm.weight)?;
     for (l, p) in s.layers.iter().zip(&layers) {
         as_stored(gpu, &mut buf, &mut staging, ckpt, &p.input_norm, &l.input_norm.weight)?;
-        fill_linear(gpu, &mut buf, &mut staging, ckpt, &l.qkv(), &p.qkv, scale)?;
-        fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&l.o], &p.o, scale)?;
+        fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &l.qkv(), &p.qkv, scale)?;
+        fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&l.o], &p.o, scale)?;
         as_stored(gpu, &mut buf, &mut staging, ckpt, &p.post_norm, &l.post_norm.weight)?;
-        fill_linear(gpu, &mut buf, &mut staging, ckpt, &l.gate_up(), &p.gate_up, scale)?;
-        fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&l.down], &p.down, scale)?;
+        fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &l.gate_up(), &p.gate_up, scale)?;
+        fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&l.down], &p.down, scale)?;
     }
-    fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&s.projector], &projector, scale)?;
+    fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&s.projector], &projector, scale)?;
     as_stored(gpu, &mut buf, &mut staging, ckpt, &patch_embed, &s.patch_embed.weight)?;
     for (b, p) in s.blocks.iter().zip(&blocks) {
         as_stored(gpu, &mut buf, &mut staging, ckpt, &p.norm1, &b.norm1.weight)?;
         as_stored(gpu, &mut buf, &mut staging, ckpt, &p.norm2, &b.norm2.weight)?;
-        fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&b.qkv], &p.qkv, scale)?;
-        fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&b.proj], &p.proj, scale)?;
+        fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&b.qkv], &p.qkv, scale)?;
+        fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&b.proj], &p.proj, scale)?;
         fill_padded(gpu, &mut buf, ckpt, &b.gate_up(), &p.gate_up)?;
         fill_padded(gpu, &mut buf, ckpt, &[&b.down], &p.down)?;
     }
     let m = &s.merger;
     as_stored(gpu, &mut buf, &mut staging, ckpt, &merger.ln_q, &m.ln_q.weight)?;
-    fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&m.mlp0], &merger.mlp0, scale)?;
-    fill_linear(gpu, &mut buf, &mut staging, ckpt, &[&m.mlp2], &merger.mlp2, scale)?;
+    fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&m.mlp0], &merger.mlp0, scale)?;
+    fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&m.mlp2], &merger.mlp2, scale)?;
     buf.fill(gpu, &inv_freq, &text_inv_freq(cfg.text.rope_theta, hd))?;
     staging.finish(gpu)?;
+    drop(scratch);
     if merged {
         // Every base weight is in place (in task 0's region): add each task's delta.
         let mut merge = Merge::new(gpu, &s, rank)?;
@@ -545,18 +649,32 @@ fn check_filled(ckpt: &Checkpoint, name: &str, bytes: usize, region: &W) -> Resu
     Ok(())
 }
 
+/// How an adapted projection is planned (module documentation).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Adapt {
+    Merged,
+    Stacked,
+    /// Stacked with the expand folded into the base GEMM: for projections whose input producer
+    /// can write `[x | t]` (the norms before qkv and gate_up, SwiGLU before down).
+    Folded,
+}
+
 /// Plans the prepared tensor of the checkpoint projections `parts` (fused in row order); an
-/// adapted one as one weight per task (`merged`) or base + stacked LoRA.
-fn plan_linear(lay: &mut BufferLayout, parts: &[&LinearSpec], rank: usize, merged: bool) -> Linear {
+/// adapted one as `adapt` says.
+fn plan_linear(lay: &mut BufferLayout, parts: &[&LinearSpec], rank: usize, adapt: Adapt) -> Linear {
     let rows: usize = parts.iter().map(|p| p.out).sum();
     let k = parts[0].inp;
     let g = Task::ALL.len() * parts.len() * rank;
-    let weight = match (parts[0].lora, merged) {
+    let weight = match (parts[0].lora, adapt) {
         (false, _) => Weight::Plain(lay.push(&[rows, k])),
-        (true, true) => Weight::Merged(std::array::from_fn(|_| lay.push(&[rows, k]))),
-        (true, false) => {
+        (true, Adapt::Merged) => Weight::Merged(std::array::from_fn(|_| lay.push(&[rows, k]))),
+        (true, Adapt::Stacked) => {
             let w = lay.push(&[rows, k]);
             Weight::Stacked(w, Lora { a: lay.push(&[g, k]), b: lay.push(&[rows, g]), parts: parts.len() })
+        }
+        (true, Adapt::Folded) => {
+            let g8 = g.next_multiple_of(8);
+            Weight::Folded { wb: lay.push(&[rows, k + g8]), a: lay.push(&[g8, k]), k, g, parts: parts.len() }
         }
     };
     Linear { weight, bias: parts[0].bias.then(|| lay.push(&[rows])) }
@@ -632,25 +750,31 @@ fn fill_padded(
 
 /// Fills a planned [`Linear`] from the checkpoint: weights and biases concatenated, a stacked
 /// LoRA with `scale` folded in. A merged projection gets its base weight in task 0's region
-/// ([`Merge`] adds the deltas once everything has streamed in).
+/// ([`Merge`] adds the deltas once everything has streamed in). A folded one is assembled in
+/// `scratch` (W, then B) and copied into the columns of `[W | B_all | 0]`.
+#[allow(clippy::too_many_arguments)]
 fn fill_linear(
     gpu: &Gpu,
     buf: &mut DeviceBuffer,
     staging: &mut Staging,
+    scratch: &mut DeviceBuffer,
     ckpt: &Checkpoint,
     parts: &[&LinearSpec],
     lin: &Linear,
     scale: f32,
 ) -> Result<()> {
-    let w = match &lin.weight {
-        Weight::Plain(w) | Weight::Stacked(w, _) => w,
-        Weight::Merged(ws) => &ws[0],
+    let [n, k] = lin.shape();
+    // Where W streams to: its region, or for a folded projection a scratch [n, k].
+    let scratch_w = BufferLayout::new(ALIGN).push::<bf16>(&[n, k]);
+    let (dst, w): (&mut DeviceBuffer, &W) = match &lin.weight {
+        Weight::Plain(w) | Weight::Stacked(w, _) => (&mut *buf, w),
+        Weight::Merged(ws) => (&mut *buf, &ws[0]),
+        Weight::Folded { .. } => (&mut *scratch, &scratch_w),
     };
-    debug_assert_eq!(w.shape(), lin.shape());
     // The fused weight is the parts' rows one after the other: each part streams to its offset.
     let mut off = 0;
     for p in parts {
-        off += stream_tensor(gpu, buf, staging, ckpt, &p.weight(), w, off)?;
+        off += stream_tensor(gpu, dst, staging, ckpt, &p.weight(), w, off)?;
     }
     check_filled(ckpt, &parts[0].weight(), off, w)?;
     if let Some(bias) = &lin.bias {
@@ -660,12 +784,45 @@ fn fill_linear(
         }
         buf.fill(gpu, bias, &b)?;
     }
-    if let Weight::Stacked(_, lora) = &lin.weight {
-        let (a, b) = stack_lora(ckpt, parts, lora, scale)?;
-        buf.fill(gpu, &lora.a, &a)?;
-        buf.fill(gpu, &lora.b, &b)?;
+    match &lin.weight {
+        Weight::Stacked(_, lora) => {
+            let (a, b) = stack_lora(ckpt, parts, n, lora.b.shape()[1], scale)?;
+            buf.fill(gpu, &lora.a, &a)?;
+            buf.fill(gpu, &lora.b, &b)?;
+        }
+        Weight::Folded { wb, a: a_region, g, .. } => {
+            // Stream order: the W copy reads the scratch before B's upload overwrites it.
+            staging.finish(gpu)?;
+            buf.copy_cols_from(gpu, scratch, &scratch_w, wb, 0)?;
+            let g8 = a_region.shape()[0];
+            let (mut a, b) = stack_lora(ckpt, parts, n, *g, scale)?;
+            a.resize(g8 * k, bf16::ZERO); // A's padding rows: zero
+            let mut bp = vec![bf16::ZERO; n * g8]; // B's padding columns: zero
+            for (dst, src) in bp.chunks_exact_mut(g8).zip(b.chunks_exact(*g)) {
+                dst[..*g].copy_from_slice(src);
+            }
+            let scratch_b = BufferLayout::new(ALIGN).push::<bf16>(&[n, g8]);
+            scratch.fill(gpu, &scratch_b, &bp)?; // waits for the W copy (same stream) first
+            buf.copy_cols_from(gpu, scratch, &scratch_b, wb, k)?;
+            buf.fill(gpu, a_region, &a)?; // waits: the scratch is free again
+        }
+        Weight::Plain(_) | Weight::Merged(_) => {}
     }
     Ok(())
+}
+
+/// Bytes of the scratch the folded projections are assembled in: the largest `[n, k]` weight or
+/// `[n, g8]` factor of a folded projection (none: 0).
+fn fold_scratch_bytes(layers: &[TextLayer]) -> usize {
+    layers
+        .iter()
+        .flat_map(|l| [&l.qkv, &l.gate_up, &l.down])
+        .filter_map(|lin| match &lin.weight {
+            Weight::Folded { wb, .. } => Some(wb.shape()[0] * wb.shape()[1] * 2),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// One task's LoRA of the checkpoint projections `parts`: `A_τ [P·r, k]` (the parts' A one
@@ -719,10 +876,10 @@ fn task_lora(
 fn stack_lora(
     ckpt: &Checkpoint,
     parts: &[&LinearSpec],
-    lora: &Lora,
+    rows: usize,
+    cols: usize,
     scale: f32,
 ) -> Result<(Vec<bf16>, Vec<bf16>)> {
-    let (cols, rows) = (lora.b.shape()[1], lora.b.shape()[0]);
     let per_task = cols / Task::ALL.len();
     let mut a = Vec::new();
     let mut b = vec![bf16::ZERO; rows * cols];
