@@ -366,6 +366,9 @@ impl Engine {
             sum.weights += m.weights;
             sum.activations_peak += m.activations_peak;
             sum.activations_budget += m.activations_budget;
+            sum.activations_mapped += m.activations_mapped;
+            sum.device_used += m.device_used;
+            sum.plans += m.plans;
         }
         Ok(sum)
     }
