@@ -113,12 +113,16 @@ struct Images {
 
 /// A smooth random picture with some noise (never flat: every patch differs).
 fn picture(rng: &mut Rng, w: u32, h: u32) -> image::RgbImage {
-    let (a, b, c) = (rng.uniform(0.5, 4.0), rng.uniform(0.5, 4.0), rng.uniform(0.0, 6.28));
+    let (a, b, c) = (rng.uniform(0.5, 4.0), rng.uniform(0.5, 4.0), rng.uniform(0.0, std::f32::consts::TAU));
     image::RgbImage::from_fn(w, h, |x, y| {
         let (u, v) = (x as f32 / w as f32, y as f32 / h as f32);
         let n = (rng.next_u64() & 31) as f32;
-        let ch =
-            |k: f32| ((((a * u + k) * 6.28).sin() * (b * v * 6.28 + c + k).cos() + 1.0) * 110.0 + n) as u8;
+        let ch = |k: f32| {
+            ((((a * u + k) * std::f32::consts::TAU).sin() * (b * v * std::f32::consts::TAU + c + k).cos()
+                + 1.0)
+                * 110.0
+                + n) as u8
+        };
         image::Rgb([ch(0.0), ch(0.33), ch(0.66)])
     })
 }
@@ -473,7 +477,7 @@ fn drive(
                 let mut local = Tally::default();
                 let mut reqs = Vec::new();
                 let mut meta = Vec::new(); // (index, expect, position in reqs or None)
-                for i in a..b {
+                for (i, count) in answered.iter().enumerate().take(b).skip(a) {
                     let c = gen.case(i as u64);
                     match parse_line(i + 1, Ok(c.line.into_bytes()), defaults) {
                         Line::Ok(_, mut r) => {
@@ -482,7 +486,7 @@ fn drive(
                             reqs.push(r);
                         }
                         Line::Err(_, msg) => {
-                            answered[i].fetch_add(1, Ordering::Relaxed);
+                            count.fetch_add(1, Ordering::Relaxed);
                             match &c.expect {
                                 Expect::Err("parse", needle) if msg.contains(needle.as_str()) => {}
                                 want => local
