@@ -136,6 +136,13 @@ pub trait Backend {
 
     /// Restarts the activation peak.
     fn reset_peak(&mut self) {}
+
+    /// TEST HOOK (fault injection), not an API: makes the device fail as a real fault does (a
+    /// kernel that traps, leaving a sticky error in the context). Only the CUDA backend can.
+    #[doc(hidden)]
+    fn inject_fault(&mut self) -> Result<()> {
+        Err(Error::Input(format!("{}: no device fault to inject", self.describe())))
+    }
 }
 
 /// The f32 CPU forward behind the [`Backend`] seam.
@@ -306,6 +313,10 @@ impl Backend for CudaBackend {
     }
     fn reset_peak(&mut self) {
         self.mem.reset_peak();
+    }
+    fn inject_fault(&mut self) -> Result<()> {
+        self.gpu.bind()?;
+        crate::ops::fault::fault_trap(&self.gpu, true)
     }
 }
 

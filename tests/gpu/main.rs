@@ -10,6 +10,7 @@ mod attention;
 mod check;
 mod embedding;
 mod engine;
+mod fault;
 mod gelu;
 mod harness;
 mod kernels;
@@ -44,7 +45,23 @@ fn residual_f32_ops_match_reference(ctx: &mut Ctx) -> Result<(), String> {
     linear::linear_f32_matches_reference(ctx)
 }
 
+/// The device-fault tests: each leaves the process's context broken, so each runs alone, in a
+/// process of its own, when `JV4_GPU_FAULT` names it (tools/gpu_run.sh runs both, after the suite);
+/// the suite itself never runs them.
+const FAULT_TESTS: &[(&str, harness::TestFn)] = &[
+    ("device_fault_turns_the_engine_lost", fault::device_fault_turns_the_engine_lost),
+    ("device_fault_on_one_of_two_devices", fault::device_fault_on_one_of_two_devices),
+];
+
 fn main() {
+    if let Ok(name) = std::env::var("JV4_GPU_FAULT") {
+        let Some(t) = FAULT_TESTS.iter().find(|(n, _)| *n == name) else {
+            let names: Vec<_> = FAULT_TESTS.iter().map(|(n, _)| *n).collect();
+            eprintln!("JV4_GPU_FAULT={name:?}: expected one of {names:?}");
+            std::process::exit(2);
+        };
+        harness::run(std::slice::from_ref(t));
+    }
     harness::run(&[
         ("kernels_resolve", kernels::kernels_resolve),
         ("swiglu_matches_reference", swiglu::swiglu_matches_reference),
