@@ -16,6 +16,8 @@
 #   tests   the GPU test suite; its summary `N passed, M failed` is the last line
 #   faults  the device-fault tests (tests/gpu/fault.rs), each in a process of its own: a sticky
 #           CUDA error breaks the context of the process it happens in
+#   sanitize  attention, model and engine tests under compute-sanitizer (gpu_sanitize.sh; minutes,
+#           not in the default list)
 # Full logs go to $OUT (or <this folder>/out).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -132,6 +134,10 @@ if has embed; then
         | python3 -c "import json,sys; [print(d.get('id'), 'tokens', len(d.get('multi_vector', [])), d.get('error','')) for d in map(json.loads, sys.stdin)]"
 fi
 rc=0
+if has sanitize; then
+    echo "== sanitize (compute-sanitizer memcheck, synccheck, initcheck, racecheck)"
+    bash sanitize.sh || rc=1
+fi
 if has tests; then
     echo "== GPU test suite"
     ./gpu-tests 2>&1 | tee "$out/gpu-tests.log"

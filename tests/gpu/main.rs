@@ -19,6 +19,7 @@ mod lora;
 mod model;
 mod oom;
 mod pool;
+mod probe;
 mod rmsnorm;
 mod rope;
 mod rows;
@@ -69,6 +70,7 @@ fn main() {
         ("linear_matches_reference", linear::linear_matches_reference),
         ("linear_rejects_bad_shapes", linear::linear_rejects_bad_shapes),
         ("linear_batch_invariant", linear::linear_batch_invariant),
+        ("linear_ignores_bytes_past_its_operands", probe::linear_ignores_bytes_past_its_operands),
         ("embedding_matches_reference", embedding::embedding_matches_reference),
         ("rmsnorm_matches_reference", rmsnorm::rmsnorm_matches_reference),
         ("mrope_matches_reference", rope::mrope_matches_reference),
