@@ -16,8 +16,10 @@
 #   tests   the GPU test suite; its summary `N passed, M failed` is the last line
 #   faults  the device-fault tests (tests/gpu/fault.rs), each in a process of its own: a sticky
 #           CUDA error breaks the context of the process it happens in
-#   sanitize  attention, model and engine tests under compute-sanitizer (gpu_sanitize.sh; minutes,
-#           not in the default list)
+#   sanitize  attention, model and engine tests under compute-sanitizer (gpu_sanitize.sh)
+#   soak    100,000 mixed requests through one engine (gpu_soak.sh)
+#   cold    cold start to the first embedding, and the load's GB/s (gpu_cold_start.sh)
+# (sanitize, soak and cold take minutes each: not in the default list.)
 # Full logs go to $OUT (or <this folder>/out).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -35,7 +37,7 @@ if has device; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | tee "$out/device.txt"
     ./jv4 gpu 2>&1 | tee -a "$out/device.txt"
 fi
-if has load || has text || has engine || has parity || has fidelity || has images || has embed || has serve; then
+if has load || has text || has engine || has parity || has fidelity || has images || has embed || has serve || has soak || has cold; then
     if [ ! -f "$model/config.json" ]; then
         ./jv4 synth --preset full --out "$model" 2>&1 | tee "$out/synth.txt"
     fi
@@ -134,6 +136,12 @@ if has embed; then
         | python3 -c "import json,sys; [print(d.get('id'), 'tokens', len(d.get('multi_vector', [])), d.get('error','')) for d in map(json.loads, sys.stdin)]"
 fi
 rc=0
+if has cold; then
+    bash cold_start.sh || rc=1
+fi
+if has soak; then
+    bash soak.sh || rc=1
+fi
 if has sanitize; then
     echo "== sanitize (compute-sanitizer memcheck, synccheck, initcheck, racecheck)"
     bash sanitize.sh || rc=1
