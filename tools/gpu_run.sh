@@ -14,13 +14,19 @@
 #   images  images on the full model against PyTorch bf16: parity, latency, images/s
 #   embed   the runner on real text (tokenizer.json packed alongside)
 #   tests   the GPU test suite; its summary `N passed, M failed` is the last line
+#   faults  the device-fault tests (tests/gpu/fault.rs), each in a process of its own: a sticky
+#           CUDA error breaks the context of the process it happens in
+#   sanitize  attention, model and engine tests under compute-sanitizer (gpu_sanitize.sh)
+#   soak    100,000 mixed requests through one engine (gpu_soak.sh)
+#   cold    cold start to the first embedding, and the load's GB/s (gpu_cold_start.sh)
+# (sanitize, soak and cold take minutes each: not in the default list.)
 # Full logs go to $OUT (or <this folder>/out).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 cd "$here"
-stages="${JV4_STAGES:-device load ops text engine parity images embed tests}"
+stages="${JV4_STAGES:-device load ops text engine parity images embed tests faults}"
 has() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 torch_ok() { python3 -c "import torch" 2>/dev/null; }
 model="${JV4_MODEL_DIR:-/tmp/jv4-synth-full}"
@@ -31,7 +37,7 @@ if has device; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | tee "$out/device.txt"
     ./jv4 gpu 2>&1 | tee -a "$out/device.txt"
 fi
-if has load || has text || has engine || has parity || has fidelity || has images || has embed || has serve; then
+if has load || has text || has engine || has parity || has fidelity || has images || has embed || has serve || has soak || has cold; then
     if [ ! -f "$model/config.json" ]; then
         ./jv4 synth --preset full --out "$model" 2>&1 | tee "$out/synth.txt"
     fi
@@ -129,8 +135,31 @@ if has embed; then
         | ./jv4 embed --model "$model" --max-batch-patches 1024 --vector multi 2>&1 \
         | python3 -c "import json,sys; [print(d.get('id'), 'tokens', len(d.get('multi_vector', [])), d.get('error','')) for d in map(json.loads, sys.stdin)]"
 fi
+rc=0
+if has cold; then
+    bash cold_start.sh || rc=1
+fi
+if has soak; then
+    bash soak.sh || rc=1
+fi
+if has sanitize; then
+    echo "== sanitize (compute-sanitizer memcheck, synccheck, initcheck, racecheck)"
+    bash sanitize.sh || rc=1
+fi
 if has tests; then
     echo "== GPU test suite"
     ./gpu-tests 2>&1 | tee "$out/gpu-tests.log"
-    exit "${PIPESTATUS[0]}"
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
+# Last: a sticky error breaks the context of its process, so each fault test has its own.
+if has faults; then
+    echo "== device faults (each test in a process of its own)"
+    for t in device_fault_turns_the_engine_lost device_fault_on_one_of_two_devices; do
+        JV4_GPU_FAULT=$t ./gpu-tests > "$out/fault_$t.log" 2>&1 || rc=1
+        grep -E '^(test |  )' "$out/fault_$t.log" | tail -4
+    done
+    if has tests; then
+        echo "suite: $(tail -1 "$out/gpu-tests.log")"
+    fi
+fi
+exit $rc

@@ -52,7 +52,7 @@ use crate::model::config::ModelConfig;
 pub use crate::model::gpu::LoraMode;
 use crate::{Error, Result};
 pub use limits::Limits;
-use pool::{stopped, LoseAfter, Pool};
+use pool::{stopped, FaultAfter, LoseAfter, Pool};
 use prepare::Preparer;
 pub use request::{matryoshka, Chunk, Chunking, Embedding, Input, MultiVector, OutputKind, Request};
 pub use text::{
@@ -98,6 +98,12 @@ pub struct EngineOptions {
     /// devices) report [`Error::DeviceLost`] from its forward `n + 1` on (`n = 0`: the first).
     #[doc(hidden)]
     pub lose_device_after: Vec<(usize, u64)>,
+    /// TEST HOOK (fault injection), not an API: each `(i, n)` makes worker `i` launch a kernel
+    /// that traps (a genuine sticky CUDA error in its context) before its forward `n + 1`
+    /// (`n = 0`: the first). The process's context for that GPU stays broken: tests that use it
+    /// run in a process of their own (tests/gpu/fault.rs).
+    #[doc(hidden)]
+    pub fault_device_after: Vec<(usize, u64)>,
 }
 
 impl Default for EngineOptions {
@@ -115,6 +121,7 @@ impl Default for EngineOptions {
             lora: LoraMode::default(),
             devices: Vec::new(),
             lose_device_after: Vec::new(),
+            fault_device_after: Vec::new(),
         }
     }
 }
@@ -232,6 +239,7 @@ impl Engine {
             let (device, mem_budget, lora) = (devices[i], opts.mem_budget, opts.lora);
             let (ckpt, worker_pool, ready_tx) = (ckpt.clone(), pool.clone(), ready_tx.clone());
             let lose_after = opts.lose_device_after.iter().find(|&&(w, _)| w == i).map(|&(_, n)| n);
+            let fault_after = opts.fault_device_after.iter().find(|&&(w, _)| w == i).map(|&(_, n)| n);
             let name = if devices.len() == 1 { format!("jv4-{device}") } else { format!("jv4-{i}-{device}") };
             let spawned = std::thread::Builder::new().name(name).spawn(move || {
                 // The backend is created here, so its CUDA context is current on this thread.
@@ -245,6 +253,10 @@ impl Engine {
                 drop(ckpt);
                 let backend = match lose_after {
                     Some(left) => Box::new(LoseAfter { inner: backend, left }),
+                    None => backend,
+                };
+                let backend: Box<dyn crate::model::Backend> = match fault_after {
+                    Some(n) => Box::new(FaultAfter { inner: backend, left: Some(n) }),
                     None => backend,
                 };
                 let _ = ready_tx.send((i, Ok(backend.describe())));
@@ -366,6 +378,9 @@ impl Engine {
             sum.weights += m.weights;
             sum.activations_peak += m.activations_peak;
             sum.activations_budget += m.activations_budget;
+            sum.activations_mapped += m.activations_mapped;
+            sum.device_used += m.device_used;
+            sum.plans += m.plans;
         }
         Ok(sum)
     }

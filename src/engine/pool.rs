@@ -197,3 +197,40 @@ impl Backend for LoseAfter {
         self.inner.reset_peak()
     }
 }
+
+/// TEST HOOK (fault injection), not an API: a backend that runs `left` forwards, then makes its
+/// device fail for real before the next one ([`Backend::inject_fault`]: a kernel that traps), so
+/// that forward meets a genuine sticky CUDA error. Set through `EngineOptions::fault_device_after`.
+pub(crate) struct FaultAfter {
+    pub inner: Box<dyn Backend>,
+    /// Forwards before the fault; `None` once it is injected.
+    pub left: Option<u64>,
+}
+
+impl Backend for FaultAfter {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn device(&self) -> Device {
+        self.inner.device()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn forward(&mut self, batch: &PackedBatch) -> Result<BatchOutput> {
+        self.left = match self.left {
+            Some(0) => {
+                self.inner.inject_fault()?;
+                None
+            }
+            left => left.map(|n| n - 1),
+        };
+        self.inner.forward(batch)
+    }
+    fn memory(&self) -> MemoryReport {
+        self.inner.memory()
+    }
+    fn reset_peak(&mut self) {
+        self.inner.reset_peak()
+    }
+}

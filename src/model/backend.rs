@@ -87,6 +87,13 @@ pub struct MemoryReport {
     pub activations_peak: u64,
     /// The activation budget (0 on the CPU: none).
     pub activations_budget: u64,
+    /// Activation bytes taken from the device now (the allocator's mapped pages; 0 on the CPU).
+    pub activations_mapped: u64,
+    /// Device memory in use by every process on the device (total − free, as the driver reports
+    /// it; 0 on the CPU or when the driver does not answer).
+    pub device_used: u64,
+    /// cuBLASLt plans cached (0 on the CPU).
+    pub plans: u64,
 }
 
 /// Runs forwards of packed batches. See the module documentation.
@@ -109,6 +116,13 @@ pub trait Backend {
 
     /// Restarts the activation peak.
     fn reset_peak(&mut self) {}
+
+    /// TEST HOOK (fault injection), not an API: makes the device fail as a real fault does (a
+    /// kernel that traps, leaving a sticky error in the context). Only the CUDA backend can.
+    #[doc(hidden)]
+    fn inject_fault(&mut self) -> Result<()> {
+        Err(Error::Input(format!("{}: no device fault to inject", self.describe())))
+    }
 }
 
 /// The f32 CPU forward behind the [`Backend`] seam.
@@ -289,14 +303,22 @@ impl Backend for CudaBackend {
     }
     fn memory(&self) -> MemoryReport {
         let s = self.mem.stats();
+        let device_used = self.gpu.mem_info().map_or(0, |(free, total)| total.saturating_sub(free));
         MemoryReport {
             weights: self.model.device_bytes() as u64,
             activations_peak: s.peak,
             activations_budget: s.budget,
+            activations_mapped: s.mapped,
+            device_used,
+            plans: self.gpu.blas().plan_count() as u64,
         }
     }
     fn reset_peak(&mut self) {
         self.mem.reset_peak();
+    }
+    fn inject_fault(&mut self) -> Result<()> {
+        self.gpu.bind()?;
+        crate::ops::fault::fault_trap(&self.gpu, true)
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod embedding;
+pub mod fault;
 pub mod gelu;
 pub mod linear;
 pub mod lora;

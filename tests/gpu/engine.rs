@@ -6,7 +6,7 @@ use crate::harness::Ctx;
 use jv4::Device;
 
 #[path = "../common/engine_cases.rs"]
-mod engine_cases;
+pub mod engine_cases;
 
 #[path = "../common/chunk_cases.rs"]
 mod chunk_cases;

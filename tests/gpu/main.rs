@@ -10,6 +10,7 @@ mod attention;
 mod check;
 mod embedding;
 mod engine;
+mod fault;
 mod fold;
 mod gelu;
 mod harness;
@@ -17,7 +18,9 @@ mod kernels;
 mod linear;
 mod lora;
 mod model;
+mod oom;
 mod pool;
+mod probe;
 mod rmsnorm;
 mod rope;
 mod rows;
@@ -44,7 +47,23 @@ fn residual_f32_ops_match_reference(ctx: &mut Ctx) -> Result<(), String> {
     linear::linear_f32_matches_reference(ctx)
 }
 
+/// The device-fault tests: each leaves the process's context broken, so each runs alone, in a
+/// process of its own, when `JV4_GPU_FAULT` names it (tools/gpu_run.sh runs both, after the suite);
+/// the suite itself never runs them.
+const FAULT_TESTS: &[(&str, harness::TestFn)] = &[
+    ("device_fault_turns_the_engine_lost", fault::device_fault_turns_the_engine_lost),
+    ("device_fault_on_one_of_two_devices", fault::device_fault_on_one_of_two_devices),
+];
+
 fn main() {
+    if let Ok(name) = std::env::var("JV4_GPU_FAULT") {
+        let Some(t) = FAULT_TESTS.iter().find(|(n, _)| *n == name) else {
+            let names: Vec<_> = FAULT_TESTS.iter().map(|(n, _)| *n).collect();
+            eprintln!("JV4_GPU_FAULT={name:?}: expected one of {names:?}");
+            std::process::exit(2);
+        };
+        harness::run(std::slice::from_ref(t));
+    }
     harness::run(&[
         ("kernels_resolve", kernels::kernels_resolve),
         ("swiglu_matches_reference", swiglu::swiglu_matches_reference),
@@ -53,6 +72,7 @@ fn main() {
         ("linear_rejects_bad_shapes", linear::linear_rejects_bad_shapes),
         ("linear_batch_invariant", linear::linear_batch_invariant),
         ("fold_ops_write_only_their_columns", fold::fold_ops_write_only_their_columns),
+        ("linear_ignores_bytes_past_its_operands", probe::linear_ignores_bytes_past_its_operands),
         ("embedding_matches_reference", embedding::embedding_matches_reference),
         ("rmsnorm_matches_reference", rmsnorm::rmsnorm_matches_reference),
         ("mrope_matches_reference", rope::mrope_matches_reference),
@@ -87,6 +107,7 @@ fn main() {
         ("engine_bad_requests_fail_alone", engine::bad_requests_fail_alone),
         ("engine_tiny_budget_serves_every_request", engine::tiny_budget_serves_every_request),
         ("engine_open_errors_are_clear", engine::open_errors_are_clear),
+        ("oom_splits_serve_every_request_bitwise", oom::oom_splits_serve_every_request_bitwise),
         ("chunk_equal_the_reference_pooling", engine::chunks_equal_the_reference_pooling),
         ("chunk_vectors_are_independent_of_the_batch", engine::chunk_vectors_are_independent_of_the_batch),
         ("chunk_bad_chunking_fails_alone", engine::bad_chunking_fails_alone),

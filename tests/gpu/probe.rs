@@ -1,0 +1,185 @@
+//! Where cuBLASLt reads (issue 12, deliverable 7: initcheck reported uninitialised reads inside
+//! cuBLAS gemv kernels during the model tests). Each operand of a GEMM sits at the start of a
+//! block of whole pages, as the arena and the weight buffer place tensors, and the rest of the
+//! block (its tail) is filled with NaN in one run and zeros in the other: the outputs must be the
+//! same bit for bit and match the reference, so whatever cuBLASLt reads past an operand cannot
+//! change a result. `y` is NaN before a `beta = 0` GEMM, so C is not used either.
+//!
+//! Under compute-sanitizer initcheck (tools/gpu_sanitize.sh), `JV4_PROBE_UNWRITTEN=x,w,bias,y`
+//! leaves the named operands' tails unwritten instead: a report then means cuBLASLt reads past
+//! that operand's end; a report with every tail written means it reads memory of its own (the
+//! workspace). The shapes are the model's GEMMs at 1 to 17 rows (gemv and small-tile kernels),
+//! tiny and full size, with bias, accumulation and f32 output as the model runs them.
+
+use half::bf16;
+
+use crate::check::{check_close, BF16_NAN_BITS, BF16_REL};
+use crate::harness::{e, Ctx};
+use crate::util::{allocator, random_bf16, to_f32, F32_NAN_BITS};
+use jv4::cuda::{DTensor, DeviceAllocator, DEFAULT_PAGE_SIZE};
+use jv4::{ops, reference};
+
+/// (name, n, k, bias, accumulate, f32 output).
+const SHAPES: &[(&str, usize, usize, bool, bool, bool)] = &[
+    ("tiny qkv", 512, 256, true, false, false),
+    ("tiny o", 256, 256, false, true, true),
+    ("tiny gate_up", 1024, 256, false, false, false),
+    ("tiny down", 256, 512, false, true, true),
+    ("tiny projector", 128, 256, false, false, false),
+    ("tiny lora shrink qkv", 36, 256, false, false, false),
+    ("tiny lora shrink o", 12, 256, false, false, false),
+    ("tiny lora expand qkv", 512, 36, false, true, false),
+    ("tiny lora expand o", 256, 12, false, true, true),
+    ("full qkv", 2560, 2048, true, false, false),
+    ("full down", 2048, 11008, false, true, true),
+    ("full lora expand o", 2048, 96, false, true, true),
+    ("vision down", 1280, 3456, true, true, false),
+];
+
+const ROWS: &[usize] = &[1, 2, 3, 17];
+
+/// A block of whole pages holding `rows × cols` elements of `T` at its start, its tail filled
+/// with `tail` (2- or 4-byte pattern), or left unwritten when `tail` is `None`.
+fn placed<T: Copy>(
+    ctx: &Ctx,
+    mem: &mut DeviceAllocator,
+    rows: usize,
+    cols: usize,
+    tail: Option<u32>,
+) -> Result<DTensor<T>, String> {
+    let size = std::mem::size_of::<T>();
+    let bytes = ((rows * cols * size) as u64).div_ceil(DEFAULT_PAGE_SIZE).max(1) * DEFAULT_PAGE_SIZE;
+    let block = mem.alloc(bytes).map_err(e)?;
+    let block = match tail {
+        Some(bits) if size == 2 => {
+            let mut all = DTensor::<u16>::from_block(block, &[bytes as usize / 2]);
+            ctx.gpu.fill_u16(&mut all.view_mut(), bits as u16).map_err(e)?;
+            all.into_block()
+        }
+        Some(bits) => {
+            let mut all = DTensor::<u32>::from_block(block, &[bytes as usize / 4]);
+            ctx.gpu.fill_u32(&mut all.view_mut(), bits).map_err(e)?;
+            all.into_block()
+        }
+        None => block,
+    };
+    Ok(DTensor::from_block(block, &[bytes as usize / (cols * size), cols]))
+}
+
+/// The operands whose tails `$JV4_PROBE_UNWRITTEN` leaves unwritten.
+fn unwritten() -> Vec<String> {
+    std::env::var("JV4_PROBE_UNWRITTEN")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// One GEMM with every operand placed at the start of its pages, the tails as `tail` says (per
+/// operand: `None` leaves it unwritten); the output's first `m` rows, widened.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    ctx: &Ctx,
+    mem: &mut DeviceAllocator,
+    (m, n, k): (usize, usize, usize),
+    (bias, accumulate, out_f32): (bool, bool, bool),
+    host: (&[bf16], &[bf16], &[bf16], &[bf16]),
+    tail: impl Fn(&str, bool) -> Option<u32>,
+) -> Result<Vec<f32>, String> {
+    let (x_h, w_h, b_h, y0_h) = host;
+    let mut x = placed::<bf16>(ctx, mem, m, k, tail("x", false))?;
+    let mut w = placed::<bf16>(ctx, mem, n, k, tail("w", false))?;
+    let mut b = placed::<bf16>(ctx, mem, 1, n, tail("bias", false))?;
+    ctx.gpu.upload(&mut x.view_mut().rows_mut(0..m), x_h).map_err(e)?;
+    ctx.gpu.upload(&mut w.view_mut().rows_mut(0..n), w_h).map_err(e)?;
+    ctx.gpu.upload(&mut b.view_mut().rows_mut(0..1).reshape(&[n]), b_h).map_err(e)?;
+    let (xv, wv) = (x.view().rows(0..m), w.view().rows(0..n));
+    let bv = b.view().rows(0..1).reshape(&[n]);
+    let out = if out_f32 {
+        let mut y = placed::<f32>(ctx, mem, m, n, tail("y", true))?;
+        let mut yv = y.view_mut();
+        let mut ym = yv.rows_mut(0..m);
+        if accumulate {
+            let y0: Vec<f32> = y0_h.iter().map(|v| v.to_f32()).collect();
+            ctx.gpu.upload(&mut ym, &y0).map_err(e)?;
+        } else {
+            ctx.gpu.fill_u32(&mut ym, F32_NAN_BITS).map_err(e)?;
+        }
+        ops::linear_f32(&ctx.gpu, &xv, &wv, &mut ym, accumulate).map_err(e)?;
+        let got = ctx.gpu.download(&ym.as_view()).map_err(e)?;
+        mem.free(y.into_block());
+        got
+    } else {
+        let mut y = placed::<bf16>(ctx, mem, m, n, tail("y", false))?;
+        let mut yv = y.view_mut();
+        let mut ym = yv.rows_mut(0..m);
+        if accumulate {
+            ctx.gpu.upload(&mut ym, y0_h).map_err(e)?;
+        } else {
+            ctx.gpu.fill_u16(&mut ym, BF16_NAN_BITS).map_err(e)?;
+        }
+        ops::linear(&ctx.gpu, &xv, &wv, bias.then_some(&bv), &mut ym, accumulate).map_err(e)?;
+        let got = to_f32(&ctx.gpu.download(&ym.as_view()).map_err(e)?);
+        mem.free(y.into_block());
+        got
+    };
+    for t in [x, w, b] {
+        mem.free(t.into_block());
+    }
+    Ok(out)
+}
+
+pub fn linear_ignores_bytes_past_its_operands(ctx: &mut Ctx) -> Result<(), String> {
+    let mut mem = allocator(ctx, 2 << 30)?;
+    let left = unwritten();
+    if !left.is_empty() {
+        println!("  tails left unwritten (initcheck probe): {left:?}");
+    }
+    for &(name, n, k, bias, accumulate, out_f32) in SHAPES {
+        let (w_h, w_f) = random_bf16(ctx, n * k, 1.0 / (k as f32).sqrt());
+        let (b_h, b_f) = random_bf16(ctx, n, 0.5);
+        for &m in ROWS {
+            let (x_h, x_f) = random_bf16(ctx, m * k, 1.0);
+            let (y0_h, y0_f) = random_bf16(ctx, m * n, 1.0);
+            let host = (&x_h[..], &w_h[..], &b_h[..], &y0_h[..]);
+            let form = (bias, accumulate, out_f32);
+            let pattern = |nan: bool, f32_out: bool| match (nan, f32_out) {
+                (true, true) => F32_NAN_BITS,
+                (true, false) => BF16_NAN_BITS as u32,
+                (false, _) => 0,
+            };
+            let with = |nan: bool| {
+                let left = left.clone();
+                move |op: &str, f32_out: bool| (!left.iter().any(|l| l == op)).then(|| pattern(nan, f32_out))
+            };
+            let a = run(ctx, &mut mem, (m, n, k), form, host, with(true))?;
+            let b = run(ctx, &mut mem, (m, n, k), form, host, with(false))?;
+            let what = format!("{name} m={m} n={n} k={k}");
+            if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+                return Err(format!(
+                    "{what}: element {i} is {} with NaN tails, {} with zero tails",
+                    a[i], b[i]
+                ));
+            }
+            let (mut want, mut scale) =
+                reference::linear(&x_f, &w_f, bias.then_some(&b_f[..]), (m, n, k), None);
+            if accumulate {
+                for (i, v) in want.iter_mut().enumerate() {
+                    *v += y0_f[i];
+                    scale[i] += y0_f[i].abs();
+                }
+            }
+            let acc = 8.0 * (k as f32).sqrt() * f32::EPSILON / 2.0;
+            // One bf16 rounding of the output, and of the product before an epilogue add.
+            let out_rel = if out_f32 { f32::EPSILON } else { BF16_REL };
+            let epilogue = if bias || accumulate { BF16_REL } else { 0.0 };
+            check_close(&what, &a, &want, |i| out_rel * want[i].abs() + (acc + epilogue) * scale[i])?;
+        }
+    }
+    let s = mem.stats();
+    if s.live_allocations != 0 {
+        return Err(format!("blocks left behind: {s:?}"));
+    }
+    Ok(())
+}

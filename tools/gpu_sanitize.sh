@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The sanitize stage (issue 12, deliverable 7): the GPU suite's attention, model and engine tests
+# under compute-sanitizer memcheck, synccheck and initcheck, and the attention tests (small
+# shapes) under racecheck. Each tool's log goes to $OUT/san_<tool>.txt; one summary line per tool:
+#   sanitize <tool>: N errors (suite: P passed, F failed) in S s
+# then the initcheck probe of cuBLASLt (tests/gpu/probe.rs), one line per operand left unwritten,
+# which tells where any initcheck report inside cuBLAS comes from. The exit status is non-zero
+# when a tool found errors or a test failed.
+#
+# Runs from the packed folder (tools/pack_gpu.sh copies it to .gpu/sanitize.sh), on the device:
+#   bash .gpu/sanitize.sh               # or JV4_STAGES=sanitize bash .gpu/run.sh
+# Settings: $JV4_SAN_TOOLS (default "memcheck synccheck initcheck racecheck"), $JV4_SAN_TESTS
+# (name filters of the suite, default "attention_ text_ image_outputs engine_ chunk_"),
+# $JV4_SAN_RACE_TESTS (default "attention_matches_reference attention_rejects"), the attention
+# cases' size cap $JV4_SAN_ATTN_MAX_TOKENS (default 6000; racecheck 1600), $JV4_SAN_TIMEOUT per
+# tool run in seconds (default 240), $JV4_SAN_INITCHECK_ARGS (extra initcheck options).
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${OUT:-$here/out}"
+mkdir -p "$out"
+cd "$here"
+export JV4_FIXTURES="${JV4_FIXTURES:-$here/../tests/fixtures}"
+san="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+if [ -z "$san" ]; then
+    echo "sanitize: compute-sanitizer not found"
+    exit 1
+fi
+tools="${JV4_SAN_TOOLS:-memcheck synccheck initcheck racecheck}"
+tests="${JV4_SAN_TESTS:-attention_ text_ image_outputs engine_ chunk_}"
+race_tests="${JV4_SAN_RACE_TESTS:-attention_matches_reference attention_rejects}"
+limit="${JV4_SAN_TIMEOUT:-240}"
+status=0
+
+# The error count of a sanitizer log (racecheck has its own summary line).
+errors_of() {
+    local n
+    n=$(grep -Eo 'ERROR SUMMARY: [0-9]+ error' "$1" | tail -1 | grep -Eo '[0-9]+')
+    if [ -z "$n" ]; then
+        n=$(grep -Eo 'RACECHECK SUMMARY: [0-9]+ hazards? displayed \([0-9]+ error' "$1" | tail -1 | grep -Eo '\([0-9]+' | tr -d '(')
+    fi
+    echo "${n:-?}"
+}
+
+# The kernels named by a log's reports (the line after each report: "at <kernel>+0x.." in newer
+# versions, "at 0x.. in <kernel>" in older ones).
+kernels_of() {
+    grep -A1 -E '^========= +(Uninitialized|Invalid|Race|Barrier)' "$1" | grep -E '^========= +at ' |
+        sed -E 's/^=+ +at +//; s/^0x[0-9a-f]+ in //; s/^void //; s/[(<+].*//' | sort -u | head -5 | tr '\n' ' '
+}
+
+# The installed compute-sanitizer's option that skips kernels by name (renamed over versions).
+exclude_opt() {
+    if "$san" --help 2>&1 | grep -q -- '--kernel-name-exclude'; then echo --kernel-name-exclude; else echo --exclude; fi
+}
+
+# run <label> <log> <env...> -- <sanitizer args...> -- <test filters...>
+run_tool() {
+    local label=$1 log=$2
+    shift 2
+    local envs=() args=()
+    while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+    shift
+    while [ "$1" != "--" ]; do args+=("$1"); shift; done
+    shift
+    local t0=$SECONDS
+    env "${envs[@]}" timeout "$limit" "$san" "${args[@]}" ./gpu-tests "$@" > "$log" 2>&1
+    local rc=$? took=$((SECONDS - t0))
+    local n suite
+    n=$(errors_of "$log")
+    suite=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
+    [ "$rc" = 124 ] && suite="TIMED OUT after ${limit} s; ${suite:-no summary}"
+    echo "sanitize $label: $n errors (suite: ${suite:-none}) in ${took} s"
+    if [ "$n" != 0 ] || [ "$rc" != 0 ]; then
+        status=1
+        # The first reports, for the note: what was read, by which kernel.
+        grep -E '^========= +(Uninitialized|Invalid|Race|Barrier|Program hit|Error)|^========= +at |^========= +Address|^=========     Device Frame' "$log" | head -12 | sed 's/^/    /'
+        echo "    kernels: $(kernels_of "$log")"
+    fi
+    last_errors=$n
+}
+last_errors=0
+
+# shellcheck disable=SC2086
+for tool in $tools; do
+    case $tool in
+        racecheck)
+            run_tool racecheck "$out/san_racecheck.txt" JV4_ATTN_MAX_TOKENS="${JV4_SAN_RACE_MAX_TOKENS:-1600}" -- \
+                --tool racecheck --racecheck-report hazard --print-limit 50 -- $race_tests
+            ;;
+        initcheck)
+            run_tool initcheck "$out/san_initcheck.txt" JV4_ATTN_MAX_TOKENS="${JV4_SAN_ATTN_MAX_TOKENS:-6000}" -- \
+                --tool initcheck --print-limit 50 ${JV4_SAN_INITCHECK_ARGS:-} -- $tests
+            # When every report is inside cuBLAS's gemv kernels: the same run with those kernels
+            # left out of initcheck (what the suppression would be; see the probe below).
+            if [ "$last_errors" != 0 ] && [ -n "$(kernels_of "$out/san_initcheck.txt")" ] &&
+                ! kernels_of "$out/san_initcheck.txt" | tr ' ' '\n' | grep -v '^$' | grep -qv gemv; then
+                run_tool "initcheck without cuBLAS gemv kernels" "$out/san_initcheck_nogemv.txt" \
+                    JV4_ATTN_MAX_TOKENS="${JV4_SAN_ATTN_MAX_TOKENS:-6000}" -- \
+                    --tool initcheck --print-limit 50 "$(exclude_opt)" kns=gemv ${JV4_SAN_INITCHECK_ARGS:-} -- $tests
+            fi
+            ;;
+        *)
+            run_tool "$tool" "$out/san_$tool.txt" JV4_ATTN_MAX_TOKENS="${JV4_SAN_ATTN_MAX_TOKENS:-6000}" -- \
+                --tool "$tool" --print-limit 50 -- $tests
+            ;;
+    esac
+done
+
+# Where initcheck's reports inside cuBLAS come from: the GEMMs of the model at 1-17 rows with
+# every operand at the start of its pages; first with every tail written, then with one
+# operand's tail left unwritten at a time. Reports with everything written: cuBLAS reads its
+# own memory (workspace); reports only for one operand: it reads past that operand's end
+# (values that, as the probe checks in the suite, never change a result).
+case " $tools " in *" initcheck "*)
+    for left in "" x w bias y; do
+        log="$out/san_probe_${left:-none}.txt"
+        JV4_PROBE_UNWRITTEN="$left" timeout "$limit" "$san" --tool initcheck --print-limit 5 \
+            ./gpu-tests linear_ignores_bytes_past_its_operands > "$log" 2>&1
+        n=$(errors_of "$log")
+        kernels=$(kernels_of "$log")
+        echo "sanitize initcheck probe, tails unwritten: ${left:-none}: $n errors ${kernels:+(kernels: $kernels)}"
+    done
+    ;;
+esac
+exit $status
