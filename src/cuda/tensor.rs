@@ -429,24 +429,30 @@ impl DeviceBuffer {
         }
         let (s, d) = (from.at(src).ptr, self.at(dst).ptr); // both checked inside their buffers
         let e = std::mem::size_of::<T>();
-        // SAFETY: a zeroed CUDA_MEMCPY2D is the documented "no options" value; the fields set
-        // below describe n rows of c·e bytes read `c·e` apart from `from`'s region and written
-        // `ld·e` apart from column `col` of this buffer's region, both inside their allocations
-        // (checked above). The buffers are distinct (`&mut self` and `&from`).
-        unsafe {
-            let mut m: sys::CUDA_MEMCPY2D = std::mem::zeroed();
-            m.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-            m.srcDevice = s;
-            m.srcPitch = c * e;
-            m.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-            m.dstDevice = d + (col * e) as u64;
-            m.dstPitch = ld * e;
-            m.WidthInBytes = c * e;
-            m.Height = n;
-            sys::cuMemcpy2DAsync_v2(&m, gpu.cu_stream())
-        }
-        .result()
-        .map_err(|e| super::cuda_err("copy columns within the device", e))
+        let m = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: s,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: c * e,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: d + (col * e) as u64,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: ld * e,
+            WidthInBytes: c * e,
+            Height: n,
+        };
+        // SAFETY: `m` describes n rows of c·e bytes read c·e apart from `from`'s region and
+        // written ld·e apart from column `col` of this buffer's region, both inside their
+        // allocations (checked above); the buffers are distinct (`&mut self` and `&from`).
+        unsafe { sys::cuMemcpy2DAsync_v2(&m, gpu.cu_stream()) }
+            .result()
+            .map_err(|e| super::cuda_err("copy columns within the device", e))
     }
 
     /// Streams `len` bytes into `region`, from byte `offset` of it on, through `staging`:

@@ -12,16 +12,16 @@ use crate::harness::{e, Ctx};
 use crate::util::{allocator, bits, random_bf16, random_bf16_bits, to_f32, upload, U32};
 use jv4::{ops, reference};
 
-/// (rows, x columns, t columns, lora groups): the full model's qkv / gate_up / down folds (the
-/// shrink is x·A_allᵀ with A_all of tasks·parts·r rows), one token and odd counts; the tiny
-/// model's widths (t padded to a multiple of 8 columns).
+/// (rows, x columns, t columns, LoRA columns g = tasks·parts·r): the full model's qkv / gate_up /
+/// down folds at one token and odd counts; the tiny model's (t padded to a multiple of 8
+/// columns past g).
 const FOLDS: &[(usize, usize, usize, usize)] = &[
-    (1, 2048, 288, 96),
-    (7, 2048, 192, 64),
-    (129, 11008, 96, 32),
-    (333, 2048, 288, 96),
-    (5, 256, 40, 12),
-    (9, 512, 16, 4),
+    (1, 2048, 288, 288),
+    (7, 2048, 192, 192),
+    (129, 11008, 96, 96),
+    (333, 2048, 288, 288),
+    (5, 256, 40, 36),
+    (9, 512, 16, 12),
 ];
 
 /// The elements of `buf [rows, ld]` outside columns `cols`, as bits.
