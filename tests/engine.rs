@@ -26,3 +26,4 @@ cpu_case!(concurrent_callers_share_forwards);
 cpu_case!(bad_requests_fail_alone);
 cpu_case!(tiny_budget_serves_every_request);
 cpu_case!(open_errors_are_clear);
+cpu_case!(device_list_of_one_equals_device);

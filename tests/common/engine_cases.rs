@@ -387,3 +387,27 @@ pub fn open_errors_are_clear(device: Device) -> Result<(), String> {
         other => Err(format!("max_batch_tokens 0: {:?}", other.err())),
     }
 }
+
+/// A device list of one (`EngineOptions::devices = [device]`, `--devices 0`) is the single-device
+/// engine: the mixed requests give bit-for-bit the same vectors, one device is reported, and it
+/// did the work.
+pub fn device_list_of_one_equals_device(device: Device) -> Result<(), String> {
+    let m = Model::new()?;
+    let reqs = mixed_requests();
+    let single = m.engine(device, |_| {})?.embed(&reqs);
+    let listed = m.engine(device, |o| o.devices = vec![device])?;
+    let got = listed.embed(&reqs);
+    for (i, (a, b)) in single.iter().zip(&got).enumerate() {
+        let (a, b) = (ok(&format!("request {i} alone"), a)?, ok(&format!("request {i} listed"), b)?);
+        same(&format!("request {i}: devices [{device}] vs device {device}"), &a, &b, true)?;
+    }
+    let states = listed.devices();
+    if states.len() != 1
+        || states[0].device != device
+        || states[0].lost.is_some()
+        || states[0].stats.forwards == 0
+    {
+        return Err(format!("devices [{device}]: reported {states:?}"));
+    }
+    Ok(())
+}

@@ -26,6 +26,7 @@ cuda_case!(concurrent_callers_share_forwards);
 cuda_case!(bad_requests_fail_alone);
 cuda_case!(tiny_budget_serves_every_request);
 cuda_case!(open_errors_are_clear);
+cuda_case!(device_list_of_one_equals_device);
 
 macro_rules! cuda_chunk_case {
     ($name:ident) => {

@@ -107,6 +107,7 @@ fn main() {
         ("engine_bad_requests_fail_alone", engine::bad_requests_fail_alone),
         ("engine_tiny_budget_serves_every_request", engine::tiny_budget_serves_every_request),
         ("engine_open_errors_are_clear", engine::open_errors_are_clear),
+        ("engine_device_list_of_one_equals_device", engine::device_list_of_one_equals_device),
         ("oom_splits_serve_every_request_bitwise", oom::oom_splits_serve_every_request_bitwise),
         ("chunk_equal_the_reference_pooling", engine::chunks_equal_the_reference_pooling),
         ("chunk_vectors_are_independent_of_the_batch", engine::chunk_vectors_are_independent_of_the_batch),
