@@ -240,7 +240,10 @@ class Engine:
         model_dir: the model folder (``config.json``, ``model*.safetensors``, ``adapters/``,
             ``tokenizer.json``).
         device: ``"cuda:N"`` (``"cuda"`` = ``"cuda:0"``) or ``"cpu"`` (the exact f32 forward: slow,
-            for machines without a GPU and for tests).
+            for machines without a GPU and for tests); or several devices of one kind, as a list
+            (``["cuda:0", "cuda:1"]``) or ``"all"`` (every GPU): one copy of the model per device,
+            each forward sent to the least-loaded one, results in input order and bitwise the same
+            whichever device served them (see :meth:`devices`).
         max_batch_tokens: most tokens in one forward (inputs are packed up to it).
         max_batch_patches: most image patches in one forward (a larger image is resized to fit).
         mem_budget: activation memory budget: bytes, or a size such as ``"20GiB"`` (default:
@@ -255,7 +258,7 @@ class Engine:
     def __init__(
         self,
         model_dir: Union[str, "os.PathLike[str]"],
-        device: str = "cuda:0",
+        device: Union[str, Sequence[str]] = "cuda:0",
         *,
         max_batch_tokens: int = 16384,
         max_batch_patches: int = 16384,
@@ -281,8 +284,15 @@ class Engine:
 
     @property
     def device(self) -> str:
-        """``"cpu"`` or ``"cuda:N"``."""
+        """``"cpu"`` or ``"cuda:N"`` (the first device, when there are several)."""
         return self._engine.device
+
+    def devices(self) -> List[dict]:
+        """Per device, in the order given: ``{"device", "describe", "lost", "forwards",
+        "sequences", "tokens"}``; ``lost`` is None, or why the device was taken out of the rotation
+        (its work then went to the others)."""
+        keys = ("device", "describe", "lost", "forwards", "sequences", "tokens")
+        return [dict(zip(keys, d)) for d in self._engine.devices()]
 
     @property
     def describe(self) -> str:

@@ -8,7 +8,7 @@ class Engine:
     def __init__(
         self,
         model_dir: str,
-        device: str = "cuda:0",
+        device: Union[None, str, List[str]] = None,
         *,
         max_batch_tokens: int = 16384,
         max_batch_patches: int = 16384,
@@ -30,6 +30,9 @@ class Engine:
     @property
     def multi_dim(self) -> int: ...
     def stats(self) -> Tuple[int, int, int]: ...
+    def devices(self) -> List[Tuple[str, str, Optional[str], int, int, int]]:
+        """Per device: (device, describe, lost, forwards, sequences, tokens)."""
+        ...
     def embed(
         self,
         inputs: Sequence[Any],

@@ -11,7 +11,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use jv4::{Chunking, Device, Embedding, Engine, EngineOptions, Error, OutputKind, PromptName, Request, Task};
+use jv4::{
+    Chunking, Device, DeviceState, Embedding, Engine, EngineOptions, Error, OutputKind, PromptName, Request,
+    Task,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
 
@@ -34,6 +37,14 @@ fn error_class(e: &Error) -> &'static str {
 fn exception(py: Python<'_>, class: &str, msg: String) -> PyResult<Py<PyAny>> {
     let cls = py.import("jv4._errors")?.getattr(class)?;
     Ok(cls.call1((msg,))?.unbind())
+}
+
+/// `jv4._errors.<class>(msg)` as an error to raise.
+fn raised(py: Python<'_>, class: &str, msg: String) -> PyErr {
+    match exception(py, class, msg) {
+        Ok(obj) => PyErr::from_value(obj.into_bound(py)),
+        Err(import_failed) => import_failed,
+    }
 }
 
 /// The Python exception for an engine error.
@@ -159,6 +170,56 @@ fn chunk_arg(py: Python<'_>, arg: &Bound<'_, PyAny>, n: usize) -> PyResult<Chunk
     Ok(ChunkArg::Spans(out))
 }
 
+/// `device=` as given from Python: one device (`"cpu"`, `"cuda"`, `"cuda:N"`, or `"all"`: every
+/// GPU), or a list of them (one worker and one copy of the model each). Kinds and duplicates are
+/// checked by the engine.
+fn device_list(py: Python<'_>, arg: &Bound<'_, PyAny>) -> PyResult<Vec<Device>> {
+    if let Ok(s) = arg.cast::<PyString>() {
+        let s = s.to_cow()?;
+        if s.trim() == "all" {
+            return Device::parse_list("all").map_err(|e| to_py(py, &e));
+        }
+        return Ok(vec![parse(py, &s)?]);
+    }
+    let items: Vec<Bound<'_, PyAny>> = match arg.extract() {
+        Ok(v) if !arg.is_instance_of::<PyBytes>() => v,
+        _ => {
+            return Err(raised(
+                py,
+                "InputTypeError",
+                format!(
+                    "device has type {}: expected a str such as \"cuda:0\" or a list of them",
+                    type_name(arg)
+                ),
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err(input_error(
+            py,
+            "device=[] lists no device: give at least one, e.g. [\"cuda:0\"]".into(),
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match d.cast::<PyString>() {
+            Ok(s) => s.to_cow()?.parse().map_err(|e: Error| {
+                let why = match e {
+                    Error::Input(m) => m,
+                    e => e.to_string(),
+                };
+                input_error(py, format!("device[{i}]: {why}"))
+            }),
+            Err(_) => Err(raised(
+                py,
+                "InputTypeError",
+                format!("device[{i}] has type {}, expected str (\"cpu\" or \"cuda:N\")", type_name(d)),
+            )),
+        })
+        .collect()
+}
+
 /// One input after conversion: a request, or why it cannot be one.
 type Converted = Result<Request, (&'static str, String)>;
 
@@ -254,7 +315,7 @@ struct PyEngine {
 impl PyEngine {
     #[new]
     #[pyo3(signature = (
-        model_dir, device = "cuda:0", *, max_batch_tokens = 16384, max_batch_patches = 16384,
+        model_dir, device = None, *, max_batch_tokens = 16384, max_batch_patches = 16384,
         mem_budget = None, max_length = None, strict = false, preprocess_threads = None,
         batch_wait_ms = 0, tokenizer = None
     ))]
@@ -262,7 +323,7 @@ impl PyEngine {
     fn new(
         py: Python<'_>,
         model_dir: PathBuf,
-        device: &str,
+        device: Option<&Bound<'_, PyAny>>,
         max_batch_tokens: usize,
         max_batch_patches: usize,
         mem_budget: Option<&Bound<'_, PyAny>>,
@@ -272,7 +333,10 @@ impl PyEngine {
         batch_wait_ms: u64,
         tokenizer: Option<PathBuf>,
     ) -> PyResult<Self> {
-        let device: Device = parse(py, device)?;
+        let devices = match device {
+            Some(d) => device_list(py, d)?,
+            None => vec![Device::Cuda(0)],
+        };
         let mem_budget = match mem_budget {
             None => None,
             Some(m) => match m.extract::<u64>() {
@@ -289,7 +353,8 @@ impl PyEngine {
             },
         };
         let mut opts = EngineOptions {
-            device,
+            device: devices[0],
+            devices: if devices.len() > 1 { devices } else { Vec::new() },
             max_batch_tokens,
             max_batch_patches,
             mem_budget,
@@ -309,10 +374,22 @@ impl PyEngine {
         Ok(PyEngine { engine })
     }
 
-    /// `cpu` or `cuda:N`.
+    /// `cpu` or `cuda:N` (the first device, when there are several).
     #[getter]
     fn device(&self) -> String {
         self.engine.device().to_string()
+    }
+
+    /// Per device, in the order given: `(device, describe, lost, forwards, sequences, tokens)`
+    /// (`lost`: why it was taken out of the rotation, or `None`).
+    fn devices(&self) -> Vec<(String, String, Option<String>, u64, u64, u64)> {
+        self.engine
+            .devices()
+            .into_iter()
+            .map(|DeviceState { device, describe, lost, stats }| {
+                (device.to_string(), describe, lost, stats.forwards, stats.sequences, stats.tokens)
+            })
+            .collect()
     }
 
     /// The device in words.
