@@ -253,6 +253,10 @@ class Engine:
         preprocess_threads: CPU threads per call for image decoding.
         batch_wait_ms: how long a forward that is not full waits for other callers' inputs.
         tokenizer: a ``tokenizer.json`` to use instead of the model folder's.
+        late_chunk_overlap: long late chunking (a late-chunked text longer than ``max_length``,
+            embedded as overlapping macro-chunks of ``max_length`` tokens): the tokens of left
+            context each macro-chunk repeats from the one before (default 512; at most half a
+            macro-chunk).
     """
 
     def __init__(
@@ -268,6 +272,7 @@ class Engine:
         preprocess_threads: Optional[int] = None,
         batch_wait_ms: int = 0,
         tokenizer: Union[None, str, "os.PathLike[str]"] = None,
+        late_chunk_overlap: Optional[int] = None,
     ) -> None:
         self._engine = _jv4.Engine(
             os.fspath(model_dir),
@@ -280,6 +285,7 @@ class Engine:
             preprocess_threads=preprocess_threads,
             batch_wait_ms=batch_wait_ms,
             tokenizer=None if tokenizer is None else os.fspath(tokenizer),
+            late_chunk_overlap=late_chunk_overlap,
         )
 
     @property

@@ -18,6 +18,7 @@ class Engine:
         preprocess_threads: Optional[int] = None,
         batch_wait_ms: int = 0,
         tokenizer: Optional[str] = None,
+        late_chunk_overlap: Optional[int] = None,
     ) -> None: ...
     @property
     def device(self) -> str: ...

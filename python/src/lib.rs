@@ -317,7 +317,7 @@ impl PyEngine {
     #[pyo3(signature = (
         model_dir, device = None, *, max_batch_tokens = 16384, max_batch_patches = 16384,
         mem_budget = None, max_length = None, strict = false, preprocess_threads = None,
-        batch_wait_ms = 0, tokenizer = None
+        batch_wait_ms = 0, tokenizer = None, late_chunk_overlap = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -332,6 +332,7 @@ impl PyEngine {
         preprocess_threads: Option<usize>,
         batch_wait_ms: u64,
         tokenizer: Option<PathBuf>,
+        late_chunk_overlap: Option<usize>,
     ) -> PyResult<Self> {
         let devices = match device {
             Some(d) => device_list(py, d)?,
@@ -366,6 +367,9 @@ impl PyEngine {
             opts.truncation.max_length = m;
         }
         opts.truncation.strict = strict;
+        if let Some(w) = late_chunk_overlap {
+            opts.late_chunk_overlap = w;
+        }
         if let Some(t) = preprocess_threads {
             opts.preprocess_threads = t.max(1);
         }
