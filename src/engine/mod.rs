@@ -84,7 +84,8 @@ pub struct EngineOptions {
     pub preprocess_threads: usize,
     /// How long a forward that is not full waits for more requests (from other callers) before it
     /// starts. Zero (the default): it starts at once with whatever has queued, which under load
-    /// already packs concurrent callers together, and adds no latency to a lone query.
+    /// already packs concurrent callers together, and adds no latency to a lone query. At most
+    /// [`MAX_BATCH_WAIT`].
     pub batch_wait: Duration,
     /// `tokenizer.json` to use instead of the model folder's.
     pub tokenizer: Option<PathBuf>,
@@ -193,6 +194,9 @@ fn devices_of(opts: &EngineOptions) -> Result<Vec<Device>> {
     Ok(devices)
 }
 
+/// The longest [`EngineOptions::batch_wait`] accepted.
+pub const MAX_BATCH_WAIT: Duration = Duration::from_secs(60);
+
 /// Requests prepared ahead of the worker at a time, per caller.
 const WINDOW: usize = 256;
 
@@ -205,6 +209,15 @@ impl Engine {
         let model_dir = &crate::model::folder::resolve_model_dir(model_dir)?;
         if opts.max_batch_tokens == 0 || opts.max_batch_patches == 0 {
             return Err(Error::Input("max_batch_tokens and max_batch_patches must be at least 1".into()));
+        }
+        if opts.batch_wait > MAX_BATCH_WAIT {
+            // A lone request would wait that long for company (the C ABI fuzzer found
+            // `batch_wait_ms = u64::MAX` hanging every call).
+            return Err(Error::Input(format!(
+                "batch_wait of {} ms is over the most, {} ms",
+                opts.batch_wait.as_millis(),
+                MAX_BATCH_WAIT.as_millis()
+            )));
         }
         let devices = devices_of(&opts)?;
         let tok = match &opts.tokenizer {
