@@ -280,8 +280,8 @@ pub fn plan_macro_chunks(
     // at or after it).
     let mut cut = vec![true; n + 1];
     for c in chunks {
-        for x in c.tokens.start + 1..c.tokens.end {
-            cut[x] = false;
+        if c.tokens.end > c.tokens.start + 1 {
+            cut[c.tokens.start + 1..c.tokens.end].fill(false);
         }
     }
     let mut out: Vec<MacroChunk> = Vec::new();
