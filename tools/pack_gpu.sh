@@ -25,7 +25,7 @@ cp target/release/jv4 target/release/jv4-bench "$out/"
 cp "$test_exe" "$out/gpu-tests"
 strip "$out/jv4" "$out/jv4-bench" "$out/gpu-tests"
 cp tools/gpu_run.sh "$out/run.sh"
-cp tools/torch_ops_bench.py tools/torch_text_bench.py tools/reference.py tools/serve_bench.sh "$out/"
+cp tools/torch_ops_bench.py tools/torch_text_bench.py tools/reference.py tools/serve_bench.sh tools/gpu_python.sh "$out/"
 # The GPU tests read tests/fixtures of the repository, which travels with the working tree. The
 # runner demo uses the model folder's own tokenizer.json (`jv4 synth` writes one); the real one
 # (11 MB) would push binaries + working tree over the carry limit.

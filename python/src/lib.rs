@@ -590,10 +590,128 @@ fn _synth(py: Python<'_>, out: PathBuf, seed: u64) -> PyResult<()> {
     py.detach(|| jv4::diag::synth(&out, false, seed, false)).map_err(|e| to_py(py, &e))
 }
 
+/// The text benches' 256-document mix (`docs256` of `jv4-bench text`: document `i` has
+/// `16 + (i * 7919) % 1009` tokens, passage prompt included) as texts: random plain words, cut with
+/// the model folder's tokenizer at the token that reaches the length. For the throughput check
+/// (tools/py_docs_bench.py).
+#[pyfunction]
+fn _docs256(py: Python<'_>, model_dir: PathBuf) -> PyResult<Vec<String>> {
+    const WORDS: &[&str] = &[
+        "the",
+        "engine",
+        "embeds",
+        "documents",
+        "and",
+        "queries",
+        "into",
+        "vectors",
+        "whose",
+        "cosine",
+        "measures",
+        "how",
+        "close",
+        "their",
+        "meanings",
+        "are",
+        "a",
+        "search",
+        "index",
+        "keeps",
+        "millions",
+        "of",
+        "them",
+        "for",
+        "retrieval",
+        "over",
+        "long",
+        "texts",
+        "images",
+        "code",
+        "tables",
+        "numbers",
+        "42",
+        "1999",
+        "Paris",
+        "Berlin",
+        "river",
+        "mountain",
+        "protein",
+        "market",
+        "theorem",
+        "function",
+        "returns",
+        "value",
+        "when",
+        "called",
+        "with",
+        "arguments",
+        "weather",
+        "today",
+        "is",
+        "mild",
+        "in",
+    ];
+    let tok = jv4::engine::TextTokenizer::from_model_dir(&model_dir).map_err(|e| to_py(py, &e))?;
+    (0..256usize)
+        .map(|i| {
+            let want = 16 + (i * 7919) % 1009;
+            let mut rng = jv4::rng::Rng::new(1000 + i as u64);
+            let mut text = String::new();
+            loop {
+                while text.len() < want * 8 {
+                    if !text.is_empty() {
+                        text.push_str(if rng.below(12) == 0 { ". " } else { " " });
+                    }
+                    text.push_str(WORDS[rng.below(WORDS.len())]);
+                }
+                let enc = tok
+                    .encode_with_offsets(Task::Retrieval, PromptName::Passage, &text)
+                    .map_err(|e| to_py(py, &e))?;
+                if enc.ids.len() >= want {
+                    text.truncate(enc.offsets[want - 1].1);
+                    return Ok(text);
+                }
+            }
+        })
+        .collect()
+}
+
+/// `Engine::embed` timed from Rust on `texts` (passage prompt, single vectors, the requests built
+/// from the strings on every pass, no Python object per input): the Rust engine's throughput that
+/// tools/py_docs_bench.py compares `encode_document` with, on the same engine. Returns the tokens
+/// of one pass and the seconds of each of `reps` passes.
+#[pyfunction]
+fn _time_embed(
+    py: Python<'_>,
+    engine: &Bound<'_, PyEngine>,
+    texts: Vec<String>,
+    reps: usize,
+) -> PyResult<(usize, Vec<f64>)> {
+    let engine = &engine.get().engine;
+    let pass = || -> jv4::Result<usize> {
+        let reqs: Vec<Request> =
+            texts.iter().map(|t| Request::text(t.as_str()).prompt(PromptName::Passage)).collect();
+        engine.embed(&reqs).into_iter().map(|r| r.map(|e| e.tokens)).sum()
+    };
+    py.detach(|| {
+        let mut tokens = 0;
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t0 = std::time::Instant::now();
+            tokens = pass()?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        Ok((tokens, times))
+    })
+    .map_err(|e: Error| to_py(py, &e))
+}
+
 #[pymodule]
 fn _jv4(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_function(wrap_pyfunction!(_synth, m)?)?;
+    m.add_function(wrap_pyfunction!(_docs256, m)?)?;
+    m.add_function(wrap_pyfunction!(_time_embed, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

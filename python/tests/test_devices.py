@@ -26,7 +26,7 @@ def two(model_dir):
 
 def test_two_devices_equal_one(engine, two, images):
     assert two.device == DEVICE and [d["device"] for d in two.devices()] == TWO
-    for kw in [{}, {"truncate_dim": 64, "task": "code"}, {"return_multivector": True}]:
+    for kw in [{}, {"truncate_dim": engine.matryoshka_dims[0], "task": "code"}, {"return_multivector": True}]:
         a = engine.encode_text(TEXTS, **kw)
         b = two.encode_text(TEXTS, **kw)
         if kw.get("return_multivector"):

@@ -71,7 +71,7 @@ def test_long_late_chunking(model_dir, engine):
     first = [k for k, (a, b) in enumerate(ts) if b <= 48 - 8]  # surely in the first macro-chunk
     assert len(first) >= 3
     close = np.sum(lc.embeddings[first].astype(np.float64) * one.embeddings[first], axis=1)
-    assert np.all(close > 1 - 1e-5), close
+    assert np.all(close > 1 - (1e-5 if DEVICE == "cpu" else 1e-3)), close  # bf16 kernels at other lengths
     later = slice(len(ts) // 2, len(ts))  # less context than in one forward: other vectors
     assert not np.allclose(lc.embeddings[later], one.embeddings[later], atol=1e-3)
     alone = small.encode_document([long_text], late_chunking=4)
