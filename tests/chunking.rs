@@ -23,3 +23,4 @@ macro_rules! cpu_case {
 cpu_case!(chunks_equal_the_reference_pooling);
 cpu_case!(chunk_vectors_are_independent_of_the_batch);
 cpu_case!(bad_chunking_fails_alone);
+cpu_case!(long_chunks_equal_the_reference_pooling);

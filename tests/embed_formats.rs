@@ -230,3 +230,28 @@ fn late_chunking_lines_come_back_with_chunks() {
     let o = embed(&model, &input, &["--output", npy.to_str().unwrap()]);
     assert!(text(&o).contains("need a .jsonl output") && !npy.exists(), "{}", text(&o));
 }
+
+#[test]
+fn long_late_chunking_lines_cover_the_whole_text() {
+    // Over --max-length: overlapping macro-chunks (docs/MODEL.md §11); the chunks cover every token.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    assert!(jv4(&["synth", "--out", model.to_str().unwrap()]).status.success());
+    let input = dir.path().join("in.jsonl");
+    let body = "a long text in many words that one short forward cannot hold ".repeat(4);
+    let line = serde_json::json!({"id": 1, "text": body, "late_chunking": {"chunk_size": 3}});
+    std::fs::write(&input, format!("{line}\n")).unwrap();
+    let o = embed(&model, &input, &["--max-length", "24", "--vector", "both"]);
+    assert!(o.status.success() && !text(&o).contains("truncated"), "{}", text(&o));
+    let out: Value = serde_json::from_slice(o.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    let chunks = out["chunks"].as_array().unwrap_or_else(|| panic!("{out}"));
+    let n = out["multi_vector"].as_array().unwrap().len() as i64;
+    assert!(n > 48, "{n} tokens");
+    let spans: Vec<Vec<i64>> = chunks.iter().map(|c| ints(&c["tokens"])).collect();
+    assert!(spans.windows(2).all(|w| w[0][1] == w[1][0]) && spans.last().unwrap()[1] == n);
+    assert_eq!(ints(&chunks.last().unwrap()["chars"])[1], body.len() as i64);
+    for c in chunks {
+        let norm: f64 = floats(&c["embedding"]).iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{c}");
+    }
+}

@@ -458,3 +458,450 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Reads a fuzz input as a program: each byte a choice (0 once the input is used up).
+struct Program<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl Program<'_> {
+    fn byte(&mut self) -> u8 {
+        let b = self.data.get(self.at).copied().unwrap_or(0);
+        self.at += 1;
+        b
+    }
+    fn done(&self) -> bool {
+        self.at >= self.data.len()
+    }
+    fn pick(&mut self, n: usize) -> usize {
+        self.byte() as usize % n
+    }
+    fn bytes(&mut self, max: usize) -> Vec<u8> {
+        let n = self.pick(max + 1);
+        (0..n).map(|_| self.byte()).collect()
+    }
+    /// A size: small, zero, or huge.
+    fn size(&mut self) -> usize {
+        match self.pick(8) {
+            0 => 0,
+            1 => usize::MAX,
+            2 => 1 << 40,
+            3 => self.byte() as usize * 97,
+            _ => self.byte() as usize % 16,
+        }
+    }
+    fn u32(&mut self) -> u32 {
+        match self.pick(4) {
+            0 => u32::MAX,
+            _ => self.byte() as u32 % 5,
+        }
+    }
+}
+
+/// Storage that the raw pointers of one call's requests point into.
+#[derive(Default)]
+struct Held {
+    strings: Vec<std::ffi::CString>,
+    bytes: Vec<Vec<u8>>,
+    ids: Vec<Vec<u32>>,
+    spans: Vec<Vec<jv4::capi::jv4_span>>,
+}
+
+impl Held {
+    fn string(&mut self, s: &[u8]) -> *const std::ffi::c_char {
+        let s: Vec<u8> = s.iter().copied().filter(|&b| b != 0).collect();
+        self.strings.push(std::ffi::CString::new(s).unwrap());
+        self.strings.last().unwrap().as_ptr()
+    }
+    /// NULL, a known-good value, or random bytes (invalid UTF-8 included) as a C string.
+    fn choice(&mut self, p: &mut Program, good: &[&str]) -> *const std::ffi::c_char {
+        match p.pick(good.len() + 2) {
+            0 => std::ptr::null(),
+            1 => {
+                let b = p.bytes(24);
+                self.string(&b)
+            }
+            k => self.string(good[k - 2].as_bytes()),
+        }
+    }
+}
+
+/// The C ABI (src/capi.rs, include/jv4.h) driven by fuzz programs: sequences of calls with NULL
+/// pointers, buffers smaller than they say, freed and forged handles, random bytes as UTF-8 /
+/// paths / option strings, random inputs, widths, tasks, outputs, chunkings and spans, against CPU
+/// engines over a synthetic tiny model (one opened once with a short `max_length`, so long late
+/// chunking runs too; others opened and freed by the programs). Every call must return a status
+/// (a panic inside is reported as `JV4_ERR_PANIC`, which fails the run; one escaping would abort
+/// the process), a failure must fill the error handle with that code and a message, a success
+/// must leave it NULL, and every view read back must be consistent and readable.
+#[test]
+fn fuzz_c_abi() {
+    use jv4::capi::*;
+    use std::ffi::{c_char, CStr};
+    use std::ptr::{null, null_mut};
+
+    let dir = tiny_model();
+    let model = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+    let cpu = std::ffi::CString::new("cpu").unwrap();
+    let opts = jv4_engine_options {
+        model_dir: model.as_ptr(),
+        device: cpu.as_ptr(),
+        max_length: 48,
+        preprocess_threads: 1,
+        ..Default::default()
+    };
+    let mut shared: *mut jv4_engine = null_mut();
+    // SAFETY: valid options and out pointer; errors not asked for.
+    assert_eq!(unsafe { jv4_engine_open(&opts, &mut shared, null_mut()) }, jv4_status::JV4_OK);
+    let png = std::fs::read(fixtures().join("gray_100x60.png")).unwrap();
+    let image_path = fixtures().join("round_70x42.png").to_str().unwrap().to_string();
+    let (shared_addr, model, png) = (shared.addr(), Arc::new(model), Arc::new(png));
+
+    // Corpus: small programs of valid calls, which mutation turns into invalid ones.
+    let corpus: Vec<Vec<u8>> = vec![
+        vec![
+            3, 0, 1, 2, 0, 2, 12, b'h', b'e', b'l', b'l', b'o', b' ', b'w', b'o', b'r', b'l', b'd', 5, 0, 6,
+            0, 0,
+        ],
+        [&[3u8, 0, 2, 2, 0, 2, 40][..], &[b'a'; 48]].concat(),
+        // Found: an engine opened with batch_wait_ms = u64::MAX made every call wait forever.
+        [
+            &[1u8, 0, 2, 2, 1, 4, 0, 4, 0, 0, 0, 128, 4, 1, 2, 1, 1, 1, 3, 1, 1, 0, 2, 5][..],
+            b"hello",
+            &[1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 2, 0, 1, 1],
+        ]
+        .concat(),
+        vec![4, 0, 1, 2, 2, 3, 1, 3, 2, 1, 5, 5, 9, 9, 9, 2, 1, 0, 0],
+        vec![0, 2, 3, 0, 0, 1, 0, 1, 1, 2, 9, 4, 1, 1],
+        vec![3, 0, 3, 2, 3, 2, 8, 7, 7, 7, 7, 1, 2, 3, 4, 7, 1, 2, 6, 0, 1, 0, 8, 2, 9, 2, 10, 0],
+        vec![3, 0, 1, 2, 1, 0, 6, 0, 0, 7, 0, 0, 0, 8, 1, 9, 0, 9, 1, 9, 2, 9, 3],
+    ];
+    fuzz(
+        "capi",
+        corpus,
+        Arc::new(move |input: &[u8]| {
+            let mut p = Program { data: input, at: 0 };
+            // Handles this program made (live or freed: freeing twice must be a no-op).
+            let (mut engines, mut results, mut errors): (Vec<usize>, Vec<usize>, Vec<usize>) =
+                (Vec::new(), Vec::new(), Vec::new());
+            let forged = |p: &mut Program| match p.pick(3) {
+                0 => 0usize,
+                1 => usize::MAX - p.byte() as usize,
+                _ => 1 + p.byte() as usize * 7919,
+            };
+            // An engine handle: the shared one, one this program opened (maybe freed), NULL or forged.
+            let engine = |p: &mut Program, engines: &[usize]| -> *mut jv4_engine {
+                let a = match p.pick(4) {
+                    0 | 1 => shared_addr,
+                    2 if !engines.is_empty() => engines[p.pick(engines.len())],
+                    _ => forged(p),
+                };
+                std::ptr::without_provenance_mut(a)
+            };
+            let handle = |p: &mut Program, live: &[usize]| -> usize {
+                match p.pick(3) {
+                    0 | 1 if !live.is_empty() => live[p.pick(live.len())],
+                    _ => forged(p),
+                }
+            };
+            // The status check every fallible call gets; keeps some error handles for later.
+            let check = |p: &mut Program,
+                         errors: &mut Vec<usize>,
+                         what: &str,
+                         status: jv4_status,
+                         err: Option<*mut jv4_error>| {
+                assert_ne!(status, jv4_status::JV4_ERR_PANIC, "{what}: the library panicked");
+                let Some(e) = err else { return };
+                if status == jv4_status::JV4_OK {
+                    assert!(e.is_null(), "{what}: success with an error handle");
+                    return;
+                }
+                assert!(!e.is_null(), "{what}: {status:?} without an error handle");
+                // SAFETY: any handle value is accepted; the message is a C string until the free.
+                unsafe {
+                    assert_eq!(jv4_error_code(e), status, "{what}");
+                    let m = CStr::from_ptr(jv4_error_message(e)).to_string_lossy().into_owned();
+                    assert!(!m.is_empty(), "{what}: {status:?} with an empty message");
+                    if p.pick(4) == 0 {
+                        errors.push(e.addr());
+                    } else {
+                        jv4_error_free(e);
+                    }
+                }
+            };
+            for _ in 0..8 {
+                if p.done() {
+                    break;
+                }
+                let mut held = Held::default();
+                let mut err: *mut jv4_error = null_mut();
+                let want_err = p.pick(4) != 0;
+                let err_ptr: *mut *mut jv4_error = if want_err { &mut err } else { null_mut() };
+                let err_opt = want_err.then_some(());
+                macro_rules! checked {
+                    ($what:expr, $status:expr) => {{
+                        let s = $status;
+                        check(&mut p, &mut errors, $what, s, err_opt.map(|_| err));
+                        s
+                    }};
+                }
+                match p.pick(11) {
+                    0 => {
+                        // Open an engine: options from the program.
+                        let model_dir = match p.pick(4) {
+                            0 => null(),
+                            1 => held.choice(&mut p, &["/nonexistent", "", "/dev/zero"]),
+                            _ => model.as_ptr(),
+                        };
+                        let mut o = jv4_engine_options { model_dir, ..Default::default() };
+                        o.device = held.choice(&mut p, &["cpu", "cpu", "cpu,cpu", "cuda:99", "gpu"]);
+                        o.tokenizer =
+                            if p.pick(4) == 0 { held.choice(&mut p, &["/nonexistent"]) } else { null() };
+                        o.max_batch_tokens = p.size();
+                        o.max_batch_patches = p.size();
+                        o.mem_budget = p.size() as u64;
+                        o.max_length = p.size();
+                        o.strict = p.byte() as i32 - 128;
+                        o.preprocess_threads = p.size() % 64;
+                        o.batch_wait_ms = [0, 1, u64::MAX, 1 << 63][p.pick(4)];
+                        let mut out: *mut jv4_engine = null_mut();
+                        let opts_ptr: *const jv4_engine_options = if p.pick(8) == 0 { null() } else { &o };
+                        let out_ptr: *mut *mut jv4_engine =
+                            if p.pick(8) == 0 { null_mut() } else { &mut out };
+                        // SAFETY: NULL or valid pointers; strings NUL-terminated.
+                        let s = checked!("jv4_engine_open", unsafe {
+                            jv4_engine_open(opts_ptr, out_ptr, err_ptr)
+                        });
+                        if s == jv4_status::JV4_OK {
+                            assert!(!out.is_null());
+                            engines.push(out.addr());
+                        } else {
+                            assert!(out.is_null(), "a failed open wrote a handle");
+                        }
+                    }
+                    1 => {
+                        // Free an engine of this program (maybe again), or a forged one; never the shared one.
+                        let a = if !engines.is_empty() && p.pick(3) != 0 {
+                            engines[p.pick(engines.len())]
+                        } else {
+                            forged(&mut p)
+                        };
+                        if a != shared_addr {
+                            // SAFETY: any value is detected.
+                            unsafe { jv4_engine_free(std::ptr::without_provenance_mut(a)) };
+                        }
+                    }
+                    2 => {
+                        let e = engine(&mut p, &engines);
+                        let (mut s, mut m) = (0usize, 0usize);
+                        let sp: *mut usize = if p.pick(4) == 0 { null_mut() } else { &mut s };
+                        let mp: *mut usize = if p.pick(4) == 0 { null_mut() } else { &mut m };
+                        // SAFETY: NULL or writable outputs.
+                        let st = checked!("jv4_engine_dims", unsafe { jv4_engine_dims(e, sp, mp, err_ptr) });
+                        if st == jv4_status::JV4_OK {
+                            assert!(s > 0 && m > 0);
+                        }
+                    }
+                    op @ (3 | 4) => {
+                        // Embed requests built from the program.
+                        let n = p.pick(4);
+                        let mut reqs = Vec::with_capacity(n);
+                        for _ in 0..n {
+                            let mut r = jv4_request { kind: p.u32(), ..Default::default() };
+                            r.text = match p.pick(5) {
+                                0 => null(),
+                                1 => held.string(image_path.as_bytes()),
+                                _ => {
+                                    let mut t = p.bytes(60);
+                                    if p.pick(3) == 0 {
+                                        t = t.repeat(1 + p.pick(6)); // long: over max_length
+                                    }
+                                    held.string(&t)
+                                }
+                            };
+                            let b = match p.pick(3) {
+                                0 => p.bytes(32),
+                                1 => png.to_vec(),
+                                _ => png[..p.byte() as usize % png.len()].to_vec(),
+                            };
+                            r.bytes_len = b.len().min(p.size());
+                            held.bytes.push(b);
+                            r.bytes =
+                                if p.pick(5) == 0 { null() } else { held.bytes.last().unwrap().as_ptr() };
+                            let ids: Vec<u32> = (0..p.pick(40))
+                                .map(|_| [p.byte() as u32, u32::MAX, 151655][p.pick(3)])
+                                .collect();
+                            r.token_ids_len = ids.len().min(p.size());
+                            held.ids.push(ids);
+                            r.token_ids =
+                                if p.pick(5) == 0 { null() } else { held.ids.last().unwrap().as_ptr() };
+                            r.task = held.choice(&mut p, &["retrieval", "code", "text-matching"]);
+                            r.prompt = held.choice(&mut p, &["query", "passage"]);
+                            r.output = p.u32();
+                            r.dims = [0, 64, 128, 256, 100, usize::MAX][p.pick(6)];
+                            r.max_pixels = p.size();
+                            r.chunking = p.u32();
+                            r.chunk_tokens = p.size();
+                            let spans: Vec<jv4_span> = (0..p.pick(5))
+                                .map(|_| {
+                                    let (a, b) = (p.size(), p.size());
+                                    jv4_span { start: a, end: a.saturating_add(b) }
+                                })
+                                .collect();
+                            r.spans_len = spans.len().min(p.size());
+                            held.spans.push(spans);
+                            r.spans =
+                                if p.pick(5) == 0 { null() } else { held.spans.last().unwrap().as_ptr() };
+                            reqs.push(r);
+                        }
+                        let e = engine(&mut p, &engines);
+                        let rp: *const jv4_request = if p.pick(8) == 0 { null() } else { reqs.as_ptr() };
+                        if op == 3 {
+                            let mut out: *mut jv4_result = null_mut();
+                            let op_: *mut *mut jv4_result =
+                                if p.pick(8) == 0 { null_mut() } else { &mut out };
+                            // SAFETY: `reqs` and everything it points to (in `held`) are alive; n is its length.
+                            let s = checked!("jv4_embed", unsafe { jv4_embed(e, rp, n, op_, err_ptr) });
+                            if s == jv4_status::JV4_OK {
+                                let mut k = usize::MAX;
+                                // SAFETY: a live result, a writable count.
+                                let st = unsafe { jv4_result_count(out, &mut k, null_mut()) };
+                                assert_eq!(st, jv4_status::JV4_OK);
+                                assert_eq!(k, n);
+                                results.push(out.addr());
+                            } else {
+                                assert!(out.is_null(), "a failed embed wrote a handle");
+                            }
+                        } else {
+                            let dim = [64, 128, 256, 0, usize::MAX][p.pick(5)];
+                            let mut buf = vec![7.0f32; p.pick(4) * 64 + p.pick(3)];
+                            let out_len = buf.len().min(p.size().max(buf.len() * (p.pick(2))));
+                            let mut statuses = vec![jv4_status::JV4_ERR_INTERNAL; n];
+                            let bp: *mut f32 = if p.pick(6) == 0 { null_mut() } else { buf.as_mut_ptr() };
+                            let stp: *mut jv4_status =
+                                if p.pick(3) == 0 { null_mut() } else { statuses.as_mut_ptr() };
+                            // SAFETY: `buf` holds at least `out_len` floats, `statuses` n codes.
+                            let s = checked!("jv4_embed_into", unsafe {
+                                jv4_embed_into(e, rp, n, dim, bp, out_len, stp, err_ptr)
+                            });
+                            if s == jv4_status::JV4_OK && !stp.is_null() {
+                                assert!(statuses.iter().all(|&x| x == jv4_status::JV4_OK));
+                                assert!(buf[..n * dim].iter().all(|x| x.is_finite()));
+                            }
+                        }
+                    }
+                    5 => {
+                        let r = std::ptr::without_provenance::<jv4_result>(handle(&mut p, &results));
+                        let mut k = 0usize;
+                        let kp: *mut usize = if p.pick(4) == 0 { null_mut() } else { &mut k };
+                        // SAFETY: NULL or a writable count.
+                        checked!("jv4_result_count", unsafe { jv4_result_count(r, kp, err_ptr) });
+                    }
+                    6 => {
+                        let r = std::ptr::without_provenance::<jv4_result>(handle(&mut p, &results));
+                        let i = p.size();
+                        // SAFETY: all-zero is a valid view (NULL pointers, zero lengths).
+                        let mut v: jv4_embedding_view = unsafe { std::mem::zeroed() };
+                        let vp: *mut jv4_embedding_view = if p.pick(6) == 0 { null_mut() } else { &mut v };
+                        // SAFETY: NULL or a writable view.
+                        let s = checked!("jv4_result_get", unsafe { jv4_result_get(r, i, vp, err_ptr) });
+                        if s == jv4_status::JV4_OK && !vp.is_null() {
+                            view_is_readable(&v);
+                        }
+                    }
+                    7 => {
+                        let r = std::ptr::without_provenance::<jv4_result>(handle(&mut p, &results));
+                        let (i, k) = (p.size() % 5, p.size());
+                        // SAFETY: all-zero is a valid view.
+                        let mut v: jv4_chunk_view = unsafe { std::mem::zeroed() };
+                        let vp: *mut jv4_chunk_view = if p.pick(6) == 0 { null_mut() } else { &mut v };
+                        let s = checked!(
+                            "jv4_result_chunk",
+                            // SAFETY: NULL or a writable view.
+                            unsafe { jv4_result_chunk(r, i, k, vp, err_ptr) }
+                        );
+                        if s == jv4_status::JV4_OK && !vp.is_null() {
+                            assert!(
+                                v.token_start < v.token_end && v.char_start <= v.char_end,
+                                "chunk ranges"
+                            );
+                            // SAFETY: views of a live result: the lengths say how far they reach.
+                            unsafe {
+                                finite(v.single, v.single_len);
+                                finite(v.multi, v.multi_rows.saturating_mul(v.multi_dim));
+                            }
+                        }
+                    }
+                    8 => {
+                        let r = handle(&mut p, &results);
+                        // SAFETY: any value is detected.
+                        unsafe { jv4_result_free(std::ptr::without_provenance_mut(r)) };
+                    }
+                    9 => {
+                        let e = std::ptr::without_provenance_mut::<jv4_error>(handle(&mut p, &errors));
+                        // SAFETY: any value is detected; the message is never NULL.
+                        unsafe {
+                            let _ = jv4_error_code(e);
+                            let m: *const c_char = jv4_error_message(e);
+                            assert!(!m.is_null() && !CStr::from_ptr(m).to_bytes().is_empty());
+                            if p.pick(2) == 0 {
+                                jv4_error_free(e);
+                            }
+                        }
+                    }
+                    _ => {
+                        // SAFETY: a static string.
+                        assert!(!unsafe { CStr::from_ptr(jv4_version()) }.to_bytes().is_empty());
+                    }
+                }
+                drop(held);
+            }
+            // SAFETY: every handle value is detected; freeing twice is a no-op.
+            unsafe {
+                for a in results {
+                    jv4_result_free(std::ptr::without_provenance_mut(a));
+                }
+                for a in errors {
+                    jv4_error_free(std::ptr::without_provenance_mut(a));
+                }
+                for a in engines {
+                    jv4_engine_free(std::ptr::without_provenance_mut(a));
+                }
+            }
+        }),
+    );
+    // SAFETY: the shared engine, freed once (then again: a no-op).
+    unsafe {
+        jv4_engine_free(std::ptr::without_provenance_mut(shared_addr));
+        jv4_engine_free(std::ptr::without_provenance_mut(shared_addr));
+    }
+}
+
+/// Reads every value an embedding view points to (a stale view would be caught by the sanitizer
+/// runs; here it at least must be finite and consistent).
+fn view_is_readable(v: &jv4::capi::jv4_embedding_view) {
+    if v.status == jv4::capi::jv4_status::JV4_OK {
+        assert!(v.message.is_null(), "a success with a message");
+        // SAFETY: views of a live result: the lengths say how far they reach.
+        unsafe {
+            finite(v.single, v.single_len);
+            finite(v.multi, v.multi_rows.saturating_mul(v.multi_dim));
+        }
+    } else {
+        assert!(!v.message.is_null(), "a failure without a message");
+        // SAFETY: a failure's message is a C string of the live result.
+        assert!(!unsafe { std::ffi::CStr::from_ptr(v.message) }.to_bytes().is_empty());
+    }
+}
+
+/// # Safety
+/// `p` is NULL (with `n` 0) or valid for reading `n` floats.
+unsafe fn finite(p: *const f32, n: usize) {
+    assert_eq!(p.is_null(), n == 0, "a view's pointer and length disagree");
+    if n > 0 {
+        // SAFETY: by the contract.
+        let s = unsafe { std::slice::from_raw_parts(p, n) };
+        assert!(s.iter().all(|x| x.is_finite()), "a non-finite value in a view");
+    }
+}

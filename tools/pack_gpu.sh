@@ -28,7 +28,7 @@ cp tools/gpu_run.sh "$out/run.sh"
 cp tools/gpu_soak.sh "$out/soak.sh"
 cp tools/gpu_sanitize.sh "$out/sanitize.sh"
 cp tools/gpu_cold_start.sh "$out/cold_start.sh"
-cp tools/torch_ops_bench.py tools/torch_text_bench.py tools/reference.py tools/serve_bench.sh "$out/"
+cp tools/torch_ops_bench.py tools/torch_text_bench.py tools/reference.py tools/serve_bench.sh tools/gpu_python.sh "$out/"
 # The GPU tests read tests/fixtures of the repository, which travels with the working tree. The
 # runner demo uses the model folder's own tokenizer.json (`jv4 synth` writes one); the real one
 # (11 MB) would push binaries + working tree over the carry limit.

@@ -240,7 +240,10 @@ class Engine:
         model_dir: the model folder (``config.json``, ``model*.safetensors``, ``adapters/``,
             ``tokenizer.json``).
         device: ``"cuda:N"`` (``"cuda"`` = ``"cuda:0"``) or ``"cpu"`` (the exact f32 forward: slow,
-            for machines without a GPU and for tests).
+            for machines without a GPU and for tests); or several devices of one kind, as a list
+            (``["cuda:0", "cuda:1"]``) or ``"all"`` (every GPU): one copy of the model per device,
+            each forward sent to the least-loaded one, results in input order and bitwise the same
+            whichever device served them (see :meth:`devices`).
         max_batch_tokens: most tokens in one forward (inputs are packed up to it).
         max_batch_patches: most image patches in one forward (a larger image is resized to fit).
         mem_budget: activation memory budget: bytes, or a size such as ``"20GiB"`` (default:
@@ -250,12 +253,16 @@ class Engine:
         preprocess_threads: CPU threads per call for image decoding.
         batch_wait_ms: how long a forward that is not full waits for other callers' inputs.
         tokenizer: a ``tokenizer.json`` to use instead of the model folder's.
+        late_chunk_overlap: long late chunking (a late-chunked text longer than ``max_length``,
+            embedded as overlapping macro-chunks of ``max_length`` tokens): the tokens of left
+            context each macro-chunk repeats from the one before (default 512; at most half a
+            macro-chunk).
     """
 
     def __init__(
         self,
         model_dir: Union[str, "os.PathLike[str]"],
-        device: str = "cuda:0",
+        device: Union[str, Sequence[str]] = "cuda:0",
         *,
         max_batch_tokens: int = 16384,
         max_batch_patches: int = 16384,
@@ -265,6 +272,7 @@ class Engine:
         preprocess_threads: Optional[int] = None,
         batch_wait_ms: int = 0,
         tokenizer: Union[None, str, "os.PathLike[str]"] = None,
+        late_chunk_overlap: Optional[int] = None,
     ) -> None:
         self._engine = _jv4.Engine(
             os.fspath(model_dir),
@@ -277,12 +285,20 @@ class Engine:
             preprocess_threads=preprocess_threads,
             batch_wait_ms=batch_wait_ms,
             tokenizer=None if tokenizer is None else os.fspath(tokenizer),
+            late_chunk_overlap=late_chunk_overlap,
         )
 
     @property
     def device(self) -> str:
-        """``"cpu"`` or ``"cuda:N"``."""
+        """``"cpu"`` or ``"cuda:N"`` (the first device, when there are several)."""
         return self._engine.device
+
+    def devices(self) -> List[dict]:
+        """Per device, in the order given: ``{"device", "describe", "lost", "forwards",
+        "sequences", "tokens"}``; ``lost`` is None, or why the device was taken out of the rotation
+        (its work then went to the others)."""
+        keys = ("device", "describe", "lost", "forwards", "sequences", "tokens")
+        return [dict(zip(keys, d)) for d in self._engine.devices()]
 
     @property
     def describe(self) -> str:

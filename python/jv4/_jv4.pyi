@@ -8,7 +8,7 @@ class Engine:
     def __init__(
         self,
         model_dir: str,
-        device: str = "cuda:0",
+        device: Union[None, str, List[str]] = None,
         *,
         max_batch_tokens: int = 16384,
         max_batch_patches: int = 16384,
@@ -18,6 +18,7 @@ class Engine:
         preprocess_threads: Optional[int] = None,
         batch_wait_ms: int = 0,
         tokenizer: Optional[str] = None,
+        late_chunk_overlap: Optional[int] = None,
     ) -> None: ...
     @property
     def device(self) -> str: ...
@@ -30,6 +31,9 @@ class Engine:
     @property
     def multi_dim(self) -> int: ...
     def stats(self) -> Tuple[int, int, int]: ...
+    def devices(self) -> List[Tuple[str, str, Optional[str], int, int, int]]:
+        """Per device: (device, describe, lost, forwards, sequences, tokens)."""
+        ...
     def embed(
         self,
         inputs: Sequence[Any],
@@ -48,3 +52,5 @@ class Engine:
         ...
 
 def _synth(out: str, seed: int = 0) -> None: ...
+def _docs256(model_dir: str) -> List[str]: ...
+def _time_embed(engine: Engine, texts: List[str], reps: int) -> Tuple[int, List[float]]: ...

@@ -11,7 +11,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use jv4::{Chunking, Device, Embedding, Engine, EngineOptions, Error, OutputKind, PromptName, Request, Task};
+use jv4::{
+    Chunking, Device, DeviceState, Embedding, Engine, EngineOptions, Error, OutputKind, PromptName, Request,
+    Task,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
 
@@ -34,6 +37,14 @@ fn error_class(e: &Error) -> &'static str {
 fn exception(py: Python<'_>, class: &str, msg: String) -> PyResult<Py<PyAny>> {
     let cls = py.import("jv4._errors")?.getattr(class)?;
     Ok(cls.call1((msg,))?.unbind())
+}
+
+/// `jv4._errors.<class>(msg)` as an error to raise.
+fn raised(py: Python<'_>, class: &str, msg: String) -> PyErr {
+    match exception(py, class, msg) {
+        Ok(obj) => PyErr::from_value(obj.into_bound(py)),
+        Err(import_failed) => import_failed,
+    }
 }
 
 /// The Python exception for an engine error.
@@ -159,6 +170,56 @@ fn chunk_arg(py: Python<'_>, arg: &Bound<'_, PyAny>, n: usize) -> PyResult<Chunk
     Ok(ChunkArg::Spans(out))
 }
 
+/// `device=` as given from Python: one device (`"cpu"`, `"cuda"`, `"cuda:N"`, or `"all"`: every
+/// GPU), or a list of them (one worker and one copy of the model each). Kinds and duplicates are
+/// checked by the engine.
+fn device_list(py: Python<'_>, arg: &Bound<'_, PyAny>) -> PyResult<Vec<Device>> {
+    if let Ok(s) = arg.cast::<PyString>() {
+        let s = s.to_cow()?;
+        if s.trim() == "all" {
+            return Device::parse_list("all").map_err(|e| to_py(py, &e));
+        }
+        return Ok(vec![parse(py, &s)?]);
+    }
+    let items: Vec<Bound<'_, PyAny>> = match arg.extract() {
+        Ok(v) if !arg.is_instance_of::<PyBytes>() => v,
+        _ => {
+            return Err(raised(
+                py,
+                "InputTypeError",
+                format!(
+                    "device has type {}: expected a str such as \"cuda:0\" or a list of them",
+                    type_name(arg)
+                ),
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err(input_error(
+            py,
+            "device=[] lists no device: give at least one, e.g. [\"cuda:0\"]".into(),
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match d.cast::<PyString>() {
+            Ok(s) => s.to_cow()?.parse().map_err(|e: Error| {
+                let why = match e {
+                    Error::Input(m) => m,
+                    e => e.to_string(),
+                };
+                input_error(py, format!("device[{i}]: {why}"))
+            }),
+            Err(_) => Err(raised(
+                py,
+                "InputTypeError",
+                format!("device[{i}] has type {}, expected str (\"cpu\" or \"cuda:N\")", type_name(d)),
+            )),
+        })
+        .collect()
+}
+
 /// One input after conversion: a request, or why it cannot be one.
 type Converted = Result<Request, (&'static str, String)>;
 
@@ -254,15 +315,15 @@ struct PyEngine {
 impl PyEngine {
     #[new]
     #[pyo3(signature = (
-        model_dir, device = "cuda:0", *, max_batch_tokens = 16384, max_batch_patches = 16384,
+        model_dir, device = None, *, max_batch_tokens = 16384, max_batch_patches = 16384,
         mem_budget = None, max_length = None, strict = false, preprocess_threads = None,
-        batch_wait_ms = 0, tokenizer = None
+        batch_wait_ms = 0, tokenizer = None, late_chunk_overlap = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         model_dir: PathBuf,
-        device: &str,
+        device: Option<&Bound<'_, PyAny>>,
         max_batch_tokens: usize,
         max_batch_patches: usize,
         mem_budget: Option<&Bound<'_, PyAny>>,
@@ -271,8 +332,12 @@ impl PyEngine {
         preprocess_threads: Option<usize>,
         batch_wait_ms: u64,
         tokenizer: Option<PathBuf>,
+        late_chunk_overlap: Option<usize>,
     ) -> PyResult<Self> {
-        let device: Device = parse(py, device)?;
+        let devices = match device {
+            Some(d) => device_list(py, d)?,
+            None => vec![Device::Cuda(0)],
+        };
         let mem_budget = match mem_budget {
             None => None,
             Some(m) => match m.extract::<u64>() {
@@ -289,7 +354,8 @@ impl PyEngine {
             },
         };
         let mut opts = EngineOptions {
-            device,
+            device: devices[0],
+            devices: if devices.len() > 1 { devices } else { Vec::new() },
             max_batch_tokens,
             max_batch_patches,
             mem_budget,
@@ -301,6 +367,9 @@ impl PyEngine {
             opts.truncation.max_length = m;
         }
         opts.truncation.strict = strict;
+        if let Some(w) = late_chunk_overlap {
+            opts.late_chunk_overlap = w;
+        }
         if let Some(t) = preprocess_threads {
             opts.preprocess_threads = t.max(1);
         }
@@ -309,10 +378,22 @@ impl PyEngine {
         Ok(PyEngine { engine })
     }
 
-    /// `cpu` or `cuda:N`.
+    /// `cpu` or `cuda:N` (the first device, when there are several).
     #[getter]
     fn device(&self) -> String {
         self.engine.device().to_string()
+    }
+
+    /// Per device, in the order given: `(device, describe, lost, forwards, sequences, tokens)`
+    /// (`lost`: why it was taken out of the rotation, or `None`).
+    fn devices(&self) -> Vec<(String, String, Option<String>, u64, u64, u64)> {
+        self.engine
+            .devices()
+            .into_iter()
+            .map(|DeviceState { device, describe, lost, stats }| {
+                (device.to_string(), describe, lost, stats.forwards, stats.sequences, stats.tokens)
+            })
+            .collect()
     }
 
     /// The device in words.
@@ -509,10 +590,128 @@ fn _synth(py: Python<'_>, out: PathBuf, seed: u64) -> PyResult<()> {
     py.detach(|| jv4::diag::synth(&out, false, seed, false)).map_err(|e| to_py(py, &e))
 }
 
+/// The text benches' 256-document mix (`docs256` of `jv4-bench text`: document `i` has
+/// `16 + (i * 7919) % 1009` tokens, passage prompt included) as texts: random plain words, cut with
+/// the model folder's tokenizer at the token that reaches the length. For the throughput check
+/// (tools/py_docs_bench.py).
+#[pyfunction]
+fn _docs256(py: Python<'_>, model_dir: PathBuf) -> PyResult<Vec<String>> {
+    const WORDS: &[&str] = &[
+        "the",
+        "engine",
+        "embeds",
+        "documents",
+        "and",
+        "queries",
+        "into",
+        "vectors",
+        "whose",
+        "cosine",
+        "measures",
+        "how",
+        "close",
+        "their",
+        "meanings",
+        "are",
+        "a",
+        "search",
+        "index",
+        "keeps",
+        "millions",
+        "of",
+        "them",
+        "for",
+        "retrieval",
+        "over",
+        "long",
+        "texts",
+        "images",
+        "code",
+        "tables",
+        "numbers",
+        "42",
+        "1999",
+        "Paris",
+        "Berlin",
+        "river",
+        "mountain",
+        "protein",
+        "market",
+        "theorem",
+        "function",
+        "returns",
+        "value",
+        "when",
+        "called",
+        "with",
+        "arguments",
+        "weather",
+        "today",
+        "is",
+        "mild",
+        "in",
+    ];
+    let tok = jv4::engine::TextTokenizer::from_model_dir(&model_dir).map_err(|e| to_py(py, &e))?;
+    (0..256usize)
+        .map(|i| {
+            let want = 16 + (i * 7919) % 1009;
+            let mut rng = jv4::rng::Rng::new(1000 + i as u64);
+            let mut text = String::new();
+            loop {
+                while text.len() < want * 8 {
+                    if !text.is_empty() {
+                        text.push_str(if rng.below(12) == 0 { ". " } else { " " });
+                    }
+                    text.push_str(WORDS[rng.below(WORDS.len())]);
+                }
+                let enc = tok
+                    .encode_with_offsets(Task::Retrieval, PromptName::Passage, &text)
+                    .map_err(|e| to_py(py, &e))?;
+                if enc.ids.len() >= want {
+                    text.truncate(enc.offsets[want - 1].1);
+                    return Ok(text);
+                }
+            }
+        })
+        .collect()
+}
+
+/// `Engine::embed` timed from Rust on `texts` (passage prompt, single vectors, the requests built
+/// from the strings on every pass, no Python object per input): the Rust engine's throughput that
+/// tools/py_docs_bench.py compares `encode_document` with, on the same engine. Returns the tokens
+/// of one pass and the seconds of each of `reps` passes.
+#[pyfunction]
+fn _time_embed(
+    py: Python<'_>,
+    engine: &Bound<'_, PyEngine>,
+    texts: Vec<String>,
+    reps: usize,
+) -> PyResult<(usize, Vec<f64>)> {
+    let engine = &engine.get().engine;
+    let pass = || -> jv4::Result<usize> {
+        let reqs: Vec<Request> =
+            texts.iter().map(|t| Request::text(t.as_str()).prompt(PromptName::Passage)).collect();
+        engine.embed(&reqs).into_iter().map(|r| r.map(|e| e.tokens)).sum()
+    };
+    py.detach(|| {
+        let mut tokens = 0;
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t0 = std::time::Instant::now();
+            tokens = pass()?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        Ok((tokens, times))
+    })
+    .map_err(|e: Error| to_py(py, &e))
+}
+
 #[pymodule]
 fn _jv4(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_function(wrap_pyfunction!(_synth, m)?)?;
+    m.add_function(wrap_pyfunction!(_docs256, m)?)?;
+    m.add_function(wrap_pyfunction!(_time_embed, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -14,10 +14,15 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 IMAGES = REPO / "tests" / "fixtures" / "images"
 # The backend under test: the CPU (CI) or e.g. cuda:0 on a GPU machine.
 DEVICE = os.environ.get("JV4_TEST_DEVICE", "cpu")
+# The model under test: the synthetic tiny model (written per session) unless $JV4_TEST_MODEL
+# names a model folder (e.g. `jv4 synth --preset full`, the real shapes) to run the suite on.
+MODEL = os.environ.get("JV4_TEST_MODEL")
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
+    if MODEL:
+        return pathlib.Path(MODEL)
     d = tmp_path_factory.mktemp("tiny") / "model"
     _jv4._synth(str(d), seed=11)
     return d

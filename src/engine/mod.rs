@@ -53,11 +53,12 @@ pub use crate::model::gpu::LoraMode;
 use crate::{Error, Result};
 pub use limits::Limits;
 use pool::{stopped, FaultAfter, LoseAfter, Pool};
-use prepare::Preparer;
+use prepare::Prepared;
+use prepare::{LongLayout, Preparer, Ready};
 pub use request::{matryoshka, Chunk, Chunking, Embedding, Input, MultiVector, OutputKind, Request};
 pub use text::{
-    plan_chunks, prompt_prefix, ChunkSpan, EncodedText, OffsetText, PromptName, TextTokenizer, Truncation,
-    DEFAULT_MAX_LENGTH,
+    plan_chunks, plan_macro_chunks, prompt_prefix, ChunkSpan, EncodedText, MacroChunk, OffsetText,
+    PromptName, TextTokenizer, Truncation, DEFAULT_LATE_CHUNK_OVERLAP, DEFAULT_MAX_LENGTH,
 };
 use worker::{Budgets, Item, Msg};
 
@@ -83,7 +84,8 @@ pub struct EngineOptions {
     pub preprocess_threads: usize,
     /// How long a forward that is not full waits for more requests (from other callers) before it
     /// starts. Zero (the default): it starts at once with whatever has queued, which under load
-    /// already packs concurrent callers together, and adds no latency to a lone query.
+    /// already packs concurrent callers together, and adds no latency to a lone query. At most
+    /// [`MAX_BATCH_WAIT`].
     pub batch_wait: Duration,
     /// `tokenizer.json` to use instead of the model folder's.
     pub tokenizer: Option<PathBuf>,
@@ -94,6 +96,10 @@ pub struct EngineOptions {
     /// into one weight per task (faster, ≈ 11 GB more memory at full size, less faithful; see
     /// [`LoraMode`]). `$JV4_LORA` overrides. The CPU backend ignores it.
     pub lora: LoraMode,
+    /// Long late chunking (a late-chunked text longer than `truncation.max_length`): the tokens
+    /// of left context each macro-chunk after the first repeats from the one before (at most half
+    /// a macro-chunk; see [`text::plan_macro_chunks`]). Default 512.
+    pub late_chunk_overlap: usize,
     /// TEST HOOK (fault injection), not an API: each `(i, n)` makes worker `i` (an index into the
     /// devices) report [`Error::DeviceLost`] from its forward `n + 1` on (`n = 0`: the first).
     #[doc(hidden)]
@@ -120,6 +126,7 @@ impl Default for EngineOptions {
             limits: Limits::default(),
             lora: LoraMode::default(),
             devices: Vec::new(),
+            late_chunk_overlap: text::DEFAULT_LATE_CHUNK_OVERLAP,
             lose_device_after: Vec::new(),
             fault_device_after: Vec::new(),
         }
@@ -194,6 +201,9 @@ fn devices_of(opts: &EngineOptions) -> Result<Vec<Device>> {
     Ok(devices)
 }
 
+/// The longest [`EngineOptions::batch_wait`] accepted.
+pub const MAX_BATCH_WAIT: Duration = Duration::from_secs(60);
+
 /// Requests prepared ahead of the worker at a time, per caller.
 const WINDOW: usize = 256;
 
@@ -206,6 +216,15 @@ impl Engine {
         let model_dir = &crate::model::folder::resolve_model_dir(model_dir)?;
         if opts.max_batch_tokens == 0 || opts.max_batch_patches == 0 {
             return Err(Error::Input("max_batch_tokens and max_batch_patches must be at least 1".into()));
+        }
+        if opts.batch_wait > MAX_BATCH_WAIT {
+            // A lone request would wait that long for company (the C ABI fuzzer found
+            // `batch_wait_ms = u64::MAX` hanging every call).
+            return Err(Error::Input(format!(
+                "batch_wait of {} ms is over the most, {} ms",
+                opts.batch_wait.as_millis(),
+                MAX_BATCH_WAIT.as_millis()
+            )));
         }
         let devices = devices_of(&opts)?;
         let tok = match &opts.tokenizer {
@@ -227,6 +246,7 @@ impl Engine {
             devices[0] != Device::Cpu,
         )?;
         prep.limits = opts.limits.clone();
+        prep.late_chunk_overlap = opts.late_chunk_overlap;
 
         let ckpt = Arc::new(ckpt);
         let (txs, rxs): (Vec<_>, Vec<_>) = devices.iter().map(|_| mpsc::channel::<Msg>()).unzip();
@@ -408,7 +428,10 @@ impl Engine {
     pub fn embed_with(&self, reqs: &[Request], opts: &CallOptions) -> Vec<Result<Embedding>> {
         let window = opts.window.max(1);
         let cancelled = || opts.cancel.as_ref().is_some_and(Cancel::is_cancelled);
+        // One slot per request, then one per macro-chunk of each long late-chunked text (their
+        // results are put together into the request's at the end).
         let mut results: Vec<Option<Result<Embedding>>> = (0..reqs.len()).map(|_| None).collect();
+        let mut long: Vec<(usize, std::ops::Range<usize>, LongLayout)> = Vec::new();
         let (tx, rx) = mpsc::channel::<(usize, Result<Embedding>)>();
         let mut sent = 0usize; // requests handed to the workers
         let mut answered = 0usize; // of those, answered
@@ -422,17 +445,26 @@ impl Engine {
             let mut items = Vec::with_capacity(chunk.len());
             for (k, p) in self.inner.prep.prepare(chunk).into_iter().enumerate() {
                 let r = &chunk[k];
+                let item = |slot: usize, prepared: Prepared| Item {
+                    slot,
+                    prepared,
+                    task: r.task,
+                    output: r.output,
+                    dims: r.dims,
+                    reply: tx.clone(),
+                    cancel: opts.cancel.clone(),
+                    resent: false,
+                };
                 match p {
-                    Ok(prepared) => items.push(Item {
-                        slot: offset + k,
-                        prepared,
-                        task: r.task,
-                        output: r.output,
-                        dims: r.dims,
-                        reply: tx.clone(),
-                        cancel: opts.cancel.clone(),
-                        resent: false,
-                    }),
+                    Ok(Ready::One(prepared)) => items.push(item(offset + k, prepared)),
+                    Ok(Ready::Long(text)) => {
+                        let first = results.len();
+                        for prepared in text.parts {
+                            items.push(item(results.len(), prepared));
+                            results.push(None);
+                        }
+                        long.push((offset + k, first..results.len(), text.layout));
+                    }
                     Err(e) => results[offset + k] = Some(Err(e)),
                 }
             }
@@ -463,6 +495,11 @@ impl Engine {
             }
         }
         let missing = || if cancelled() { cancelled_error() } else { stopped() };
+        for (i, slots, layout) in long {
+            let parts = slots.map(|s| results[s].take().unwrap_or_else(|| Err(missing()))).collect();
+            results[i] = Some(layout.assemble(parts));
+        }
+        results.truncate(reqs.len());
         results.into_iter().map(|r| r.unwrap_or_else(|| Err(missing()))).collect()
     }
 }

@@ -5,8 +5,11 @@
 
 use crate::engine::image::{self, ImageConfig};
 use crate::engine::limits::Limits;
-use crate::engine::request::{Input, Request};
-use crate::engine::text::{plan_chunks, ChunkSpan, TextTokenizer, Truncation};
+use crate::engine::request::{Chunk, Embedding, Input, MultiVector, Request};
+use crate::engine::text::{
+    plan_chunks, plan_macro_chunks, ChunkSpan, MacroChunk, TextTokenizer, Truncation,
+    DEFAULT_LATE_CHUNK_OVERLAP,
+};
 use crate::model::batch::ImageInput;
 use crate::model::config::ModelConfig;
 use crate::model::plan::GridThw;
@@ -28,6 +31,72 @@ impl Prepared {
     }
 }
 
+/// A request ready for the workers: one sequence, or for a late-chunked text longer than one
+/// forward, one per macro-chunk (long late chunking, [`plan_macro_chunks`]).
+pub(crate) enum Ready {
+    One(Prepared),
+    Long(LongText),
+}
+
+/// The macro-chunks of a long late-chunked text, and how their results make one.
+pub(crate) struct LongText {
+    /// One sequence per macro-chunk: the prompt prefix, then its text tokens; its chunks are the
+    /// ones it pools, in its own positions.
+    pub parts: Vec<Prepared>,
+    pub layout: LongLayout,
+}
+
+/// How the macro-chunks' results are put together ([`LongLayout::assemble`]).
+pub(crate) struct LongLayout {
+    plan: Vec<MacroChunk>,
+    /// The chunks, in positions of the whole prompted sequence.
+    chunks: Vec<ChunkSpan>,
+    prefix: usize,
+    tokens: usize,
+}
+
+impl LongLayout {
+    /// The text's result from its macro-chunks' (in plan order): every chunk as its macro-chunk
+    /// pooled it, with its positions in the whole sequence; multi-vector rows from the macro-chunk
+    /// owning each token; the whole-text single vector that of the first macro-chunk (the text as
+    /// truncated to one forward: a mean over states of several forwards is no one forward's).
+    pub fn assemble(&self, parts: Vec<crate::Result<Embedding>>) -> crate::Result<Embedding> {
+        let parts = parts.into_iter().collect::<crate::Result<Vec<Embedding>>>()?;
+        let broken =
+            || crate::Error::Internal("long late chunking: a macro-chunk's result is incomplete".into());
+        let multi = match parts.first().and_then(|e| e.multi.as_ref()) {
+            None => None,
+            Some(first) => {
+                let dim = first.dim;
+                let mut data = Vec::with_capacity(self.tokens * dim);
+                for (m, e) in self.plan.iter().zip(&parts) {
+                    let rows = &e.multi.as_ref().ok_or_else(broken)?.data;
+                    let (a, b) = (m.local(self.prefix, m.owned.start), m.local(self.prefix, m.owned.end));
+                    data.extend_from_slice(rows.get(a * dim..b * dim).ok_or_else(broken)?);
+                }
+                Some(MultiVector { dim, data })
+            }
+        };
+        let mut chunks = Vec::with_capacity(self.chunks.len());
+        for (m, e) in self.plan.iter().zip(&parts) {
+            let got = e.chunks.as_deref().unwrap_or(&[]);
+            if got.len() != m.chunks.len() {
+                return Err(broken());
+            }
+            for (c, span) in got.iter().zip(&self.chunks[m.chunks.clone()]) {
+                chunks.push(Chunk { tokens: span.tokens.clone(), chars: span.chars.clone(), ..c.clone() });
+            }
+        }
+        Ok(Embedding {
+            single: parts[0].single.clone(),
+            multi,
+            tokens: self.tokens,
+            dropped: 0,
+            chunks: Some(chunks),
+        })
+    }
+}
+
 /// Everything preparation needs; shared by all callers of an engine.
 pub(crate) struct Preparer {
     pub tok: TextTokenizer,
@@ -42,6 +111,8 @@ pub(crate) struct Preparer {
     pub bf16_pixels: bool,
     /// Input size limits (set by `Engine::open`).
     pub limits: Limits,
+    /// Overlap of long late chunking's macro-chunks, in tokens (set by `Engine::open`).
+    pub late_chunk_overlap: usize,
 }
 
 impl Preparer {
@@ -68,11 +139,13 @@ impl Preparer {
             threads,
             bf16_pixels,
             limits: Limits::default(),
+            late_chunk_overlap: DEFAULT_LATE_CHUNK_OVERLAP,
         })
     }
 
     /// One result per request, in order.
-    pub fn prepare(&self, reqs: &[Request]) -> Vec<Result<Prepared>> {
+    pub fn prepare(&self, reqs: &[Request]) -> Vec<Result<Ready>> {
+        let mut long: Vec<Option<LongText>> = (0..reqs.len()).map(|_| None).collect();
         let mut out: Vec<Option<Result<Prepared>>> =
             reqs.iter().map(|r| self.check(r).err().map(Err)).collect();
         // Texts: one batched tokenizer call.
@@ -90,7 +163,14 @@ impl Preparer {
         // Late-chunked texts: one by one, with offsets.
         for (i, r) in reqs.iter().enumerate() {
             if let (None, Input::Text(t), Some(_)) = (&out[i], &r.input, &r.chunking) {
-                out[i] = Some(self.chunked(r, t));
+                out[i] = Some(match self.chunked(r, t) {
+                    Ok(Ready::One(p)) => Ok(p),
+                    Ok(Ready::Long(l)) => {
+                        long[i] = Some(l);
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                });
             }
         }
         // Token ids: as they are, truncated.
@@ -122,7 +202,12 @@ impl Preparer {
             out[*i] = Some(p);
         }
         out.into_iter()
-            .map(|p| p.unwrap_or_else(|| Err(Error::Input("request was not prepared (a bug)".into()))))
+            .zip(long)
+            .map(|(p, l)| match (p, l) {
+                (_, Some(l)) => Ok(Ready::Long(l)),
+                (Some(p), None) => p.map(Ready::One),
+                (None, None) => Err(Error::Input("request was not prepared (a bug)".into())),
+            })
             .collect()
     }
 
@@ -148,23 +233,35 @@ impl Preparer {
         Ok(())
     }
 
-    /// A late-chunked text: the whole text in one sequence (never truncated: chunks past a cut
-    /// would have no tokens), and its chunks.
-    fn chunked(&self, r: &Request, text: &str) -> Result<Prepared> {
+    /// A late-chunked text, never truncated (chunks past a cut would have no tokens): the whole
+    /// text in one sequence, and its chunks; or, longer than one forward (`max_length`), its
+    /// macro-chunks (long late chunking, [`plan_macro_chunks`]).
+    fn chunked(&self, r: &Request, text: &str) -> Result<Ready> {
         let limit = self.truncation.limit()?;
         let enc = self.tok.encode_with_offsets(r.task, r.prompt, text)?;
-        if enc.ids.len() > limit {
-            // Partial: "long late chunking" (overlapping macro-chunks) is not built; such a text
-            // is refused rather than chunked over a truncated forward.
-            return Err(Error::Input(format!(
-                "late chunking: the text is {} tokens with its prompt, over the limit of {limit} \
-                 tokens of one forward (long late chunking over several forwards is not \
-                 supported yet; split the text first)",
-                enc.ids.len()
-            )));
-        }
         let chunks = plan_chunks(&enc, text, r.chunking.as_ref().expect("a chunked request"))?;
-        Ok(Prepared { ids: enc.ids, dropped: 0, image: None, chunks: Some(chunks) })
+        if enc.ids.len() <= limit {
+            return Ok(Ready::One(Prepared { ids: enc.ids, dropped: 0, image: None, chunks: Some(chunks) }));
+        }
+        let prefix = enc.first_text_token;
+        let plan = plan_macro_chunks(enc.ids.len(), prefix, &chunks, limit, self.late_chunk_overlap)?;
+        let parts = plan
+            .iter()
+            .map(|m| {
+                let mut ids = enc.ids[..prefix].to_vec();
+                ids.extend_from_slice(&enc.ids[m.body.clone()]);
+                let own = chunks[m.chunks.clone()]
+                    .iter()
+                    .map(|c| ChunkSpan {
+                        tokens: m.local(prefix, c.tokens.start)..m.local(prefix, c.tokens.end),
+                        chars: c.chars.clone(),
+                    })
+                    .collect();
+                Prepared { ids, dropped: 0, image: None, chunks: Some(own) }
+            })
+            .collect();
+        let layout = LongLayout { plan, chunks, prefix, tokens: enc.ids.len() };
+        Ok(Ready::Long(LongText { parts, layout }))
     }
 
     fn tokens(&self, ids: &[u32]) -> Result<Prepared> {

@@ -66,7 +66,9 @@ pub struct Request {
     pub dims: Option<usize>,
     /// Resize ceiling for an image (default: the checkpoint's preprocessor `max_pixels`).
     pub max_pixels: Option<usize>,
-    /// Late chunking of a text: one forward over the whole text, then one result per chunk.
+    /// Late chunking of a text: one forward over the whole text (longer than `max_length`:
+    /// overlapping macro-chunks, see [`crate::engine::plan_macro_chunks`]), then one result per
+    /// chunk.
     pub chunking: Option<Chunking>,
 }
 
@@ -202,7 +204,8 @@ pub struct Embedding {
     /// Tokens cut off by truncation.
     pub dropped: usize,
     /// Per chunk, for a late-chunked request (`single` and `multi` above are then the whole
-    /// text's).
+    /// text's; for a text longer than one forward, `multi` has every token's row and `single` is
+    /// the first macro-chunk's vector).
     pub chunks: Option<Vec<Chunk>>,
 }
 

@@ -209,6 +209,118 @@ pub fn plan_chunks(enc: &OffsetText, text: &str, chunking: &Chunking) -> Result<
     }
 }
 
+/// Overlap of long late chunking's macro-chunks by default, in tokens: the left context each
+/// macro-chunk after the first repeats from the one before (the late chunking paper's reference
+/// code uses 256 to 512; at 32768 tokens per forward, 512 costs about 1.6% more tokens).
+pub const DEFAULT_LATE_CHUNK_OVERLAP: usize = 512;
+
+/// One forward of long late chunking (a text longer than one forward, docs/MODEL.md §11): the
+/// prompt prefix (token positions `0..prefix`) followed by the text tokens `body` of the whole
+/// prompted sequence. Its states are used for the tokens `owned` (the first macro-chunk owns the
+/// prefix too) and for the chunks with indices `chunks`, each pooled entirely inside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MacroChunk {
+    /// `[start, end)` positions in the whole prompted sequence of the text tokens it runs.
+    pub body: Range<usize>,
+    /// `[start, end)` positions whose states (multi-vector rows) it provides; the owned ranges of
+    /// consecutive macro-chunks tile `0..n`.
+    pub owned: Range<usize>,
+    /// Indices of the chunks it pools.
+    pub chunks: Range<usize>,
+}
+
+impl MacroChunk {
+    /// The position in this macro-chunk's own sequence (prefix first) of position `t` of the
+    /// whole sequence (`t` in the prefix or in `body`).
+    pub fn local(&self, prefix: usize, t: usize) -> usize {
+        if t < prefix {
+            t
+        } else {
+            prefix + t - self.body.start
+        }
+    }
+}
+
+/// Long late chunking: the macro-chunks covering a prompted sequence of `n` tokens (prefix of
+/// `prefix` tokens, then the text) with `chunks` (from [`plan_chunks`]), each macro-chunk at most
+/// `limit` tokens with its prefix.
+///
+/// The late chunking paper's long late chunking cuts the token sequence into macro-chunks of the
+/// model's length that overlap by ω tokens, embeds each, drops every macro-chunk's first ω token
+/// states but the first's (their left context is shorter than in the macro-chunk before) and
+/// pools each chunk over the concatenation. This plan keeps that, with two differences:
+///
+/// - Every macro-chunk starts with the prompt prefix (the model never saw a sequence without it:
+///   a macro-chunk from the middle of the text still reads as a passage or a query), so its text
+///   part is `limit - prefix` tokens long.
+/// - A boundary between owned ranges never falls inside a chunk: where the paper's boundary would
+///   cut one, it moves back to that chunk's start, and the next macro-chunk starts ω tokens before
+///   it. So each chunk is pooled from one forward (one mean over one sequence's states, the same
+///   kernel as ever), every chunk still has at least ω tokens of left context (or all of the text
+///   before it), and with boundaries that fall between chunks the plan is the paper's.
+///
+/// ω is `overlap`, at most half of a macro-chunk's text part. A chunk longer than that text part
+/// cannot be pooled from one forward: an [`Error::Input`] naming it. One that fits only with less
+/// context gets the shorter overlap. The plan is a function of its arguments alone.
+pub fn plan_macro_chunks(
+    n: usize,
+    prefix: usize,
+    chunks: &[ChunkSpan],
+    limit: usize,
+    overlap: usize,
+) -> Result<Vec<MacroChunk>> {
+    if limit <= prefix {
+        return Err(Error::Input(format!(
+            "late chunking: max_length {limit} leaves no room for text after the {prefix}-token prompt"
+        )));
+    }
+    let cap = limit - prefix;
+    let overlap = overlap.min(cap / 2);
+    // `cut[x]`: whether an owned range may end at position x (no chunk has tokens both before and
+    // at or after it).
+    let mut cut = vec![true; n + 1];
+    for c in chunks {
+        if c.tokens.end > c.tokens.start + 1 {
+            cut[c.tokens.start + 1..c.tokens.end].fill(false);
+        }
+    }
+    let mut out: Vec<MacroChunk> = Vec::new();
+    let (mut from, mut start, mut next_chunk) = (prefix.min(n), prefix.min(n), 0);
+    loop {
+        let end = if start + cap >= n {
+            n
+        } else if let Some(x) = (from + 1..=start + cap).rev().find(|&x| cut[x]) {
+            x
+        } else {
+            // A chunk reaches past this macro-chunk: run the next one later (less overlap), so
+            // that it ends where that chunk does.
+            let x = (start + cap + 1..=n).find(|&x| cut[x]).unwrap_or(n);
+            if x - from > cap {
+                // (Spans sharing a boundary token cannot be parted either.)
+                return Err(Error::Input(format!(
+                    "late chunking: chunk {next_chunk} and those sharing tokens with it cover tokens \
+                     {from}..{x} ({} tokens), over the {cap} text tokens one forward holds after the \
+                     prompt (max_length {limit}); use smaller chunks",
+                    x - from
+                )));
+            }
+            start = x - cap;
+            x
+        };
+        let first = next_chunk;
+        while next_chunk < chunks.len() && chunks[next_chunk].tokens.end <= end {
+            next_chunk += 1;
+        }
+        let owned = if out.is_empty() { 0..end } else { from..end };
+        out.push(MacroChunk { body: start..end, owned, chunks: first..next_chunk });
+        if end >= n {
+            return Ok(out);
+        }
+        from = end;
+        start = end.saturating_sub(overlap).max(prefix);
+    }
+}
+
 /// The Qwen2 byte-level BPE tokenizer of the model, loaded once and shared (it is `Send + Sync`;
 /// encoding takes `&self`).
 pub struct TextTokenizer {
@@ -365,6 +477,88 @@ fn cut(ids: &[u32], limit: usize, strict: bool, task: Task, prompt: PromptName) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spans(v: &[(usize, usize)]) -> Vec<ChunkSpan> {
+        v.iter().map(|&(a, b)| ChunkSpan { tokens: a..b, chars: 0..0 }).collect()
+    }
+
+    /// Checks what every plan must satisfy, and returns its (body, owned, chunks) triples.
+    fn checked(n: usize, p: usize, c: &[ChunkSpan], limit: usize, w: usize) -> Vec<MacroChunk> {
+        let plan = plan_macro_chunks(n, p, c, limit, w).unwrap();
+        let w = w.min((limit - p) / 2);
+        assert_eq!(plan[0].owned.start, 0);
+        assert_eq!(plan.last().unwrap().owned.end, n);
+        for (k, m) in plan.iter().enumerate() {
+            assert!(p + m.body.len() <= limit, "macro {k} {m:?} over the limit");
+            assert!(m.body.start >= p && m.body.start <= m.owned.start.max(p) && m.owned.end == m.body.end);
+            if k > 0 {
+                assert_eq!(m.owned.start, plan[k - 1].owned.end);
+                assert_eq!(m.chunks.start, plan[k - 1].chunks.end);
+                assert!(m.owned.start > plan[k - 1].owned.start);
+            }
+            for i in m.chunks.clone() {
+                let t = &c[i].tokens;
+                assert!(m.owned.start <= t.start && t.end <= m.owned.end, "chunk {i} outside macro {k}");
+                // At least w tokens of left context inside the macro (or the text from its start).
+                assert!(t.start - m.body.start >= w.min(t.start - p) || t.len() + w > limit - p);
+            }
+        }
+        assert_eq!(plan.last().unwrap().chunks.end, c.len());
+        plan
+    }
+
+    #[test]
+    fn macro_chunks_are_the_papers_when_boundaries_fall_between_chunks() {
+        // Chunks of one token: every position is a boundary. Macro bodies of 10 after a 2-token
+        // prompt, overlap 3: bodies [2, 12), [9, 19), [16, 26), [23, 30).
+        let c: Vec<ChunkSpan> = spans(&(2..30).map(|t| (t, t + 1)).collect::<Vec<_>>());
+        let plan = checked(30, 2, &c, 12, 3);
+        let bodies: Vec<_> = plan.iter().map(|m| (m.body.clone(), m.owned.clone())).collect();
+        assert_eq!(bodies, vec![(2..12, 0..12), (9..19, 12..19), (16..26, 19..26), (23..30, 26..30)]);
+        // No chunks at all (the multi rows still need every token), and a text that fits.
+        assert_eq!(checked(30, 2, &[], 12, 3).len(), 4);
+        assert_eq!(checked(12, 2, &c[..10], 12, 3).len(), 1);
+    }
+
+    #[test]
+    fn a_boundary_moves_back_to_the_start_of_the_chunk_it_would_cut() {
+        // Chunks of 4 from position 2: [2,6) [6,10) [10,14) ...; body 10, overlap 3.
+        let c: Vec<ChunkSpan> = spans(&(0..7).map(|i| (2 + 4 * i, 6 + 4 * i)).collect::<Vec<_>>());
+        let plan = checked(30, 2, &c, 12, 3);
+        // Macro 0 (body up to [2, 12)) holds [2,6) [6,10); [10,14) would be cut at 12, so macro 0
+        // ends at 10 and macro 1 starts 3 before that, at 7. Its body could reach 17, which would cut
+        // [14,18): it ends at 14. And so on, one chunk per macro-chunk.
+        let got: Vec<_> = plan.iter().map(|m| (m.body.clone(), m.owned.clone(), m.chunks.clone())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (2..10, 0..10, 0..2),
+                (7..14, 10..14, 2..3),
+                (11..18, 14..18, 3..4),
+                (15..22, 18..22, 4..5),
+                (19..26, 22..26, 5..6),
+                (23..30, 26..30, 6..7)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_long_chunk_gets_less_overlap_or_an_error() {
+        // Body 10, overlap 4: a chunk of 9 tokens after one of 3 fits only with overlap 1.
+        let c = spans(&[(2, 5), (5, 14), (14, 16)]);
+        let plan = checked(16, 2, &c, 12, 4);
+        assert_eq!(plan[1].body, 4..14);
+        assert_eq!(plan[1].chunks, 1..2);
+        // A chunk of 11 tokens fits no forward of 10.
+        let e = plan_macro_chunks(20, 2, &spans(&[(2, 4), (4, 15), (15, 20)]), 12, 4).unwrap_err();
+        assert!(e.to_string().contains("tokens 4..15 (11 tokens), over the 10 text tokens"), "{e}");
+        // Neighbouring spans sharing a token cannot be parted: together they must fit.
+        let shared = spans(&[(2, 8), (7, 13), (12, 16)]);
+        assert!(plan_macro_chunks(16, 2, &shared, 12, 2).is_err());
+        checked(16, 2, &shared[..2], 14, 2);
+        let e = plan_macro_chunks(20, 5, &[], 5, 0).unwrap_err();
+        assert!(e.to_string().contains("no room"), "{e}");
+    }
 
     #[test]
     fn prefix_for_every_task_and_prompt() {

@@ -4,11 +4,12 @@
 //! states (bitwise on the CPU, by cosine on the GPU), and against themselves in other batches.
 #![allow(dead_code)]
 
+use jv4::engine::{plan_chunks, plan_macro_chunks};
 use jv4::model::batch::PackedBatch;
 use jv4::model::checkpoint::Checkpoint;
 use jv4::model::cpu::CpuModel;
 use jv4::reference;
-use jv4::{Chunking, Device, Embedding, Error, OutputKind, PromptName, Request, Task};
+use jv4::{Chunking, Device, Embedding, Error, OutputKind, PromptName, Request, Task, Truncation};
 
 use super::engine_cases::Model;
 
@@ -237,7 +238,11 @@ pub fn bad_chunking_fails_alone(device: Device) -> Result<(), String> {
         (Request::text("abcdef").late_chunking(Chunking::Spans(vec![(3, 5), (0, 2)])), "overlaps"),
         (Request::text("abcdef").late_chunking(Chunking::Spans(vec![(2, 2)])), "empty"),
         (Request::text("é").late_chunking(Chunking::Spans(vec![(0, 1)])), "character boundaries"),
-        (Request::text(long.clone()).late_chunking(Chunking::Tokens(8)), "over the limit"),
+        // Long late chunking serves a text over max_length, but not one chunk longer than a forward.
+        (
+            Request::text(long.clone()).late_chunking(Chunking::Spans(vec![(0, long.len())])),
+            "one forward holds",
+        ),
         (Request::tokens(vec![1u32, 2, 3]).late_chunking(Chunking::Tokens(1)), "texts only"),
     ];
     let good = Request::text("a good chunked text").late_chunking(Chunking::Spans(vec![(0, 6), (7, 19)]));
@@ -256,6 +261,144 @@ pub fn bad_chunking_fails_alone(device: Device) -> Result<(), String> {
     let (_, want) = chunked(&alone[0])?;
     if chunks.len() != 2 || (device == Device::Cpu && chunks != want) {
         return Err("the good chunked request differs beside bad ones".into());
+    }
+    Ok(())
+}
+
+/// Long late chunking (a text over `max_length`, here a small one): each chunk's single vector is
+/// the reference pooling of its tokens in a separate CPU forward of the macro-chunk that owns it
+/// (the prompt prefix, then the macro-chunk's text tokens); the whole text's multi rows are the
+/// owning macro-chunks' rows; token and byte ranges are those of the whole prompted text; and the
+/// result does not depend on the batch.
+pub fn long_chunks_equal_the_reference_pooling(device: Device) -> Result<(), String> {
+    let (limit, overlap) = (64, 8);
+    let m = Model::new()?;
+    let engine = m.engine(device, |o| {
+        o.truncation = Truncation::new(limit);
+        o.late_chunk_overlap = overlap;
+    })?;
+    let text = format!("{DOC} {DOC}");
+    let sentence_ends: Vec<usize> = text.match_indices(". ").map(|(i, _)| i + 1).collect();
+    let mut spans = vec![(0, sentence_ends[0])];
+    for w in sentence_ends.windows(2) {
+        spans.push((w[0] + 1, w[1]));
+    }
+    let reqs = [
+        Request::text(text.clone())
+            .prompt(PromptName::Passage)
+            .output(OutputKind::Both)
+            .late_chunking(Chunking::Tokens(5)),
+        Request::text(text.clone()).task(Task::Code).dims(128).late_chunking(Chunking::Spans(spans)),
+    ];
+    let out = engine.embed(&reqs);
+    let ckpt = Checkpoint::open(m.path()).map_err(|e| e.to_string())?;
+    let cpu = CpuModel::from_checkpoint(&ckpt).map_err(|e| e.to_string())?;
+    let hid = ckpt.config.text.hidden_size;
+    let pd = ckpt.config.multi_vector_projector_dim;
+    let exact = device == Device::Cpu;
+    for (r, (req, res)) in reqs.iter().zip(&out).enumerate() {
+        let (e, chunks) = chunked(res)?;
+        let enc =
+            engine.tokenizer().encode_with_offsets(req.task, req.prompt, &text).map_err(|e| e.to_string())?;
+        let n = enc.ids.len();
+        let p = enc.first_text_token;
+        let want_chunks =
+            plan_chunks(&enc, &text, req.chunking.as_ref().unwrap()).map_err(|e| e.to_string())?;
+        let plan = plan_macro_chunks(n, p, &want_chunks, limit, overlap).map_err(|e| e.to_string())?;
+        if plan.len() < 3 {
+            return Err(format!(
+                "request {r}: {n} tokens make {} macro-chunks; the test wants 3 or more",
+                plan.len()
+            ));
+        }
+        if (e.tokens, e.dropped, chunks.len()) != (n, 0, want_chunks.len()) {
+            return Err(format!(
+                "request {r}: {} tokens, {} dropped, {} chunks; want {n}, 0, {}",
+                e.tokens,
+                e.dropped,
+                chunks.len(),
+                want_chunks.len()
+            ));
+        }
+        let mut rows: Vec<f32> = Vec::new();
+        for (k, mc) in plan.iter().enumerate() {
+            // The oracle: this macro-chunk alone, prefix first.
+            let mut ids = enc.ids[..p].to_vec();
+            ids.extend_from_slice(&enc.ids[mc.body.clone()]);
+            if ids.len() > limit {
+                return Err(format!("request {r} macro-chunk {k}: {} tokens, over {limit}", ids.len()));
+            }
+            let mut batch = PackedBatch::new(&ckpt.config);
+            batch.push_text(&ids, req.task).map_err(|e| e.to_string())?;
+            batch.want_multi = true;
+            let mut trace = Vec::new();
+            let o = cpu.forward_traced(&batch, Some(&mut trace)).map_err(|e| e.to_string())?;
+            let h = trace.last().ok_or("no trace")?;
+            let om = o.multi.as_ref().ok_or("no oracle multi")?;
+            rows.extend_from_slice(&om[mc.local(p, mc.owned.start) * pd..mc.local(p, mc.owned.end) * pd]);
+            if k == 0 {
+                let whole = reference::mean_pool_l2(h, hid, &[(0, ids.len())]);
+                let whole = match req.dims {
+                    Some(d) => reference::matryoshka(&whole, d),
+                    None => whole,
+                };
+                let what = format!("request {r}: the whole-text vector (its first forward's)");
+                close(&what, e.single.as_deref().ok_or("no whole single")?, &whole, exact)?;
+            }
+            for i in mc.chunks.clone() {
+                let (c, want) = (&chunks[i], &want_chunks[i]);
+                let what = format!("request {r} chunk {i} {:?} in macro-chunk {k} {:?}", c.tokens, mc.body);
+                if (&c.tokens, &c.chars) != (&want.tokens, &want.chars) {
+                    return Err(format!(
+                        "{what}: ranges {:?} / {:?}, want {:?}",
+                        c.tokens, c.chars, want.chars
+                    ));
+                }
+                let (a, b) = (mc.local(p, c.tokens.start), mc.local(p, c.tokens.end));
+                let pooled = reference::mean_pool_l2(h, hid, &[(a, b)]);
+                let pooled = match req.dims {
+                    Some(d) => reference::matryoshka(&pooled, d),
+                    None => pooled,
+                };
+                close(&what, c.single.as_deref().ok_or("no chunk single vector")?, &pooled, exact)?;
+                if let Some(mv) = &c.multi {
+                    close_to(&format!("{what} multi"), &mv.data, &om[a * pd..b * pd], exact, 0.99)?;
+                }
+            }
+        }
+        if req.output.multi() {
+            let mine = &e.multi.as_ref().ok_or("no whole-text multi")?.data;
+            if mine.len() != n * pd {
+                return Err(format!("request {r}: {} multi rows, want {n}", mine.len() / pd));
+            }
+            close_to(&format!("request {r} whole-text multi rows"), mine, &rows, exact, 0.99)?;
+            for c in &chunks {
+                if c.multi.as_ref().map(|m| &m.data[..])
+                    != Some(&mine[c.tokens.start * pd..c.tokens.end * pd])
+                {
+                    return Err(format!(
+                        "request {r} chunk {:?}: multi rows differ from the whole text's",
+                        c.tokens
+                    ));
+                }
+            }
+        }
+    }
+    // The same request beside others (a short chunked text, a plain one): the same chunks.
+    let mixed =
+        engine.embed(&[Request::text("before it").task(Task::Code), reqs[1].clone(), Request::text("after")]);
+    let (_, a) = chunked(&out[1])?;
+    let (_, b) = chunked(&mixed[1])?;
+    if a.len() != b.len() {
+        return Err(format!("{} chunks alone, {} in a batch", a.len(), b.len()));
+    }
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        close(
+            &format!("chunk {i} in a batch"),
+            y.single.as_deref().unwrap_or(&[]),
+            x.single.as_deref().unwrap_or(&[1.0]),
+            exact,
+        )?;
     }
     Ok(())
 }

@@ -39,3 +39,4 @@ macro_rules! cuda_chunk_case {
 cuda_chunk_case!(chunks_equal_the_reference_pooling);
 cuda_chunk_case!(chunk_vectors_are_independent_of_the_batch);
 cuda_chunk_case!(bad_chunking_fails_alone);
+cuda_chunk_case!(long_chunks_equal_the_reference_pooling);

@@ -112,5 +112,6 @@ fn main() {
         ("chunk_equal_the_reference_pooling", engine::chunks_equal_the_reference_pooling),
         ("chunk_vectors_are_independent_of_the_batch", engine::chunk_vectors_are_independent_of_the_batch),
         ("chunk_bad_chunking_fails_alone", engine::bad_chunking_fails_alone),
+        ("chunk_long_equal_the_reference_pooling", engine::long_chunks_equal_the_reference_pooling),
     ]);
 }
