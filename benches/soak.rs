@@ -717,7 +717,7 @@ pub fn run(o: &SoakOptions) -> Result<()> {
     let verdict = if t.problem_count == 0 { "PASS" } else { "FAIL" };
     say(format!(
         "soak: {verdict} {} requests ({good} good, {bad} bad) answered exactly once: lost {lost}, duplicated {dup}; \
-         by kind {by_kind:?}; misclassified or wrong {}; {rechecked}/{} re-embedded alone bitwise equal; \
+         by kind {by_kind:?}; problems {} (wrong answers, lost memory); {rechecked}/{} re-embedded alone bitwise equal; \
          device memory +{:.1} MiB (used {:.0} -> {:.0} MiB, mapped {:.0} -> {:.0} MiB, tolerance {:.0}), \
          host RSS {:.0} -> {:.0} MiB (+{:.1}, tolerance {:.0}), plans {} -> {}; {:.1} s in all",
         o.requests,

@@ -183,3 +183,32 @@ pub fn linear_ignores_bytes_past_its_operands(ctx: &mut Ctx) -> Result<(), Strin
     }
     Ok(())
 }
+
+/// A GEMM's output read by one of our kernels (`y = x·wᵀ`, then `swiglu` over y), at the heights
+/// where cuBLASLt picks gemv, small-tile and Hopper (TMA-store) kernels. The values are checked
+/// against the reference, so y was written; under initcheck, a report here says the tool does not
+/// see the GEMM's writes (its reports on the model's activations are then false positives).
+pub fn probe_gemm_output_read_by_a_kernel(ctx: &mut Ctx) -> Result<(), String> {
+    let mut mem = allocator(ctx, 1 << 30)?;
+    let (n, k) = (2 * 1024, 2048);
+    let (w_h, _) = random_bf16(ctx, n * k, 1.0 / (k as f32).sqrt());
+    let w = crate::util::upload(ctx, &mut mem, &[n, k], &w_h)?;
+    for m in [1usize, 16, 512, 4096] {
+        let (x_h, _) = random_bf16(ctx, m * k, 1.0);
+        let x = crate::util::upload(ctx, &mut mem, &[m, k], &x_h)?;
+        let mut y = crate::util::dtensor::<bf16>(&mut mem, &[m, n])?;
+        let mut out = crate::util::dtensor::<bf16>(&mut mem, &[m, n / 2])?;
+        ops::linear(&ctx.gpu, &x.view(), &w.view(), None, &mut y.view_mut(), false).map_err(e)?;
+        ops::swiglu(&ctx.gpu, &y.view(), &mut out.view_mut()).map_err(e)?;
+        let yv = to_f32(&ctx.gpu.download(&y.view()).map_err(e)?);
+        let got = to_f32(&ctx.gpu.download(&out.view()).map_err(e)?);
+        let want = reference::swiglu(&yv, m, n / 2);
+        check_close(&format!("swiglu of a GEMM's output, m={m}"), &got, &want, |i| {
+            BF16_REL * want[i].abs() + 1e-6
+        })?;
+        for b in [x.into_block(), y.into_block(), out.into_block()] {
+            mem.free(b);
+        }
+    }
+    Ok(())
+}

@@ -10,6 +10,15 @@
 //! `y += t·B_allᵀ`. Every row gets exactly its own task's delta, so a request's vectors do not
 //! depend on what else shares its batch.
 //!
+//! **Folded** (the stacked default for qkv, gate_up and down, whose input producers — the two
+//! norms and SwiGLU — can write beside their output): the weight is `[W | B_all | 0]`
+//! `[n, k + g8]` (g8: the stacked columns rounded up to 8, A padded with zero rows to match) and
+//! the input one buffer `[x | t]`; the shrink writes t beside x (`linear_cols`), the mask zeroes
+//! the other tasks' groups in place, and one GEMM gives `x·Wᵀ + t·B_allᵀ` with one accumulation
+//! and one rounding. That saves the expand's re-read and re-write of y (+9% tokens/s at
+//! 32 × 512 on the H200, benches/NOTES.md). o_proj (fed by the attention) and the projector keep
+//! the separate expand. `JV4_LORA_FOLD=0` turns folding off.
+//!
 //! With [`LoraMode::Merged`] the adapted projections are instead **task-merged**: one
 //! weight per task, `W_τ = W + B_τ·A_τ` (scale folded into B), computed once at load on the GPU
 //! with f32 accumulation and one rounding to bf16, and the base weight is not kept. A forward then
