@@ -192,6 +192,11 @@ impl GpuModel {
             Ok(out) => Ok(out),
             Err(e @ Error::DeviceLost(_)) => Err(e),
             Err(e) => {
+                // A sticky fault can surface inside a replay as a library error (cuBLAS reports an
+                // execution failure): a synchronise tells, and a lost device is not retried.
+                if let Err(lost @ Error::DeviceLost(_)) = gpu.sync() {
+                    return Err(lost);
+                }
                 eprintln!("jv4: a CUDA graph failed ({e}); from now on every forward runs without graphs");
                 graphs.stats.fallbacks += 1;
                 self.forward(gpu, mem, batch)
