@@ -67,8 +67,9 @@ pub struct GraphStats {
 
 /// The graphs of one GPU and their memory pool (module documentation).
 pub struct Graphs {
-    mem: DeviceAllocator,
+    // Field order is drop order: the graphs go before the pool they use.
     cache: Lru<GraphKey, Captured>,
+    mem: DeviceAllocator,
     stats: GraphStats,
 }
 

@@ -257,8 +257,12 @@ impl Inputs {
         pad_task: Option<u8>,
     ) -> Result<()> {
         let (n, real) = (dims.tokens, batch.tokens());
-        if real > n || batch.sequences() > dims.segments {
-            return Err(Error::Internal(format!("a batch of {real} tokens staged for {dims:?}")));
+        let spans_real = batch.sequences() + batch.chunk_spans().len();
+        if real > n || batch.sequences() > dims.segments || spans_real > dims.spans {
+            return Err(Error::Internal(format!(
+                "a batch of {real} tokens, {} sequences and {spans_real} spans staged for {dims:?}",
+                batch.sequences()
+            )));
         }
         let ids = st.slice(&self.ids);
         ids[..real].copy_from_slice(batch.ids());
@@ -280,15 +284,10 @@ impl Inputs {
         rt[..real].copy_from_slice(batch.row_task());
         rt[real..].fill(pad_task.unwrap_or(u8::MAX));
         let spans = st.slice(&self.spans);
-        let mut k = 0;
         for (dst, src) in spans.chunks_exact_mut(2).zip(batch.all_spans()) {
             dst.copy_from_slice(src);
-            k += 1;
         }
-        if k * 2 > spans.len() {
-            return Err(Error::Internal(format!("{k} pooling spans staged for {dims:?}")));
-        }
-        for dst in spans[k * 2..].chunks_exact_mut(2) {
+        for dst in spans[spans_real * 2..].chunks_exact_mut(2) {
             dst.copy_from_slice(&[0, 1]);
         }
         st.put(&self.rows, batch.image_rows())?;
