@@ -166,7 +166,8 @@ pub fn plan_chunks(enc: &OffsetText, text: &str, chunking: &Chunking) -> Result<
     match chunking {
         Chunking::Tokens(0) => Err(Error::Input("late chunking: chunk_size must be at least 1 token".into())),
         Chunking::Tokens(size) => {
-            Ok((first..n).step_by(*size).map(|a| cover(a..(a + size).min(n))).collect())
+            // Saturating: a chunk size near usize::MAX (any caller's number) means one chunk.
+            Ok((first..n).step_by(*size).map(|a| cover(a..a.saturating_add(*size).min(n))).collect())
         }
         Chunking::Spans(spans) => {
             let mut prev_end = 0;
@@ -609,6 +610,9 @@ mod tests {
         assert_eq!(got, want);
         let one = plan_chunks(&e, text, &Chunking::Tokens(100)).unwrap();
         assert_eq!((one[0].tokens.clone(), one[0].chars.clone()), (2..7, 0..8));
+        // The largest size is one chunk too (a + size used to wrap around: found by fuzz_c_abi).
+        let max = plan_chunks(&e, text, &Chunking::Tokens(usize::MAX)).unwrap();
+        assert_eq!(max, one);
         assert!(plan_chunks(&enc(&[(0, 0)], 1), "", &Chunking::Tokens(3)).unwrap().is_empty());
         let zero = plan_chunks(&e, text, &Chunking::Tokens(0)).unwrap_err();
         assert!(matches!(zero, Error::Input(_)) && zero.to_string().contains("chunk_size"), "{zero}");
