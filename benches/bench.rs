@@ -141,68 +141,7 @@ enum Cmd {
     /// kinds, every task and output) through one engine from several caller threads: every
     /// request answered exactly once with the result or error kind it must get, and device memory
     /// and host RSS flat after the warm-up (benches/soak.rs). Exits non-zero on any problem.
-    Soak {
-        /// A model folder with tokenizer.json (e.g. `jv4 synth --out DIR`).
-        #[arg(long)]
-        model: std::path::PathBuf,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cuda")]
-        device: jv4::Device,
-        /// Requests in all (the warm-up ones included).
-        #[arg(long, default_value_t = 100_000)]
-        requests: usize,
-        /// Caller threads.
-        #[arg(long, default_value_t = 8)]
-        callers: usize,
-        #[arg(long, default_value_t = 12)]
-        seed: u64,
-        /// Requests of the mix run before the memory baseline is taken.
-        #[arg(long, default_value_t = 2000)]
-        warmup: usize,
-        /// Longest text, in tokens (the warm-up embeds one this long).
-        #[arg(long, default_value_t = 32768)]
-        max_text_tokens: usize,
-        /// Short texts are log-uniform over 1 to this many tokens (mean ≈ N / ln N).
-        #[arg(long, default_value_t = 512)]
-        max_short_tokens: usize,
-        /// The small images are 1 to this many pixels wide and high (two large ones are added).
-        #[arg(long, default_value_t = 448)]
-        max_image_side: u32,
-        /// The two large images are this many pixels on their long side.
-        #[arg(long, default_value_t = 2400)]
-        large_image_side: u32,
-        /// Share of the texts that are long (a quarter of --max-text-tokens to all of it).
-        #[arg(long, default_value_t = 0.0005)]
-        long_fraction: f64,
-        /// Share of the requests that are images.
-        #[arg(long, default_value_t = 0.03)]
-        image_fraction: f64,
-        /// Share of the images that are large (resized down by the preprocessor).
-        #[arg(long, default_value_t = 0.05)]
-        large_image_fraction: f64,
-        /// Share of the requests that are bad lines.
-        #[arg(long, default_value_t = 0.05)]
-        bad_fraction: f64,
-        /// Most tokens per forward.
-        #[arg(long, default_value_t = 16384)]
-        max_batch_tokens: usize,
-        /// Most requests per `embed` call (each call takes 1 to this many, mostly few).
-        #[arg(long, default_value_t = 64)]
-        max_call: usize,
-        /// Every Nth good request is embedded again alone at the end and compared bitwise (0: none).
-        #[arg(long, default_value_t = 1000)]
-        recheck_every: usize,
-        /// Most growth of device memory after the warm-up (driver-reported use and mapped
-        /// activation pages), e.g. 256MiB.
-        #[arg(long, default_value = "256MiB", value_parser = |s: &str| jv4::parse_bytes(s))]
-        device_tolerance: u64,
-        /// Most growth of the host RSS after the warm-up.
-        #[arg(long, default_value = "256MiB", value_parser = |s: &str| jv4::parse_bytes(s))]
-        rss_tolerance: u64,
-        /// Also write the report to this file.
-        #[arg(long)]
-        log: Option<std::path::PathBuf>,
-    },
+    Soak(soak::SoakOptions),
 }
 
 /// Attention cases: the LM's causal d 128 GQA 16:2 on single documents, 32 × 512 and the 256
@@ -253,49 +192,7 @@ fn main() -> ExitCode {
         Cmd::Parity { model, reference } => parity(&model, &reference),
         Cmd::Images { model, reference } => bench_images(&model, &reference),
         Cmd::BlasSurvey => blas_survey(),
-        Cmd::Soak {
-            model,
-            device,
-            requests,
-            callers,
-            seed,
-            warmup,
-            max_text_tokens,
-            max_short_tokens,
-            max_image_side,
-            large_image_side,
-            long_fraction,
-            image_fraction,
-            large_image_fraction,
-            bad_fraction,
-            max_batch_tokens,
-            max_call,
-            recheck_every,
-            device_tolerance,
-            rss_tolerance,
-            log,
-        } => soak::run(&soak::SoakOptions {
-            model,
-            device,
-            requests,
-            callers,
-            seed,
-            warmup,
-            max_text_tokens,
-            max_short_tokens,
-            max_image_side,
-            large_image_side,
-            long_fraction,
-            image_fraction,
-            large_image_fraction,
-            bad_fraction,
-            max_batch_tokens,
-            max_call,
-            recheck_every,
-            device_tolerance,
-            rss_tolerance,
-            log,
-        }),
+        Cmd::Soak(o) => soak::run(&o),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

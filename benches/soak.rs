@@ -36,27 +36,68 @@ use jv4::{
     Device, Embedding, Engine, EngineOptions, Error, Input, OutputKind, PromptName, Request, Result, Task,
 };
 
-/// The settings of one soak run.
+/// The settings of one soak run (the `jv4-bench soak` flags).
+#[derive(clap::Args)]
 pub struct SoakOptions {
+    /// A model folder with tokenizer.json (e.g. `jv4 synth --out DIR`).
+    #[arg(long)]
     pub model: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
     pub device: Device,
+    /// Requests in all (the warm-up ones included).
+    #[arg(long, default_value_t = 100_000)]
     pub requests: usize,
+    /// Caller threads.
+    #[arg(long, default_value_t = 8)]
     pub callers: usize,
+    #[arg(long, default_value_t = 12)]
     pub seed: u64,
+    /// Requests of the mix run before the memory baseline is taken.
+    #[arg(long, default_value_t = 2000)]
     pub warmup: usize,
+    /// Longest text, in tokens (the warm-up embeds one this long).
+    #[arg(long, default_value_t = 32768)]
     pub max_text_tokens: usize,
+    /// Short texts are log-uniform over 1 to this many tokens (mean ≈ N / ln N).
+    #[arg(long, default_value_t = 512)]
     pub max_short_tokens: usize,
+    /// The small images are 1 to this many pixels wide and high (two large ones are added).
+    #[arg(long, default_value_t = 448)]
     pub max_image_side: u32,
+    /// The two large images are this many pixels on their long side.
+    #[arg(long, default_value_t = 2400)]
     pub large_image_side: u32,
+    /// Share of the texts that are long (a quarter of --max-text-tokens to all of it).
+    #[arg(long, default_value_t = 0.0005)]
     pub long_fraction: f64,
+    /// Share of the requests that are images.
+    #[arg(long, default_value_t = 0.03)]
     pub image_fraction: f64,
+    /// Share of the images that are large (resized down by the preprocessor).
+    #[arg(long, default_value_t = 0.05)]
     pub large_image_fraction: f64,
+    /// Share of the requests that are bad lines.
+    #[arg(long, default_value_t = 0.05)]
     pub bad_fraction: f64,
+    /// Most tokens per forward.
+    #[arg(long, default_value_t = 16384)]
     pub max_batch_tokens: usize,
+    /// Most requests per `embed` call (each call takes 1 to this many, mostly few).
+    #[arg(long, default_value_t = 64)]
     pub max_call: usize,
+    /// Every Nth good request is embedded again alone at the end and compared bitwise (0: none).
+    #[arg(long, default_value_t = 1000)]
     pub recheck_every: usize,
+    /// Most growth of device memory after the warm-up (driver-reported use and mapped
+    /// activation pages), e.g. 256MiB.
+    #[arg(long, default_value = "256MiB", value_parser = |s: &str| jv4::parse_bytes(s))]
     pub device_tolerance: u64,
+    /// Most growth of the host RSS after the warm-up.
+    #[arg(long, default_value = "256MiB", value_parser = |s: &str| jv4::parse_bytes(s))]
     pub rss_tolerance: u64,
+    /// Also write the report to this file.
+    #[arg(long)]
     pub log: Option<PathBuf>,
 }
 

@@ -68,6 +68,13 @@ struct Key {
     ldy: usize,
 }
 
+impl Key {
+    /// A dense bf16 problem without bias or accumulation (the research entry points').
+    fn plain(m: usize, n: usize, k: usize) -> Key {
+        Key { m, n, k, bias: false, accumulate: false, out_f32: false, ldx: k, ldy: n }
+    }
+}
+
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     layouts: [sys::cublasLtMatrixLayout_t; 3],
@@ -524,16 +531,7 @@ impl std::fmt::Display for Algo {
 impl Blas {
     /// Research: the heuristic's first `count` algorithms for `y [m, n] (bf16) = x·wᵀ`.
     pub fn survey(&self, m: usize, n: usize, k: usize, count: usize) -> Result<Vec<Algo>> {
-        let plan = self.descriptors(Key {
-            m,
-            n,
-            k,
-            bias: false,
-            accumulate: false,
-            out_f32: false,
-            ldx: k,
-            ldy: n,
-        })?;
+        let plan = self.descriptors(Key::plain(m, n, k))?;
         Ok(self
             .heuristics(&plan, count)?
             .into_iter()
@@ -557,16 +555,7 @@ impl Blas {
         if k != k2 || y.shape() != [m, n] {
             return Err(Error::Shape { op: "linear_with", msg: shapes });
         }
-        let mut plan = self.descriptors(Key {
-            m,
-            n,
-            k,
-            bias: false,
-            accumulate: false,
-            out_f32: false,
-            ldx: k,
-            ldy: n,
-        })?;
+        let mut plan = self.descriptors(Key::plain(m, n, k))?;
         if let Err(st) = self.accepts(&plan, &algo.raw) {
             return Err(Error::Blas(format!("{algo} refused for m={m} n={n} k={k}: {st:?}")));
         }
