@@ -392,18 +392,68 @@ fn rss() -> u64 {
         .map_or(0, |kb| kb << 10)
 }
 
+/// The C heap (glibc's `mallinfo2`): bytes handed out and bytes freed but kept in its arenas.
+/// A host RSS that grows while `in_use` stays flat is the allocator keeping freed memory (its
+/// per-thread arenas fill up to a plateau), not a leak. Zero where the C library is not glibc.
+#[derive(Clone, Copy, Debug, Default)]
+struct Heap {
+    in_use: u64,
+    free: u64,
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap() -> Heap {
+    /// glibc's `struct mallinfo2` (malloc.h): ten `size_t` fields.
+    #[repr(C)]
+    #[derive(Default)]
+    struct MallInfo2 {
+        arena: usize,
+        ordblks: usize,
+        smblks: usize,
+        hblks: usize,
+        hblkhd: usize,
+        usmblks: usize,
+        fsmblks: usize,
+        uordblks: usize,
+        fordblks: usize,
+        keepcost: usize,
+    }
+    extern "C" {
+        fn mallinfo2() -> MallInfo2;
+    }
+    // SAFETY: mallinfo2 (glibc ≥ 2.33) takes no arguments and returns a plain struct by value.
+    let m = unsafe { mallinfo2() };
+    Heap { in_use: (m.uordblks + m.hblkhd) as u64, free: m.fordblks as u64 }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap() -> Heap {
+    Heap::default()
+}
+
 /// Memory figures at one point.
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
     device_used: u64,
     mapped: u64,
     plans: u64,
+    graphs: u64,
+    captures: u64,
     rss: u64,
+    heap: Heap,
 }
 
 fn sample(engine: &Engine) -> Result<Sample> {
     let m = engine.memory()?;
-    Ok(Sample { device_used: m.device_used, mapped: m.activations_mapped, plans: m.plans, rss: rss() })
+    Ok(Sample {
+        device_used: m.device_used,
+        mapped: m.activations_mapped,
+        plans: m.plans,
+        graphs: m.graphs,
+        captures: m.graph_captures,
+        rss: rss(),
+        heap: heap(),
+    })
 }
 
 fn mib(b: u64) -> f64 {
@@ -414,11 +464,16 @@ impl std::fmt::Display for Sample {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "device used {:.0} MiB, activations mapped {:.0} MiB, plans {}, host RSS {:.0} MiB",
+            "device used {:.0} MiB, activations mapped {:.0} MiB, plans {}, graphs {} ({} captured), \
+             host RSS {:.0} MiB (malloc: {:.0} MiB in use, {:.0} MiB free in its arenas)",
             mib(self.device_used),
             mib(self.mapped),
             self.plans,
-            mib(self.rss)
+            self.graphs,
+            self.captures,
+            mib(self.rss),
+            mib(self.heap.in_use),
+            mib(self.heap.free)
         )
     }
 }
@@ -733,6 +788,10 @@ pub fn run(o: &SoakOptions) -> Result<()> {
     if after.plans > plan_cap {
         t.problem(format!("{} cuBLASLt plans cached, more than the bound {plan_cap}", after.plans));
     }
+    let graph_cap = (jv4::model::gpu::GRAPH_CACHE * engine.devices().len()) as u64;
+    if after.graphs > graph_cap {
+        t.problem(format!("{} CUDA graphs held, more than the bound {graph_cap}", after.graphs));
+    }
 
     let mut by_kind: BTreeMap<&str, u64> = BTreeMap::new();
     let (mut good, mut bad) = (0u64, 0u64);
@@ -760,7 +819,7 @@ pub fn run(o: &SoakOptions) -> Result<()> {
         "soak: {verdict} {} requests ({good} good, {bad} bad) answered exactly once: lost {lost}, duplicated {dup}; \
          by kind {by_kind:?}; problems {} (wrong answers, lost memory); {rechecked}/{} re-embedded alone bitwise equal; \
          device memory +{:.1} MiB (used {:.0} -> {:.0} MiB, mapped {:.0} -> {:.0} MiB, tolerance {:.0}), \
-         host RSS {:.0} -> {:.0} MiB (+{:.1}, tolerance {:.0}), plans {} -> {}; {:.1} s in all",
+         host RSS {:.0} -> {:.0} MiB (+{:.1}, tolerance {:.0}), plans {} -> {}, graphs {} -> {} ({} captures); {:.1} s in all",
         o.requests,
         t.problem_count,
         kept.len(),
@@ -776,6 +835,9 @@ pub fn run(o: &SoakOptions) -> Result<()> {
         mib(o.rss_tolerance),
         before.plans,
         after.plans,
+        before.graphs,
+        after.graphs,
+        after.captures - before.captures,
         t0.elapsed().as_secs_f64()
     ));
     if t.problem_count > 0 {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Cold start (issue 12, deliverable 6), with the checkpoint in the page cache: three runs each of
-#   - `jv4 info`: the load report (bytes, seconds, GB/s of the checkpoint to the GPU);
+#   - `jv4 info`: the load report (bytes, seconds, GB/s of the checkpoint to the GPU), then once
+#     at each fill-thread count of $JV4_COLD_THREADS;
 #   - `jv4 embed` on one text: wall time from the process's start to its first output line (the
 #     first embedding written), and to its exit.
 # Targets: ≥ 15 GB/s, ≤ 3 s to the first embedding. Prints one line per run and a summary.
@@ -22,6 +23,10 @@ cat "$model"/*.safetensors "$model"/adapters/*.safetensors > /dev/null
 echo "== cold start ($model, checkpoint in the page cache)" | tee "$out/cold_start.txt"
 for i in 1 2 3; do
     ./jv4 info --model "$model" 2>&1 | grep '^loaded onto' | sed "s/^/info run $i: /" | tee -a "$out/cold_start.txt"
+done
+# The load at several fill-thread counts ($JV4_LOAD_THREADS; the default is src/cuda/staging.rs's).
+for t in ${JV4_COLD_THREADS:-2 4 8 12 16}; do
+    JV4_LOAD_THREADS=$t ./jv4 info --model "$model" 2>&1 | grep '^loaded onto' | sed "s/^/info, $t fill threads: /" | tee -a "$out/cold_start.txt"
 done
 python3 - "$here/jv4" "$model" "${JV4_COLD_DEVICE:-cuda}" <<'PY' 2>&1 | tee -a "$out/cold_start.txt"
 import subprocess, sys, time

@@ -23,5 +23,5 @@ echo "== soak: ${JV4_SOAK_REQUESTS:-100000} requests through one engine ($model)
 ./jv4-bench soak --model "$model" --device cuda --requests "${JV4_SOAK_REQUESTS:-100000}" \
     --log "$out/soak.log" ${JV4_SOAK_ARGS:-} > "$out/soak_progress.txt" 2>&1
 rc=$?
-grep -v '^soak: [0-9]' "$out/soak_progress.txt" | tail -n 25
+tail -n 40 "$out/soak_progress.txt"
 exit $rc

@@ -18,6 +18,13 @@
 //! a few small-`m` shapes, not batch-invariant); a problem with no unsplit algorithm takes the
 //! heuristic's first and [`Blas::invariance_fallbacks`] counts it.
 //!
+//! **Under compute-sanitizer initcheck** (`JV4_SANITIZE_MARK_GEMM=1`, set by the sanitize stage
+//! only): each non-accumulating GEMM's output region (`m` rows of `n` values, `ldy` apart, nothing
+//! else) is cleared by a memset just before the GEMM overwrites it. initcheck does not see the
+//! stores of cuBLASLt's Hopper kernels (`probe_gemm_output_read_by_a_kernel`), so without this
+//! every read of a GEMM's output would be reported; with it, a read of anything a GEMM was not
+//! asked to write is still caught. Off by default: it costs one memset per GEMM.
+//!
 //! Each distinct problem (m, n, k, bias, accumulate) gets a plan on first use: descriptors and the
 //! algorithm, cached. Repeating a shape costs no heuristic query and no allocation.
 //! The cache is an LRU of [`DEFAULT_PLAN_CAPACITY`] plans ([`Blas::set_plan_capacity`]): every
@@ -48,6 +55,11 @@ const CANDIDATES: usize = 16;
 /// Whether the plans keep to unsplit algorithms: unless `$JV4_BLAS_INVARIANT=0`.
 fn invariant_from_env() -> bool {
     std::env::var("JV4_BLAS_INVARIANT").map_or(true, |v| v != "0")
+}
+
+/// `$JV4_SANITIZE_MARK_GEMM=1`: clear each GEMM's output first (module documentation).
+fn mark_outputs_from_env() -> bool {
+    std::env::var("JV4_SANITIZE_MARK_GEMM").is_ok_and(|v| v.trim() == "1")
 }
 
 fn blas_err(what: &str, e: lt::CublasError) -> Error {
@@ -102,6 +114,8 @@ pub struct Blas {
     /// Plans keep to algorithms without split-K (module documentation).
     invariant: bool,
     invariance_fallbacks: std::cell::Cell<u64>,
+    /// Clear each non-accumulating GEMM's output first (sanitize runs; module documentation).
+    mark_outputs: bool,
 }
 
 impl Blas {
@@ -126,6 +140,7 @@ impl Blas {
             plans: RefCell::new(Lru::new(DEFAULT_PLAN_CAPACITY)),
             invariant,
             invariance_fallbacks: std::cell::Cell::new(0),
+            mark_outputs: mark_outputs_from_env(),
         })
     }
 
@@ -235,6 +250,14 @@ impl Blas {
                 sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                 &b.ptr(),
             )?;
+        }
+        if self.mark_outputs && !accumulate {
+            let elem = if out_f32 { 4 } else { 2 };
+            // SAFETY: y holds m rows of n elements, ldy elements apart (the callers checked it):
+            // the memset writes exactly the region the GEMM is about to overwrite.
+            unsafe { dsys::cuMemsetD2D8Async(y, ldy * elem, 0, n * elem, m, self.stream) }
+                .result()
+                .map_err(|e| super::cuda_err("clear a GEMM's output (JV4_SANITIZE_MARK_GEMM)", e))?;
         }
         // SAFETY: the callers checked the shapes against the layouts of this plan (x [m, ldx]
         // reading k columns, w [n, k], y n columns of rows ldy apart); all pointers are live

@@ -27,9 +27,15 @@ pub struct Staging {
     threads: usize,
 }
 
+/// `$JV4_LOAD_THREADS`: fill threads per chunk instead of [`FILL_THREADS`] (the cold-start
+/// stage measures the load at several counts).
+pub const LOAD_THREADS_ENV: &str = "JV4_LOAD_THREADS";
+
 impl Default for Staging {
+    /// [`CHUNK_BYTES`] per buffer, [`FILL_THREADS`] threads (or `$JV4_LOAD_THREADS`).
     fn default() -> Self {
-        Staging::new(CHUNK_BYTES, FILL_THREADS)
+        let threads = std::env::var(LOAD_THREADS_ENV).ok().and_then(|v| v.trim().parse().ok());
+        Staging::new(CHUNK_BYTES, threads.unwrap_or(FILL_THREADS))
     }
 }
 

@@ -401,6 +401,9 @@ impl Engine {
             sum.activations_mapped += m.activations_mapped;
             sum.device_used += m.device_used;
             sum.plans += m.plans;
+            sum.graphs += m.graphs;
+            sum.graph_captures += m.graph_captures;
+            sum.graph_pool += m.graph_pool;
         }
         Ok(sum)
     }

@@ -94,6 +94,13 @@ pub struct MemoryReport {
     pub device_used: u64,
     /// cuBLASLt plans cached (0 on the CPU).
     pub plans: u64,
+    /// CUDA graphs held (0 on the CPU or with graphs off); bounded by their LRU.
+    pub graphs: u64,
+    /// Graphs captured since the engine opened (each capture past the bound evicts one).
+    pub graph_captures: u64,
+    /// Device bytes of the graphs' memory pool, mapped at start (0 without graphs); not part of
+    /// the activation figures.
+    pub graph_pool: u64,
 }
 
 /// Runs forwards of packed batches. See the module documentation.
@@ -304,6 +311,7 @@ impl Backend for CudaBackend {
     fn memory(&self) -> MemoryReport {
         let s = self.mem.stats();
         let device_used = self.gpu.mem_info().map_or(0, |(free, total)| total.saturating_sub(free));
+        let g = self.graphs.as_ref().map(|g| g.stats()).unwrap_or_default();
         MemoryReport {
             weights: self.model.device_bytes() as u64,
             activations_peak: s.peak,
@@ -311,6 +319,9 @@ impl Backend for CudaBackend {
             activations_mapped: s.mapped,
             device_used,
             plans: self.gpu.blas().plan_count() as u64,
+            graphs: g.held as u64,
+            graph_captures: g.captures,
+            graph_pool: if self.graphs.is_some() { GRAPH_POOL_BYTES } else { 0 },
         }
     }
     fn reset_peak(&mut self) {

@@ -30,7 +30,7 @@ pub const GRAPH_MAX_TOKENS: usize = 512;
 pub const GRAPH_POOL_BYTES: u64 = 128 << 20;
 /// Graphs held at most (least recently used dropped first); each holds only host-side state and
 /// its instantiated nodes, no activation memory of its own.
-const GRAPH_CACHE: usize = 64;
+pub const GRAPH_CACHE: usize = 64;
 /// `JV4_GRAPHS=0` turns graphs off (every forward eager).
 pub const GRAPHS_ENV: &str = "JV4_GRAPHS";
 

@@ -27,7 +27,7 @@ use crate::model::weights::{LoadReport, ALIGN};
 use crate::model::Task;
 use crate::ops;
 use crate::{Error, Result};
-pub use graph::{GraphStats, Graphs, GRAPHS_ENV, GRAPH_MAX_TOKENS, GRAPH_POOL_BYTES};
+pub use graph::{GraphStats, Graphs, GRAPHS_ENV, GRAPH_CACHE, GRAPH_MAX_TOKENS, GRAPH_POOL_BYTES};
 pub use weights::LoraMode;
 use weights::{task_runs, LoraInputs, TaskRun, Weights};
 
