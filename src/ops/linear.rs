@@ -67,6 +67,12 @@ pub const TOKENS: &[usize] = &[1, 7, 129, 1000, 4096];
 /// the largest forward.
 pub const BENCH_TOKENS: &[usize] = &[16, 512, 4096, 16384];
 
+/// Token counts `jv4-bench ops` times `linear_stream` at, beside cuBLASLt at the same m.
+pub const STREAM_BENCH_TOKENS: &[usize] = &[1, 16, 64];
+/// The shapes (`CASES` names) it times them on: the decoder's, plain and folded.
+pub const STREAM_BENCH_SHAPES: &[&str] =
+    &["qkv", "o", "gate_up", "down", "qkv_folded", "gate_up_folded", "down_folded"];
+
 /// `y [m, n] = x [m, k] · w [n, k]ᵀ (+ bias [n]) (+ y when accumulate)`: `linear_stream` where
 /// the shape qualifies and the stream path is on, cuBLASLt otherwise (module documentation).
 pub fn linear(
