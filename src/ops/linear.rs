@@ -439,7 +439,7 @@ mod tests {
             "constexpr int STRIDE = KC + 8;".to_string(),
             format!("constexpr int MAX_STAGES = {STREAM_MAX_STAGES};"),
             format!("constexpr int MAX_NT = {};", STREAM_MAX_M / 8),
-            format!("constexpr int THREADS = WARPS * 32;"),
+            "constexpr int THREADS = WARPS * 32;".to_string(),
             format!("constexpr int WARPS = {};", STREAM_THREADS / 32),
         ] {
             assert!(
