@@ -281,6 +281,7 @@ fn empty<T>(mem: &mut DeviceAllocator, dims: &[usize]) -> Result<DTensor<T>> {
 #[serde(tag = "op", rename_all = "snake_case")]
 enum OpCase {
     Linear { name: &'static str, m: usize, n: usize, k: usize },
+    LinearStream { name: &'static str, m: usize, n: usize, k: usize },
     Swiglu { tokens: usize, inter: usize },
     Gelu { n: usize },
     Embedding { vocab: usize, dim: usize, tokens: usize },
@@ -300,6 +301,7 @@ impl OpCase {
         use OpCase::*;
         match *self {
             Linear { name, m, .. } => format!("linear/{name}/m={m}"),
+            LinearStream { name, m, .. } => format!("linear_stream/{name}/m={m}"),
             Swiglu { tokens, inter } => format!("swiglu/{inter}/m={tokens}"),
             Gelu { n } => format!("gelu/n={n}"),
             Embedding { vocab, dim, tokens } => format!("embedding/{vocab}x{dim}/m={tokens}"),
@@ -325,6 +327,10 @@ fn op_cases() -> Vec<OpCase> {
     let mut v = Vec::new();
     for &(name, n, k) in ops::linear::CASES {
         v.extend(ops::linear::BENCH_TOKENS.iter().map(|&m| Linear { name, m, n, k }));
+    }
+    for &(name, n, k) in ops::linear::CASES.iter().filter(|c| ops::linear::STREAM_BENCH_SHAPES.contains(&c.0))
+    {
+        v.extend(ops::linear::STREAM_BENCH_TOKENS.iter().map(|&m| LinearStream { name, m, n, k }));
     }
     v.extend(ops::swiglu::CASES.iter().map(|&(tokens, inter)| Swiglu { tokens, inter }));
     v.extend(ops::gelu::CASES.iter().map(|&n| Gelu { n }));
@@ -373,6 +379,21 @@ fn run_case(gpu: &Gpu, rng: &mut Rng, iters: usize, case: &OpCase) -> Result<(f6
                 ops::linear(gpu, &x.view(), &w.view(), None, &mut y.view_mut(), false)
             })?;
             (ms, format!("{:.0} TFLOP/s", 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12))
+        }
+        LinearStream { m, n, k, .. } => {
+            // GB/s of weight bytes (n·k·2 / time), the kernel's and cuBLASLt's (called directly)
+            // at the same m; the ms column is the kernel's.
+            let w = random_tensor(gpu, mem, rng, &[n, k], 1.0 / (k as f32).sqrt())?;
+            let x = random_tensor(gpu, mem, rng, &[m, k], 1.0)?;
+            let mut y = empty::<bf16>(mem, &[m, n])?;
+            let ms = time_ms(gpu, iters, || {
+                ops::linear_stream(gpu, &x.view(), &w.view(), None, &mut y.view_mut(), false)
+            })?;
+            let blas_ms = time_ms(gpu, iters, || {
+                gpu.blas().linear(&x.view(), &w.view(), None, &mut y.view_mut(), false)
+            })?;
+            let weights = |ms: f64| (n * k * 2) as f64 / (ms * 1e-3) / 1e9;
+            (ms, format!("{:.0} GB/s (cuBLAS {:.0})", weights(ms), weights(blas_ms)))
         }
         Swiglu { tokens, inter } => {
             let gu = random_tensor(gpu, mem, rng, &[tokens, 2 * inter], 2.0)?;

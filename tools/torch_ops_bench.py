@@ -93,7 +93,7 @@ def randn(*shape, dev, scale=1.0):
 def torch_case(c, dev):
     """The PyTorch call for one case of `jv4-bench ops --list-cases`, inputs made; None if none."""
     op = c["op"]
-    if op == "linear":
+    if op in ("linear", "linear_stream"):
         w = randn(c["n"], c["k"], dev=dev) / c["k"] ** 0.5
         x = randn(c["m"], c["k"], dev=dev)
         return lambda: F.linear(x, w)

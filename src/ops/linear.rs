@@ -1,10 +1,28 @@
-//! `linear`: `y = x·wᵀ (+ bias) (+ y)`, every projection of the model, through cuBLASLt
-//! ([`crate::cuda::Blas::linear`]). Reference: [`crate::reference::linear`].
+//! `linear`: `y = x·wᵀ (+ bias) (+ y)`, every projection of the model. Reference:
+//! [`crate::reference::linear`]. Two implementations behind one contract:
+//!
+//! - cuBLASLt ([`crate::cuda::Blas::linear`]), every shape;
+//! - `linear_stream` (`kernels/linear_stream.cu`), a weight-streaming kernel for small batches
+//!   (1 ≤ m ≤ [`STREAM_MAX_M`] tokens). At such m a projection is a read of its weights and
+//!   cuBLAS streams them at ≈ 40% of HBM bandwidth (m = 16 on the H200); this kernel gives each
+//!   CTA a slice of output features and all of k and keeps a deep cp.async ring in flight.
+//!
+//! Batch invariance: the kernel never splits K (one f32 accumulator per output, k16 steps from
+//! k = 0 upward), the same reduction order as cuBLASLt's unsplit algorithms, which the plans
+//! keep to; so a row of y is meant to get the same bits whichever implementation runs it
+//! (`linear_stream_equals_cublas_bitwise` in the GPU suite checks it). The choice between the
+//! two depends only on the problem's shape and alignment ([`stream_qualifies`]) and on
+//! `$JV4_LINEAR_STREAM` ([`stream_enabled`]), never on anything else.
+//!
+//! Measured (H200): filled in by the integrator (`jv4-bench ops`, rows `linear_stream/...`).
+
+use std::sync::OnceLock;
 
 use half::bf16;
 
-use crate::cuda::{DView, DViewMut, Gpu};
-use crate::Result;
+use super::arg;
+use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
+use crate::{Error, Result};
 
 /// Every GEMM shape the model runs, as (name, n, k) of `w [n, k]` (jina-v4 full size: the
 /// config's widths, LoRA rank 32 and 3 tasks stacked as `GpuModel::load` prepares them; checked
@@ -49,7 +67,14 @@ pub const TOKENS: &[usize] = &[1, 7, 129, 1000, 4096];
 /// the largest forward.
 pub const BENCH_TOKENS: &[usize] = &[16, 512, 4096, 16384];
 
-/// `y [m, n] = x [m, k] · w [n, k]ᵀ (+ bias [n]) (+ y when accumulate)`.
+/// Token counts `jv4-bench ops` times `linear_stream` at, beside cuBLASLt at the same m.
+pub const STREAM_BENCH_TOKENS: &[usize] = &[1, 16, 64];
+/// The shapes (`CASES` names) it times them on: the decoder's, plain and folded.
+pub const STREAM_BENCH_SHAPES: &[&str] =
+    &["qkv", "o", "gate_up", "down", "qkv_folded", "gate_up_folded", "down_folded"];
+
+/// `y [m, n] = x [m, k] · w [n, k]ᵀ (+ bias [n]) (+ y when accumulate)`: `linear_stream` where
+/// the shape qualifies and the stream path is on, cuBLASLt otherwise (module documentation).
 pub fn linear(
     gpu: &Gpu,
     x: &DView<'_, bf16>,
@@ -58,6 +83,9 @@ pub fn linear(
     y: &mut DViewMut<'_, bf16>,
     accumulate: bool,
 ) -> Result<()> {
+    if stream_enabled() && dense(x, w, y.ptr(), y.shape()).is_some_and(|o| o.qualifies()) {
+        return linear_stream(gpu, x, w, bias, y, accumulate);
+    }
     gpu.blas().linear(x, w, bias, y, accumulate)
 }
 
@@ -70,6 +98,9 @@ pub fn linear_f32(
     y: &mut DViewMut<'_, f32>,
     accumulate: bool,
 ) -> Result<()> {
+    if stream_enabled() && dense(x, w, y.ptr(), y.shape()).is_some_and(|o| o.qualifies()) {
+        return linear_stream_f32(gpu, x, w, y, accumulate);
+    }
     gpu.blas().linear_f32(x, w, y, accumulate)
 }
 
@@ -83,5 +114,338 @@ pub fn linear_cols(
     w: &DView<'_, bf16>,
     y_col: usize,
 ) -> Result<()> {
+    if stream_enabled() && cols(xt, k, w, y_col).is_some_and(|o| o.qualifies()) {
+        return linear_stream_cols(gpu, xt, k, w, y_col);
+    }
     gpu.blas().linear_cols(xt, k, w, y_col)
+}
+
+/// Most tokens `linear_stream` takes. Each CTA reads all of x (from L2) beside its slice of
+/// the weights, so x costs `m / F` of the weight traffic (F = 16 to 64 features per CTA): at
+/// m = 64 up to 4× the weight bytes on the smallest grids, still under L2's bandwidth; above 64
+/// the GEMM is no longer a pure weight read and cuBLAS's large tiles take over.
+pub const STREAM_MAX_M: usize = 64;
+
+/// Whether the stream path is on when `$JV4_LINEAR_STREAM` is unset (the one place to flip it).
+const STREAM_DEFAULT: bool = true;
+
+/// k per ring slot, padded smem row (elements), most ring stages and threads per CTA:
+/// `KC`, `STRIDE`, `MAX_STAGES` and `THREADS` of `kernels/linear_stream.cu` (a test checks).
+const STREAM_KC: usize = 64;
+const STREAM_STRIDE: usize = STREAM_KC + 8;
+const STREAM_MAX_STAGES: usize = 16;
+const STREAM_THREADS: u32 = 128;
+
+/// Shared memory the tiling plans with: per SM (an H100/H200 SM has 228 KB, 1 KB of it reserved
+/// per CTA) and at most per CTA (the per-block limit is 227 KB).
+const STREAM_SMEM_PER_SM: usize = 220 << 10;
+const STREAM_SMEM_PER_CTA: usize = 200 << 10;
+
+/// The switch's value for `$JV4_LINEAR_STREAM`: `0` off, `1` on, unset (or anything else) the
+/// default.
+fn stream_switch(var: Option<&str>) -> bool {
+    match var.map(str::trim) {
+        Some("0") => false,
+        Some("1") => true,
+        _ => STREAM_DEFAULT,
+    }
+}
+
+/// Whether [`linear`], [`linear_f32`] and [`linear_cols`] run `linear_stream` where the shape
+/// qualifies: on unless `$JV4_LINEAR_STREAM=0` (read once per process).
+pub fn stream_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| stream_switch(std::env::var("JV4_LINEAR_STREAM").ok().as_deref()))
+}
+
+/// The dispatch rule: whether `linear_stream` takes `y [m, ·] = x [m, ·] · w [n, k]ᵀ` with x's
+/// rows `ldx` and y's `ldy` elements apart and x, w, y at addresses `ptrs`. 1 ≤ m ≤
+/// [`STREAM_MAX_M`], k a positive multiple of 16 (the kernel's k16 steps), 16-byte aligned
+/// pointers and row strides a multiple of 8 elements (its 16-byte copies). Nothing else
+/// decides: not the data, not the device, not what else runs.
+pub fn stream_qualifies(m: usize, n: usize, k: usize, ldx: usize, ldy: usize, ptrs: [u64; 3]) -> bool {
+    let int = i32::MAX as usize;
+    (1..=STREAM_MAX_M).contains(&m)
+        && (1..=int).contains(&n)
+        && (16..=int).contains(&k)
+        && k % 16 == 0
+        && ldx >= k
+        && ldy >= n
+        && ldx % 8 == 0
+        && ldy % 8 == 0
+        && ptrs.iter().all(|p| p % 16 == 0)
+}
+
+/// How `linear_stream` runs one problem: output features per CTA (`rows`, the kernel's F: 16,
+/// 32 or 64), ring stages, and the dynamic shared memory they take. The tiling changes only
+/// the speed, never the bits (each output is one accumulator over k in order, whatever the tile).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamTile {
+    /// Output features per CTA: 16, 32 or 64.
+    pub rows: usize,
+    /// Slots of the cp.async ring, 2 to 16.
+    pub stages: usize,
+    /// Dynamic shared memory per CTA, bytes.
+    pub smem: usize,
+}
+
+/// The tiling for `m` tokens, `w [n, k]`, on a device of `sms` SMs. Features per CTA: the
+/// largest of 64, 32, 16 that still gives two CTAs per SM (fewer x re-reads, same coverage),
+/// else 16 (n = 2048: 128 CTAs). Stages: as many as the shared memory of the CTAs an SM holds
+/// when the whole grid is resident allows (a deep ring keeps ≈ 32 KB of weights in flight per
+/// SM), 2 to 16, no more than k has chunks.
+pub fn stream_tile(m: usize, n: usize, k: usize, sms: usize) -> StreamTile {
+    let sms = sms.max(1);
+    let rows = [64, 32, 16].into_iter().find(|&r| n.div_ceil(r) >= 2 * sms).unwrap_or(16);
+    let per_sm = n.div_ceil(rows).div_ceil(sms);
+    let budget = (STREAM_SMEM_PER_SM / per_sm).min(STREAM_SMEM_PER_CTA);
+    let slot = (rows + 8 * m.div_ceil(8)) * STREAM_STRIDE * 2;
+    let stages = (budget / slot).clamp(2, STREAM_MAX_STAGES).min(k.div_ceil(STREAM_KC).max(2));
+    StreamTile { rows, stages, smem: stages * slot }
+}
+
+/// One `linear_stream` problem: x `[m, ·]` (k columns read, rows `ldx` apart), w `[n, k]`, y
+/// `[m, ·]` (n columns written, rows `ldy` apart), as device addresses.
+#[derive(Clone, Copy, Debug)]
+struct Stream {
+    x: u64,
+    ldx: usize,
+    w: u64,
+    y: u64,
+    ldy: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+impl Stream {
+    fn qualifies(&self) -> bool {
+        stream_qualifies(self.m, self.n, self.k, self.ldx, self.ldy, [self.x, self.w, self.y])
+    }
+}
+
+/// The problem of a dense `x [m, k] · w [n, k]ᵀ -> y [m, n]`, if the shapes agree.
+fn dense(x: &DView<'_, bf16>, w: &DView<'_, bf16>, y: u64, y_shape: &[usize]) -> Option<Stream> {
+    let (&[m, k], &[n, k2]) = (x.shape(), w.shape()) else { return None };
+    (k == k2 && y_shape == [m, n]).then_some(Stream { x: x.ptr(), ldx: k, w: w.ptr(), y, ldy: n, m, n, k })
+}
+
+/// The problem of [`linear_cols`], if the shapes agree (`y_col ≥ k`, `y_col + n ≤ ld`).
+fn cols(xt: &DViewMut<'_, bf16>, k: usize, w: &DView<'_, bf16>, y_col: usize) -> Option<Stream> {
+    let (&[m, ld], &[n, kw]) = (xt.shape(), w.shape()) else { return None };
+    let y = xt.ptr() + (y_col * std::mem::size_of::<bf16>()) as u64;
+    (k == kw && y_col >= k && y_col + n <= ld).then_some(Stream {
+        x: xt.ptr(),
+        ldx: ld,
+        w: w.ptr(),
+        y,
+        ldy: ld,
+        m,
+        n,
+        k,
+    })
+}
+
+fn stream_shape_err(msg: String) -> Error {
+    Error::Shape { op: "linear_stream", msg }
+}
+
+/// [`linear`] through the weight-streaming kernel alone (no cuBLAS fallback): an
+/// [`Error::Shape`] when the problem does not qualify ([`stream_qualifies`]).
+pub fn linear_stream(
+    gpu: &Gpu,
+    x: &DView<'_, bf16>,
+    w: &DView<'_, bf16>,
+    bias: Option<&DView<'_, bf16>>,
+    y: &mut DViewMut<'_, bf16>,
+    accumulate: bool,
+) -> Result<()> {
+    let o = dense(x, w, y.ptr(), y.shape()).ok_or_else(|| {
+        stream_shape_err(format!(
+            "x {:?} · w {:?}ᵀ -> y {:?}: expected x [m, k], w [n, k], y [m, n]",
+            x.shape(),
+            w.shape(),
+            y.shape()
+        ))
+    })?;
+    if let Some(b) = bias {
+        if b.shape() != [o.n] {
+            return Err(stream_shape_err(format!("bias {:?}, expected [{}]", b.shape(), o.n)));
+        }
+    }
+    launch_stream(gpu, o, bias.map(|b| b.ptr()), false, accumulate)
+}
+
+/// [`linear_f32`] through the weight-streaming kernel alone: an [`Error::Shape`] when the
+/// problem does not qualify.
+pub fn linear_stream_f32(
+    gpu: &Gpu,
+    x: &DView<'_, bf16>,
+    w: &DView<'_, bf16>,
+    y: &mut DViewMut<'_, f32>,
+    accumulate: bool,
+) -> Result<()> {
+    let o = dense(x, w, y.ptr(), y.shape()).ok_or_else(|| {
+        stream_shape_err(format!(
+            "x {:?} · w {:?}ᵀ -> y {:?} (f32): expected x [m, k], w [n, k], y [m, n]",
+            x.shape(),
+            w.shape(),
+            y.shape()
+        ))
+    })?;
+    launch_stream(gpu, o, None, true, accumulate)
+}
+
+/// [`linear_cols`] through the weight-streaming kernel alone: an [`Error::Shape`] when the
+/// problem does not qualify.
+pub fn linear_stream_cols(
+    gpu: &Gpu,
+    xt: &mut DViewMut<'_, bf16>,
+    k: usize,
+    w: &DView<'_, bf16>,
+    y_col: usize,
+) -> Result<()> {
+    let o = cols(xt, k, w, y_col).ok_or_else(|| {
+        stream_shape_err(format!(
+            "xt {:?}: columns ..{k} · w {:?}ᵀ -> columns {y_col}..: expected w [n, k], k ≤ y_col, \
+             y_col + n ≤ xt's row",
+            xt.shape(),
+            w.shape()
+        ))
+    })?;
+    launch_stream(gpu, o, None, false, false)
+}
+
+/// The kernel for `rows` features per CTA and the output type.
+fn stream_kernel(rows: usize, out_f32: bool) -> KernelId {
+    match (rows, out_f32) {
+        (16, false) => KernelId::LinearStreamR16Bf16,
+        (32, false) => KernelId::LinearStreamR32Bf16,
+        (64, false) => KernelId::LinearStreamR64Bf16,
+        (16, true) => KernelId::LinearStreamR16F32,
+        (32, true) => KernelId::LinearStreamR32F32,
+        _ => KernelId::LinearStreamR64F32,
+    }
+}
+
+/// Launches `linear_stream_r{rows}_{bf16,f32}` on a problem whose shapes agree; checks the rest
+/// of the contract ([`stream_qualifies`]) first.
+fn launch_stream(gpu: &Gpu, o: Stream, bias: Option<u64>, out_f32: bool, accumulate: bool) -> Result<()> {
+    if !o.qualifies() {
+        return Err(stream_shape_err(format!(
+            "m={} n={} k={} ldx={} ldy={} (x {:#x}, w {:#x}, y {:#x}): needs 1 ≤ m ≤ {STREAM_MAX_M}, \
+             k a positive multiple of 16, row strides a multiple of 8 and 16-byte aligned operands",
+            o.m, o.n, o.k, o.ldx, o.ldy, o.x, o.w, o.y
+        )));
+    }
+    let tile = stream_tile(o.m, o.n, o.k, gpu.info().sm_count.max(1) as usize);
+    let id = stream_kernel(tile.rows, out_f32);
+    gpu.set_max_dynamic_smem(id, tile.smem as u32)?;
+    let launch = Launch {
+        grid: (o.n.div_ceil(tile.rows) as u32, 1, 1),
+        block: (STREAM_THREADS, 1, 1),
+        smem: tile.smem as u32,
+    };
+    let (mut xp, mut wp, mut bp, mut yp) = (o.x, o.w, bias.unwrap_or(0), o.y);
+    let (mut ldx, mut ldy) = (o.ldx as i64, o.ldy as i64);
+    let (mut m, mut n, mut k) = (o.m as i32, o.n as i32, o.k as i32);
+    let (mut acc, mut stages) = (accumulate as i32, tile.stages as i32);
+    let mut args = [
+        arg(&mut xp),
+        arg(&mut ldx),
+        arg(&mut wp),
+        arg(&mut bp),
+        arg(&mut yp),
+        arg(&mut ldy),
+        arg(&mut m),
+        arg(&mut n),
+        arg(&mut k),
+        arg(&mut acc),
+        arg(&mut stages),
+    ];
+    // SAFETY: args match linear_stream_r*(const bf16*, int64, const bf16*, const bf16*, void*,
+    // int64, int, int, int, int, int). The callers checked the shapes: x holds m rows of ldx ≥ k
+    // elements, w n·k, bias (or null) n, y m rows of ldy ≥ n elements of the output type (an f32
+    // y only with out_f32); m, n, k fit i32 and the alignment the 16-byte copies need holds
+    // (stream_qualifies). The kernel reads rows < m of x, < n of w, columns < k, and writes only
+    // y[t, f] for t < m, f < n. The dynamic shared memory limit was raised to `smem` above.
+    unsafe { gpu.launch(id, launch, &mut args) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_dispatch_rule() {
+        let a = [0x1000u64, 0x2000, 0x3000];
+        // The decoder's shapes, dense and folded, at every m up to the limit.
+        for &(name, n, k) in CASES {
+            for m in [1, 7, 16, 33, 64] {
+                let want = k % 16 == 0;
+                assert_eq!(stream_qualifies(m, n, k, k, n, a), want, "{name} m={m}");
+            }
+            assert!(!stream_qualifies(0, n, k, k, n, a), "{name}: m = 0");
+            assert!(!stream_qualifies(STREAM_MAX_M + 1, n, k, k, n, a), "{name}: m past the limit");
+        }
+        // linear_cols: x in the first k columns of [x | t], t written at column k.
+        assert!(stream_qualifies(16, 288, 2048, 2336, 2336, [0x1000, 0x2000, 0x1000 + 2048 * 2]));
+        // k not a multiple of 16 (the vision patch embedding, 1176), odd strides, misalignment.
+        assert!(!stream_qualifies(4, 1280, 1176, 1176, 1280, a));
+        assert!(!stream_qualifies(4, 128, 96, 100, 128, a));
+        assert!(!stream_qualifies(4, 12, 96, 96, 12, a));
+        assert!(!stream_qualifies(4, 128, 96, 96, 128, [0x1008, 0x2000, 0x3000]));
+        assert!(!stream_qualifies(4, 128, 96, 96, 128, [0x1000, 0x2002, 0x3000]));
+        assert!(!stream_qualifies(4, 128, 96, 96, 128, [0x1000, 0x2000, 0x3004]));
+        assert!(!stream_qualifies(4, 128, 96, 64, 128, a), "ldx < k");
+        assert!(!stream_qualifies(4, 128, 0, 0, 128, a), "k = 0");
+    }
+
+    #[test]
+    fn stream_switch_reads_zero_and_one() {
+        assert!(!stream_switch(Some("0")));
+        assert!(!stream_switch(Some(" 0 ")));
+        assert!(stream_switch(Some("1")));
+        assert_eq!(stream_switch(None), STREAM_DEFAULT);
+        assert_eq!(stream_switch(Some("yes")), STREAM_DEFAULT);
+    }
+
+    #[test]
+    fn stream_tiles_fit_and_cover_the_sms() {
+        let sms = 132;
+        for &(name, n, k) in CASES {
+            for m in 1..=STREAM_MAX_M {
+                let t = stream_tile(m, n, k, sms);
+                assert!([16, 32, 64].contains(&t.rows), "{name} m={m}: {t:?}");
+                assert!((2..=STREAM_MAX_STAGES).contains(&t.stages), "{name} m={m}: {t:?}");
+                assert!(t.smem <= STREAM_SMEM_PER_CTA, "{name} m={m}: {t:?}");
+                let slot = (t.rows + 8 * m.div_ceil(8)) * STREAM_STRIDE * 2;
+                assert_eq!(t.smem, t.stages * slot, "{name} m={m}");
+            }
+        }
+        // The decoder's narrowest projections still fill the card; gate_up takes wide tiles.
+        assert!(2048usize.div_ceil(stream_tile(16, 2048, 2048, sms).rows) >= 128);
+        assert!(2048usize.div_ceil(stream_tile(64, 2048, 11008, sms).rows) >= 128);
+        assert_eq!(stream_tile(16, 22016, 2048, sms).rows, 64);
+        // A deep ring where the grid leaves room: o at m = 16 holds 16 stages.
+        assert_eq!(stream_tile(16, 2048, 2048, sms).stages, 16);
+    }
+
+    #[test]
+    fn stream_constants_match_the_kernel() {
+        let src = include_str!("../../kernels/linear_stream.cu");
+        for line in [
+            format!("constexpr int KC = {STREAM_KC};"),
+            "constexpr int STRIDE = KC + 8;".to_string(),
+            format!("constexpr int MAX_STAGES = {STREAM_MAX_STAGES};"),
+            format!("constexpr int MAX_NT = {};", STREAM_MAX_M / 8),
+            "constexpr int THREADS = WARPS * 32;".to_string(),
+            format!("constexpr int WARPS = {};", STREAM_THREADS / 32),
+        ] {
+            assert!(
+                src.lines().any(|l| l.trim().starts_with(&line)),
+                "kernels/linear_stream.cu lacks `{line}`"
+            );
+        }
+    }
 }

@@ -1,5 +1,7 @@
-//! `linear` and `linear_f32` (cuBLASLt) against the CPU reference at every GEMM shape the model
-//! runs (`ops::linear::CASES`), at token counts from one to a full batch.
+//! `linear` and `linear_f32` against the CPU reference at every GEMM shape the model runs
+//! (`ops::linear::CASES`), at token counts from one to a full batch; `linear_stream` (the
+//! weight-streaming kernel of small batches) against the reference and bit for bit against
+//! cuBLASLt.
 
 use half::bf16;
 
@@ -204,5 +206,292 @@ pub fn linear_batch_invariant(ctx: &mut Ctx) -> Result<(), String> {
         slices.len(),
         ctx.gpu.blas().invariance_fallbacks()
     );
+    Ok(())
+}
+
+/// Token counts the `linear_stream` tests run each shape at: one token, counts inside and across
+/// n8 tiles, and `ops::linear::STREAM_MAX_M`.
+const STREAM_TOKENS: &[usize] = &[1, 7, 16, 33, 64];
+
+/// The forms the model runs a projection in: plain, with bias (q/k/v), accumulating into a bf16
+/// y, accumulating into the f32 residual stream, and `linear_cols` (x the first k columns of a
+/// wider buffer, y a column window of the same buffer: the folded LoRA's shrink).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    Plain,
+    Bias,
+    Accumulate,
+    F32Accumulate,
+    Cols,
+}
+
+const FORMS: [Form; 5] = [Form::Plain, Form::Bias, Form::Accumulate, Form::F32Accumulate, Form::Cols];
+
+/// The shapes of `ops::linear::CASES` that `linear_stream` takes (k % 16 == 0).
+fn stream_shapes() -> impl Iterator<Item = (&'static str, usize, usize)> {
+    ops::linear::CASES.iter().copied().filter(|&(_, _, k)| k % 16 == 0)
+}
+
+/// One problem's host inputs: x `[m, k]`, the old y (bf16 and f32) for the accumulating forms,
+/// and the `linear_cols` buffer `[m, ld]`: x in columns ..k, 8 columns of random bits, the
+/// window `y_col..y_col + n` poisoned with NaN.
+struct Problem {
+    m: usize,
+    n: usize,
+    k: usize,
+    x_h: Vec<bf16>,
+    x_f: Vec<f32>,
+    y0_h: Vec<bf16>,
+    y0_f: Vec<f32>,
+    y0_32: Vec<f32>,
+    buf: Vec<bf16>,
+    ld: usize,
+    y_col: usize,
+}
+
+impl Problem {
+    fn new(ctx: &mut Ctx, m: usize, n: usize, k: usize) -> Problem {
+        let (x_h, x_f) = random_bf16(ctx, m * k, 1.0);
+        let (y0_h, y0_f) = random_bf16(ctx, m * n, 1.0);
+        let y0_32: Vec<f32> = (0..m * n).map(|_| ctx.rng.normal()).collect();
+        let (y_col, ld) = (k + 8, k + 8 + n);
+        let gap = crate::util::random_bf16_bits(ctx, m * 8);
+        let mut buf = Vec::with_capacity(m * ld);
+        for r in 0..m {
+            buf.extend_from_slice(&x_h[r * k..(r + 1) * k]);
+            buf.extend_from_slice(&gap[r * 8..(r + 1) * 8]);
+            buf.extend(std::iter::repeat_n(bf16::from_bits(BF16_NAN_BITS), n));
+        }
+        Problem { m, n, k, x_h, x_f, y0_h, y0_f, y0_32, buf, ld, y_col }
+    }
+}
+
+/// What one run wrote: y (bf16 or f32), or the whole `linear_cols` buffer.
+enum Out {
+    Bf16(Vec<bf16>),
+    F32(Vec<f32>),
+    Cols(Vec<bf16>),
+}
+
+/// Runs `form` of problem `p` through `linear_stream` (`stream`) or cuBLASLt directly, on freshly
+/// uploaded inputs (outputs poisoned unless accumulating), and downloads what it wrote.
+fn run_form(
+    ctx: &mut Ctx,
+    mem: &mut jv4::cuda::DeviceAllocator,
+    stream: bool,
+    form: Form,
+    w: &jv4::cuda::DTensor<bf16>,
+    b: &jv4::cuda::DTensor<bf16>,
+    p: &Problem,
+) -> Result<Out, String> {
+    let (m, n, k) = (p.m, p.n, p.k);
+    let gpu = &ctx.gpu;
+    let blas = gpu.blas();
+    let out = match form {
+        Form::Plain | Form::Bias | Form::Accumulate => {
+            let x = upload(ctx, mem, &[m, k], &p.x_h)?;
+            let mut y = dtensor::<bf16>(mem, &[m, n])?;
+            let accumulate = form == Form::Accumulate;
+            if accumulate {
+                gpu.upload(&mut y.view_mut(), &p.y0_h).map_err(e)?;
+            } else {
+                gpu.fill_u16(&mut y.view_mut(), BF16_NAN_BITS).map_err(e)?;
+            }
+            let bias = (form == Form::Bias).then(|| b.view());
+            let (xv, wv, mut yv) = (x.view(), w.view(), y.view_mut());
+            if stream {
+                ops::linear_stream(gpu, &xv, &wv, bias.as_ref(), &mut yv, accumulate)
+            } else {
+                blas.linear(&xv, &wv, bias.as_ref(), &mut yv, accumulate)
+            }
+            .map_err(e)?;
+            let got = gpu.download(&y.view()).map_err(e)?;
+            mem.free(x.into_block());
+            mem.free(y.into_block());
+            Out::Bf16(got)
+        }
+        Form::F32Accumulate => {
+            let x = upload(ctx, mem, &[m, k], &p.x_h)?;
+            let mut y = upload(ctx, mem, &[m, n], &p.y0_32)?;
+            let (xv, wv, mut yv) = (x.view(), w.view(), y.view_mut());
+            if stream {
+                ops::linear_stream_f32(gpu, &xv, &wv, &mut yv, true)
+            } else {
+                blas.linear_f32(&xv, &wv, &mut yv, true)
+            }
+            .map_err(e)?;
+            let got = gpu.download(&y.view()).map_err(e)?;
+            mem.free(x.into_block());
+            mem.free(y.into_block());
+            Out::F32(got)
+        }
+        Form::Cols => {
+            let mut xt = upload(ctx, mem, &[m, p.ld], &p.buf)?;
+            let (mut xv, wv) = (xt.view_mut(), w.view());
+            if stream {
+                ops::linear_stream_cols(gpu, &mut xv, k, &wv, p.y_col)
+            } else {
+                blas.linear_cols(&mut xv, k, &wv, p.y_col)
+            }
+            .map_err(e)?;
+            let got = gpu.download(&xt.view()).map_err(e)?;
+            mem.free(xt.into_block());
+            Out::Cols(got)
+        }
+    };
+    Ok(out)
+}
+
+/// `linear_stream` (`kernels/linear_stream.cu`) against the CPU reference: every shape of
+/// `ops::linear::CASES` it takes, at `STREAM_TOKENS`, in every form; every element checked
+/// (outputs poisoned first), and for `linear_cols` every element outside the window bit for bit
+/// unchanged. Tolerances as `linear_matches_reference`'s, without its allowance for a second
+/// rounding (this kernel rounds once, after the epilogue's f32 adds).
+pub fn linear_stream_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
+    let mut mem = allocator(ctx, 4 << 30)?;
+    let mut worst = [0f32; FORMS.len()];
+    for (name, n, k) in stream_shapes() {
+        let (w_h, w_f) = random_bf16(ctx, n * k, 1.0 / (k as f32).sqrt());
+        let w = upload(ctx, &mut mem, &[n, k], &w_h)?;
+        let (b_h, b_f) = random_bf16(ctx, n, 0.5);
+        let b = upload(ctx, &mut mem, &[n], &b_h)?;
+        // f32 accumulation in the kernel's order (k16 steps from 0): the error grows like
+        // sqrt(k)·2^-24·Σ|x·w|, allowed 8 times over (as linear_matches_reference).
+        let acc = 8.0 * (k as f32).sqrt() * U32;
+        for &m in STREAM_TOKENS {
+            let p = Problem::new(ctx, m, n, k);
+            let (prod, scale) = reference::linear(&p.x_f, &w_f, None, (m, n, k), None);
+            for (fi, form) in FORMS.into_iter().enumerate() {
+                let what = format!("linear_stream {name} m={m} n={n} k={k} {form:?}");
+                // want = x·wᵀ (+ bias) (+ y0); tol from one bf16 rounding (bf16 outputs), the f32
+                // adds of the epilogue, and the accumulation over k.
+                let add = |i: usize| match form {
+                    Form::Bias => b_f[i % n],
+                    Form::Accumulate => p.y0_f[i],
+                    Form::F32Accumulate => p.y0_32[i],
+                    Form::Plain | Form::Cols => 0.0,
+                };
+                let want: Vec<f32> = (0..m * n).map(|i| prod[i] + add(i)).collect();
+                let round = if form == Form::F32Accumulate { 0.0 } else { BF16_REL };
+                let tol = |i: usize| (round + 2.0 * U32) * want[i].abs() + acc * (scale[i] + add(i).abs());
+                let got = match run_form(ctx, &mut mem, true, form, &w, &b, &p)? {
+                    Out::Bf16(y) => to_f32(&y),
+                    Out::F32(y) => y,
+                    Out::Cols(buf) => {
+                        let (ld, c0) = (p.ld, p.y_col);
+                        for r in 0..m {
+                            let (row, before) = (&buf[r * ld..(r + 1) * ld], &p.buf[r * ld..(r + 1) * ld]);
+                            let outside = |v: &[bf16]| -> Vec<u16> {
+                                v[..c0].iter().chain(&v[c0 + n..]).map(|x| x.to_bits()).collect()
+                            };
+                            crate::check::check_bits(
+                                &format!("{what}: row {r} outside the window"),
+                                &outside(row),
+                                &outside(before),
+                            )?;
+                        }
+                        buf.chunks_exact(ld).flat_map(|r| r[c0..c0 + n].iter().map(|v| v.to_f32())).collect()
+                    }
+                };
+                let s = check_close(&what, &got, &want, tol)?;
+                worst[fi] = worst[fi].max(s.max_tol_ratio);
+            }
+        }
+        mem.free(w.into_block());
+        mem.free(b.into_block());
+    }
+    let ratios: Vec<String> = FORMS.iter().zip(worst).map(|(f, r)| format!("{f:?} {r:.3}")).collect();
+    println!("  linear_stream: worst error / tolerance: {}", ratios.join(", "));
+    Ok(())
+}
+
+/// The hypothesis `linear_stream` rests on (kernels/linear_stream.cu): with one f32 accumulator
+/// per output over k in order it gives the same bits as cuBLASLt's unsplit algorithms, so the
+/// op may pick either by m and stay batch-invariant. Same shapes, token counts and forms as
+/// `linear_stream_matches_reference`, the same random inputs through both; prints per (shape,
+/// form) the mismatching elements and the largest difference, and fails on any mismatch. This
+/// test decides whether `JV4_LINEAR_STREAM` is on by default.
+pub fn linear_stream_equals_cublas_bitwise(ctx: &mut Ctx) -> Result<(), String> {
+    if !ctx.gpu.blas().invariant() {
+        return Err("JV4_BLAS_INVARIANT=0: cuBLAS may split K in this run; nothing to compare with".into());
+    }
+    let mut mem = allocator(ctx, 4 << 30)?;
+    let (mut total, mut elements) = (0usize, 0usize);
+    let mut lines = Vec::new();
+    for (name, n, k) in stream_shapes() {
+        let (w_h, _) = random_bf16(ctx, n * k, 1.0 / (k as f32).sqrt());
+        let w = upload(ctx, &mut mem, &[n, k], &w_h)?;
+        let (b_h, _) = random_bf16(ctx, n, 0.5);
+        let b = upload(ctx, &mut mem, &[n], &b_h)?;
+        let problems: Vec<Problem> = STREAM_TOKENS.iter().map(|&m| Problem::new(ctx, m, n, k)).collect();
+        for form in FORMS {
+            let (mut bad, mut count, mut max_diff, mut bad_m) = (0usize, 0usize, 0f32, Vec::new());
+            for p in &problems {
+                let ours = run_form(ctx, &mut mem, true, form, &w, &b, p)?;
+                let theirs = run_form(ctx, &mut mem, false, form, &w, &b, p)?;
+                // (bits equal, |difference|) per element.
+                let pairs: Vec<(bool, f32)> = match (ours, theirs) {
+                    (Out::Bf16(a), Out::Bf16(c)) | (Out::Cols(a), Out::Cols(c)) => a
+                        .iter()
+                        .zip(&c)
+                        .map(|(x, y)| (x.to_bits() == y.to_bits(), (x.to_f32() - y.to_f32()).abs()))
+                        .collect(),
+                    (Out::F32(a), Out::F32(c)) => {
+                        a.iter().zip(&c).map(|(x, y)| (x.to_bits() == y.to_bits(), (x - y).abs())).collect()
+                    }
+                    _ => unreachable!("one form, one output kind"),
+                };
+                let mismatches = pairs.iter().filter(|(same, _)| !same).count();
+                if mismatches > 0 {
+                    bad_m.push(p.m);
+                }
+                bad += mismatches;
+                count += pairs.len();
+                max_diff = pairs
+                    .iter()
+                    .fold(max_diff, |d, &(_, v)| if v.is_nan() { f32::INFINITY } else { d.max(v) });
+            }
+            lines.push(format!(
+                "  {name:<16} {form:<14?} {bad:>8} of {count:>9} differ, max |diff| {max_diff:.3e}{}",
+                if bad_m.is_empty() { String::new() } else { format!(" (m = {bad_m:?})") }
+            ));
+            total += bad;
+            elements += count;
+        }
+        mem.free(w.into_block());
+        mem.free(b.into_block());
+    }
+    for l in &lines {
+        println!("{l}");
+    }
+    println!("  linear_stream vs cuBLASLt: {total} of {elements} elements differ");
+    if total > 0 {
+        return Err(format!(
+            "linear_stream and cuBLASLt differ in {total} of {elements} elements: not bitwise equal \
+             (turn the stream path's default off, ops::linear::STREAM_DEFAULT)"
+        ));
+    }
+    Ok(())
+}
+
+/// `linear_stream` refuses what it does not take (m past the limit, k not a multiple of 16)
+/// with its own shape error, and `linear` then runs cuBLAS instead.
+pub fn linear_stream_rejects_what_it_does_not_take(ctx: &mut Ctx) -> Result<(), String> {
+    let mut mem = allocator(ctx, 64 << 20)?;
+    for (m, n, k) in [(ops::linear::STREAM_MAX_M + 1, 64, 64), (4, 64, 40)] {
+        let (x_h, _) = random_bf16(ctx, m * k, 1.0);
+        let (w_h, _) = random_bf16(ctx, n * k, 0.1);
+        let x = upload(ctx, &mut mem, &[m, k], &x_h)?;
+        let w = upload(ctx, &mut mem, &[n, k], &w_h)?;
+        let mut y = dtensor::<bf16>(&mut mem, &[m, n])?;
+        crate::check::expect_shape_error(
+            "linear_stream",
+            ops::linear_stream(&ctx.gpu, &x.view(), &w.view(), None, &mut y.view_mut(), false),
+        )?;
+        ops::linear(&ctx.gpu, &x.view(), &w.view(), None, &mut y.view_mut(), false).map_err(e)?;
+        mem.free(x.into_block());
+        mem.free(w.into_block());
+        mem.free(y.into_block());
+    }
     Ok(())
 }
