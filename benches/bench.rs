@@ -44,6 +44,9 @@ enum Cmd {
         /// and exit without a GPU.
         #[arg(long)]
         list_cases: bool,
+        /// Only the cases whose name contains this (and no attention section).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Attention alone (the attention cases of `ops`): each kernel beside torch SDPA's flash and
     /// cuDNN backends.
@@ -171,8 +174,10 @@ fn attention_cases() -> Vec<AttentionCase> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // As the jv4 binary does (the soak measures the host RSS): jv4::host_malloc.
+    jv4::host_malloc::fix_mmap_threshold();
     let result = match cli.cmd {
-        Cmd::Ops { torch_json, iters, list_cases } => bench_ops(torch_json, iters, list_cases),
+        Cmd::Ops { torch_json, iters, list_cases, only } => bench_ops(torch_json, iters, list_cases, only),
         Cmd::Attention { torch_json, iters } => (|| {
             let gpu = Gpu::new(0)?;
             let torch = read_torch_json(&torch_json);
@@ -383,14 +388,22 @@ fn run_case(gpu: &Gpu, rng: &mut Rng, iters: usize, case: &OpCase) -> Result<(f6
         LinearStream { m, n, k, .. } => {
             // GB/s of weight bytes (n·k·2 / time), the kernel's and cuBLASLt's (called directly)
             // at the same m; the ms column is the kernel's.
-            let w = random_tensor(gpu, mem, rng, &[n, k], 1.0 / (k as f32).sqrt())?;
+            // Weight copies in turn, over 4× the 50 MB L2, so that each run reads from HBM as
+            // in a forward (one copy of o or qkv would stay in L2 between runs).
+            let copies = (200usize << 20).div_ceil(n * k * 2).max(1);
+            let ws = (0..copies)
+                .map(|_| random_tensor(gpu, mem, rng, &[n, k], 1.0 / (k as f32).sqrt()))
+                .collect::<Result<Vec<_>>>()?;
             let x = random_tensor(gpu, mem, rng, &[m, k], 1.0)?;
             let mut y = empty::<bf16>(mem, &[m, n])?;
+            let mut turn = 0usize;
             let ms = time_ms(gpu, iters, || {
-                ops::linear_stream(gpu, &x.view(), &w.view(), None, &mut y.view_mut(), false)
+                turn += 1;
+                ops::linear_stream(gpu, &x.view(), &ws[turn % copies].view(), None, &mut y.view_mut(), false)
             })?;
             let blas_ms = time_ms(gpu, iters, || {
-                gpu.blas().linear(&x.view(), &w.view(), None, &mut y.view_mut(), false)
+                turn += 1;
+                gpu.blas().linear(&x.view(), &ws[turn % copies].view(), None, &mut y.view_mut(), false)
             })?;
             let weights = |ms: f64| (n * k * 2) as f64 / (ms * 1e-3) / 1e9;
             (ms, format!("{:.0} GB/s (cuBLAS {:.0})", weights(ms), weights(blas_ms)))
@@ -598,8 +611,13 @@ fn bench_attention(
     Ok(())
 }
 
-fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize, list_cases: bool) -> Result<()> {
-    let cases = op_cases();
+fn bench_ops(
+    torch_json: Option<std::path::PathBuf>,
+    iters: usize,
+    list_cases: bool,
+    only: Option<String>,
+) -> Result<()> {
+    let mut cases = op_cases();
     let mut names = std::collections::BTreeSet::new();
     for c in &cases {
         if !names.insert(c.name()) {
@@ -618,6 +636,9 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize, list_cases: b
         println!("{}", serde_json::to_string_pretty(&list).expect("plain data"));
         return Ok(());
     }
+    if let Some(o) = &only {
+        cases.retain(|c| c.name().contains(o.as_str()));
+    }
     let gpu = Gpu::new(0)?;
     let torch = read_torch_json(&torch_json);
     let mut rng = Rng::new(1);
@@ -633,6 +654,9 @@ fn bench_ops(torch_json: Option<std::path::PathBuf>, iters: usize, list_cases: b
     for case in &cases {
         let (ms, rate) = run_case(&gpu, &mut rng, iters, case)?;
         row(case.name(), ms, rate);
+    }
+    if only.is_some() {
+        return Ok(());
     }
 
     let mut mem = DeviceAllocator::new(&gpu, 16 << 30, DEFAULT_PAGE_SIZE)?;

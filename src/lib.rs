@@ -40,6 +40,7 @@ pub mod cuda;
 pub mod diag;
 pub mod engine;
 pub mod error;
+pub mod host_malloc;
 pub mod model;
 pub mod ops;
 pub mod reference;

@@ -277,6 +277,8 @@ fn is_closed_pipe(e: &Error) -> bool {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Long-running runs (embed, serve): RSS flat under mixed loads (jv4::host_malloc).
+    jv4::host_malloc::fix_mmap_threshold();
     match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_closed_pipe(&e) => ExitCode::SUCCESS,

@@ -10,11 +10,12 @@
 # Runs from the packed folder (tools/pack_gpu.sh copies it to .gpu/sanitize.sh), on the device:
 #   bash .gpu/sanitize.sh               # or JV4_STAGES=sanitize bash .gpu/run.sh
 # Settings: $JV4_SAN_TOOLS (default "memcheck synccheck initcheck racecheck"; "probe": only the
-# initcheck probes), $JV4_SAN_TESTS
-# (name filters of the suite, default "attention_ text_ image_outputs engine_ chunk_"),
-# $JV4_SAN_RACE_TESTS (default "attention_matches_reference attention_rejects"), the attention
-# cases' size cap $JV4_SAN_ATTN_MAX_TOKENS (default 6000; racecheck 1600), $JV4_SAN_TIMEOUT per
-# tool run in seconds (default 240), $JV4_SAN_INITCHECK_ARGS (extra initcheck options).
+# initcheck probes), $JV4_SAN_TESTS (name filters of the suite, default "attention_ text_
+# image_outputs engine_ chunk_ linear_stream_matches"), $JV4_SAN_RACE_TESTS (default
+# "attention_matches_reference attention_rejects linear_stream_matches"), the attention cases'
+# size cap $JV4_SAN_ATTN_MAX_TOKENS (default 6000; racecheck 1600), the weight-streaming GEMM's
+# cases $JV4_STREAM_CASES, $JV4_SAN_TIMEOUT per tool run in seconds (default 240),
+# $JV4_SAN_INITCHECK_ARGS (extra initcheck options), $JV4_SAN_TAILS=0 (skip the operand-tail probes).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
@@ -27,8 +28,10 @@ if [ -z "$san" ]; then
     exit 1
 fi
 tools="${JV4_SAN_TOOLS:-memcheck synccheck initcheck racecheck}"
-tests="${JV4_SAN_TESTS:-attention_ text_ image_outputs engine_ chunk_}"
-race_tests="${JV4_SAN_RACE_TESTS:-attention_matches_reference attention_rejects}"
+tests="${JV4_SAN_TESTS:-attention_ text_ image_outputs engine_ chunk_ linear_stream_matches}"
+race_tests="${JV4_SAN_RACE_TESTS:-attention_matches_reference attention_rejects linear_stream_matches}"
+# The weight-streaming GEMM under the sanitizers: three cases (gate_up takes the 64-row tiles).
+export JV4_STREAM_CASES="${JV4_STREAM_CASES:-o_lora_a,qkv,gate_up}"
 limit="${JV4_SAN_TIMEOUT:-240}"
 status=0
 
@@ -107,7 +110,8 @@ case " $tools " in *" initcheck "* | *" probe "*)
     # Does initcheck see a GEMM's stores? y = x·wᵀ then our swiglu reads y (values checked), at
     # heights where cuBLASLt runs gemv, small-tile and Hopper TMA-store kernels; then the same
     # with the output marked (JV4_SANITIZE_MARK_GEMM=1).
-    for m in 1 16 512 4096; do
+    # ($JV4_SAN_PROBES=0 skips them.)
+    [ "${JV4_SAN_PROBES:-1}" = 0 ] || for m in 1 16 512 4096; do
         for mark in 0 1; do
             log="$out/san_probe_gemm_m${m}_mark${mark}.txt"
             JV4_PROBE_M=$m JV4_SANITIZE_MARK_GEMM=$mark timeout "$limit" "$san" --tool initcheck --print-limit 5 \

@@ -228,8 +228,16 @@ enum Form {
 const FORMS: [Form; 5] = [Form::Plain, Form::Bias, Form::Accumulate, Form::F32Accumulate, Form::Cols];
 
 /// The shapes of `ops::linear::CASES` that `linear_stream` takes (k % 16 == 0).
+/// `$JV4_STREAM_CASES` (comma-separated case names) keeps only those: the sanitizer runs
+/// (tools/gpu_sanitize.sh) take a few small ones.
 fn stream_shapes() -> impl Iterator<Item = (&'static str, usize, usize)> {
-    ops::linear::CASES.iter().copied().filter(|&(_, _, k)| k % 16 == 0)
+    let only: Option<Vec<String>> =
+        std::env::var("JV4_STREAM_CASES").ok().map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+    ops::linear::CASES
+        .iter()
+        .copied()
+        .filter(|&(_, _, k)| k % 16 == 0)
+        .filter(move |&(name, _, _)| only.as_ref().is_none_or(|o| o.iter().any(|s| s == name)))
 }
 
 /// One problem's host inputs: x `[m, k]`, the old y (bf16 and f32) for the accumulating forms,
