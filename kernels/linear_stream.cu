@@ -1,3 +1,6 @@
+// Status: off by default (src/ops/linear.rs, STREAM_DEFAULT): slower than cuBLASLt and not bitwise
+// equal to it on the H200 (benches/NOTES.md).
+//
 // linear_stream: y[m, n] = x[m, k] · w[n, k]ᵀ (+ y when accumulate) (+ bias[n]) for small m
 // (1 ≤ m ≤ 64 tokens): a weight-streaming GEMM. At such m a projection is a read of its weights
 // (n·k·2 bytes against m·k·2 of x), so the kernel is built to keep HBM busy: every CTA owns a

@@ -13,6 +13,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 cd "$here"
+# The packed binaries travel gzipped (tools/pack_gpu.sh): unpack them once.
+for b in jv4 jv4-bench gpu-tests; do [ -f "$b.gz" ] && gunzip -f "$b.gz" && chmod +x "$b"; done
 model="${JV4_MODEL_DIR:-/tmp/jv4-synth-full}"
 if [ ! -f "$model/config.json" ]; then
     ./jv4 synth --preset full --out "$model" > "$out/synth.txt" 2>&1 || { echo "cold start: synth failed"; exit 1; }

@@ -14,6 +14,8 @@ set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
+# The packed binaries travel gzipped (tools/pack_gpu.sh): unpack them once.
+for b in jv4 jv4-bench gpu-tests; do [ -f "$here/$b.gz" ] && gunzip -f "$here/$b.gz" && chmod +x "$here/$b"; done
 stages="${JV4_PY_STAGES:-tiny full bench}"
 has() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 model="${JV4_MODEL_DIR:-/tmp/jv4-synth-full}"

@@ -26,6 +26,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 cd "$here"
+# The packed binaries travel gzipped (tools/pack_gpu.sh): unpack them once.
+for b in jv4 jv4-bench gpu-tests; do [ -f "$b.gz" ] && gunzip -f "$b.gz" && chmod +x "$b"; done
 stages="${JV4_STAGES:-device load ops text engine parity images embed tests faults}"
 has() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 torch_ok() { python3 -c "import torch" 2>/dev/null; }

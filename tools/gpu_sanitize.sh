@@ -21,6 +21,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 cd "$here"
+# The packed binaries travel gzipped (tools/pack_gpu.sh): unpack them once.
+for b in jv4 jv4-bench gpu-tests; do [ -f "$b.gz" ] && gunzip -f "$b.gz" && chmod +x "$b"; done
 export JV4_FIXTURES="${JV4_FIXTURES:-$here/../tests/fixtures}"
 san="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 if [ -z "$san" ]; then
@@ -83,16 +85,19 @@ last_errors=0
 for tool in $tools; do
     case $tool in
         racecheck)
-            run_tool racecheck "$out/san_racecheck.txt" JV4_ATTN_MAX_TOKENS="${JV4_SAN_RACE_MAX_TOKENS:-1600}" -- \
+            run_tool racecheck "$out/san_racecheck.txt" JV4_ATTN_MAX_TOKENS="${JV4_SAN_RACE_MAX_TOKENS:-1600}" \
+                JV4_STREAM_CASES="${JV4_SAN_RACE_STREAM_CASES:-o_lora_a}" -- \
                 --tool racecheck --racecheck-report hazard --print-limit 50 -- $race_tests
             ;;
         probe) ;; # the initcheck probes only (below)
         initcheck)
-            # With each GEMM's output marked (JV4_SANITIZE_MARK_GEMM=1, src/cuda/blas.rs): the
-            # tool does not see cuBLASLt's Hopper stores (the probe below shows it), and the mark
-            # covers exactly what a GEMM writes, so a read of anything else is still reported.
+            # Eager forwards (JV4_GRAPHS=0) with each GEMM's output marked (JV4_SANITIZE_MARK_GEMM=1,
+            # src/cuda/blas.rs): the tool sees neither cuBLASLt's Hopper stores nor the writes made
+            # inside a graph launch (the probes below show both). The mark covers exactly what a
+            # GEMM writes, and a graph replays the eager forward bit for bit
+            # (graph_forward_equals_eager_bitwise), so a read of anything unwritten is still caught.
             run_tool initcheck "$out/san_initcheck.txt" JV4_ATTN_MAX_TOKENS="${JV4_SAN_ATTN_MAX_TOKENS:-6000}" \
-                JV4_SANITIZE_MARK_GEMM=1 -- --tool initcheck --print-limit 50 ${JV4_SAN_INITCHECK_ARGS:-} -- $tests
+                JV4_SANITIZE_MARK_GEMM=1 JV4_GRAPHS=0 -- --tool initcheck --print-limit 50 ${JV4_SAN_INITCHECK_ARGS:-} -- $tests
             ;;
         *)
             run_tool "$tool" "$out/san_$tool.txt" JV4_ATTN_MAX_TOKENS="${JV4_SAN_ATTN_MAX_TOKENS:-6000}" -- \
@@ -120,6 +125,16 @@ case " $tools " in *" initcheck "* | *" probe "*)
             suite=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
             echo "sanitize initcheck probe, a GEMM's output read by swiglu, m=$m, marked=$mark: $n errors (${suite:-no summary}) $(kernels_of "$log")"
         done
+    done
+    # Does initcheck see the writes of a kernel inside a graph launch? y = gelu(x) in a graph,
+    # then gelu(y) eagerly (values checked); the control runs the first gelu eagerly.
+    for graph in 1 0; do
+        log="$out/san_probe_graph${graph}.txt"
+        JV4_PROBE_GRAPH=$graph timeout "$limit" "$san" --tool initcheck --print-limit 5 \
+            ./gpu-tests probe_graph_writes_read_eagerly > "$log" 2>&1
+        n=$(errors_of "$log")
+        suite=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
+        echo "sanitize initcheck probe, a graph's output read eagerly, graph=$graph: $n errors (${suite:-no summary}) $(kernels_of "$log")"
     done
     # (cuBLASLt's reads past its operands: 0 errors on the H200 in every case; $JV4_SAN_TAILS=0 skips.)
     [ "${JV4_SAN_TAILS:-1}" = 0 ] || for left in "" x w bias y; do

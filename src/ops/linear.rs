@@ -3,18 +3,22 @@
 //!
 //! - cuBLASLt ([`crate::cuda::Blas::linear`]), every shape;
 //! - `linear_stream` (`kernels/linear_stream.cu`), a weight-streaming kernel for small batches
-//!   (1 ≤ m ≤ [`STREAM_MAX_M`] tokens). At such m a projection is a read of its weights and
-//!   cuBLAS streams them at ≈ 40% of HBM bandwidth (m = 16 on the H200); this kernel gives each
-//!   CTA a slice of output features and all of k and keeps a deep cp.async ring in flight.
+//!   (1 ≤ m ≤ [`STREAM_MAX_M`] tokens): each CTA owns a slice of output features and all of k
+//!   behind a deep cp.async ring. **Off by default, a first attempt at issue 10's deliverable 2
+//!   that fell short**: measured on the H200 (rows `linear_stream/...` of `jv4-bench ops`, weights
+//!   rotated past L2) it is slower than cuBLASLt at every decoder shape (m = 16: qkv 339 GB/s
+//!   against 593, gate_up 1,797 against 2,583, down 338 against 1,590), and it is not bitwise
+//!   equal to cuBLASLt (5% of the elements differ), so it would break batch invariance.
+//!   `JV4_LINEAR_STREAM=1` turns it on for experiments.
 //!
 //! Batch invariance: the kernel never splits K (one f32 accumulator per output, k16 steps from
-//! k = 0 upward), the same reduction order as cuBLASLt's unsplit algorithms, which the plans
-//! keep to; so a row of y is meant to get the same bits whichever implementation runs it
-//! (`linear_stream_equals_cublas_bitwise` in the GPU suite checks it). The choice between the
-//! two depends only on the problem's shape and alignment ([`stream_qualifies`]) and on
-//! `$JV4_LINEAR_STREAM` ([`stream_enabled`]), never on anything else.
-//!
-//! Measured (H200): filled in by the integrator (`jv4-bench ops`, rows `linear_stream/...`).
+//! k = 0 upward), the reduction order of cuBLASLt's unsplit algorithms, which the plans keep to.
+//! That is not enough for equal bits (`linear_stream_equals_cublas_bitwise` in the GPU suite
+//! measures it); the likely cause, not proven, is that mma.sync's k16 step does not round like
+//! the wgmma of the Hopper kernels cuBLASLt runs, so a kernel meant to share the cuBLAS path's
+//! bits should use wgmma. The
+//! choice between the two depends only on the problem's shape and alignment
+//! ([`stream_qualifies`]) and on `$JV4_LINEAR_STREAM` ([`stream_enabled`]).
 
 use std::sync::OnceLock;
 
@@ -127,7 +131,11 @@ pub fn linear_cols(
 pub const STREAM_MAX_M: usize = 64;
 
 /// Whether the stream path is on when `$JV4_LINEAR_STREAM` is unset (the one place to flip it).
-const STREAM_DEFAULT: bool = true;
+/// Off: measured on the H200 (benches/NOTES.md, 2026-12-01 fourth session) it is slower than
+/// cuBLASLt at every decoder shape (e.g. down at m = 16: 338 GB/s against 1,590) and not bitwise
+/// equal to it (5% of the elements differ; likely mma.sync against the Hopper kernels' wgmma),
+/// so turning it on would also break batch invariance.
+const STREAM_DEFAULT: bool = false;
 
 /// k per ring slot, padded smem row (elements), most ring stages and threads per CTA:
 /// `KC`, `STRIDE`, `MAX_STAGES` and `THREADS` of `kernels/linear_stream.cu` (a test checks).
@@ -152,7 +160,7 @@ fn stream_switch(var: Option<&str>) -> bool {
 }
 
 /// Whether [`linear`], [`linear_f32`] and [`linear_cols`] run `linear_stream` where the shape
-/// qualifies: on unless `$JV4_LINEAR_STREAM=0` (read once per process).
+/// qualifies: only with `$JV4_LINEAR_STREAM=1` (read once per process; see `STREAM_DEFAULT`).
 pub fn stream_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| stream_switch(std::env::var("JV4_LINEAR_STREAM").ok().as_deref()))

@@ -418,7 +418,8 @@ pub fn linear_stream_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
 /// op may pick either by m and stay batch-invariant. Same shapes, token counts and forms as
 /// `linear_stream_matches_reference`, the same random inputs through both; prints per (shape,
 /// form) the mismatching elements and the largest difference, and fails on any mismatch. This
-/// test decides whether `JV4_LINEAR_STREAM` is on by default.
+/// test decides whether `JV4_LINEAR_STREAM` may be on: it fails on any difference while the stream
+/// path is on (by default or `JV4_LINEAR_STREAM=1`), and reports the differences while it is off.
 pub fn linear_stream_equals_cublas_bitwise(ctx: &mut Ctx) -> Result<(), String> {
     if !ctx.gpu.blas().invariant() {
         return Err("JV4_BLAS_INVARIANT=0: cuBLAS may split K in this run; nothing to compare with".into());
@@ -473,6 +474,11 @@ pub fn linear_stream_equals_cublas_bitwise(ctx: &mut Ctx) -> Result<(), String> 
         println!("{l}");
     }
     println!("  linear_stream vs cuBLASLt: {total} of {elements} elements differ");
+    if total > 0 && !ops::linear::stream_enabled() {
+        // The engine never mixes the two paths then: the figures are a measurement, not a fault.
+        println!("  (the stream path is off, so linear never mixes the two: batch invariance holds)");
+        return Ok(());
+    }
     if total > 0 {
         return Err(format!(
             "linear_stream and cuBLASLt differ in {total} of {elements} elements: not bitwise equal \
