@@ -50,7 +50,9 @@ mod tests {
     #[test]
     fn threshold_is_set_on_glibc() {
         // The test binary's environment sets neither variable (CI does not).
-        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() && std::env::var_os("GLIBC_TUNABLES").is_none() {
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none()
+            && std::env::var_os("GLIBC_TUNABLES").is_none()
+        {
             assert_eq!(fix_mmap_threshold(), cfg!(all(target_os = "linux", target_env = "gnu")));
         }
         // Large blocks still work after it (mapped and unmapped).

@@ -126,9 +126,9 @@ case " $tools " in *" initcheck "* | *" probe "*)
             echo "sanitize initcheck probe, a GEMM's output read by swiglu, m=$m, marked=$mark: $n errors (${suite:-no summary}) $(kernels_of "$log")"
         done
     done
-    # Does initcheck see the writes of a kernel inside a graph launch? y = gelu(x) in a graph,
-    # then gelu(y) eagerly (values checked); the control runs the first gelu eagerly.
-    for graph in 1 0; do
+    # Does initcheck see the writes made inside a graph launch (a kernel node; a memset node)?
+    # Then gelu(y) eagerly reads them (values checked); the control runs everything eagerly.
+    for graph in 1 memset 0; do
         log="$out/san_probe_graph${graph}.txt"
         JV4_PROBE_GRAPH=$graph timeout "$limit" "$san" --tool initcheck --print-limit 5 \
             ./gpu-tests probe_graph_writes_read_eagerly > "$log" 2>&1

@@ -218,33 +218,46 @@ pub fn probe_gemm_output_read_by_a_kernel(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
-/// Does initcheck see the writes of a kernel inside a CUDA graph? `y = gelu(x)` runs as a graph
-/// (`$JV4_PROBE_GRAPH=0`: eagerly, the control), then `out = gelu(y)` eagerly reads what it wrote;
-/// the values are checked, so y was written. Under initcheck, reports in the second gelu with the
-/// graph and none without it say that the tool does not track writes made by graph launches, so
-/// its reports on the graphed forwards (their padding rows) are false positives.
+/// Does initcheck see writes made inside a CUDA graph? `$JV4_PROBE_GRAPH`: `1` (default) `y =
+/// gelu(x)` runs as a graph; `memset`: y is filled with 0.75 by a graph's memset node; `0`: the
+/// first gelu runs eagerly (the control). Then `out =
+/// gelu(y)` runs eagerly and reads y; the values are checked against the reference of the y that
+/// was downloaded, so y was written. Under initcheck, reports in the second gelu in one mode and
+/// none in the control say that the tool misses that kind of write.
 pub fn probe_graph_writes_read_eagerly(ctx: &mut Ctx) -> Result<(), String> {
     let mut mem = allocator(ctx, 64 << 20)?;
     let n = 1 << 16;
-    let (x_h, x_f) = random_bf16(ctx, n, 2.0);
+    let (x_h, _) = random_bf16(ctx, n, 2.0);
     let x = crate::util::upload(ctx, &mut mem, &[n], &x_h)?;
     let mut y = crate::util::dtensor::<bf16>(&mut mem, &[n])?;
     let mut out = crate::util::dtensor::<bf16>(&mut mem, &[n])?;
-    let graph = std::env::var("JV4_PROBE_GRAPH").map_or(true, |v| v.trim() != "0");
-    if graph {
-        let (g, ()) = ctx.gpu.capture(|| ops::gelu(&ctx.gpu, &x.view(), &mut y.view_mut())).map_err(e)?;
-        g.launch().map_err(e)?;
-    } else {
-        ops::gelu(&ctx.gpu, &x.view(), &mut y.view_mut()).map_err(e)?;
+    let mode = std::env::var("JV4_PROBE_GRAPH").unwrap_or_else(|_| "1".into());
+    match mode.trim() {
+        "1" => {
+            let (g, ()) = ctx.gpu.capture(|| ops::gelu(&ctx.gpu, &x.view(), &mut y.view_mut())).map_err(e)?;
+            g.launch().map_err(e)?;
+        }
+        "memset" => {
+            // y's value from the memset only: out = gelu(memset value) everywhere.
+            let (g, ()) = ctx
+                .gpu
+                .capture(|| ctx.gpu.fill_u16(&mut y.view_mut(), bf16::from_f32(0.75).to_bits()))
+                .map_err(e)?;
+            g.launch().map_err(e)?;
+        }
+        "0" => ops::gelu(&ctx.gpu, &x.view(), &mut y.view_mut()).map_err(e)?,
+        other => return Err(format!("JV4_PROBE_GRAPH={other:?}: expected 1, memset or 0")),
     }
     ops::gelu(&ctx.gpu, &y.view(), &mut out.view_mut()).map_err(e)?;
+    let mid = to_f32(&ctx.gpu.download(&y.view()).map_err(e)?);
     let got = to_f32(&ctx.gpu.download(&out.view()).map_err(e)?);
-    // Reference: gelu of the bf16-rounded first gelu.
-    let mid: Vec<f32> = reference::gelu(&x_f).iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
     let want = reference::gelu(&mid);
-    check_close(&format!("gelu of a graph's output (graph {graph})"), &got, &want, |i| {
+    check_close(&format!("gelu of a graph's output ({mode})"), &got, &want, |i| {
         BF16_REL * want[i].abs() + 1e-6
     })?;
+    if mode.trim() == "memset" && mid.iter().any(|&v| v != 0.75) {
+        return Err("the memset node did not fill y".into());
+    }
     for b in [x.into_block(), y.into_block(), out.into_block()] {
         mem.free(b);
     }
