@@ -136,6 +136,11 @@ case " $tools " in *" initcheck "* | *" probe "*)
         suite=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
         echo "sanitize initcheck probe, a graph's output read eagerly, graph=$graph: $n errors (${suite:-no summary}) $(kernels_of "$log")"
     done
+    # A graph of two nodes, embedding then rmsnorm, at 16 then 64 rows from one pool (the open
+    # graph case of docs/RELIABILITY.md).
+    log="$out/san_probe_graph_chain.txt"
+    timeout "$limit" "$san" --tool initcheck --print-limit 5 ./gpu-tests probe_graph_chain_embedding_rmsnorm > "$log" 2>&1
+    echo "sanitize initcheck probe, a two-node graph (embedding, rmsnorm), 16 then 64 rows: $(errors_of "$log") errors ($(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)) $(kernels_of "$log")"
     # (cuBLASLt's reads past its operands: 0 errors on the H200 in every case; $JV4_SAN_TAILS=0 skips.)
     [ "${JV4_SAN_TAILS:-1}" = 0 ] || for left in "" x w bias y; do
         log="$out/san_probe_${left:-none}.txt"

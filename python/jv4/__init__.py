@@ -55,6 +55,7 @@ __version__: str = _jv4.__version__
 
 __all__ = [
     "Engine",
+    "fix_mmap_threshold",
     "Encoded",
     "MultiVectors",
     "LateChunks",
@@ -72,6 +73,17 @@ __all__ = [
 ]
 
 TASKS = ("retrieval", "text-matching", "code")
+
+
+def fix_mmap_threshold() -> bool:
+    """Keeps a long-running process's memory flat: fixes glibc malloc's mmap threshold at 1 MiB
+    (unless ``MALLOC_MMAP_THRESHOLD_`` or ``GLIBC_TUNABLES`` already sets it), so that large
+    buffers (long texts' outputs, images) go back to the system when freed instead of staying in
+    malloc's arenas. It changes the whole process's allocator, so the engine never calls it by
+    itself; :class:`jv4.ray.Embedder` does, in its actor. Returns whether it was set (False where
+    the C library is not glibc). See docs/RELIABILITY.md.
+    """
+    return _jv4.fix_mmap_threshold()
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Any]
 Spans = Sequence[Tuple[int, int]]
 LateChunking = Union[None, int, Sequence[Optional[Spans]]]

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Union
 
 import numpy as np
 
-from . import Engine, InputError
+from . import Engine, InputError, fix_mmap_threshold
 
 __all__ = ["Embedder"]
 
@@ -82,6 +82,9 @@ class Embedder:
     ) -> None:
         if errors not in ("raise", "column"):
             raise InputError(f"errors={errors!r}: expected 'raise' or 'column'")
+        # The actor is a process of its own that embeds for hours: keep its RSS flat (the
+        # jv4 binaries do the same; docs/RELIABILITY.md).
+        fix_mmap_threshold()
         self.engine = Engine(model_dir, device or _auto_device(), **engine_options)
         if kind not in (None, "text", "image"):
             raise InputError(f"kind={kind!r}: expected 'text' or 'image'")

@@ -706,9 +706,17 @@ fn _time_embed(
     .map_err(|e: Error| to_py(py, &e))
 }
 
+/// `jv4.fix_mmap_threshold()`: glibc's malloc keeps a long-running process's RSS flat under mixed
+/// loads (`jv4::host_malloc`); whether it was set (False: not glibc, or the environment sets it).
+#[pyfunction]
+fn fix_mmap_threshold() -> bool {
+    jv4::host_malloc::fix_mmap_threshold()
+}
+
 #[pymodule]
 fn _jv4(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
+    m.add_function(wrap_pyfunction!(fix_mmap_threshold, m)?)?;
     m.add_function(wrap_pyfunction!(_synth, m)?)?;
     m.add_function(wrap_pyfunction!(_docs256, m)?)?;
     m.add_function(wrap_pyfunction!(_time_embed, m)?)?;

@@ -190,3 +190,15 @@ def test_engine_reports(engine):
     engine.encode_text(["stats"])
     after = engine.stats()
     assert after["sequences"] == before["sequences"] + 1 and after["tokens"] > before["tokens"]
+
+
+def test_fix_mmap_threshold_is_glibc_only_and_keeps_large_buffers_working(engine):
+    import os
+    import platform
+
+    preset = "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert jv4.fix_mmap_threshold() is (glibc and not preset)
+    # Large outputs after it: allocated, filled, freed as before.
+    v = engine.encode_text(["word " * 400] * 4)
+    assert v.shape[0] == 4 and np.isfinite(v).all()

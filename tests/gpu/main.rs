@@ -78,6 +78,7 @@ fn main() {
         ("linear_ignores_bytes_past_its_operands", probe::linear_ignores_bytes_past_its_operands),
         ("probe_gemm_output_read_by_a_kernel", probe::probe_gemm_output_read_by_a_kernel),
         ("probe_graph_writes_read_eagerly", probe::probe_graph_writes_read_eagerly),
+        ("probe_graph_chain_embedding_rmsnorm", probe::probe_graph_chain_embedding_rmsnorm),
         ("embedding_matches_reference", embedding::embedding_matches_reference),
         ("rmsnorm_matches_reference", rmsnorm::rmsnorm_matches_reference),
         ("mrope_matches_reference", rope::mrope_matches_reference),

@@ -263,3 +263,42 @@ pub fn probe_graph_writes_read_eagerly(ctx: &mut Ctx) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// initcheck on graphs of several nodes, as the graphed forward has them (issue 12, the open
+/// graph case): per height n in 16 then 64, from one pool at the same base address, a graph of
+/// `h = embedding_f32(ids)` then `out = rmsnorm_f32(h)` is captured and launched, and out is
+/// checked. Every row of h is written by the graph's first node before its second reads it;
+/// initcheck reports in rmsnorm here reproduce the forward's reports with two kernels.
+pub fn probe_graph_chain_embedding_rmsnorm(ctx: &mut Ctx) -> Result<(), String> {
+    let (vocab, d, eps) = (512usize, 256usize, 1e-6f32);
+    let mut mem = allocator(ctx, 64 << 20)?;
+    let (table_h, table_f) = random_bf16(ctx, vocab * d, 1.0);
+    let table = crate::util::upload(ctx, &mut mem, &[vocab, d], &table_h)?;
+    let (w_h, w_f) = random_bf16(ctx, d, 1.0);
+    let w = crate::util::upload(ctx, &mut mem, &[d], &w_h)?;
+    for n in [16usize, 64] {
+        let ids_h: Vec<u32> = (0..n).map(|_| ctx.rng.below(vocab) as u32).collect();
+        let ids = crate::util::upload(ctx, &mut mem, &[n], &ids_h)?;
+        let mut h = crate::util::dtensor::<f32>(&mut mem, &[n, d])?;
+        let mut out = crate::util::dtensor::<bf16>(&mut mem, &[n, d])?;
+        let (g, ()) = ctx
+            .gpu
+            .capture(|| {
+                ops::embedding_f32(&ctx.gpu, &table.view(), &ids.view(), &mut h.view_mut())?;
+                ops::rmsnorm_f32(&ctx.gpu, &h.view(), &w.view(), eps, &mut out.view_mut())
+            })
+            .map_err(e)?;
+        g.launch().map_err(e)?;
+        let got = to_f32(&ctx.gpu.download(&out.view()).map_err(e)?);
+        let want = reference::rmsnorm(&reference::embedding(&table_f, d, &ids_h), &w_f, eps);
+        check_close(&format!("rmsnorm of a graph's embedding, n={n}"), &got, &want, |i| {
+            BF16_REL * want[i].abs() + 1e-6
+        })?;
+        drop(g);
+        // Freed in reverse, so the next height starts at the same base address.
+        for b in [out.into_block(), h.into_block(), ids.into_block()] {
+            mem.free(b);
+        }
+    }
+    Ok(())
+}
