@@ -91,11 +91,11 @@ for tool in $tools; do
             ;;
         probe) ;; # the initcheck probes only (below)
         initcheck)
-            # Eager forwards (JV4_GRAPHS=0) with each GEMM's output marked (JV4_SANITIZE_MARK_GEMM=1,
-            # src/cuda/blas.rs): the tool sees neither cuBLASLt's Hopper stores nor the writes made
-            # inside a graph launch (the probes below show both). The mark covers exactly what a
-            # GEMM writes, and a graph replays the eager forward bit for bit
-            # (graph_forward_equals_eager_bitwise), so a read of anything unwritten is still caught.
+            # Each GEMM's output marked (JV4_SANITIZE_MARK_GEMM=1, src/cuda/blas.rs): the tool does
+            # not see cuBLASLt's stores (the probe below shows it), and the mark covers exactly what
+            # a GEMM writes. Eager forwards (JV4_GRAPHS=0): under initcheck a graph replay reports
+            # reads of rows its own nodes wrote, cause not found (docs/RELIABILITY.md); a graph
+            # replays the eager forward bit for bit (graph_forward_equals_eager_bitwise).
             run_tool initcheck "$out/san_initcheck.txt" JV4_ATTN_MAX_TOKENS="${JV4_SAN_ATTN_MAX_TOKENS:-6000}" \
                 JV4_SANITIZE_MARK_GEMM=1 JV4_GRAPHS=0 -- --tool initcheck --print-limit 50 ${JV4_SAN_INITCHECK_ARGS:-} -- $tests
             ;;

@@ -16,9 +16,8 @@
 //! That is not enough for equal bits (`linear_stream_equals_cublas_bitwise` in the GPU suite
 //! measures it); the likely cause, not proven, is that mma.sync's k16 step does not round like
 //! the wgmma of the Hopper kernels cuBLASLt runs, so a kernel meant to share the cuBLAS path's
-//! bits should use wgmma. The
-//! choice between the two depends only on the problem's shape and alignment
-//! ([`stream_qualifies`]) and on `$JV4_LINEAR_STREAM` ([`stream_enabled`]).
+//! bits should use wgmma. The choice between the two depends only on the problem's shape and
+//! alignment ([`stream_qualifies`]) and on `$JV4_LINEAR_STREAM` ([`stream_enabled`]).
 
 use std::sync::OnceLock;
 
