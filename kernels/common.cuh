@@ -62,3 +62,16 @@ __device__ __forceinline__ float block_sum(float v, float *scratch) {
     __syncthreads(); // scratch may be reused as soon as we return
     return total;
 }
+
+// cp.async (sm_80+), shared by the kernels that stage tiles through shared memory (attention,
+// linear_stream): the shared-space address of a pointer, one 16-byte copy, closing a group.
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global → shared, asynchronous; src_bytes = 0 writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }

@@ -57,17 +57,6 @@ constexpr int STRIDE = KC + 8;  // smem row stride in elements (144 bytes)
 constexpr int MAX_NT = 8;       // n8 token tiles: m ≤ 64
 constexpr int MAX_STAGES = 16;  // = ops::linear's STREAM_MAX_STAGES
 
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global → shared, asynchronous; src_bytes = 0 writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
 // cp.async.wait_group takes an immediate: one case per possible count (uniform over the CTA).
 __device__ __forceinline__ void cp_async_wait_pending(int n) {
     switch (n) {
