@@ -19,6 +19,7 @@ use jv4::rng::Rng;
 use jv4::{ops, Result};
 use serde::Serialize;
 
+mod load;
 mod serve_load;
 mod soak;
 
@@ -145,6 +146,10 @@ enum Cmd {
     /// request answered exactly once with the result or error kind it must get, and device memory
     /// and host RSS flat after the warm-up (benches/soak.rs). Exits non-zero on any problem.
     Soak(soak::SoakOptions),
+    /// Where the checkpoint load's time goes: page-cache reads (pageable, pinned), DMA, the
+    /// staging pipeline, and DMA from registered page-cache pages, at several thread counts
+    /// (benches/load.rs).
+    Load(load::LoadOptions),
 }
 
 /// Attention cases: the LM's causal d 128 GQA 16:2 on single documents, 32 × 512 and the 256
@@ -198,6 +203,7 @@ fn main() -> ExitCode {
         Cmd::Images { model, reference } => bench_images(&model, &reference),
         Cmd::BlasSurvey => blas_survey(),
         Cmd::Soak(o) => soak::run(&o),
+        Cmd::Load(o) => load::run(&o),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 # Cold start (issue 12, deliverable 6), with the checkpoint in the page cache: three runs each of
 #   - `jv4 info`: the load report (bytes, seconds, GB/s of the checkpoint to the GPU), then once
 #     at each fill-thread count of $JV4_COLD_THREADS;
+#   - `jv4-bench load`: the parts of the load alone ($JV4_LOAD_BENCH=0 skips it);
 #   - `jv4 embed` on one text: wall time from the process's start to its first output line (the
 #     first embedding written), and to its exit.
 # Targets: ≥ 15 GB/s, ≤ 3 s to the first embedding. Prints one line per run and a summary.
@@ -30,6 +31,8 @@ done
 for t in ${JV4_COLD_THREADS:-2 4 8 12 16}; do
     JV4_LOAD_THREADS=$t ./jv4 info --model "$model" 2>&1 | grep '^loaded onto' | sed "s/^/info, $t fill threads: /" | tee -a "$out/cold_start.txt"
 done
+# Where the load's time goes: each part of the page cache → GPU path alone (benches/load.rs).
+[ "${JV4_LOAD_BENCH:-1}" = 0 ] || ./jv4-bench load --model "$model" --threads "${JV4_LOAD_BENCH_THREADS:-1,2,4,8,16}" 2>&1 | tee -a "$out/cold_start.txt"
 python3 - "$here/jv4" "$model" "${JV4_COLD_DEVICE:-cuda}" <<'PY' 2>&1 | tee -a "$out/cold_start.txt"
 import subprocess, sys, time
 jv4, model, device = sys.argv[1], sys.argv[2], sys.argv[3]
