@@ -92,7 +92,8 @@ fn par(threads: usize, items: usize, work: &(dyn Fn(usize, usize) -> Result<()> 
                 })
             })
             .collect();
-        hs.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(Error::Internal("thread panicked".into()))))
+        hs.into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|_| Err(Error::Internal("thread panicked".into()))))
     })
 }
 
@@ -126,7 +127,8 @@ pub fn run(o: &LoadOptions) -> Result<()> {
     let total: usize = files.iter().map(|f| f.1).sum();
     let chunk = o.chunk_mib.max(1) << 20;
     let items = chunks(&files, chunk);
-    let handles: Vec<std::fs::File> = files.iter().map(|(p, _)| std::fs::File::open(p)).collect::<std::io::Result<_>>().map_err(io)?;
+    let handles: Vec<std::fs::File> =
+        files.iter().map(|(p, _)| std::fs::File::open(p)).collect::<std::io::Result<_>>().map_err(io)?;
     let gb = total as f64 / 1e9;
     println!(
         "load bench: {} files, {gb:.2} GB, chunks of {} MiB ({} chunks), {}",
@@ -142,12 +144,13 @@ pub fn run(o: &LoadOptions) -> Result<()> {
     let report = |what: &str, t: f64| println!("load bench: {what:<28} {:7.3} s  {:6.1} GB/s", t, gb / t);
 
     for &t in &o.threads {
-        let bufs: Vec<std::sync::Mutex<Vec<u8>>> = (0..t).map(|_| std::sync::Mutex::new(vec![1u8; chunk])).collect();
+        let bufs: Vec<std::sync::Mutex<Vec<u8>>> =
+            (0..t).map(|_| std::sync::Mutex::new(vec![1u8; chunk])).collect();
         let t0 = Instant::now();
         par(t, items.len(), &|th, i| {
             let (f, off, n) = items[i];
             let mut b = bufs[th].lock().unwrap();
-            Ok(handles[f].read_exact_at(&mut b[..n], off as u64).map_err(io)?)
+            handles[f].read_exact_at(&mut b[..n], off as u64).map_err(io)
         })?;
         report(&format!("read pageable, {t} threads"), t0.elapsed().as_secs_f64());
     }
@@ -158,7 +161,7 @@ pub fn run(o: &LoadOptions) -> Result<()> {
             let (f, off, n) = items[i];
             // SAFETY: buffer `th` is used only by thread `th`; n <= chunk bytes.
             let b = unsafe { std::slice::from_raw_parts_mut(bufs[th].0, n) };
-            Ok(handles[f].read_exact_at(b, off as u64).map_err(io)?)
+            handles[f].read_exact_at(b, off as u64).map_err(io)
         })?;
         report(&format!("read pinned, {t} threads"), t0.elapsed().as_secs_f64());
     }
@@ -175,7 +178,12 @@ pub fn run(o: &LoadOptions) -> Result<()> {
         }
         gpu.sync()?;
         let t = t0.elapsed().as_secs_f64();
-        println!("load bench: {:<28} {:7.3} s  {:6.1} GB/s", "dma (pinned chunk, repeated)", t, (reps * chunk) as f64 / 1e9 / t);
+        println!(
+            "load bench: {:<28} {:7.3} s  {:6.1} GB/s",
+            "dma (pinned chunk, repeated)",
+            t,
+            (reps * chunk) as f64 / 1e9 / t
+        );
     }
     for &t in &o.threads {
         let mut st = Staging::new(chunk, t);
@@ -184,7 +192,11 @@ pub fn run(o: &LoadOptions) -> Result<()> {
             let h = &handles[f];
             // SAFETY: [dev, dev + len) lies in our allocation (len <= max_file), which outlives
             // the staging's copies (finish below).
-            unsafe { st.copy_in(&gpu, dev, *len, &|off, part| Ok(h.read_exact_at(part, off as u64).map_err(io)?))? };
+            unsafe {
+                st.copy_in(&gpu, dev, *len, &|off, part| {
+                    h.read_exact_at(part, off as u64).map_err(io)
+                })?
+            };
         }
         st.finish(&gpu)?;
         report(&format!("staging, {t} fill threads"), t0.elapsed().as_secs_f64());
@@ -196,7 +208,8 @@ pub fn run(o: &LoadOptions) -> Result<()> {
         // SAFETY: read-only maps; the host never reads through them (only the DMA engine does, of
         // pages locked in memory), so a file truncated meanwhile cannot fault this process.
         .map(|h| unsafe { memmap2::Mmap::map(h) })
-        .collect::<std::io::Result<_>>().map_err(io)?;
+        .collect::<std::io::Result<_>>()
+        .map_err(io)?;
     let mut ctx: sys::CUcontext = std::ptr::null_mut();
     // SAFETY: reads the context bound above (Gpu is not Sync: the threads bind the raw handle).
     cu("cuCtxGetCurrent", unsafe { sys::cuCtxGetCurrent(&mut ctx) })?;
@@ -209,7 +222,8 @@ pub fn run(o: &LoadOptions) -> Result<()> {
                 cu("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut s, 1) }).map(|_| s as usize)
             })
             .collect::<Result<_>>()?;
-        let times: Vec<std::sync::Mutex<[f64; 3]>> = (0..t).map(|_| std::sync::Mutex::new([0.0; 3])).collect();
+        let times: Vec<std::sync::Mutex<[f64; 3]>> =
+            (0..t).map(|_| std::sync::Mutex::new([0.0; 3])).collect();
         let t0 = Instant::now();
         let r = par(t, items.len(), &|th, i| {
             // SAFETY: the context is alive (gpu outlives the scope).
@@ -220,7 +234,9 @@ pub fn run(o: &LoadOptions) -> Result<()> {
             let a = Instant::now();
             // SAFETY: [p, p + n) lies inside map f (chunks cover the file), page-aligned at its
             // start (offsets are multiples of the chunk, the map is page-aligned); read-only.
-            cu("cuMemHostRegister", unsafe { sys::cuMemHostRegister_v2(p, n, sys::CU_MEMHOSTREGISTER_READ_ONLY) })?;
+            cu("cuMemHostRegister", unsafe {
+                sys::cuMemHostRegister_v2(p, n, sys::CU_MEMHOSTREGISTER_READ_ONLY)
+            })?;
             let b = Instant::now();
             // SAFETY: n bytes from the locked window into our device allocation (off + n <= len).
             cu("cuMemcpyHtoDAsync", unsafe { sys::cuMemcpyHtoDAsync_v2(dev + off as u64, p, n, s) })?;

@@ -80,14 +80,7 @@ impl Pinned {
         if bytes == 0 {
             return Ok(());
         }
-        if self.event.is_null() {
-            let mut ev = std::ptr::null_mut();
-            // SAFETY: writes one event handle; destroyed in Drop.
-            unsafe { sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) }
-                .result()
-                .map_err(|e| cuda_err("create the input-copy event", e))?;
-            self.event = ev;
-        }
+        self.ensure_event()?;
         // SAFETY: the source is `bytes` bytes of our pinned buffer, which writable() will not hand
         // out again before the event recorded below has completed; dst is the caller's contract.
         unsafe {
@@ -98,6 +91,72 @@ impl Pinned {
                 .result()
                 .map_err(|e| cuda_err("record an event", e))
         }
+    }
+
+    /// Like [`Pinned::copy_to`], for `rows` rows of `row_bytes` bytes packed in the buffer, written
+    /// `pitch` bytes apart from `dst` on (one 2-D copy).
+    ///
+    /// # Safety
+    /// `dst + i·pitch .. + row_bytes` must be device memory for every row i < `rows`, allocated
+    /// until the copy has run (as for [`Pinned::copy_to`]).
+    pub(crate) unsafe fn copy_rows_to(
+        &mut self,
+        gpu: &Gpu,
+        dst: sys::CUdeviceptr,
+        pitch: usize,
+        row_bytes: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let bytes = row_bytes * rows;
+        assert!(
+            bytes <= self.cap && row_bytes <= pitch,
+            "2-D copy of {rows} x {row_bytes} bytes, pitch {pitch}"
+        );
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.ensure_event()?;
+        let m = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+            srcHost: self.ptr as *const c_void,
+            srcDevice: 0,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: row_bytes,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: dst,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: pitch,
+            WidthInBytes: row_bytes,
+            Height: rows,
+        };
+        // SAFETY: the source is `bytes` bytes of our pinned buffer, guarded by the event recorded
+        // below (as in copy_to); the destination rows are the caller's contract.
+        unsafe {
+            sys::cuMemcpy2DAsync_v2(&m, gpu.cu_stream())
+                .result()
+                .map_err(|e| cuda_err("copy rows to the device", e))?;
+            sys::cuEventRecord(self.event, gpu.cu_stream())
+                .result()
+                .map_err(|e| cuda_err("record an event", e))
+        }
+    }
+
+    /// Creates the guard event on first use.
+    fn ensure_event(&mut self) -> Result<()> {
+        if self.event.is_null() {
+            let mut ev = std::ptr::null_mut();
+            // SAFETY: writes one event handle; destroyed in Drop.
+            unsafe { sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) }
+                .result()
+                .map_err(|e| cuda_err("create the input-copy event", e))?;
+            self.event = ev;
+        }
+        Ok(())
     }
 
     fn release(&mut self) {

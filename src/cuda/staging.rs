@@ -15,10 +15,11 @@ use crate::Result;
 /// in pinned memory without a care.
 pub const CHUNK_BYTES: usize = 64 << 20;
 
-/// Threads that fill one chunk: one positioned read from the page cache runs at the memcpy speed
-/// of a single core, so a chunk is read in parts at once. Measured on the H200 host (`jv4 info`,
-/// full-size checkpoint in the page cache): 2 threads 6.7 GB/s, 4 9.6, 8 11.1, 12 11.5, 16 11.8.
-pub const FILL_THREADS: usize = 8;
+/// Most threads that fill one chunk (the default is this or the machine's cores, the fewer): one
+/// positioned read from the page cache runs at the copy speed of a single core (4.2 GB/s on the
+/// H200 host), so a chunk is read in parts at once. Measured there (`jv4-bench load`, the
+/// full-size checkpoint's shards, this pipeline alone): 8 threads 19.2 GB/s, 16 24.6.
+pub const FILL_THREADS: usize = 16;
 
 /// Two pinned buffers used in turn. See the module documentation.
 pub struct Staging {
@@ -33,10 +34,12 @@ pub struct Staging {
 pub const LOAD_THREADS_ENV: &str = "JV4_LOAD_THREADS";
 
 impl Default for Staging {
-    /// [`CHUNK_BYTES`] per buffer, [`FILL_THREADS`] threads (or `$JV4_LOAD_THREADS`).
+    /// [`CHUNK_BYTES`] per buffer, [`FILL_THREADS`] threads or the machine's cores, the fewer
+    /// (or `$JV4_LOAD_THREADS`).
     fn default() -> Self {
         let threads = std::env::var(LOAD_THREADS_ENV).ok().and_then(|v| v.trim().parse().ok());
-        Staging::new(CHUNK_BYTES, threads.unwrap_or(FILL_THREADS))
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Staging::new(CHUNK_BYTES, threads.unwrap_or(FILL_THREADS.min(cores)))
     }
 }
 
@@ -79,6 +82,41 @@ impl Staging {
             // [dst, dst + len), valid by the caller's contract.
             unsafe { b.copy_to(gpu, dst + off as u64, n)? };
             off += n;
+        }
+        Ok(())
+    }
+
+    /// Like [`Staging::copy_in`], for a destination of `rows` rows of `row_bytes` bytes, `pitch`
+    /// bytes apart from `dst` on (a block of columns of a wider matrix); the stream is the rows
+    /// packed one after the other. Each chunk is whole rows.
+    ///
+    /// # Safety
+    /// `dst + i·pitch .. + row_bytes` must be device memory for every row i < `rows`, allocated
+    /// until [`Staging::finish`] returns (or this staging is dropped).
+    pub unsafe fn copy_in_rows(
+        &mut self,
+        gpu: &Gpu,
+        dst: sys::CUdeviceptr,
+        pitch: usize,
+        row_bytes: usize,
+        rows: usize,
+        fill: &(dyn Fn(usize, &mut [u8]) -> Result<()> + Sync),
+    ) -> Result<()> {
+        if row_bytes == 0 {
+            return Ok(());
+        }
+        let per = (self.chunk / row_bytes).max(1);
+        let mut r = 0;
+        while r < rows {
+            let n = per.min(rows - r);
+            let b = &mut self.bufs[self.next];
+            self.next ^= 1;
+            let buf = b.writable(n * row_bytes)?;
+            fill_parts(buf, r * row_bytes, self.threads, fill)?;
+            // SAFETY: `buf` holds n filled rows; rows r..r + n of the destination are the
+            // caller's contract.
+            unsafe { b.copy_rows_to(gpu, dst + (r * pitch) as u64, pitch, row_bytes, n)? };
+            r += n;
         }
         Ok(())
     }

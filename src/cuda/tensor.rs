@@ -484,6 +484,44 @@ impl DeviceBuffer {
         unsafe { staging.copy_in(gpu, dst, len, fill) }
     }
 
+    /// Streams a block of the 2-D `region` `[n, ld]` through `staging`: rows `row..row + rows`,
+    /// columns `col..col + width`; `fill(i, part)` writes the block's bytes `i..i + part.len()`,
+    /// its rows packed one after the other. Asynchronous, as [`DeviceBuffer::stream_in`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn stream_in_block<T>(
+        &mut self,
+        gpu: &super::Gpu,
+        staging: &mut super::Staging,
+        region: &Region<T>,
+        (row, rows): (usize, usize),
+        (col, width): (usize, usize),
+        fill: &(dyn Fn(usize, &mut [u8]) -> crate::Result<()> + Sync),
+    ) -> crate::Result<()> {
+        let fits = match region.shape() {
+            &[n, ld] => {
+                row.checked_add(rows).is_some_and(|e| e <= n)
+                    && col.checked_add(width).is_some_and(|e| e <= ld)
+            }
+            _ => false,
+        };
+        if !fits || region.end() > self.bytes {
+            return Err(crate::Error::Shape {
+                op: "upload",
+                msg: format!(
+                    "rows {row}..+{rows}, columns {col}..+{width} of {region:?} in a {}-byte buffer",
+                    self.bytes
+                ),
+            });
+        }
+        let e = std::mem::size_of::<T>();
+        let ld = region.shape()[1];
+        let dst = self.ptr + (region.offset + (row * ld + col) * e) as u64;
+        // SAFETY: every row of the block lies inside the region (checked above), inside this
+        // allocation, which `&mut self` keeps alive; the caller finishes the staging before the
+        // buffer is used or dropped (dropping the staging also waits for its copies).
+        unsafe { staging.copy_in_rows(gpu, dst, ld * e, width * e, rows, fill) }
+    }
+
     /// Copies `data` into `region` (waits for the copy).
     pub fn fill<T: Copy>(&mut self, gpu: &super::Gpu, region: &Region<T>, data: &[T]) -> crate::Result<()> {
         if data.len() != region.numel() {

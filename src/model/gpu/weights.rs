@@ -25,6 +25,13 @@
 //! runs one plain GEMM per run of same-task rows ([`TaskRun`]): the LoRA costs nothing at run
 //! time, at the price of three copies of the decoder's adapted weights (≈ 16.6 GB at full size
 //! instead of 5.5 GB + the stacked factors).
+//!
+//! **Loading.** Two kinds of work run at once. The tensors used as stored and every base weight
+//! stream from the shards through the pinned staging (positioned reads on several threads,
+//! overlapped with the DMA), a folded one straight into the first k columns of `[W | B_all | 0]`
+//! by 2-D copies. Biases, the stacked LoRA factors and the padded vision MLP are assembled on
+//! helper threads meanwhile and staged as they come. Nothing waits for the device until the end
+//! (the merge of [`LoraMode::Merged`] comes after).
 
 use half::bf16;
 
@@ -468,37 +475,80 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint, mode: LoraMode) -> Result<(W
     let tensors = lay.len();
 
     let mut buf = DeviceBuffer::new(gpu, lay.bytes())?;
-    // The tensors used as stored stream from the shards through pinned staging (positioned reads
-    // overlapped with the copies); the fused and stacked ones are assembled on the host.
+    // Module documentation, "Loading": this thread streams the stored tensors; the helpers
+    // assemble the rest (jobs below), which this thread stages as it arrives.
     let mut staging = Staging::default();
-    let mut scratch = DeviceBuffer::new(gpu, fold_scratch_bytes(&layers).max(ALIGN))?;
-    as_stored(gpu, &mut buf, &mut staging, ckpt, &embed, &s.embed.0)?;
-    as_stored(gpu, &mut buf, &mut staging, ckpt, &norm, &s.norm.weight)?;
-    for (l, p) in s.layers.iter().zip(&layers) {
-        as_stored(gpu, &mut buf, &mut staging, ckpt, &p.input_norm, &l.input_norm.weight)?;
-        fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &l.qkv(), &p.qkv, scale)?;
-        fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&l.o], &p.o, scale)?;
-        as_stored(gpu, &mut buf, &mut staging, ckpt, &p.post_norm, &l.post_norm.weight)?;
-        fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &l.gate_up(), &p.gate_up, scale)?;
-        fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&l.down], &p.down, scale)?;
+    {
+        let mut jobs: Vec<Assemble> = Vec::new();
+        for (l, p) in s.layers.iter().zip(&layers) {
+            jobs.push(assemble_linear(ckpt, l.qkv().to_vec(), &p.qkv, scale));
+            jobs.push(assemble_linear(ckpt, vec![&l.o], &p.o, scale));
+            jobs.push(assemble_linear(ckpt, l.gate_up().to_vec(), &p.gate_up, scale));
+            jobs.push(assemble_linear(ckpt, vec![&l.down], &p.down, scale));
+        }
+        jobs.push(assemble_linear(ckpt, vec![&s.projector], &projector, scale));
+        for (b, p) in s.blocks.iter().zip(&blocks) {
+            jobs.push(assemble_linear(ckpt, vec![&b.qkv], &p.qkv, scale));
+            jobs.push(assemble_linear(ckpt, vec![&b.proj], &p.proj, scale));
+            jobs.push(assemble_padded(ckpt, b.gate_up().to_vec(), &p.gate_up));
+            jobs.push(assemble_padded(ckpt, vec![&b.down], &p.down));
+        }
+        let m = &s.merger;
+        jobs.push(assemble_linear(ckpt, vec![&m.mlp0], &merger.mlp0, scale));
+        jobs.push(assemble_linear(ckpt, vec![&m.mlp2], &merger.mlp2, scale));
+
+        let jobs = std::sync::Mutex::new(jobs.into_iter());
+        std::thread::scope(|sc| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Assembled>>>(ASSEMBLED_IN_FLIGHT);
+            for _ in 0..ASSEMBLE_THREADS {
+                let (tx, jobs) = (tx.clone(), &jobs);
+                sc.spawn(move || loop {
+                    let Some(job) = jobs.lock().ok().and_then(|mut j| j.next()) else { return };
+                    // A closed channel: the load failed and returned; stop.
+                    if tx.send(job()).is_err() {
+                        return;
+                    }
+                });
+            }
+            drop(tx);
+            // Stages whatever the helpers have finished (all of it, waiting, when `wait`).
+            let stage_assembled = |buf: &mut DeviceBuffer, staging: &mut Staging, wait: bool| -> Result<()> {
+                loop {
+                    let next = if wait { rx.recv().ok() } else { rx.try_recv().ok() };
+                    let Some(done) = next else { return Ok(()) };
+                    for a in done? {
+                        a.upload(gpu, buf, staging)?;
+                    }
+                }
+            };
+            as_stored(gpu, &mut buf, &mut staging, ckpt, &embed, &s.embed.0)?;
+            as_stored(gpu, &mut buf, &mut staging, ckpt, &norm, &s.norm.weight)?;
+            for (l, p) in s.layers.iter().zip(&layers) {
+                as_stored(gpu, &mut buf, &mut staging, ckpt, &p.input_norm, &l.input_norm.weight)?;
+                stream_weight(gpu, &mut buf, &mut staging, ckpt, &l.qkv(), &p.qkv)?;
+                stream_weight(gpu, &mut buf, &mut staging, ckpt, &[&l.o], &p.o)?;
+                as_stored(gpu, &mut buf, &mut staging, ckpt, &p.post_norm, &l.post_norm.weight)?;
+                stream_weight(gpu, &mut buf, &mut staging, ckpt, &l.gate_up(), &p.gate_up)?;
+                stream_weight(gpu, &mut buf, &mut staging, ckpt, &[&l.down], &p.down)?;
+                stage_assembled(&mut buf, &mut staging, false)?;
+            }
+            stream_weight(gpu, &mut buf, &mut staging, ckpt, &[&s.projector], &projector)?;
+            as_stored(gpu, &mut buf, &mut staging, ckpt, &patch_embed, &s.patch_embed.weight)?;
+            for (b, p) in s.blocks.iter().zip(&blocks) {
+                as_stored(gpu, &mut buf, &mut staging, ckpt, &p.norm1, &b.norm1.weight)?;
+                as_stored(gpu, &mut buf, &mut staging, ckpt, &p.norm2, &b.norm2.weight)?;
+                stream_weight(gpu, &mut buf, &mut staging, ckpt, &[&b.qkv], &p.qkv)?;
+                stream_weight(gpu, &mut buf, &mut staging, ckpt, &[&b.proj], &p.proj)?;
+                stage_assembled(&mut buf, &mut staging, false)?;
+            }
+            as_stored(gpu, &mut buf, &mut staging, ckpt, &merger.ln_q, &m.ln_q.weight)?;
+            stream_weight(gpu, &mut buf, &mut staging, ckpt, &[&m.mlp0], &merger.mlp0)?;
+            stream_weight(gpu, &mut buf, &mut staging, ckpt, &[&m.mlp2], &merger.mlp2)?;
+            stage_assembled(&mut buf, &mut staging, true)
+        })?;
     }
-    fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&s.projector], &projector, scale)?;
-    as_stored(gpu, &mut buf, &mut staging, ckpt, &patch_embed, &s.patch_embed.weight)?;
-    for (b, p) in s.blocks.iter().zip(&blocks) {
-        as_stored(gpu, &mut buf, &mut staging, ckpt, &p.norm1, &b.norm1.weight)?;
-        as_stored(gpu, &mut buf, &mut staging, ckpt, &p.norm2, &b.norm2.weight)?;
-        fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&b.qkv], &p.qkv, scale)?;
-        fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&b.proj], &p.proj, scale)?;
-        fill_padded(gpu, &mut buf, ckpt, &b.gate_up(), &p.gate_up)?;
-        fill_padded(gpu, &mut buf, ckpt, &[&b.down], &p.down)?;
-    }
-    let m = &s.merger;
-    as_stored(gpu, &mut buf, &mut staging, ckpt, &merger.ln_q, &m.ln_q.weight)?;
-    fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&m.mlp0], &merger.mlp0, scale)?;
-    fill_linear(gpu, &mut buf, &mut staging, &mut scratch, ckpt, &[&m.mlp2], &merger.mlp2, scale)?;
     buf.fill(gpu, &inv_freq, &text_inv_freq(cfg.text.rope_theta, hd))?;
     staging.finish(gpu)?;
-    drop(scratch);
     if merged {
         // Every base weight is in place (in task 0's region): add each task's delta.
         let mut merge = Merge::new(gpu, &s, rank)?;
@@ -606,31 +656,36 @@ fn bf16_of(ckpt: &Checkpoint, name: &str) -> Result<Vec<bf16>> {
     ckpt.to_bf16(tensor_of(ckpt, name)?)
 }
 
-/// Streams checkpoint tensor `name` as bf16 into `region` from byte `offset` on: a BF16 tensor
-/// straight from its shard (positioned reads into the pinned staging), another dtype converted
-/// on the host first. Returns the bytes written.
-fn stream_tensor(
-    gpu: &Gpu,
-    buf: &mut DeviceBuffer,
-    staging: &mut Staging,
-    ckpt: &Checkpoint,
-    name: &str,
-    region: &W,
-    offset: usize,
-) -> Result<usize> {
-    let t = tensor_of(ckpt, name)?;
-    let bytes = t.numel() * 2;
-    if t.dtype == Dtype::BF16 {
-        buf.stream_in(gpu, staging, region, offset, bytes, &|off, part| ckpt.read_at(t, off, part))?;
-    } else {
-        let v = ckpt.to_bf16(t)?;
-        let src: &[u8] = bytemuck::cast_slice(&v);
-        buf.stream_in(gpu, staging, region, offset, bytes, &|off, part| {
-            part.copy_from_slice(&src[off..off + part.len()]);
-            Ok(())
-        })?;
+/// A checkpoint tensor's bytes as bf16: a BF16 tensor read straight from its shard (positioned
+/// reads into the pinned staging), another dtype converted on the host first.
+enum Source<'c> {
+    Stored(&'c Checkpoint, &'c TensorInfo),
+    Converted(Vec<bf16>),
+}
+
+impl<'c> Source<'c> {
+    fn of(ckpt: &'c Checkpoint, name: &str) -> Result<Source<'c>> {
+        let t = tensor_of(ckpt, name)?;
+        Ok(if t.dtype == Dtype::BF16 { Source::Stored(ckpt, t) } else { Source::Converted(ckpt.to_bf16(t)?) })
     }
-    Ok(bytes)
+
+    fn bytes(&self) -> usize {
+        match self {
+            Source::Stored(_, t) => t.numel() * 2,
+            Source::Converted(v) => v.len() * 2,
+        }
+    }
+
+    /// Writes the bytes `off..off + part.len()` into `part`.
+    fn fill(&self, off: usize, part: &mut [u8]) -> Result<()> {
+        match self {
+            Source::Stored(ckpt, t) => ckpt.read_at(t, off, part),
+            Source::Converted(v) => {
+                part.copy_from_slice(&bytemuck::cast_slice(v)[off..off + part.len()]);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// A tensor used as stored, streamed into its whole region.
@@ -642,13 +697,16 @@ fn as_stored(
     region: &W,
     name: &str,
 ) -> Result<()> {
-    let n = stream_tensor(gpu, buf, staging, ckpt, name, region, 0)?;
-    check_filled(ckpt, name, n, region)
+    let src = Source::of(ckpt, name)?;
+    let n = src.bytes();
+    check_filled(ckpt, name, n, region.numel() * 2, region)?;
+    buf.stream_in(gpu, staging, region, 0, n, &|off, part| src.fill(off, part))
 }
 
-/// Whether `bytes` written fill `region` exactly (a shape mismatch would leave it half-written).
-fn check_filled(ckpt: &Checkpoint, name: &str, bytes: usize, region: &W) -> Result<()> {
-    if bytes != region.numel() * 2 {
+/// Whether `bytes` of a tensor are the `want` bytes of its place (a shape mismatch would leave
+/// it half-written).
+fn check_filled(ckpt: &Checkpoint, name: &str, bytes: usize, want: usize, region: &W) -> Result<()> {
+    if bytes != want {
         return Err(Error::Tensor {
             name: name.into(),
             file: ckpt.dir.clone(),
@@ -657,6 +715,92 @@ fn check_filled(ckpt: &Checkpoint, name: &str, bytes: usize, region: &W) -> Resu
     }
     Ok(())
 }
+
+/// Streams the base weight of a planned [`Linear`]: the parts' rows one after the other into its
+/// weight (task 0's region when merged: [`Merge`] adds the deltas later), for a folded one into
+/// the first k columns of `[W | B_all | 0]`.
+fn stream_weight(
+    gpu: &Gpu,
+    buf: &mut DeviceBuffer,
+    staging: &mut Staging,
+    ckpt: &Checkpoint,
+    parts: &[&LinearSpec],
+    lin: &Linear,
+) -> Result<()> {
+    let [n, k] = lin.shape();
+    let (w, folded) = match &lin.weight {
+        Weight::Plain(w) | Weight::Stacked(w, _) => (w, false),
+        Weight::Merged(ws) => (&ws[0], false),
+        Weight::Folded { wb, .. } => (wb, true),
+    };
+    let mut row = 0;
+    for p in parts {
+        let name = p.weight();
+        let src = Source::of(ckpt, &name)?;
+        let bytes = src.bytes();
+        let rows = bytes / (2 * k).max(1);
+        // Whole rows, inside the planned rows (else the shape check below names the tensor).
+        if rows * 2 * k != bytes || row + rows > n {
+            check_filled(ckpt, &name, bytes, p.out * k * 2, w)?;
+            return Err(Error::Tensor {
+                name,
+                file: ckpt.dir.clone(),
+                msg: format!("{rows} rows of {k} past the {n} rows of the prepared weight"),
+            });
+        }
+        let fill = |off: usize, part: &mut [u8]| src.fill(off, part);
+        if folded {
+            buf.stream_in_block(gpu, staging, w, (row, rows), (0, k), &fill)?;
+        } else {
+            buf.stream_in(gpu, staging, w, row * k * 2, bytes, &fill)?;
+        }
+        row += rows;
+    }
+    check_filled(ckpt, &parts[0].weight(), row * k * 2, n * k * 2, w)
+}
+
+/// Helper threads assembling tensors on the host during the load, and the results that may wait
+/// for the staging at once (each at most one projection's factors or a vision MLP, ≤ 20 MB).
+const ASSEMBLE_THREADS: usize = 4;
+const ASSEMBLED_IN_FLIGHT: usize = 8;
+
+/// Data assembled on the host for a place in the weights buffer.
+struct Assembled {
+    region: W,
+    /// `None`: the whole region; `Some((col, width))`: that block of columns of every row (`data`
+    /// is then `[rows, width]`).
+    cols: Option<(usize, usize)>,
+    data: Vec<bf16>,
+}
+
+impl Assembled {
+    /// Stages the data into its place (asynchronous; the load finishes the staging).
+    fn upload(&self, gpu: &Gpu, buf: &mut DeviceBuffer, staging: &mut Staging) -> Result<()> {
+        let bytes: &[u8] = bytemuck::cast_slice(&self.data);
+        let fill = |off: usize, part: &mut [u8]| {
+            part.copy_from_slice(&bytes[off..off + part.len()]);
+            Ok(())
+        };
+        let rows = self.region.shape()[0];
+        let want = match self.cols {
+            None => self.region.numel(),
+            Some((_, width)) => rows * width,
+        };
+        if self.data.len() != want {
+            return Err(Error::Shape {
+                op: "upload",
+                msg: format!("{} values for {want} of {:?}", self.data.len(), self.region),
+            });
+        }
+        match self.cols {
+            None => buf.stream_in(gpu, staging, &self.region, 0, bytes.len(), &fill),
+            Some(cols) => buf.stream_in_block(gpu, staging, &self.region, (0, rows), cols, &fill),
+        }
+    }
+}
+
+/// Work that assembles some tensors on the host (run on a helper thread during the load).
+type Assemble<'a> = Box<dyn FnOnce() -> Result<Vec<Assembled>> + Send + 'a>;
 
 /// How an adapted projection is planned (module documentation).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -702,136 +846,98 @@ fn plan_padded(
     Linear { weight: Weight::Plain(lay.push(&[rows, k])), bias: parts[0].bias.then(|| lay.push(&[rows])) }
 }
 
-/// Fills a [`plan_padded`] projection: each part's weight rows (and bias) at the start of its
-/// block of rows, each row's values at the start of the padded width, zeros elsewhere. Assembled
-/// on the host (the vision MLP: 17 MB per block).
-fn fill_padded(
-    gpu: &Gpu,
-    buf: &mut DeviceBuffer,
-    ckpt: &Checkpoint,
-    parts: &[&LinearSpec],
-    lin: &Linear,
-) -> Result<()> {
-    let Weight::Plain(w) = &lin.weight else {
-        return Err(Error::Internal("a padded projection with an adapter".into()));
-    };
-    let (rows, k) = (w.shape()[0], w.shape()[1]);
-    let part_rows = rows / parts.len();
-    let mut wp = vec![bf16::ZERO; rows * k];
-    let mut bp = vec![bf16::ZERO; rows];
-    for (pi, p) in parts.iter().enumerate() {
-        let name = p.weight();
-        let src = bf16_of(ckpt, &name)?;
-        if src.len() != p.out * p.inp || p.out > part_rows || p.inp > k {
-            return Err(Error::Tensor {
-                name,
-                file: ckpt.dir.clone(),
-                msg: format!(
-                    "{} values for [{}, {}] padded into [{part_rows}, {k}]",
-                    src.len(),
-                    p.out,
-                    p.inp
-                ),
-            });
-        }
-        for (i, row) in src.chunks_exact(p.inp).enumerate() {
-            let at = (pi * part_rows + i) * k;
-            wp[at..at + p.inp].copy_from_slice(row);
-        }
-        if let Some(bname) = p.bias_name() {
-            let b = bf16_of(ckpt, &bname)?;
-            if b.len() != p.out {
+/// Assembles a [`plan_padded`] projection: each part's weight rows (and bias) at the start of its
+/// block of rows, each row's values at the start of the padded width, zeros elsewhere (the
+/// vision MLP: 17 MB per block).
+fn assemble_padded<'a>(ckpt: &'a Checkpoint, parts: Vec<&'a LinearSpec>, lin: &'a Linear) -> Assemble<'a> {
+    Box::new(move || {
+        let Weight::Plain(w) = &lin.weight else {
+            return Err(Error::Internal("a padded projection with an adapter".into()));
+        };
+        let (rows, k) = (w.shape()[0], w.shape()[1]);
+        let part_rows = rows / parts.len();
+        let mut wp = vec![bf16::ZERO; rows * k];
+        let mut bp = vec![bf16::ZERO; rows];
+        for (pi, p) in parts.iter().enumerate() {
+            let name = p.weight();
+            let src = bf16_of(ckpt, &name)?;
+            if src.len() != p.out * p.inp || p.out > part_rows || p.inp > k {
                 return Err(Error::Tensor {
-                    name: bname,
+                    name,
                     file: ckpt.dir.clone(),
-                    msg: format!("{} values, expected {}", b.len(), p.out),
+                    msg: format!(
+                        "{} values for [{}, {}] padded into [{part_rows}, {k}]",
+                        src.len(),
+                        p.out,
+                        p.inp
+                    ),
                 });
             }
-            bp[pi * part_rows..pi * part_rows + p.out].copy_from_slice(&b);
-        }
-    }
-    buf.fill(gpu, w, &wp)?;
-    if let Some(b) = &lin.bias {
-        buf.fill(gpu, b, &bp)?;
-    }
-    Ok(())
-}
-
-/// Fills a planned [`Linear`] from the checkpoint: weights and biases concatenated, a stacked
-/// LoRA with `scale` folded in. A merged projection gets its base weight in task 0's region
-/// ([`Merge`] adds the deltas once everything has streamed in). A folded one is assembled in
-/// `scratch` (W, then B) and copied into the columns of `[W | B_all | 0]`.
-#[allow(clippy::too_many_arguments)]
-fn fill_linear(
-    gpu: &Gpu,
-    buf: &mut DeviceBuffer,
-    staging: &mut Staging,
-    scratch: &mut DeviceBuffer,
-    ckpt: &Checkpoint,
-    parts: &[&LinearSpec],
-    lin: &Linear,
-    scale: f32,
-) -> Result<()> {
-    let [n, k] = lin.shape();
-    // Where W streams to: its region, or for a folded projection a scratch [n, k].
-    let scratch_w = BufferLayout::new(ALIGN).push::<bf16>(&[n, k]);
-    let (dst, w): (&mut DeviceBuffer, &W) = match &lin.weight {
-        Weight::Plain(w) | Weight::Stacked(w, _) => (&mut *buf, w),
-        Weight::Merged(ws) => (&mut *buf, &ws[0]),
-        Weight::Folded { .. } => (&mut *scratch, &scratch_w),
-    };
-    // The fused weight is the parts' rows one after the other: each part streams to its offset.
-    let mut off = 0;
-    for p in parts {
-        off += stream_tensor(gpu, dst, staging, ckpt, &p.weight(), w, off)?;
-    }
-    check_filled(ckpt, &parts[0].weight(), off, w)?;
-    if let Some(bias) = &lin.bias {
-        let mut b = Vec::new();
-        for name in parts.iter().filter_map(|p| p.bias_name()) {
-            b.extend(bf16_of(ckpt, &name)?);
-        }
-        buf.fill(gpu, bias, &b)?;
-    }
-    match &lin.weight {
-        Weight::Stacked(_, lora) => {
-            let (a, b) = stack_lora(ckpt, parts, n, lora.b.shape()[1], scale)?;
-            buf.fill(gpu, &lora.a, &a)?;
-            buf.fill(gpu, &lora.b, &b)?;
-        }
-        Weight::Folded { wb, a: a_region, g, .. } => {
-            // Stream order: the W copy reads the scratch before B's upload overwrites it.
-            staging.finish(gpu)?;
-            buf.copy_cols_from(gpu, scratch, &scratch_w, wb, 0)?;
-            let g8 = a_region.shape()[0];
-            let (mut a, b) = stack_lora(ckpt, parts, n, *g, scale)?;
-            a.resize(g8 * k, bf16::ZERO); // A's padding rows: zero
-            let mut bp = vec![bf16::ZERO; n * g8]; // B's padding columns: zero
-            for (dst, src) in bp.chunks_exact_mut(g8).zip(b.chunks_exact(*g)) {
-                dst[..*g].copy_from_slice(src);
+            for (i, row) in src.chunks_exact(p.inp).enumerate() {
+                let at = (pi * part_rows + i) * k;
+                wp[at..at + p.inp].copy_from_slice(row);
             }
-            let scratch_b = BufferLayout::new(ALIGN).push::<bf16>(&[n, g8]);
-            scratch.fill(gpu, &scratch_b, &bp)?; // waits for the W copy (same stream) first
-            buf.copy_cols_from(gpu, scratch, &scratch_b, wb, k)?;
-            buf.fill(gpu, a_region, &a)?; // waits: the scratch is free again
+            if let Some(bname) = p.bias_name() {
+                let b = bf16_of(ckpt, &bname)?;
+                if b.len() != p.out {
+                    return Err(Error::Tensor {
+                        name: bname,
+                        file: ckpt.dir.clone(),
+                        msg: format!("{} values, expected {}", b.len(), p.out),
+                    });
+                }
+                bp[pi * part_rows..pi * part_rows + p.out].copy_from_slice(&b);
+            }
         }
-        Weight::Plain(_) | Weight::Merged(_) => {}
-    }
-    Ok(())
+        let mut out = vec![Assembled { region: *w, cols: None, data: wp }];
+        if let Some(b) = &lin.bias {
+            out.push(Assembled { region: *b, cols: None, data: bp });
+        }
+        Ok(out)
+    })
 }
 
-/// Bytes of the scratch the folded projections are assembled in: the largest `[n, k]` weight or
-/// `[n, g8]` factor of a folded projection (none: 0).
-fn fold_scratch_bytes(layers: &[TextLayer]) -> usize {
-    layers
-        .iter()
-        .flat_map(|l| [&l.qkv, &l.gate_up, &l.down])
-        .filter_map(|lin| match &lin.weight {
-            Weight::Folded { wb, .. } => Some(wb.shape()[0] * wb.shape()[1] * 2),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(0)
+/// Assembles what a planned [`Linear`] needs besides its base weight ([`stream_weight`]): the
+/// parts' biases concatenated; a stacked LoRA with `scale` folded in, for a folded one `B_all`
+/// (zero-padded to g8 columns) into columns `k..k + g8` of `[W | B_all | 0]` and A padded with
+/// zero rows. A merged projection's deltas are [`Merge`]'s.
+fn assemble_linear<'a>(
+    ckpt: &'a Checkpoint,
+    parts: Vec<&'a LinearSpec>,
+    lin: &'a Linear,
+    scale: f32,
+) -> Assemble<'a> {
+    Box::new(move || {
+        let [n, k] = lin.shape();
+        let mut out = Vec::new();
+        if let Some(bias) = &lin.bias {
+            let mut b = Vec::new();
+            for name in parts.iter().filter_map(|p| p.bias_name()) {
+                b.extend(bf16_of(ckpt, &name)?);
+            }
+            out.push(Assembled { region: *bias, cols: None, data: b });
+        }
+        match &lin.weight {
+            Weight::Stacked(_, lora) => {
+                let (a, b) = stack_lora(ckpt, &parts, n, lora.b.shape()[1], scale)?;
+                out.push(Assembled { region: lora.a, cols: None, data: a });
+                out.push(Assembled { region: lora.b, cols: None, data: b });
+            }
+            Weight::Folded { wb, a: a_region, g, .. } => {
+                let g8 = a_region.shape()[0];
+                let (mut a, b) = stack_lora(ckpt, &parts, n, *g, scale)?;
+                a.resize(g8 * k, bf16::ZERO); // A's padding rows: zero
+                let mut bp = vec![bf16::ZERO; n * g8]; // B's padding columns: zero
+                for (dst, src) in bp.chunks_exact_mut(g8).zip(b.chunks_exact(*g)) {
+                    dst[..*g].copy_from_slice(src);
+                }
+                out.push(Assembled { region: *wb, cols: Some((k, g8)), data: bp });
+                out.push(Assembled { region: *a_region, cols: None, data: a });
+            }
+            Weight::Plain(_) | Weight::Merged(_) => {}
+        }
+        Ok(out)
+    })
 }
 
 /// One task's LoRA of the checkpoint projections `parts`: `A_τ [P·r, k]` (the parts' A one
