@@ -181,6 +181,19 @@ pub fn checkpoint_report(dir: &Path, no_gpu: bool, device: usize, list: bool) ->
         gib(free),
         gib(total)
     );
+    drop(weights);
+    // The load the engine does: the same checkpoint prepared (fused, LoRA stacked and folded or
+    // merged as $JV4_LORA says), with where its time went.
+    let (model, r) = crate::model::gpu::GpuModel::load(&gpu, &ckpt)?;
+    say!(
+        out,
+        "prepared for the engine ({:?} LoRA): {:.2} GB in {:.2} s ({:.1} GB/s); {}",
+        model.lora_mode(),
+        r.bytes as f64 / 1e9,
+        r.seconds,
+        r.bytes as f64 / 1e9 / r.seconds.max(1e-9),
+        r.phases.iter().map(|(p, t)| format!("{p} {t:.3} s")).collect::<Vec<_>>().join(", ")
+    );
     Ok(out)
 }
 

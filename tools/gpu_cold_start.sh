@@ -25,11 +25,11 @@ cat "$model"/*.safetensors "$model"/adapters/*.safetensors > /dev/null
 ./jv4 info --model "$model" > /dev/null 2>&1
 echo "== cold start ($model, checkpoint in the page cache)" | tee "$out/cold_start.txt"
 for i in 1 2 3; do
-    ./jv4 info --model "$model" 2>&1 | grep '^loaded onto' | sed "s/^/info run $i: /" | tee -a "$out/cold_start.txt"
+    ./jv4 info --model "$model" 2>&1 | grep -E '^(loaded onto|prepared for)' | sed "s/^/info run $i: /" | tee -a "$out/cold_start.txt"
 done
 # The load at several fill-thread counts ($JV4_LOAD_THREADS; the default is src/cuda/staging.rs's).
 for t in ${JV4_COLD_THREADS:-2 4 8 12 16}; do
-    JV4_LOAD_THREADS=$t ./jv4 info --model "$model" 2>&1 | grep '^loaded onto' | sed "s/^/info, $t fill threads: /" | tee -a "$out/cold_start.txt"
+    JV4_LOAD_THREADS=$t ./jv4 info --model "$model" 2>&1 | grep -E '^(loaded onto|prepared for)' | sed "s/^/info, $t fill threads: /" | tee -a "$out/cold_start.txt"
 done
 # Where the load's time goes: each part of the page cache → GPU path alone (benches/load.rs).
 [ "${JV4_LOAD_BENCH:-1}" = 0 ] || ./jv4-bench load --model "$model" --threads "${JV4_LOAD_BENCH_THREADS:-1,2,4,8,16}" 2>&1 | tee -a "$out/cold_start.txt"

@@ -18,7 +18,7 @@ use crate::Result;
 pub const ALIGN: usize = 256;
 
 /// What a load did, for reports.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct LoadReport {
     /// Tensors uploaded.
     pub tensors: usize,
@@ -28,6 +28,8 @@ pub struct LoadReport {
     pub converted: usize,
     /// Wall time of the upload.
     pub seconds: f64,
+    /// Where that time went, in order (seconds per phase; empty where not measured).
+    pub phases: Vec<(&'static str, f64)>,
 }
 
 /// Named bf16 tensors on the device.

@@ -475,6 +475,15 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint, mode: LoraMode) -> Result<(W
     let tensors = lay.len();
 
     let mut buf = DeviceBuffer::new(gpu, lay.bytes())?;
+    // Seconds since the last mark, per phase (the report's breakdown).
+    let mut phases = Vec::new();
+    let mut last = std::time::Instant::now();
+    let mut mark = |name: &'static str, phases: &mut Vec<(&'static str, f64)>| {
+        let now = std::time::Instant::now();
+        phases.push((name, (now - last).as_secs_f64()));
+        last = now;
+    };
+    phases.push(("allocate", t0.elapsed().as_secs_f64()));
     // Module documentation, "Loading": this thread streams the stored tensors; the helpers
     // assemble the rest (jobs below), which this thread stages as it arrives.
     let mut staging = Staging::default();
@@ -490,8 +499,8 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint, mode: LoraMode) -> Result<(W
         for (b, p) in s.blocks.iter().zip(&blocks) {
             jobs.push(assemble_linear(ckpt, vec![&b.qkv], &p.qkv, scale));
             jobs.push(assemble_linear(ckpt, vec![&b.proj], &p.proj, scale));
-            jobs.push(assemble_padded(ckpt, b.gate_up().to_vec(), &p.gate_up));
-            jobs.push(assemble_padded(ckpt, vec![&b.down], &p.down));
+            jobs.push(assemble_linear(ckpt, b.gate_up().to_vec(), &p.gate_up, scale));
+            jobs.push(assemble_linear(ckpt, vec![&b.down], &p.down, scale));
         }
         let m = &s.merger;
         jobs.push(assemble_linear(ckpt, vec![&m.mlp0], &merger.mlp0, scale));
@@ -539,16 +548,21 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint, mode: LoraMode) -> Result<(W
                 as_stored(gpu, &mut buf, &mut staging, ckpt, &p.norm2, &b.norm2.weight)?;
                 stream_weight(gpu, &mut buf, &mut staging, ckpt, &[&b.qkv], &p.qkv)?;
                 stream_weight(gpu, &mut buf, &mut staging, ckpt, &[&b.proj], &p.proj)?;
+                stream_padded(gpu, &mut buf, &mut staging, ckpt, &b.gate_up(), &p.gate_up)?;
+                stream_padded(gpu, &mut buf, &mut staging, ckpt, &[&b.down], &p.down)?;
                 stage_assembled(&mut buf, &mut staging, false)?;
             }
             as_stored(gpu, &mut buf, &mut staging, ckpt, &merger.ln_q, &m.ln_q.weight)?;
             stream_weight(gpu, &mut buf, &mut staging, ckpt, &[&m.mlp0], &merger.mlp0)?;
             stream_weight(gpu, &mut buf, &mut staging, ckpt, &[&m.mlp2], &merger.mlp2)?;
+            mark("stream", &mut phases);
             stage_assembled(&mut buf, &mut staging, true)
         })?;
     }
+    mark("assembled, rest", &mut phases);
     buf.fill(gpu, &inv_freq, &text_inv_freq(cfg.text.rope_theta, hd))?;
     staging.finish(gpu)?;
+    mark("finish", &mut phases);
     if merged {
         // Every base weight is in place (in task 0's region): add each task's delta.
         let mut merge = Merge::new(gpu, &s, rank)?;
@@ -560,10 +574,11 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint, mode: LoraMode) -> Result<(W
         }
         merge.linear(gpu, &mut buf, ckpt, &[&s.projector], &projector, scale)?;
         gpu.sync()?;
+        mark("merge", &mut phases);
     }
 
     let report =
-        LoadReport { tensors, bytes: lay.bytes() as u64, converted: 0, seconds: t0.elapsed().as_secs_f64() };
+        LoadReport { tensors, bytes: lay.bytes() as u64, converted: 0, seconds: t0.elapsed().as_secs_f64(), phases };
     let w = Weights {
         buf,
         embed,
@@ -846,55 +861,43 @@ fn plan_padded(
     Linear { weight: Weight::Plain(lay.push(&[rows, k])), bias: parts[0].bias.then(|| lay.push(&[rows])) }
 }
 
-/// Assembles a [`plan_padded`] projection: each part's weight rows (and bias) at the start of its
-/// block of rows, each row's values at the start of the padded width, zeros elsewhere (the
-/// vision MLP: 17 MB per block).
-fn assemble_padded<'a>(ckpt: &'a Checkpoint, parts: Vec<&'a LinearSpec>, lin: &'a Linear) -> Assemble<'a> {
-    Box::new(move || {
-        let Weight::Plain(w) = &lin.weight else {
-            return Err(Error::Internal("a padded projection with an adapter".into()));
-        };
-        let (rows, k) = (w.shape()[0], w.shape()[1]);
-        let part_rows = rows / parts.len();
-        let mut wp = vec![bf16::ZERO; rows * k];
-        let mut bp = vec![bf16::ZERO; rows];
-        for (pi, p) in parts.iter().enumerate() {
-            let name = p.weight();
-            let src = bf16_of(ckpt, &name)?;
-            if src.len() != p.out * p.inp || p.out > part_rows || p.inp > k {
-                return Err(Error::Tensor {
-                    name,
-                    file: ckpt.dir.clone(),
-                    msg: format!(
-                        "{} values for [{}, {}] padded into [{part_rows}, {k}]",
-                        src.len(),
-                        p.out,
-                        p.inp
-                    ),
-                });
-            }
-            for (i, row) in src.chunks_exact(p.inp).enumerate() {
-                let at = (pi * part_rows + i) * k;
-                wp[at..at + p.inp].copy_from_slice(row);
-            }
-            if let Some(bname) = p.bias_name() {
-                let b = bf16_of(ckpt, &bname)?;
-                if b.len() != p.out {
-                    return Err(Error::Tensor {
-                        name: bname,
-                        file: ckpt.dir.clone(),
-                        msg: format!("{} values, expected {}", b.len(), p.out),
-                    });
-                }
-                bp[pi * part_rows..pi * part_rows + p.out].copy_from_slice(&b);
-            }
+/// Streams the weight of a [`plan_padded`] projection: the region zeroed, then each part's rows
+/// into the first columns of its block of rows, straight from the shards (2-D staged copies).
+/// Its bias is [`assemble_linear`]'s (the parts' biases at their rows, zeros between).
+fn stream_padded(
+    gpu: &Gpu,
+    buf: &mut DeviceBuffer,
+    staging: &mut Staging,
+    ckpt: &Checkpoint,
+    parts: &[&LinearSpec],
+    lin: &Linear,
+) -> Result<()> {
+    let Weight::Plain(w) = &lin.weight else {
+        return Err(Error::Internal("a padded projection with an adapter".into()));
+    };
+    let (rows, k) = (w.shape()[0], w.shape()[1]);
+    let part_rows = rows / parts.len();
+    // Stream order: the zeros land before the rows.
+    gpu.fill_u16(&mut buf.at_mut(w), 0)?;
+    for (pi, p) in parts.iter().enumerate() {
+        let name = p.weight();
+        let src = Source::of(ckpt, &name)?;
+        if src.bytes() != p.out * p.inp * 2 || p.out > part_rows || p.inp > k {
+            return Err(Error::Tensor {
+                name,
+                file: ckpt.dir.clone(),
+                msg: format!(
+                    "{} values for [{}, {}] padded into [{part_rows}, {k}]",
+                    src.bytes() / 2,
+                    p.out,
+                    p.inp
+                ),
+            });
         }
-        let mut out = vec![Assembled { region: *w, cols: None, data: wp }];
-        if let Some(b) = &lin.bias {
-            out.push(Assembled { region: *b, cols: None, data: bp });
-        }
-        Ok(out)
-    })
+        let fill = |off: usize, part: &mut [u8]| src.fill(off, part);
+        buf.stream_in_block(gpu, staging, w, (pi * part_rows, p.out), (0, p.inp), &fill)?;
+    }
+    Ok(())
 }
 
 /// Assembles what a planned [`Linear`] needs besides its base weight ([`stream_weight`]): the
@@ -911,9 +914,25 @@ fn assemble_linear<'a>(
         let [n, k] = lin.shape();
         let mut out = Vec::new();
         if let Some(bias) = &lin.bias {
-            let mut b = Vec::new();
-            for name in parts.iter().filter_map(|p| p.bias_name()) {
-                b.extend(bf16_of(ckpt, &name)?);
+            // The parts' biases, each at the start of its block of rows (a padded projection's
+            // blocks are wider than its parts: zeros between).
+            let padded = bias.numel() != parts.iter().map(|p| p.out).sum::<usize>();
+            let block = bias.numel() / parts.len();
+            let mut b = vec![bf16::ZERO; bias.numel()];
+            let mut row = 0;
+            for (pi, p) in parts.iter().enumerate() {
+                let at = if padded { pi * block } else { row };
+                row += p.out;
+                let Some(name) = p.bias_name() else { continue };
+                let v = bf16_of(ckpt, &name)?;
+                if v.len() != p.out || at + p.out > b.len() || (padded && p.out > block) {
+                    return Err(Error::Tensor {
+                        name,
+                        file: ckpt.dir.clone(),
+                        msg: format!("{} values, expected {} at row {at} of {}", v.len(), p.out, b.len()),
+                    });
+                }
+                b[at..at + p.out].copy_from_slice(&v);
             }
             out.push(Assembled { region: *bias, cols: None, data: b });
         }
