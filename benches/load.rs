@@ -193,9 +193,7 @@ pub fn run(o: &LoadOptions) -> Result<()> {
             // SAFETY: [dev, dev + len) lies in our allocation (len <= max_file), which outlives
             // the staging's copies (finish below).
             unsafe {
-                st.copy_in(&gpu, dev, *len, &|off, part| {
-                    h.read_exact_at(part, off as u64).map_err(io)
-                })?
+                st.copy_in(&gpu, dev, *len, &|off, part| h.read_exact_at(part, off as u64).map_err(io))?
             };
         }
         st.finish(&gpu)?;

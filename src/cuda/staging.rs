@@ -127,22 +127,37 @@ impl Staging {
     }
 }
 
-/// Fills `buf` (stream bytes from `offset` on) in up to `threads` parts at once.
+/// Bytes per piece of a chunk that one fill thread takes at a time.
+const PIECE_BYTES: usize = 2 << 20;
+
+/// Fills `buf` (stream bytes from `offset` on) on up to `threads` threads, each taking the next
+/// [`PIECE_BYTES`] piece as it finishes one: a thread the host preempts (the load's helpers run
+/// beside the fills) delays only its piece, not a fixed share of the chunk.
 fn fill_parts(
     buf: &mut [u8],
     offset: usize,
     threads: usize,
     fill: &(dyn Fn(usize, &mut [u8]) -> Result<()> + Sync),
 ) -> Result<()> {
-    let part = buf.len().div_ceil(threads).max(1 << 20);
-    if part >= buf.len() {
+    let pieces = buf.len().div_ceil(PIECE_BYTES);
+    let threads = threads.min(pieces);
+    if threads <= 1 {
         return fill(offset, buf);
     }
+    let queue = std::sync::Mutex::new(buf.chunks_mut(PIECE_BYTES).enumerate());
+    let queue = &queue;
     std::thread::scope(|s| {
-        let handles: Vec<_> = buf
-            .chunks_mut(part)
-            .enumerate()
-            .map(|(i, p)| s.spawn(move || fill(offset + i * part, p)))
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(move || loop {
+                    let next = queue
+                        .lock()
+                        .map_err(|_| crate::Error::Internal("a staging fill thread panicked".into()))?
+                        .next();
+                    let Some((i, p)) = next else { return Ok(()) };
+                    fill(offset + i * PIECE_BYTES, p)?;
+                })
+            })
             .collect();
         handles.into_iter().try_for_each(|h| {
             h.join().unwrap_or_else(|_| Err(crate::Error::Internal("a staging fill thread panicked".into())))
@@ -156,7 +171,8 @@ mod tests {
 
     #[test]
     fn parts_cover_the_chunk_exactly_once() {
-        let mut buf = vec![0u8; (3 << 20) + 5];
+        // Several pieces and a short last one, on fewer threads than pieces.
+        let mut buf = vec![0u8; 5 * PIECE_BYTES + 5];
         let fill = |off: usize, p: &mut [u8]| {
             for (i, b) in p.iter_mut().enumerate() {
                 *b = b.wrapping_add(((off + i) % 251) as u8 + 1);

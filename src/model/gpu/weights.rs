@@ -577,8 +577,13 @@ pub(super) fn prepare(gpu: &Gpu, ckpt: &Checkpoint, mode: LoraMode) -> Result<(W
         mark("merge", &mut phases);
     }
 
-    let report =
-        LoadReport { tensors, bytes: lay.bytes() as u64, converted: 0, seconds: t0.elapsed().as_secs_f64(), phases };
+    let report = LoadReport {
+        tensors,
+        bytes: lay.bytes() as u64,
+        converted: 0,
+        seconds: t0.elapsed().as_secs_f64(),
+        phases,
+    };
     let w = Weights {
         buf,
         embed,
