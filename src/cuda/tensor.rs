@@ -6,7 +6,7 @@
 
 use std::marker::PhantomData;
 
-use cudarc::driver::sys::{self, CUdeviceptr};
+use cudarc::driver::sys::CUdeviceptr;
 
 use super::alloc::DeviceBlock;
 
@@ -402,57 +402,6 @@ impl DeviceBuffer {
         // `&mut self` keeps the buffer alive and unaliased while the copy is enqueued.
         unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, len, gpu.cu_stream()) }
             .map_err(|e| super::cuda_err("copy within the device", e))
-    }
-
-    /// Copies region `src` `[n, c]` of buffer `from` into columns `col..col + c` of region `dst`
-    /// `[n, ld]` of this buffer (one 2-D copy on the GPU's stream, asynchronous): the folded
-    /// LoRA weight `[W | B]` is assembled this way from W and B.
-    pub fn copy_cols_from<T>(
-        &mut self,
-        gpu: &super::Gpu,
-        from: &DeviceBuffer,
-        src: &Region<T>,
-        dst: &Region<T>,
-        col: usize,
-    ) -> crate::Result<()> {
-        let (&[n, c], &[nd, ld]) = (src.shape(), dst.shape()) else {
-            return Err(crate::Error::Shape {
-                op: "copy",
-                msg: format!("{src:?} into {dst:?}: both must be 2-D"),
-            });
-        };
-        if n != nd || col + c > ld {
-            return Err(crate::Error::Shape {
-                op: "copy",
-                msg: format!("{src:?} into columns {col}.. of {dst:?}: the rows differ or it does not fit"),
-            });
-        }
-        let (s, d) = (from.at(src).ptr, self.at(dst).ptr); // both checked inside their buffers
-        let e = std::mem::size_of::<T>();
-        let m = sys::CUDA_MEMCPY2D {
-            srcXInBytes: 0,
-            srcY: 0,
-            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-            srcHost: std::ptr::null(),
-            srcDevice: s,
-            srcArray: std::ptr::null_mut(),
-            srcPitch: c * e,
-            dstXInBytes: 0,
-            dstY: 0,
-            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-            dstHost: std::ptr::null_mut(),
-            dstDevice: d + (col * e) as u64,
-            dstArray: std::ptr::null_mut(),
-            dstPitch: ld * e,
-            WidthInBytes: c * e,
-            Height: n,
-        };
-        // SAFETY: `m` describes n rows of c·e bytes read c·e apart from `from`'s region and
-        // written ld·e apart from column `col` of this buffer's region, both inside their
-        // allocations (checked above); the buffers are distinct (`&mut self` and `&from`).
-        unsafe { sys::cuMemcpy2DAsync_v2(&m, gpu.cu_stream()) }
-            .result()
-            .map_err(|e| super::cuda_err("copy columns within the device", e))
     }
 
     /// Streams `len` bytes into `region`, from byte `offset` of it on, through `staging`:
