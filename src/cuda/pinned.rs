@@ -94,7 +94,7 @@ impl Pinned {
     }
 
     /// Like [`Pinned::copy_to`], for `rows` rows of `row_bytes` bytes packed in the buffer, written
-    /// `pitch` bytes apart from `dst` on (one 2-D copy).
+    /// `pitch` bytes apart from `dst` on (one 2-D copy; a plain one when the rows touch).
     ///
     /// # Safety
     /// `dst + i·pitch .. + row_bytes` must be device memory for every row i < `rows`, allocated
@@ -114,6 +114,10 @@ impl Pinned {
         );
         if bytes == 0 {
             return Ok(());
+        }
+        if pitch == row_bytes {
+            // SAFETY: the rows touch: one range of `bytes` bytes from `dst`, the caller's contract.
+            return unsafe { self.copy_to(gpu, dst, bytes) };
         }
         self.ensure_event()?;
         let m = sys::CUDA_MEMCPY2D {

@@ -70,25 +70,14 @@ impl Staging {
         len: usize,
         fill: &(dyn Fn(usize, &mut [u8]) -> Result<()> + Sync),
     ) -> Result<()> {
-        let mut off = 0;
-        while off < len {
-            let n = self.chunk.min(len - off);
-            let b = &mut self.bufs[self.next];
-            self.next ^= 1;
-            // Waits for this buffer's previous copy; the other buffer's copy keeps running.
-            let buf = b.writable(n)?;
-            fill_parts(buf, off, self.threads, fill)?;
-            // SAFETY: `buf` holds `n` filled bytes; the destination range lies inside
-            // [dst, dst + len), valid by the caller's contract.
-            unsafe { b.copy_to(gpu, dst + off as u64, n)? };
-            off += n;
-        }
-        Ok(())
+        // SAFETY: `len` rows of one byte, one byte apart: [dst, dst + len), the caller's contract.
+        unsafe { self.copy_in_rows(gpu, dst, 1, 1, len, fill) }
     }
 
     /// Like [`Staging::copy_in`], for a destination of `rows` rows of `row_bytes` bytes, `pitch`
     /// bytes apart from `dst` on (a block of columns of a wider matrix); the stream is the rows
-    /// packed one after the other. Each chunk is whole rows.
+    /// packed one after the other. Each chunk is whole rows (rows `pitch` apart that touch are one
+    /// contiguous copy).
     ///
     /// # Safety
     /// `dst + i·pitch .. + row_bytes` must be device memory for every row i < `rows`, allocated
@@ -111,6 +100,7 @@ impl Staging {
             let n = per.min(rows - r);
             let b = &mut self.bufs[self.next];
             self.next ^= 1;
+            // Waits for this buffer's previous copy; the other buffer's copy keeps running.
             let buf = b.writable(n * row_bytes)?;
             fill_parts(buf, r * row_bytes, self.threads, fill)?;
             // SAFETY: `buf` holds n filled rows; rows r..r + n of the destination are the
