@@ -141,6 +141,18 @@ case " $tools " in *" initcheck "* | *" probe "*)
     log="$out/san_probe_graph_chain.txt"
     timeout "$limit" "$san" --tool initcheck --print-limit 5 ./gpu-tests probe_graph_chain_embedding_rmsnorm > "$log" 2>&1
     echo "sanitize initcheck probe, a two-node graph (embedding, rmsnorm), 16 then 64 rows: $(errors_of "$log") errors ($(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)) $(kernels_of "$log")"
+    # Graphs held together from one shared pool, with GEMM nodes (probe_graph_pool_forward_like),
+    # unmarked and marked; then the model's own graph test, marked, with graphs on.
+    for mark in 0 1; do
+        log="$out/san_probe_graph_pool_mark${mark}.txt"
+        JV4_SANITIZE_MARK_GEMM=$mark timeout "$limit" "$san" --tool initcheck --print-limit 5 \
+            ./gpu-tests probe_graph_pool_forward_like > "$log" 2>&1
+        echo "sanitize initcheck probe, held graphs from one pool with GEMM nodes, marked=$mark: $(errors_of "$log") errors ($(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)) $(kernels_of "$log")"
+    done
+    log="$out/san_graph_forward.txt"
+    JV4_SANITIZE_MARK_GEMM=1 timeout "$limit" "$san" --tool initcheck --print-limit 20 \
+        ./gpu-tests graph_forward_equals_eager_bitwise > "$log" 2>&1
+    echo "sanitize initcheck, graph_forward_equals_eager_bitwise (graphs on, marked): $(errors_of "$log") errors ($(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)) $(kernels_of "$log")"
     # (cuBLASLt's reads past its operands: 0 errors on the H200 in every case; $JV4_SAN_TAILS=0 skips.)
     [ "${JV4_SAN_TAILS:-1}" = 0 ] || for left in "" x w bias y; do
         log="$out/san_probe_${left:-none}.txt"

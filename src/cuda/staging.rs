@@ -27,6 +27,10 @@ pub struct Staging {
     next: usize,
     chunk: usize,
     threads: usize,
+    /// The fill threads, started on the first chunk that needs more than one and kept for the
+    /// staging's life (a load makes hundreds of copies: threads spawned per chunk cost more than
+    /// the reads of a small tensor). `None` also when the pool could not start: one thread fills.
+    pool: Option<rayon::ThreadPool>,
 }
 
 /// `$JV4_LOAD_THREADS`: fill threads per chunk instead of [`FILL_THREADS`] (the cold-start
@@ -51,6 +55,7 @@ impl Staging {
             next: 0,
             chunk: chunk.max(1 << 20),
             threads: threads.max(1),
+            pool: None,
         }
     }
 
@@ -98,11 +103,18 @@ impl Staging {
         let mut r = 0;
         while r < rows {
             let n = per.min(rows - r);
+            if self.pool.is_none() && self.threads > 1 && n * row_bytes > MIN_PIECE_BYTES {
+                self.pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(self.threads)
+                    .thread_name(|i| format!("jv4-fill-{i}"))
+                    .build()
+                    .ok();
+            }
             let b = &mut self.bufs[self.next];
             self.next ^= 1;
             // Waits for this buffer's previous copy; the other buffer's copy keeps running.
             let buf = b.writable(n * row_bytes)?;
-            fill_parts(buf, r * row_bytes, self.threads, fill)?;
+            fill_parts(buf, r * row_bytes, self.pool.as_ref(), fill)?;
             // SAFETY: `buf` holds n filled rows; rows r..r + n of the destination are the
             // caller's contract.
             unsafe { b.copy_rows_to(gpu, dst + (r * pitch) as u64, pitch, row_bytes, n)? };
@@ -117,42 +129,27 @@ impl Staging {
     }
 }
 
-/// Bytes per piece of a chunk that one fill thread takes at a time.
+/// Bytes of the pieces a chunk is filled in, at most and at least: a piece is one positioned read
+/// on one thread, so a chunk is cut into about four pieces per fill thread (a thread the host
+/// preempts, the load's helpers running beside the fills, delays only its piece), but not below
+/// the size where a read's own cost starts to show.
 const PIECE_BYTES: usize = 2 << 20;
+const MIN_PIECE_BYTES: usize = 256 << 10;
 
-/// Fills `buf` (stream bytes from `offset` on) on up to `threads` threads, each taking the next
-/// [`PIECE_BYTES`] piece as it finishes one: a thread the host preempts (the load's helpers run
-/// beside the fills) delays only its piece, not a fixed share of the chunk.
+/// Fills `buf` (stream bytes from `offset` on) in pieces on `pool`'s threads (work-stealing:
+/// each takes the next piece as it finishes one), or on this thread without a pool.
 fn fill_parts(
     buf: &mut [u8],
     offset: usize,
-    threads: usize,
+    pool: Option<&rayon::ThreadPool>,
     fill: &(dyn Fn(usize, &mut [u8]) -> Result<()> + Sync),
 ) -> Result<()> {
-    let pieces = buf.len().div_ceil(PIECE_BYTES);
-    let threads = threads.min(pieces);
-    if threads <= 1 {
+    let Some(pool) = pool.filter(|p| p.current_num_threads() > 1 && buf.len() > MIN_PIECE_BYTES) else {
         return fill(offset, buf);
-    }
-    let queue = std::sync::Mutex::new(buf.chunks_mut(PIECE_BYTES).enumerate());
-    let queue = &queue;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(move || loop {
-                    let next = queue
-                        .lock()
-                        .map_err(|_| crate::Error::Internal("a staging fill thread panicked".into()))?
-                        .next();
-                    let Some((i, p)) = next else { return Ok(()) };
-                    fill(offset + i * PIECE_BYTES, p)?;
-                })
-            })
-            .collect();
-        handles.into_iter().try_for_each(|h| {
-            h.join().unwrap_or_else(|_| Err(crate::Error::Internal("a staging fill thread panicked".into())))
-        })
-    })
+    };
+    let piece = buf.len().div_ceil(4 * pool.current_num_threads()).clamp(MIN_PIECE_BYTES, PIECE_BYTES);
+    use rayon::prelude::*;
+    pool.install(|| buf.par_chunks_mut(piece).enumerate().try_for_each(|(i, p)| fill(offset + i * piece, p)))
 }
 
 #[cfg(test)]
@@ -162,6 +159,7 @@ mod tests {
     #[test]
     fn parts_cover_the_chunk_exactly_once() {
         // Several pieces and a short last one, on fewer threads than pieces.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
         let mut buf = vec![0u8; 5 * PIECE_BYTES + 5];
         let fill = |off: usize, p: &mut [u8]| {
             for (i, b) in p.iter_mut().enumerate() {
@@ -169,7 +167,7 @@ mod tests {
             }
             Ok(())
         };
-        fill_parts(&mut buf, 7, 4, &fill).unwrap();
+        fill_parts(&mut buf, 7, Some(&pool), &fill).unwrap();
         assert!(buf.iter().enumerate().all(|(i, &b)| b == ((7 + i) % 251) as u8 + 1));
         let failing = |off: usize, _: &mut [u8]| {
             if off > 7 {
@@ -178,6 +176,10 @@ mod tests {
                 Ok(())
             }
         };
-        assert!(fill_parts(&mut buf, 7, 4, &failing).is_err());
+        assert!(fill_parts(&mut buf, 7, Some(&pool), &failing).is_err());
+        // Without a pool: one read of the whole chunk.
+        let mut small = vec![0u8; 1000];
+        fill_parts(&mut small, 3, None, &fill).unwrap();
+        assert!(small.iter().enumerate().all(|(i, &b)| b == ((3 + i) % 251) as u8 + 1));
     }
 }

@@ -302,3 +302,86 @@ pub fn probe_graph_chain_embedding_rmsnorm(ctx: &mut Ctx) -> Result<(), String> 
     }
     Ok(())
 }
+
+/// initcheck on graphs as the graphed forward holds them (issue 12, the open graph case; the
+/// two-kernel probe above gives 0 reports): several graphs alive at once, each captured from an
+/// arena of one shared pool that starts from empty (so every height allocates from the same base
+/// address), inputs staged into the pool by `Arena::upload` outside the graph, and a chain like a
+/// decoder layer's with cuBLASLt nodes in it: `h = embedding_f32(ids)`, `x = rmsnorm_f32(h)`,
+/// `y = x·w1ᵀ` (GEMM), `h += y·w2ᵀ` (f32 GEMM, accumulating), `out = rmsnorm_f32(h)`. Heights
+/// 16, 64, 16, 64: the later ones replay held graphs on new ids. Every replay's `out` must be
+/// bitwise the eager run's of the same ids (another allocator). Under initcheck (with
+/// `JV4_SANITIZE_MARK_GEMM=1`), reports here and none in the probes above locate the forward's
+/// reports in what this graph adds: GEMM nodes, held graphs, a shared pool.
+pub fn probe_graph_pool_forward_like(ctx: &mut Ctx) -> Result<(), String> {
+    use jv4::cuda::{BufferLayout, Graph};
+    let (vocab, d, d2, eps) = (512usize, 256usize, 512usize, 1e-6f32);
+    let mut weights = allocator(ctx, 64 << 20)?;
+    let (table_h, _) = random_bf16(ctx, vocab * d, 1.0);
+    let table = crate::util::upload(ctx, &mut weights, &[vocab, d], &table_h)?;
+    let (nw_h, _) = random_bf16(ctx, d, 1.0);
+    let nw = crate::util::upload(ctx, &mut weights, &[d], &nw_h)?;
+    let (w1_h, _) = random_bf16(ctx, d2 * d, 0.06);
+    let w1 = crate::util::upload(ctx, &mut weights, &[d2, d], &w1_h)?;
+    let (w2_h, _) = random_bf16(ctx, d * d2, 0.04);
+    let w2 = crate::util::upload(ctx, &mut weights, &[d, d2], &w2_h)?;
+    let mut pool = allocator(ctx, 64 << 20)?;
+    let mut eager_mem = allocator(ctx, 64 << 20)?;
+    let gpu = &ctx.gpu;
+    // The chain on `ids`, every activation from `arena`; returns out's address.
+    let chain =
+        |arena: &jv4::cuda::Arena<'_>, ids: &jv4::cuda::DView<'_, u32>, n: usize| -> jv4::Result<u64> {
+            let mut h = arena.alloc::<f32>(&[n, d])?;
+            let mut x = arena.alloc::<bf16>(&[n, d])?;
+            let mut y = arena.alloc::<bf16>(&[n, d2])?;
+            let mut out = arena.alloc::<bf16>(&[n, d])?;
+            ops::embedding_f32(gpu, &table.view(), ids, &mut h.view_mut())?;
+            ops::rmsnorm_f32(gpu, &h.view(), &nw.view(), eps, &mut x.view_mut())?;
+            ops::linear(gpu, &x.view(), &w1.view(), None, &mut y.view_mut(), false)?;
+            ops::linear_f32(gpu, &y.view(), &w2.view(), &mut h.view_mut(), true)?;
+            ops::rmsnorm_f32(gpu, &h.view(), &nw.view(), eps, &mut out.view_mut())?;
+            Ok(out.view().ptr())
+        };
+    let mut held: Vec<(usize, Graph, u64, u64)> = Vec::new(); // (n, graph, ids at, out at)
+    for (round, n) in [16usize, 64, 16, 64].into_iter().enumerate() {
+        let ids_h: Vec<u32> = (0..n).map(|_| ctx.rng.below(vocab) as u32).collect();
+        let mut lay = BufferLayout::new(256);
+        let ids_r = lay.push::<u32>(&[n]);
+        // Eager, from its own allocator.
+        let want = {
+            let arena = eager_mem.arena();
+            let st = arena.upload(gpu, &lay, |w| w.put(&ids_r, &ids_h)).map_err(e)?;
+            let out = chain(&arena, &st.view(&ids_r), n).map_err(e)?;
+            // SAFETY: `out` is the arena's [n, d] bf16 tensor, alive until the arena drops below.
+            let v = unsafe { jv4::cuda::DView::<bf16>::from_raw(out, &[n, d]) };
+            gpu.download(&v).map_err(e)?
+        };
+        let arena = pool.arena();
+        let st = arena.upload(gpu, &lay, |w| w.put(&ids_r, &ids_h)).map_err(e)?;
+        if !held.iter().any(|g| g.0 == n) {
+            let ids_v = st.view(&ids_r);
+            let (g, out) = gpu.capture(|| chain(&arena, &ids_v, n)).map_err(e)?;
+            held.push((n, g, st.ptr(), out));
+        }
+        let (_, g, ids_at, out) = held.iter().find(|g| g.0 == n).unwrap();
+        if *ids_at != st.ptr() {
+            return Err(format!(
+                "round {round}: inputs staged at {:#x}, the graph reads {ids_at:#x}",
+                st.ptr()
+            ));
+        }
+        g.launch().map_err(e)?;
+        // SAFETY: the graph's out lies in the pool at the address it was captured with; the
+        // arena holds nothing else there until it drops after this download.
+        let v = unsafe { jv4::cuda::DView::<bf16>::from_raw(*out, &[n, d]) };
+        let got = gpu.download(&v).map_err(e)?;
+        if got.iter().zip(&want).any(|(a, b)| a.to_bits() != b.to_bits()) || got.len() != want.len() {
+            return Err(format!("round {round}, n={n}: the graph's out differs from the eager run"));
+        }
+        if got.iter().all(|v| v.to_bits() == got[0].to_bits()) || got.iter().any(|v| !v.to_f32().is_finite())
+        {
+            return Err(format!("round {round}, n={n}: out is constant or not finite"));
+        }
+    }
+    Ok(())
+}

@@ -943,19 +943,17 @@ fn assemble_linear<'a>(
         }
         match &lin.weight {
             Weight::Stacked(_, lora) => {
-                let (a, b) = stack_lora(ckpt, &parts, n, lora.b.shape()[1], scale)?;
+                let g = lora.b.shape()[1];
+                let (a, b) = stack_lora(ckpt, &parts, n, g, g, scale)?;
                 out.push(Assembled { region: lora.a, cols: None, data: a });
                 out.push(Assembled { region: lora.b, cols: None, data: b });
             }
             Weight::Folded { wb, a: a_region, g, .. } => {
                 let g8 = a_region.shape()[0];
-                let (mut a, b) = stack_lora(ckpt, &parts, n, *g, scale)?;
-                a.resize(g8 * k, bf16::ZERO); // A's padding rows: zero
-                let mut bp = vec![bf16::ZERO; n * g8]; // B's padding columns: zero
-                for (dst, src) in bp.chunks_exact_mut(g8).zip(b.chunks_exact(*g)) {
-                    dst[..*g].copy_from_slice(src);
-                }
-                out.push(Assembled { region: *wb, cols: Some((k, g8)), data: bp });
+                // B's rows g8 apart: its padding columns zero, like A's padding rows.
+                let (mut a, b) = stack_lora(ckpt, &parts, n, *g, g8, scale)?;
+                a.resize(g8 * k, bf16::ZERO);
+                out.push(Assembled { region: *wb, cols: Some((k, g8)), data: b });
                 out.push(Assembled { region: *a_region, cols: None, data: a });
             }
             Weight::Plain(_) | Weight::Merged(_) => {}
@@ -1001,8 +999,14 @@ fn task_lora(
             });
         }
         for (i, row) in bt.chunks(rank).enumerate() {
-            for (j, v) in row.iter().enumerate() {
-                b[(row0 + i) * cols + pi * rank + j] = bf16::from_f32(v.to_f32() * scale);
+            let dst = &mut b[(row0 + i) * cols + pi * rank..][..rank];
+            if scale == 1.0 {
+                // jina's adapters (α = r): the scaled value is the stored one, bit for bit.
+                dst.copy_from_slice(row);
+            } else {
+                for (d, v) in dst.iter_mut().zip(row) {
+                    *d = bf16::from_f32(v.to_f32() * scale);
+                }
             }
         }
         row0 += q.out;
@@ -1011,17 +1015,19 @@ fn task_lora(
 }
 
 /// Stacks the LoRA of the checkpoint projections `parts` for all tasks (module documentation):
-/// `A_all [tasks·P·r, k]` task-major, `B_all [Σn_p, tasks·P·r]` block-structured, scale folded in.
+/// `A_all [tasks·P·r, k]` task-major, `B_all [Σn_p, tasks·P·r]` block-structured, scale folded in,
+/// its rows `ld ≥ cols` apart (zeros past `cols`).
 fn stack_lora(
     ckpt: &Checkpoint,
     parts: &[&LinearSpec],
     rows: usize,
     cols: usize,
+    ld: usize,
     scale: f32,
 ) -> Result<(Vec<bf16>, Vec<bf16>)> {
     let per_task = cols / Task::ALL.len();
     let mut a = Vec::new();
-    let mut b = vec![bf16::ZERO; rows * cols];
+    let mut b = vec![bf16::ZERO; rows * ld];
     for (ti, task) in Task::ALL.iter().enumerate() {
         let (at, bt) = task_lora(ckpt, parts, *task, scale)?;
         if bt.len() != rows * per_task {
@@ -1035,7 +1041,7 @@ fn stack_lora(
             });
         }
         a.extend(at);
-        for (dst, src) in b.chunks_exact_mut(cols).zip(bt.chunks_exact(per_task)) {
+        for (dst, src) in b.chunks_exact_mut(ld).zip(bt.chunks_exact(per_task)) {
             dst[ti * per_task..(ti + 1) * per_task].copy_from_slice(src);
         }
     }
