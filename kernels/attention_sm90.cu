@@ -69,6 +69,7 @@
 //   40 / 232 after setmaxnreg), 0 spills, no wgmma serialisation warning. SASS: HGMMA.64x128x16
 //   (S and P·V), HGMMA.64x64x16 (short mode), UTMALDG.2D, SYNCS (mbarrier), USETMAXREG.
 #include "common.cuh"
+#include "wgmma.cuh"
 
 namespace {
 
@@ -114,10 +115,6 @@ template <int D> struct Cfg90 : Sm90Cfg<D> {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // ---- mbarrier ----
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -145,11 +142,6 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const TmaMap *map, int c,
 }
 
 // ---- wgmma ----
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
 // Registers that an in-flight wgmma reads or writes: pin them so the compiler neither reads them
 // early nor reuses them before the wait that follows.
 template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
@@ -165,13 +157,6 @@ template <int N> __device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
 // the ping-pong turn of consumer c is barrier 1 + c.
 __device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
 __device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
-
-// Shared-memory matrix descriptor: start address, leading and stride byte offsets (16-byte
-// units), layout type (swizzle) in bits 62-63.
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo, uint64_t layout) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) |
-           (layout << 62);
-}
 
 // d (+)= a·b, m64n128k16, A and B K-major in shared memory (descriptors); accumulate = 0
 // overwrites d.

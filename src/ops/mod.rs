@@ -6,6 +6,7 @@ pub mod embedding;
 pub mod fault;
 pub mod gelu;
 pub mod linear;
+pub mod linear_wgmma;
 pub mod lora;
 pub mod pool;
 pub mod rmsnorm;

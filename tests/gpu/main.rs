@@ -80,6 +80,7 @@ fn main() {
         ("probe_graph_writes_read_eagerly", probe::probe_graph_writes_read_eagerly),
         ("probe_graph_chain_embedding_rmsnorm", probe::probe_graph_chain_embedding_rmsnorm),
         ("probe_graph_pool_forward_like", probe::probe_graph_pool_forward_like),
+        ("probe_linear_wgmma_bits", probe::probe_linear_wgmma_bits),
         ("embedding_matches_reference", embedding::embedding_matches_reference),
         ("rmsnorm_matches_reference", rmsnorm::rmsnorm_matches_reference),
         ("mrope_matches_reference", rope::mrope_matches_reference),

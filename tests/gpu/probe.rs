@@ -385,3 +385,54 @@ pub fn probe_graph_pool_forward_like(ctx: &mut Ctx) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Does a wgmma GEMM in k order give cuBLASLt's bits? (issue 10, deliverable 2; the question
+/// `ops::linear_wgmma` exists for.) On the decoder's shapes at m = 1, 16, 64 and 200, f32 outputs
+/// of the probe kernel in both operand roles against cuBLASLt's unsplit algorithm (the engine's
+/// plans), element by element: the counts of differing bits are printed, the finding. The test
+/// fails only if a probe output is wrong (checked against the f64 reference on sampled rows, every
+/// element of them), so that a mismatch of bits cannot come from a broken kernel.
+pub fn probe_linear_wgmma_bits(ctx: &mut Ctx) -> Result<(), String> {
+    use jv4::ops::linear_wgmma::{linear_wgmma, linear_wgmma_built, WgmmaRoles};
+    if !linear_wgmma_built() {
+        println!("  not an sm_90a build: nothing to probe");
+        return Ok(());
+    }
+    let mut mem = allocator(ctx, 1 << 30)?;
+    let shapes = [("o", 2048usize, 2048usize), ("qkv", 2560, 2048), ("down", 2048, 11008)];
+    for (name, n, k) in shapes {
+        let (w_h, w_f) = random_bf16(ctx, n * k, 1.0 / (k as f32).sqrt());
+        let w = crate::util::upload(ctx, &mut mem, &[n, k], &w_h)?;
+        let mut line = format!("  {name} {n}x{k}:");
+        for m in [1usize, 16, 64, 200] {
+            let (x_h, x_f) = random_bf16(ctx, m * k, 1.0);
+            let x = crate::util::upload(ctx, &mut mem, &[m, k], &x_h)?;
+            let mut yc = crate::util::dtensor::<f32>(&mut mem, &[m, n])?;
+            ctx.gpu.blas().linear_f32(&x.view(), &w.view(), &mut yc.view_mut(), false).map_err(e)?;
+            let cub = ctx.gpu.download(&yc.view()).map_err(e)?;
+            let rows: Vec<usize> = if m <= 16 { (0..m).collect() } else { vec![0, 1, m / 2, m - 2, m - 1] };
+            let (want, scale) = reference::linear(&x_f, &w_f, None, (m, n, k), Some(&rows));
+            let acc = 8.0 * (k as f32).sqrt() * f32::EPSILON / 2.0;
+            for roles in [WgmmaRoles::TokensAsM, WgmmaRoles::FeaturesAsM] {
+                let mut y = crate::util::dtensor::<f32>(&mut mem, &[m, n])?;
+                ctx.gpu.fill_u32(&mut y.view_mut(), F32_NAN_BITS).map_err(e)?;
+                linear_wgmma(&ctx.gpu, &x.view(), &w.view(), &mut y.view_mut(), roles).map_err(e)?;
+                let got = ctx.gpu.download(&y.view()).map_err(e)?;
+                let sampled: Vec<f32> =
+                    rows.iter().flat_map(|&r| got[r * n..(r + 1) * n].iter().copied()).collect();
+                check_close(&format!("linear_wgmma {roles:?} {name} m={m}"), &sampled, &want, |i| {
+                    acc * scale[i] + 1e-30
+                })?;
+                let differ = got.iter().zip(&cub).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                let tag = if roles == WgmmaRoles::TokensAsM { "tok" } else { "feat" };
+                line += &format!(" m={m} {tag} {differ}/{}", got.len());
+                mem.free(y.into_block());
+            }
+            mem.free(yc.into_block());
+            mem.free(x.into_block());
+        }
+        println!("{line} (elements whose f32 bits differ from cuBLASLt's)");
+        mem.free(w.into_block());
+    }
+    Ok(())
+}
