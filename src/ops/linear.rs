@@ -162,7 +162,12 @@ fn stream_switch(var: Option<&str>) -> bool {
 /// qualifies: only with `$JV4_LINEAR_STREAM=1` (read once per process; see `STREAM_DEFAULT`).
 pub fn stream_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| stream_switch(std::env::var("JV4_LINEAR_STREAM").ok().as_deref()))
+    *ON.get_or_init(|| stream_built() && stream_switch(std::env::var("JV4_LINEAR_STREAM").ok().as_deref()))
+}
+
+/// Whether this build has the kernel's body: it is wgmma, sm_90a only (elsewhere it traps).
+pub fn stream_built() -> bool {
+    crate::cuda::CUDA_ARCH == "sm_90a"
 }
 
 /// The dispatch rule: whether `linear_stream` takes `y [m, ·] = x [m, ·] · w [n, k]ᵀ` with x's
@@ -206,9 +211,16 @@ pub fn stream_tile(m: usize, n: usize, k: usize, sms: usize) -> StreamTile {
     let rows = [64, 32, 16].into_iter().find(|&r| n.div_ceil(r) >= 2 * sms).unwrap_or(16);
     let per_sm = n.div_ceil(rows).div_ceil(sms);
     let budget = (STREAM_SMEM_PER_SM / per_sm).min(STREAM_SMEM_PER_CTA);
-    let slot = (rows + 8 * m.div_ceil(8)) * STREAM_STRIDE * 2;
-    let stages = (budget / slot).clamp(2, STREAM_MAX_STAGES).min(k.div_ceil(STREAM_KC).max(2));
-    StreamTile { rows, stages, smem: stages * slot }
+    let slot = stream_slot(m, rows);
+    let stages = ((budget - 1024) / slot).clamp(2, STREAM_MAX_STAGES).min(k.div_ceil(STREAM_KC).max(2));
+    StreamTile { rows, stages, smem: stages * slot + 1024 }
+}
+
+/// Bytes of one ring slot of the kernel: the W tile (`rows` rows of 128 bytes, swizzled) and
+/// the x tile (16·ceil(m / 16) rows of `STREAM_STRIDE` elements). The kernel aligns its base to
+/// 1 KB, hence the 1 KB the tiling adds to the ring.
+fn stream_slot(m: usize, rows: usize) -> usize {
+    rows * STREAM_KC * 2 + m.div_ceil(16) * 16 * STREAM_STRIDE * 2
 }
 
 /// One `linear_stream` problem: x `[m, ·]` (k columns read, rows `ldx` apart), w `[n, k]`, y
@@ -345,6 +357,12 @@ fn launch_stream(gpu: &Gpu, o: Stream, bias: Option<u64>, out_f32: bool, accumul
             o.m, o.n, o.k, o.ldx, o.ldy, o.x, o.w, o.y
         )));
     }
+    if !stream_built() {
+        return Err(stream_shape_err(format!(
+            "linear_stream is wgmma, for sm_90a builds (this one is {})",
+            crate::cuda::CUDA_ARCH
+        )));
+    }
     let tile = stream_tile(o.m, o.n, o.k, gpu.info().sm_count.max(1) as usize);
     let id = stream_kernel(tile.rows, out_f32);
     gpu.set_max_dynamic_smem(id, tile.smem as u32)?;
@@ -426,8 +444,8 @@ mod tests {
                 assert!([16, 32, 64].contains(&t.rows), "{name} m={m}: {t:?}");
                 assert!((2..=STREAM_MAX_STAGES).contains(&t.stages), "{name} m={m}: {t:?}");
                 assert!(t.smem <= STREAM_SMEM_PER_CTA, "{name} m={m}: {t:?}");
-                let slot = (t.rows + 8 * m.div_ceil(8)) * STREAM_STRIDE * 2;
-                assert_eq!(t.smem, t.stages * slot, "{name} m={m}");
+                let slot = t.rows * 128 + m.div_ceil(16) * 16 * STREAM_STRIDE * 2;
+                assert_eq!(t.smem, t.stages * slot + 1024, "{name} m={m}");
             }
         }
         // The decoder's narrowest projections still fill the card; gate_up takes wide tiles.
@@ -445,9 +463,7 @@ mod tests {
             format!("constexpr int KC = {STREAM_KC};"),
             "constexpr int STRIDE = KC + 8;".to_string(),
             format!("constexpr int MAX_STAGES = {STREAM_MAX_STAGES};"),
-            format!("constexpr int MAX_NT = {};", STREAM_MAX_M / 8),
-            "constexpr int THREADS = WARPS * 32;".to_string(),
-            format!("constexpr int WARPS = {};", STREAM_THREADS / 32),
+            format!("constexpr int THREADS = {STREAM_THREADS};"),
         ] {
             assert!(
                 src.lines().any(|l| l.trim().starts_with(&line)),
