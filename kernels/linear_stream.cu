@@ -53,6 +53,10 @@ constexpr int THREADS = 128;    // one warpgroup
 constexpr int KC = 64;          // k per ring slot (= one 128-byte swizzle row)
 constexpr int STRIDE = KC + 8;  // x slot row stride in elements (144 bytes)
 constexpr int MAX_STAGES = 16;  // = ops::linear's STREAM_MAX_STAGES
+// x_mode: how x reaches shared memory (= ops::linear's StreamX).
+constexpr int X_RING = 0;       // beside W in every ring slot
+constexpr int X_RESIDENT = 1;   // all of k at once, before the loop (the launcher checks it fits)
+constexpr int X_SKIP = 2;       // never loaded (zeros): timing research only, wrong results
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // cp.async.wait_group takes an immediate: one case per possible count (uniform over the CTA).
@@ -110,18 +114,44 @@ __device__ __forceinline__ void linear_stream_block(const __nv_bfloat16 *x, int6
                                                     const __nv_bfloat16 *__restrict__ w,
                                                     const __nv_bfloat16 *__restrict__ bias, void *y,
                                                     int64_t ldy, int m, int n, int k, int accumulate,
-                                                    int stages) {
+                                                    int stages, int x_mode) {
     constexpr int W_SLOT = F * 128; // bytes of one W tile
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned char *smem =
         reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
-    const int mt = (m + 15) / 16 * 16; // token rows of an x slot
-    const int x_slot = mt * STRIDE * 2;
+    const int mt = (m + 15) / 16 * 16; // token rows of an x tile
+    const int chunks = (k + KC - 1) / KC;
+    const bool resident = x_mode == X_RESIDENT;
+    // Row stride (elements) and bytes of the x tile: one per ring slot, or all of k at once.
+    const int x_stride = resident ? chunks * KC + 8 : STRIDE;
+    const int x_slot = mt * x_stride * 2;
     unsigned char *xs = smem + stages * W_SLOT;
     const int f0 = blockIdx.x * F;
-    const int chunks = (k + KC - 1) / KC;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+    // Token rows m..mt − 1 are zeros, written once here and never loaded (a cp.async of size 0
+    // would still send a request: every CTA's to the same address).
+    for (int tile = 0; tile < (resident ? 1 : stages); ++tile) {
+        for (int i = tid; i < (mt - m) * x_stride / 8; i += THREADS) {
+            const int r = m + i / (x_stride / 8), ch = i % (x_stride / 8);
+            *reinterpret_cast<uint4 *>(xs + tile * x_slot + (r * x_stride + ch * 8) * 2) = make_uint4(0, 0, 0, 0);
+        }
+    }
+    if (resident) {
+        // All of x at once, in chunk order rotated by the CTA: the CTAs do not all ask L2 for the
+        // same lines at the same time. One group, older than every W group, so the loop's first
+        // wait covers it. (Columns past k are never read: k % 16 == 0 and whole k16 steps.)
+        const int rot = blockIdx.x % chunks;
+        for (int j = 0; j < chunks; ++j) {
+            const int k0 = ((j + rot) % chunks) * KC;
+            for (int i = tid; i < m * 8; i += THREADS) {
+                const int r = i / 8, col = k0 + (i % 8) * 8;
+                if (col < k) cp_async16(smem_addr(xs + (r * x_stride + col) * 2), x + (int64_t)r * ldx + col, 16);
+            }
+        }
+        cp_async_commit();
+    }
 
     // Chunk c (columns [c·KC, c·KC + KC)) of the weight rows and token rows into slot s.
     auto load = [&](int c, int s) {
@@ -134,12 +164,11 @@ __device__ __forceinline__ void linear_stream_block(const __nv_bfloat16 *x, int6
             const __nv_bfloat16 *src = valid ? w + (int64_t)(f0 + r) * k + k0 + ch * 8 : w;
             cp_async16(wbase + r * 128 + ((ch ^ (r & 7)) * 16), src, valid ? 16 : 0);
         }
+        if (x_mode != X_RING) return;
         const uint32_t xbase = smem_addr(xs + s * x_slot);
-        for (int i = tid; i < mt * 8; i += THREADS) {
+        for (int i = tid; i < m * 8; i += THREADS) {
             const int r = i / 8, ch = i % 8;
-            const bool valid = k0 + ch * 8 < k && r < m;
-            const __nv_bfloat16 *src = valid ? x + (int64_t)r * ldx + k0 + ch * 8 : w;
-            cp_async16(xbase + (r * STRIDE + ch * 8) * 2, src, valid ? 16 : 0);
+            if (k0 + ch * 8 < k) cp_async16(xbase + (r * STRIDE + ch * 8) * 2, x + (int64_t)r * ldx + k0 + ch * 8, 16);
         }
     };
 
@@ -155,7 +184,7 @@ __device__ __forceinline__ void linear_stream_block(const __nv_bfloat16 *x, int6
     // ldmatrix lane address within an x slot (bytes): rows 16·warp + lane % 16, columns
     // 8·(lane / 16): the A fragment of one k16 step (a warp whose rows are all ≥ mt loads none).
     const bool has_rows = 16 * warp < mt;
-    const uint32_t a_off = ((16 * warp + lane % 16) * STRIDE + (lane / 16) * 8) * 2;
+    const uint32_t a_off = ((16 * warp + lane % 16) * x_stride + (lane / 16) * 8) * 2;
 
     for (int c = 0; c < chunks; ++c) {
         cp_async_wait_pending(stages - 2); // chunk c has landed (this thread's part)
@@ -172,7 +201,10 @@ __device__ __forceinline__ void linear_stream_block(const __nv_bfloat16 *x, int6
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) {
             a[ks][0] = a[ks][1] = a[ks][2] = a[ks][3] = 0u;
-            if (has_rows && ks < steps) ldmatrix_x4(a[ks], smem_addr(xs + s * x_slot) + a_off + ks * 32);
+            if (has_rows && ks < steps) {
+                const uint32_t tile = resident ? smem_addr(xs) + c * KC * 2 : smem_addr(xs + s * x_slot);
+                ldmatrix_x4(a[ks], tile + a_off + ks * 32);
+            }
         }
         const uint32_t wtile = smem_addr(smem + s * W_SLOT);
         wgmma_fence();
@@ -218,7 +250,7 @@ __device__ __forceinline__ void linear_stream_block(const __nv_bfloat16 *x, int6
 
 // One entry per (features per CTA, output type): linear_stream_r{16,32,64}_{bf16,f32}.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define JV4_STREAM_BODY(ROWS, F32OUT) linear_stream_block<ROWS, F32OUT>(x, ldx, w, bias, y, ldy, m, n, k, accumulate, stages)
+#define JV4_STREAM_BODY(ROWS, F32OUT) linear_stream_block<ROWS, F32OUT>(x, ldx, w, bias, y, ldy, m, n, k, accumulate, stages, x_mode)
 #else
 #define JV4_STREAM_BODY(ROWS, F32OUT) __trap()
 #endif
@@ -226,7 +258,7 @@ __device__ __forceinline__ void linear_stream_block(const __nv_bfloat16 *x, int6
     extern "C" __global__ void __launch_bounds__(THREADS)                                           \
         linear_stream_r##ROWS##_##NAME(const __nv_bfloat16 *x, int64_t ldx, const __nv_bfloat16 *w, \
                                        const __nv_bfloat16 *bias, void *y, int64_t ldy, int m, int n, \
-                                       int k, int accumulate, int stages) {                         \
+                                       int k, int accumulate, int stages, int x_mode) {             \
         JV4_STREAM_BODY(ROWS, F32OUT);                                                              \
     }
 JV4_LINEAR_STREAM(16, bf16, false)

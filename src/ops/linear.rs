@@ -86,7 +86,9 @@ pub fn linear(
     y: &mut DViewMut<'_, bf16>,
     accumulate: bool,
 ) -> Result<()> {
-    if stream_enabled() && dense(x, w, y.ptr(), y.shape()).is_some_and(|o| o.qualifies()) {
+    // Not for an accumulating bf16 y: there cuBLASLt's epilogue rounds differently from the
+    // kernel's (`linear_stream_equals_cublas_bitwise`), so mixing the two would change bits by m.
+    if stream_enabled() && !accumulate && dense(x, w, y.ptr(), y.shape()).is_some_and(|o| o.qualifies()) {
         return linear_stream(gpu, x, w, bias, y, accumulate);
     }
     gpu.blas().linear(x, w, bias, y, accumulate)
@@ -199,6 +201,37 @@ pub struct StreamTile {
     pub stages: usize,
     /// Dynamic shared memory per CTA, bytes.
     pub smem: usize,
+    /// How x reaches shared memory.
+    pub x: StreamX,
+}
+
+/// How `linear_stream` brings x into shared memory (`x_mode` of the kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamX {
+    /// Beside the weights in every ring slot.
+    Ring = 0,
+    /// All of k before the loop, each CTA starting at another chunk (where it fits:
+    /// [`STREAM_X_RESIDENT_MAX`]): every CTA reads the same x, and in a ring they would all ask
+    /// L2 for the same lines at the same moment.
+    Resident = 1,
+    /// Never loaded: the results are wrong. Research only (`JV4_STREAM_X=skip`): how long the
+    /// kernel takes without x.
+    Skip = 2,
+}
+
+/// Most bytes of x kept resident in shared memory (16·ceil(m/16) rows of the padded k).
+pub const STREAM_X_RESIDENT_MAX: usize = 96 << 10;
+
+/// `$JV4_STREAM_X`: `ring`, `resident` (where it fits), `skip` (research), or unset: resident
+/// where it fits, else ring. Read once per process.
+fn stream_x_env() -> Option<StreamX> {
+    static X: OnceLock<Option<StreamX>> = OnceLock::new();
+    *X.get_or_init(|| match std::env::var("JV4_STREAM_X").ok().as_deref().map(str::trim) {
+        Some("ring") => Some(StreamX::Ring),
+        Some("resident") => Some(StreamX::Resident),
+        Some("skip") => Some(StreamX::Skip),
+        _ => None,
+    })
 }
 
 /// The tiling for `m` tokens, `w [n, k]`, on a device of `sms` SMs. Features per CTA: the
@@ -207,13 +240,35 @@ pub struct StreamTile {
 /// when the whole grid is resident allows (a deep ring keeps ≈ 32 KB of weights in flight per
 /// SM), 2 to 16, no more than k has chunks.
 pub fn stream_tile(m: usize, n: usize, k: usize, sms: usize) -> StreamTile {
+    stream_tile_with(m, n, k, sms, stream_x_env())
+}
+
+/// [`stream_tile`] with x's mode chosen (`None`: resident where it fits, else ring).
+pub fn stream_tile_with(m: usize, n: usize, k: usize, sms: usize, x: Option<StreamX>) -> StreamTile {
     let sms = sms.max(1);
     let rows = [64, 32, 16].into_iter().find(|&r| n.div_ceil(r) >= 2 * sms).unwrap_or(16);
     let per_sm = n.div_ceil(rows).div_ceil(sms);
     let budget = (STREAM_SMEM_PER_SM / per_sm).min(STREAM_SMEM_PER_CTA);
-    let slot = stream_slot(m, rows);
-    let stages = ((budget - 1024) / slot).clamp(2, STREAM_MAX_STAGES).min(k.div_ceil(STREAM_KC).max(2));
-    StreamTile { rows, stages, smem: stages * slot + 1024 }
+    let resident = stream_x_resident_bytes(m, k);
+    let x = match x {
+        Some(StreamX::Resident) | None if resident <= STREAM_X_RESIDENT_MAX => StreamX::Resident,
+        Some(StreamX::Skip) => StreamX::Skip,
+        _ => StreamX::Ring,
+    };
+    let (slot, fixed) = match x {
+        StreamX::Ring => (stream_slot(m, rows), 1024),
+        StreamX::Resident => (rows * STREAM_KC * 2, 1024 + resident),
+        StreamX::Skip => (stream_slot(m, rows), 1024),
+    };
+    let stages =
+        (budget.saturating_sub(fixed) / slot).clamp(2, STREAM_MAX_STAGES).min(k.div_ceil(STREAM_KC).max(2));
+    StreamTile { rows, stages, smem: stages * slot + fixed, x }
+}
+
+/// Bytes of x resident in shared memory: 16·ceil(m/16) rows of k padded to the chunk, plus the
+/// 8 elements that keep ldmatrix free of bank conflicts (the kernel's `x_stride`).
+fn stream_x_resident_bytes(m: usize, k: usize) -> usize {
+    m.div_ceil(16) * 16 * (k.div_ceil(STREAM_KC) * STREAM_KC + 8) * 2
 }
 
 /// Bytes of one ring slot of the kernel: the W tile (`rows` rows of 128 bytes, swizzled) and
@@ -374,7 +429,7 @@ fn launch_stream(gpu: &Gpu, o: Stream, bias: Option<u64>, out_f32: bool, accumul
     let (mut xp, mut wp, mut bp, mut yp) = (o.x, o.w, bias.unwrap_or(0), o.y);
     let (mut ldx, mut ldy) = (o.ldx as i64, o.ldy as i64);
     let (mut m, mut n, mut k) = (o.m as i32, o.n as i32, o.k as i32);
-    let (mut acc, mut stages) = (accumulate as i32, tile.stages as i32);
+    let (mut acc, mut stages, mut x_mode) = (accumulate as i32, tile.stages as i32, tile.x as i32);
     let mut args = [
         arg(&mut xp),
         arg(&mut ldx),
@@ -387,9 +442,10 @@ fn launch_stream(gpu: &Gpu, o: Stream, bias: Option<u64>, out_f32: bool, accumul
         arg(&mut k),
         arg(&mut acc),
         arg(&mut stages),
+        arg(&mut x_mode),
     ];
     // SAFETY: args match linear_stream_r*(const bf16*, int64, const bf16*, const bf16*, void*,
-    // int64, int, int, int, int, int). The callers checked the shapes: x holds m rows of ldx ≥ k
+    // int64, int, int, int, int, int, int). The callers checked the shapes: x holds m rows of ldx ≥ k
     // elements, w n·k, bias (or null) n, y m rows of ldy ≥ n elements of the output type (an f32
     // y only with out_f32); m, n, k fit i32 and the alignment the 16-byte copies need holds
     // (stream_qualifies). The kernel reads rows < m of x, < n of w, columns < k, and writes only
@@ -444,8 +500,19 @@ mod tests {
                 assert!([16, 32, 64].contains(&t.rows), "{name} m={m}: {t:?}");
                 assert!((2..=STREAM_MAX_STAGES).contains(&t.stages), "{name} m={m}: {t:?}");
                 assert!(t.smem <= STREAM_SMEM_PER_CTA, "{name} m={m}: {t:?}");
-                let slot = t.rows * 128 + m.div_ceil(16) * 16 * STREAM_STRIDE * 2;
-                assert_eq!(t.smem, t.stages * slot + 1024, "{name} m={m}");
+                let x_tile = m.div_ceil(16) * 16 * STREAM_STRIDE * 2;
+                let resident = m.div_ceil(16) * 16 * (k.div_ceil(64) * 64 + 8) * 2;
+                match t.x {
+                    StreamX::Resident => {
+                        assert!(resident <= STREAM_X_RESIDENT_MAX, "{name} m={m}: {t:?}");
+                        assert_eq!(t.smem, t.stages * t.rows * 128 + resident + 1024, "{name} m={m}");
+                    }
+                    StreamX::Ring => {
+                        assert!(resident > STREAM_X_RESIDENT_MAX, "{name} m={m}: x fits, yet {t:?}");
+                        assert_eq!(t.smem, t.stages * (t.rows * 128 + x_tile) + 1024, "{name} m={m}");
+                    }
+                    StreamX::Skip => panic!("{name} m={m}: skip is never the default"),
+                }
             }
         }
         // The decoder's narrowest projections still fill the card; gate_up takes wide tiles.
