@@ -106,7 +106,7 @@ fn run(
         } else {
             ctx.gpu.fill_u32(&mut ym, F32_NAN_BITS).map_err(e)?;
         }
-        ops::linear_f32(&ctx.gpu, &xv, &wv, &mut ym, accumulate).map_err(e)?;
+        ops::linear_f32(&ctx.gpu, &xv, &wv, None, &mut ym, accumulate).map_err(e)?;
         let got = ctx.gpu.download(&ym.as_view()).map_err(e)?;
         mem.free(y.into_block());
         got
