@@ -213,7 +213,7 @@ impl Blas {
         &self,
         x: &DView<'_, bf16>,
         w: &DView<'_, bf16>,
-        bias: Option<Bias>,
+        bias: Option<Bias<'_>>,
         y_ptr: dsys::CUdeviceptr,
         y_shape: &[usize],
         out_f32: bool,
@@ -380,7 +380,13 @@ impl Blas {
                 }
                 *a
             }
-            (_, None) => return Err(Error::Blas(format!("no algorithm for m={m} n={n} k={k}"))),
+            (_, None) => {
+                let (out, bias) = (if key.out_f32 { "f32" } else { "bf16" }, key.bias);
+                return Err(Error::Blas(format!(
+                    "no algorithm for m={m} n={n} k={k} ({out} output, bias {bias}, accumulate {})",
+                    key.accumulate
+                )));
+            }
         };
         Ok(plan)
     }
