@@ -364,7 +364,10 @@ impl Blas {
         let Key { m, n, k, .. } = key;
         let mut plan = self.descriptors(key)?;
         let count = if self.invariant { CANDIDATES } else { 1 };
-        let found = self.heuristics(&plan, count)?;
+        let found = self.heuristics(&plan, count).map_err(|e| {
+            let out = if key.out_f32 { "f32" } else { "bf16" };
+            Error::Blas(format!("{e} for m={m} n={n} k={k} ({out} output, bias {})", key.bias))
+        })?;
         // The heuristic's best unsplit algorithm; else (small m, long k: all its candidates split
         // K) the first candidate that runs with its split-K count forced to 1.
         let unsplit = found
