@@ -53,10 +53,10 @@ extern "C" __global__ void __launch_bounds__(JV4_THREADS)
     }
 }
 
-// rmsnorm_f32: the same norm over an f32 input: the decoder keeps its residual stream in f32 (the
-// GEMMs accumulate into it without rounding to bf16 each time), and normalises it into the bf16
-// activations the next GEMM reads. Same launch shape; when D % 4 == 0 each thread reads 4 columns
-// with one 16-byte load. Output rows are ld_out >= D elements apart: the first D columns of a
+// rmsnorm_f32: the same norm over an f32 input: the decoder and the vision tower keep their
+// residual streams in f32 (the GEMMs accumulate into them without rounding to bf16 each time), and
+// normalise them into the bf16 activations the next GEMM reads. Same launch shape; when D % 4 == 0
+// each thread reads 4 columns with one 16-byte load. Output rows are ld_out >= D elements apart: the first D columns of a
 // wider buffer (the folded LoRA's [x | t], docs/MODEL.md §6); the other columns are not touched.
 extern "C" __global__ void __launch_bounds__(JV4_THREADS)
     rmsnorm_f32_bf16(const float *__restrict__ x, const __nv_bfloat16 *__restrict__ w,

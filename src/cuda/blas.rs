@@ -2,7 +2,13 @@
 //!
 //! `linear`: `y[m, n] = x[m, k] · w[n, k]ᵀ (+ bias[n]) (+ y if accumulate)`, the shape of every
 //! projection in the model (PyTorch's `Linear` stores `w` as `[out, in]`). bf16 operands, f32
-//! compute and f32 scale, bf16 output.
+//! compute and f32 scale, bf16 output; `linear_f32` the same into an f32 output.
+//!
+//! **The bias is in the output's type**: bf16 for `linear`, f32 for `linear_f32`. cuBLASLt's
+//! documentation of `CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE` says the bias has the type of D, with
+//! exceptions for IMMA and FP8 kernels only; a bf16 bias beside an f32 D (bf16 A/B, COMPUTE_32F)
+//! is not a documented combination, so the f32 GEMM takes an f32 bias (the weights prepare the
+//! biases of the projections into the f32 residual streams in f32, the bf16 values widened).
 //!
 //! Row-major to column-major, once: a row-major `[r, c]` matrix is a column-major `[c, r]` one.
 //! So `Y = X·Wᵀ` (row-major) is `Yᶜ = Wᶜᵀ·Xᶜ` (column-major, `Yᶜ` is n×m): cuBLAS's A is `w`
@@ -154,19 +160,21 @@ impl Blas {
         y: &mut DViewMut<'_, bf16>,
         accumulate: bool,
     ) -> Result<()> {
-        self.gemm_dense(x, w, bias, y.ptr(), y.shape(), false, accumulate)
+        self.gemm_dense(x, w, bias.map(Bias::of), y.ptr(), y.shape(), false, accumulate)
     }
 
-    /// [`Blas::linear`] with an f32 output (no bias): `y [m, n] (f32) = x·wᵀ (+ y)`. The decoder
-    /// accumulates its residual stream this way, so adding a projection rounds nothing to bf16.
+    /// [`Blas::linear`] with an f32 output and an f32 bias (module documentation): `y [m, n]
+    /// (f32) = x·wᵀ (+ bias) (+ y)`. The decoder and the vision tower accumulate their residual
+    /// streams this way, so adding a projection rounds nothing to bf16.
     pub fn linear_f32(
         &self,
         x: &DView<'_, bf16>,
         w: &DView<'_, bf16>,
+        bias: Option<&DView<'_, f32>>,
         y: &mut DViewMut<'_, f32>,
         accumulate: bool,
     ) -> Result<()> {
-        self.gemm_dense(x, w, None, y.ptr(), y.shape(), true, accumulate)
+        self.gemm_dense(x, w, bias.map(Bias::of), y.ptr(), y.shape(), true, accumulate)
     }
 
     /// [`Blas::linear`] within one row-major buffer `xt [m, ld]`: `xt[:, y_col..y_col + n] =
@@ -205,7 +213,7 @@ impl Blas {
         &self,
         x: &DView<'_, bf16>,
         w: &DView<'_, bf16>,
-        bias: Option<&DView<'_, bf16>>,
+        bias: Option<Bias<'_>>,
         y_ptr: dsys::CUdeviceptr,
         y_shape: &[usize],
         out_f32: bool,
@@ -229,10 +237,10 @@ impl Blas {
     fn gemm(&self, o: Operands<'_, '_>, out_f32: bool, accumulate: bool) -> Result<()> {
         let Operands { x, w, bias, y, m, n, k, ldx, ldy } = o;
         if let Some(b) = bias {
-            if b.shape() != [n] {
+            if b.shape != [n] {
                 return Err(Error::Shape {
                     op: "linear",
-                    msg: format!("bias {:?}, expected [{n}]", b.shape()),
+                    msg: format!("bias {:?}, expected [{n}]", b.shape),
                 });
             }
         }
@@ -248,7 +256,7 @@ impl Blas {
             set_desc(
                 plan.desc,
                 sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                &b.ptr(),
+                &b.ptr,
             )?;
         }
         if self.mark_outputs && !accumulate {
@@ -356,7 +364,10 @@ impl Blas {
         let Key { m, n, k, .. } = key;
         let mut plan = self.descriptors(key)?;
         let count = if self.invariant { CANDIDATES } else { 1 };
-        let found = self.heuristics(&plan, count)?;
+        let found = self.heuristics(&plan, count).map_err(|e| {
+            let out = if key.out_f32 { "f32" } else { "bf16" };
+            Error::Blas(format!("{e} for m={m} n={n} k={k} ({out} output, bias {})", key.bias))
+        })?;
         // The heuristic's best unsplit algorithm; else (small m, long k: all its candidates split
         // K) the first candidate that runs with its split-K count forced to 1.
         let unsplit = found
@@ -372,7 +383,13 @@ impl Blas {
                 }
                 *a
             }
-            (_, None) => return Err(Error::Blas(format!("no algorithm for m={m} n={n} k={k}"))),
+            (_, None) => {
+                let (out, bias) = (if key.out_f32 { "f32" } else { "bf16" }, key.bias);
+                return Err(Error::Blas(format!(
+                    "no algorithm for m={m} n={n} k={k} ({out} output, bias {bias}, accumulate {})",
+                    key.accumulate
+                )));
+            }
         };
         Ok(plan)
     }
@@ -464,7 +481,8 @@ impl Blas {
         set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
         set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSC, &0i32)?;
         let epilogue = if bias {
-            set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bf)?;
+            // The bias in the output's type (module documentation).
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &out_type)?;
             sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
         } else {
             sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
@@ -517,12 +535,25 @@ impl Blas {
     }
 }
 
+/// A bias vector on the device: its address and shape (its type is the output's).
+#[derive(Clone, Copy)]
+struct Bias<'s> {
+    ptr: dsys::CUdeviceptr,
+    shape: &'s [usize],
+}
+
+impl<'s> Bias<'s> {
+    fn of<T>(b: &'s DView<'_, T>) -> Bias<'s> {
+        Bias { ptr: b.ptr(), shape: b.shape() }
+    }
+}
+
 /// The operands of one GEMM: x `[m, k]` read with rows `ldx` apart, w `[n, k]`, y `[m, n]`
-/// written with rows `ldy` apart.
+/// written with rows `ldy` apart, the bias (if any) in y's type.
 struct Operands<'w, 'a> {
     x: dsys::CUdeviceptr,
     w: &'w DView<'a, bf16>,
-    bias: Option<&'w DView<'a, bf16>>,
+    bias: Option<Bias<'w>>,
     y: dsys::CUdeviceptr,
     m: usize,
     n: usize,

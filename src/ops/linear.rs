@@ -94,19 +94,22 @@ pub fn linear(
     gpu.blas().linear(x, w, bias, y, accumulate)
 }
 
-/// [`linear`] into an f32 output, no bias: `y [m, n] (f32) = x·wᵀ (+ y when accumulate)`, the
-/// residual adds of the decoder (its residual stream is f32).
+/// [`linear`] into an f32 output with an f32 bias: `y [m, n] (f32) = x·wᵀ (+ bias [n]) (+ y when
+/// accumulate)`, the residual adds of the decoder and the vision tower (their residual streams
+/// are f32). The bias is f32 because cuBLASLt documents the bias in the output's type
+/// ([`crate::cuda::Blas`]). `linear_stream` takes no f32 bias: with one, cuBLASLt runs it.
 pub fn linear_f32(
     gpu: &Gpu,
     x: &DView<'_, bf16>,
     w: &DView<'_, bf16>,
+    bias: Option<&DView<'_, f32>>,
     y: &mut DViewMut<'_, f32>,
     accumulate: bool,
 ) -> Result<()> {
-    if stream_enabled() && dense(x, w, y.ptr(), y.shape()).is_some_and(|o| o.qualifies()) {
+    if bias.is_none() && stream_enabled() && dense(x, w, y.ptr(), y.shape()).is_some_and(|o| o.qualifies()) {
         return linear_stream_f32(gpu, x, w, y, accumulate);
     }
-    gpu.blas().linear_f32(x, w, y, accumulate)
+    gpu.blas().linear_f32(x, w, bias, y, accumulate)
 }
 
 /// [`linear`] within one buffer: `xt[:, y_col..y_col + n] = xt[:, ..k] · w [n, k]ᵀ` (`y_col ≥ k`,

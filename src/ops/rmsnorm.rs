@@ -56,8 +56,8 @@ pub fn rmsnorm(
     unsafe { gpu.launch(KernelId::RmsnormBf16, Launch::linear(blocks, threads), &mut args) }
 }
 
-/// `out [T, d] (bf16) = rmsnorm(x [T, d] (f32)) ⊙ w [d]`: the norm of the decoder's f32 residual
-/// stream. Kernel `rmsnorm_f32_bf16`; same reference and tolerance as [`rmsnorm`].
+/// `out [T, d] (bf16) = rmsnorm(x [T, d] (f32)) ⊙ w [d]`: the norm of the f32 residual streams
+/// (the decoder's and the vision tower's). Kernel `rmsnorm_f32_bf16`; same reference and tolerance as [`rmsnorm`].
 pub fn rmsnorm_f32(
     gpu: &Gpu,
     x: &DView<'_, f32>,

@@ -7,7 +7,7 @@ use half::bf16;
 
 use crate::check::{check_close, BF16_NAN_BITS, BF16_REL};
 use crate::harness::{e, Ctx};
-use crate::util::{allocator, dtensor, random_bf16, to_f32, upload, U32};
+use crate::util::{allocator, dtensor, random_bf16, to_f32, upload, F32_NAN_BITS, U32};
 use jv4::{ops, reference};
 
 /// Output rows to check on the CPU: all of a small problem, a spread sample of a large one
@@ -109,7 +109,7 @@ pub fn linear_f32_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
         let x = upload(ctx, &mut mem, &[m, k], &x_h)?;
         let w = upload(ctx, &mut mem, &[n, k], &w_h)?;
         let mut y = upload(ctx, &mut mem, &[m, n], &y0)?;
-        ops::linear_f32(&ctx.gpu, &x.view(), &w.view(), &mut y.view_mut(), true).map_err(e)?;
+        ops::linear_f32(&ctx.gpu, &x.view(), &w.view(), None, &mut y.view_mut(), true).map_err(e)?;
         let got = ctx.gpu.download(&y.view()).map_err(e)?;
         let (mut want, mut scale) = reference::linear(&x_f, &w_f, None, (m, n, k), None);
         for i in 0..m * n {
@@ -123,6 +123,77 @@ pub fn linear_f32_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
             acc * scale[i] + U32 * want[i].abs()
         })?;
     }
+    Ok(())
+}
+
+/// `linear_f32` with its f32 bias, the vision tower's residual adds (`h += x·wᵀ + b` after the
+/// attention and the MLP) and its patch embedding (plain, into a fresh f32 stream): at the tower's
+/// widths (n 1280; k 1280 for proj, the padded MLP width for down) and patch counts that are not
+/// multiples of 16, in the three forms: bias and accumulate together, bias alone, neither. The
+/// bias holds bf16 values widened, as the weights prepare it. A fresh y is poisoned with NaN.
+pub fn linear_f32_bias_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
+    let mut mem = allocator(ctx, 1 << 30)?;
+    let down_k = jv4::model::constants::vision_mlp_width(3420);
+    let mut worst = 0f32;
+    for &(m, n, k) in
+        &[(1usize, 1280usize, 1280usize), (37, 1280, down_k), (1021, 1280, 1280), (4099, 1280, down_k)]
+    {
+        let (x_h, x_f) = random_bf16(ctx, m * k, 1.0);
+        let (w_h, w_f) = random_bf16(ctx, n * k, 1.0 / (k as f32).sqrt());
+        let b_f = random_bf16(ctx, n, 0.5).1;
+        let x = upload(ctx, &mut mem, &[m, k], &x_h)?;
+        let w = upload(ctx, &mut mem, &[n, k], &w_h)?;
+        let b = upload(ctx, &mut mem, &[n], &b_f)?;
+        for (bias, accumulate) in [(true, true), (true, false), (false, false)] {
+            let y0: Vec<f32> =
+                if accumulate { (0..m * n).map(|_| ctx.rng.normal()).collect() } else { Vec::new() };
+            let mut y = dtensor::<f32>(&mut mem, &[m, n])?;
+            if accumulate {
+                ctx.gpu.upload(&mut y.view_mut(), &y0).map_err(e)?;
+            } else {
+                ctx.gpu.fill_u32(&mut y.view_mut(), F32_NAN_BITS).map_err(e)?;
+            }
+            let bv = bias.then(|| b.view());
+            ops::linear_f32(&ctx.gpu, &x.view(), &w.view(), bv.as_ref(), &mut y.view_mut(), accumulate)
+                .map_err(e)?;
+            let got = ctx.gpu.download(&y.view()).map_err(e)?;
+            let rows = sample_rows(m, 64);
+            let (mut want, mut scale) =
+                reference::linear(&x_f, &w_f, bias.then_some(&b_f[..]), (m, n, k), Some(&rows));
+            let mut got_rows = Vec::with_capacity(rows.len() * n);
+            for (ri, &r) in rows.iter().enumerate() {
+                got_rows.extend_from_slice(&got[r * n..(r + 1) * n]);
+                if accumulate {
+                    for j in 0..n {
+                        want[ri * n + j] += y0[r * n + j];
+                        scale[ri * n + j] += y0[r * n + j].abs();
+                    }
+                }
+            }
+            // No bf16 rounding anywhere: the f32 accumulation (statistical bound, 8x, as in
+            // `linear`'s test) and at most two f32 roundings of the epilogue's adds (the old y,
+            // the bias), each within U32 of the scale (Σ|x·w| + |y0| + |b|).
+            let acc = 8.0 * (k as f32).sqrt() * U32;
+            let what = format!("linear_f32 m={m} n={n} k={k} bias={bias} accumulate={accumulate}");
+            let s = check_close(&what, &got_rows, &want, |i| (acc + 2.0 * U32) * scale[i])?;
+            worst = worst.max(s.max_tol_ratio);
+            mem.free(y.into_block());
+        }
+        for t in [x.into_block(), w.into_block()] {
+            mem.free(t);
+        }
+        mem.free(b.into_block());
+    }
+    // A bias of the wrong length is a shape error.
+    let x = dtensor::<bf16>(&mut mem, &[3, 64])?;
+    let w = dtensor::<bf16>(&mut mem, &[32, 64])?;
+    let b = dtensor::<f32>(&mut mem, &[31])?;
+    let mut y = dtensor::<f32>(&mut mem, &[3, 32])?;
+    match ops::linear_f32(&ctx.gpu, &x.view(), &w.view(), Some(&b.view()), &mut y.view_mut(), false) {
+        Err(jv4::Error::Shape { op: "linear", .. }) => {}
+        other => return Err(format!("a bias [31] for n = 32: expected a linear shape error, got {other:?}")),
+    }
+    println!("  linear_f32 with bias: worst error / tolerance {worst:.3}");
     Ok(())
 }
 
@@ -157,14 +228,20 @@ pub fn linear_batch_invariant(ctx: &mut Ctx) -> Result<(), String> {
         let (x_h, _) = random_bf16(ctx, m * k, 1.0);
         let mut x = dtensor::<bf16>(&mut mem, &[m, k])?;
         ctx.gpu.upload(&mut x.view_mut(), &x_h).map_err(e)?;
-        // bf16 output with bias, and the f32 residual form (accumulating onto a random y0).
+        // bf16 output with bias, and the f32 residual form (accumulating onto a random y0), with
+        // an f32 bias where the model has one (the vision tower's proj and down).
+        let f32_bias = matches!(name, "vision_proj" | "vision_down");
+        let (_, bf_f) = random_bf16(ctx, n, 0.5);
+        let mut bf = dtensor::<f32>(&mut mem, &[n])?;
+        ctx.gpu.upload(&mut bf.view_mut(), &bf_f).map_err(e)?;
+        let bfv = f32_bias.then(|| bf.view());
         let mut y = dtensor::<bf16>(&mut mem, &[m, n])?;
         ops::linear(&ctx.gpu, &x.view(), &w.view(), Some(&b.view()), &mut y.view_mut(), false).map_err(e)?;
         let full = ctx.gpu.download(&y.view()).map_err(e)?;
         let y0: Vec<f32> = random_bf16(ctx, m * n, 1.0).1;
         let mut yf = dtensor::<f32>(&mut mem, &[m, n])?;
         ctx.gpu.upload(&mut yf.view_mut(), &y0).map_err(e)?;
-        ops::linear_f32(&ctx.gpu, &x.view(), &w.view(), &mut yf.view_mut(), true).map_err(e)?;
+        ops::linear_f32(&ctx.gpu, &x.view(), &w.view(), bfv.as_ref(), &mut yf.view_mut(), true).map_err(e)?;
         let full_f = ctx.gpu.download(&yf.view()).map_err(e)?;
         for r in slices.iter().cloned() {
             let xs = x.view().rows(r.clone());
@@ -182,13 +259,13 @@ pub fn linear_batch_invariant(ctx: &mut Ctx) -> Result<(), String> {
             }
             let mut yfs = dtensor::<f32>(&mut mem, &[r.len(), n])?;
             ctx.gpu.upload(&mut yfs.view_mut(), &y0[r.start * n..r.end * n]).map_err(e)?;
-            ops::linear_f32(&ctx.gpu, &xs, &w.view(), &mut yfs.view_mut(), true).map_err(e)?;
+            ops::linear_f32(&ctx.gpu, &xs, &w.view(), bfv.as_ref(), &mut yfs.view_mut(), true).map_err(e)?;
             let got = ctx.gpu.download(&yfs.view()).map_err(e)?;
             let want = &full_f[r.start * n..r.end * n];
             if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
                 return Err(format!(
-                    "linear_f32 {name} n={n} k={k}: rows {r:?} alone differ from the same rows in \
-                     m={m}: element {i}: {} vs {}",
+                    "linear_f32 {name} n={n} k={k} (bias {f32_bias}): rows {r:?} alone differ from \
+                     the same rows in m={m}: element {i}: {} vs {}",
                     got[i], want[i]
                 ));
             }
@@ -198,6 +275,7 @@ pub fn linear_batch_invariant(ctx: &mut Ctx) -> Result<(), String> {
         for t in [y.into_block(), x.into_block(), b.into_block(), w.into_block()] {
             mem.free(t);
         }
+        mem.free(bf.into_block());
         mem.free(yf.into_block());
     }
     println!(
@@ -325,7 +403,7 @@ fn run_form(
             if stream {
                 ops::linear_stream_f32(gpu, &xv, &wv, &mut yv, true)
             } else {
-                blas.linear_f32(&xv, &wv, &mut yv, true)
+                blas.linear_f32(&xv, &wv, None, &mut yv, true)
             }
             .map_err(e)?;
             let got = gpu.download(&y.view()).map_err(e)?;
@@ -425,7 +503,7 @@ fn accumulate_hypotheses(
     let (m, n, k) = (p.m, p.n, p.k);
     let x = upload(ctx, mem, &[m, k], &p.x_h)?;
     let mut acc = dtensor::<f32>(mem, &[m, n])?;
-    ctx.gpu.blas().linear_f32(&x.view(), &w.view(), &mut acc.view_mut(), false).map_err(e)?;
+    ctx.gpu.blas().linear_f32(&x.view(), &w.view(), None, &mut acc.view_mut(), false).map_err(e)?;
     let mut y = dtensor::<bf16>(mem, &[m, n])?;
     ctx.gpu.upload(&mut y.view_mut(), &p.y0_h).map_err(e)?;
     ctx.gpu.blas().linear(&x.view(), &w.view(), None, &mut y.view_mut(), true).map_err(e)?;

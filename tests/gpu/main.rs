@@ -71,6 +71,7 @@ fn main() {
         ("linear_matches_reference", linear::linear_matches_reference),
         ("linear_rejects_bad_shapes", linear::linear_rejects_bad_shapes),
         ("linear_batch_invariant", linear::linear_batch_invariant),
+        ("linear_f32_bias_matches_reference", linear::linear_f32_bias_matches_reference),
         ("linear_stream_matches_reference", linear::linear_stream_matches_reference),
         ("linear_stream_equals_cublas_bitwise", linear::linear_stream_equals_cublas_bitwise),
         ("linear_stream_rejects_what_it_does_not_take", linear::linear_stream_rejects_what_it_does_not_take),

@@ -106,7 +106,7 @@ fn run(
         } else {
             ctx.gpu.fill_u32(&mut ym, F32_NAN_BITS).map_err(e)?;
         }
-        ops::linear_f32(&ctx.gpu, &xv, &wv, &mut ym, accumulate).map_err(e)?;
+        ops::linear_f32(&ctx.gpu, &xv, &wv, None, &mut ym, accumulate).map_err(e)?;
         let got = ctx.gpu.download(&ym.as_view()).map_err(e)?;
         mem.free(y.into_block());
         got
@@ -338,7 +338,7 @@ pub fn probe_graph_pool_forward_like(ctx: &mut Ctx) -> Result<(), String> {
             ops::embedding_f32(gpu, &table.view(), ids, &mut h.view_mut())?;
             ops::rmsnorm_f32(gpu, &h.view(), &nw.view(), eps, &mut x.view_mut())?;
             ops::linear(gpu, &x.view(), &w1.view(), None, &mut y.view_mut(), false)?;
-            ops::linear_f32(gpu, &y.view(), &w2.view(), &mut h.view_mut(), true)?;
+            ops::linear_f32(gpu, &y.view(), &w2.view(), None, &mut h.view_mut(), true)?;
             ops::rmsnorm_f32(gpu, &h.view(), &nw.view(), eps, &mut out.view_mut())?;
             Ok(out.view().ptr())
         };
@@ -408,7 +408,7 @@ pub fn probe_linear_wgmma_bits(ctx: &mut Ctx) -> Result<(), String> {
             let (x_h, x_f) = random_bf16(ctx, m * k, 1.0);
             let x = crate::util::upload(ctx, &mut mem, &[m, k], &x_h)?;
             let mut yc = crate::util::dtensor::<f32>(&mut mem, &[m, n])?;
-            ctx.gpu.blas().linear_f32(&x.view(), &w.view(), &mut yc.view_mut(), false).map_err(e)?;
+            ctx.gpu.blas().linear_f32(&x.view(), &w.view(), None, &mut yc.view_mut(), false).map_err(e)?;
             let cub = ctx.gpu.download(&yc.view()).map_err(e)?;
             let rows: Vec<usize> = if m <= 16 { (0..m).collect() } else { vec![0, 1, m / 2, m - 2, m - 1] };
             let (want, scale) = reference::linear(&x_f, &w_f, None, (m, n, k), Some(&rows));

@@ -6,10 +6,11 @@
 //! - `vision`: the vision tower;
 //! - `heads`: pooling and the multi-vector projector.
 //!
-//! The residual stream is f32 and the residual adds ride on the GEMMs (cuBLASLt with beta = 1 and
-//! an f32 output), so adding a projection (and its LoRA delta) to it rounds nothing to bf16; the
-//! norms read it and write the bf16 activations the next GEMM takes. (HF keeps it in bf16: ours is
-//! the more accurate of the two, at 8 extra bytes per token and layer of traffic.)
+//! The residual streams (the decoder's and the vision tower's) are f32 and the residual adds ride
+//! on the GEMMs (cuBLASLt with beta = 1 and an f32 output, the vision blocks' biases f32 in the same
+//! epilogue), so adding a projection (and its LoRA delta) to it rounds nothing to bf16; the norms
+//! read it and write the bf16 activations the next GEMM takes. (HF keeps it in bf16: ours is the
+//! more accurate of the two, at 8 extra bytes per token and layer of traffic.)
 
 mod graph;
 mod heads;

@@ -120,9 +120,10 @@ impl GpuModel {
         self.tower(gpu, arena, &stage.inputs(&staged))
     }
 
-    /// The tower on staged inputs; every activation from `arena`. The residual stream is bf16
-    /// here, as in the reference; every block's adds ride on the GEMMs (bias and accumulate
-    /// epilogues).
+    /// The tower on staged inputs; every activation from `arena`. The residual stream `h` is
+    /// f32, like the decoder's (the reference keeps it in bf16): proj and down accumulate into it
+    /// with their (f32) biases in the GEMM's epilogue, so no block's add rounds it to bf16, and
+    /// the norms read it and write the bf16 activations the next GEMM takes.
     pub(super) fn tower<'a>(
         &self,
         gpu: &Gpu,
@@ -136,17 +137,25 @@ impl GpuModel {
         let w = &self.w;
         let alloc = |dims: &[usize]| arena.alloc::<bf16>(dims);
 
-        let mut x0 = alloc(&[np, d])?;
-        ops::linear(gpu, &inp.pixels, &w.at(&w.patch_embed), None, &mut x0.view_mut(), false)?;
-        // Window order: groups of merge² patches permuted as whole rows.
-        let mut h = alloc(&[np, d])?;
-        ops::gather_rows(
-            gpu,
-            &x0.view().reshape(&[np / unit, unit * d]),
-            &inp.window,
-            &mut h.view_mut().reshape(&[np / unit, unit * d]),
-        )?;
-        let mut x = x0;
+        let mut h = arena.alloc::<f32>(&[np, d])?;
+        {
+            // Window order: groups of merge² patches permuted as whole rows. The patch embedding
+            // maps each row on its own (no bias), so the permutation is applied to its input, the
+            // bf16 pixel rows, and the embedding writes the f32 stream in window order: the gather
+            // moves bf16 rows and the stream needs no second f32 buffer. The permuted pixels live in
+            // an inner arena, given back before the blocks allocate.
+            let kp = inp.pixels.shape()[1];
+            let scope = arena.nested();
+            let mut px = scope.alloc::<bf16>(&[np, kp])?;
+            ops::gather_rows(
+                gpu,
+                &inp.pixels.reshape(&[np / unit, unit * kp]),
+                &inp.window,
+                &mut px.view_mut().reshape(&[np / unit, unit * kp]),
+            )?;
+            ops::linear_f32(gpu, &px.view(), &w.at(&w.patch_embed), None, &mut h.view_mut(), false)?;
+        }
+        let mut x = alloc(&[np, d])?;
         let mut qkv = alloc(&[np, 3 * d])?;
         let mut attn = alloc(&[np, d])?;
         // The MLP's padded width (weights::plan_padded; exact, see vision_mlp_width).
@@ -155,7 +164,7 @@ impl GpuModel {
         let mut act = alloc(&[np, inter])?;
         let eps = VISION_RMS_EPS;
         for (j, b) in w.blocks.iter().enumerate() {
-            ops::rmsnorm(gpu, &h.view(), &w.at(&b.norm1), eps, &mut x.view_mut())?;
+            ops::rmsnorm_f32(gpu, &h.view(), &w.at(&b.norm1), eps, &mut x.view_mut())?;
             w.linear(gpu, &x.view(), &b.qkv, &mut qkv.view_mut(), false, None)?;
             ops::vision_rope(gpu, &mut qkv.view_mut(), heads, hd, &inp.angles)?;
             let full = v.fullatt_block_indexes.contains(&j);
@@ -172,15 +181,15 @@ impl GpuModel {
                 false,
                 (hd as f32).powf(-0.5),
             )?;
-            w.linear(gpu, &attn.view(), &b.proj, &mut h.view_mut(), true, None)?;
-            ops::rmsnorm(gpu, &h.view(), &w.at(&b.norm2), eps, &mut x.view_mut())?;
+            w.linear_residual(gpu, &attn.view(), &b.proj, &mut h.view_mut(), None)?;
+            ops::rmsnorm_f32(gpu, &h.view(), &w.at(&b.norm2), eps, &mut x.view_mut())?;
             w.linear(gpu, &x.view(), &b.gate_up, &mut gu.view_mut(), false, None)?;
             ops::swiglu(gpu, &gu.view(), &mut act.view_mut())?;
-            w.linear(gpu, &act.view(), &b.down, &mut h.view_mut(), true, None)?;
+            w.linear_residual(gpu, &act.view(), &b.down, &mut h.view_mut(), None)?;
         }
         // Patch merger: RMSNorm per patch, merge² patches as one row, MLP with exact GELU.
         let m = &w.merger;
-        ops::rmsnorm(gpu, &h.view(), &w.at(&m.ln_q), eps, &mut x.view_mut())?;
+        ops::rmsnorm_f32(gpu, &h.view(), &w.at(&m.ln_q), eps, &mut x.view_mut())?;
         let groups = np / unit;
         let merged = x.view().reshape(&[groups, unit * d]);
         let mut z = alloc(&[groups, unit * d])?;

@@ -96,10 +96,36 @@ pub(super) enum Weight {
     Merged([W; Task::ALL.len()]),
 }
 
+/// A projection's bias, in the type of the output it is added to: cuBLASLt documents the bias
+/// in the output's type (src/cuda/blas.rs). bf16 beside a bf16 activation; f32 for a projection
+/// into an f32 residual stream (the vision tower's proj and down), the checkpoint's bf16 values
+/// widened exactly.
+pub(super) enum Bias {
+    Bf16(W),
+    F32(Region<f32>),
+}
+
+impl Bias {
+    fn numel(&self) -> usize {
+        match self {
+            Bias::Bf16(r) => r.numel(),
+            Bias::F32(r) => r.numel(),
+        }
+    }
+}
+
+/// The type of a projection's output, which its bias takes ([`Bias`]): a bf16 activation, or an
+/// f32 residual stream the projection accumulates into.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Out {
+    Bf16,
+    Residual,
+}
+
 /// `y = x·Wᵀ (+ b)`, task-adapted or not.
 pub(super) struct Linear {
     pub(super) weight: Weight,
-    pub(super) bias: Option<W>,
+    pub(super) bias: Option<Bias>,
 }
 
 impl Linear {
@@ -215,7 +241,7 @@ impl Weights {
         accumulate: bool,
         lora: Option<&mut LoraInputs<'_, '_>>,
     ) -> Result<()> {
-        let bias = lin.bias.as_ref().map(|b| self.at(b));
+        let bias = self.bias_bf16(lin)?;
         match &lin.weight {
             Weight::Plain(w) => ops::linear(gpu, x, &self.at(w), bias.as_ref(), y, accumulate),
             Weight::Stacked(w, l) => {
@@ -250,7 +276,7 @@ impl Weights {
             return self.linear(gpu, &xt.as_view(), lin, y, accumulate, lora);
         };
         self.fold_t(gpu, xt, lin, lora)?;
-        let bias = lin.bias.as_ref().map(|b| self.at(b));
+        let bias = self.bias_bf16(lin)?;
         ops::linear(gpu, &xt.as_view(), &self.at(wb), bias.as_ref(), y, accumulate)
     }
 
@@ -266,15 +292,14 @@ impl Weights {
         let Weight::Folded { wb, .. } = &lin.weight else {
             return self.linear_residual(gpu, &xt.as_view(), lin, h, lora);
         };
-        if lin.bias.is_some() {
-            return Err(Error::Shape { op: "linear_f32", msg: "a residual projection with a bias".into() });
-        }
         self.fold_t(gpu, xt, lin, lora)?;
-        ops::linear_f32(gpu, &xt.as_view(), &self.at(wb), h, true)
+        let bias = self.bias_f32(lin)?;
+        ops::linear_f32(gpu, &xt.as_view(), &self.at(wb), bias.as_ref(), h, true)
     }
 
-    /// [`Weights::linear`] accumulating into the f32 residual stream (no bias: the decoder's
-    /// o_proj and down_proj have none).
+    /// [`Weights::linear`] accumulating into an f32 residual stream `h`: `h += x·Wᵀ (+ b)`, the
+    /// bias (f32, [`Bias`]) where the projection has one (the vision tower's proj and down; the
+    /// decoder's o_proj and down_proj have none).
     pub(super) fn linear_residual(
         &self,
         gpu: &Gpu,
@@ -283,24 +308,45 @@ impl Weights {
         h: &mut DViewMut<'_, f32>,
         lora: Option<&mut LoraInputs<'_, '_>>,
     ) -> Result<()> {
-        if lin.bias.is_some() {
-            return Err(Error::Shape { op: "linear_f32", msg: "a residual projection with a bias".into() });
-        }
+        let bias = self.bias_f32(lin)?;
         match &lin.weight {
-            Weight::Plain(w) => ops::linear_f32(gpu, x, &self.at(w), h, true),
+            Weight::Plain(w) => ops::linear_f32(gpu, x, &self.at(w), bias.as_ref(), h, true),
             Weight::Stacked(w, l) => {
-                ops::linear_f32(gpu, x, &self.at(w), h, true)?;
+                ops::linear_f32(gpu, x, &self.at(w), bias.as_ref(), h, true)?;
                 let t = self.lora_t(gpu, x, l, lora)?;
-                ops::linear_f32(gpu, &t.as_view(), &self.at(&l.b), h, true)
+                ops::linear_f32(gpu, &t.as_view(), &self.at(&l.b), None, h, true)
             }
             Weight::Merged(ws) => {
                 for r in runs_of(lora)? {
                     let w = self.at(task_weight(ws, r.task)?);
-                    ops::linear_f32(gpu, &x.rows(r.rows.clone()), &w, &mut h.rows_mut(r.rows.clone()), true)?;
+                    let (xr, mut hr) = (x.rows(r.rows.clone()), h.rows_mut(r.rows.clone()));
+                    ops::linear_f32(gpu, &xr, &w, bias.as_ref(), &mut hr, true)?;
                 }
                 Ok(())
             }
             Weight::Folded { .. } => Err(folded_without_xt()),
+        }
+    }
+
+    /// The bias of a projection into a bf16 output (planned with [`Out::Bf16`]).
+    fn bias_bf16(&self, lin: &Linear) -> Result<Option<DView<'_, bf16>>> {
+        match &lin.bias {
+            None => Ok(None),
+            Some(Bias::Bf16(b)) => Ok(Some(self.at(b))),
+            Some(Bias::F32(_)) => {
+                Err(Error::Internal("a residual projection's f32 bias into a bf16 output".into()))
+            }
+        }
+    }
+
+    /// The bias of a projection into an f32 residual stream (planned with [`Out::Residual`]).
+    fn bias_f32(&self, lin: &Linear) -> Result<Option<DView<'_, f32>>> {
+        match &lin.bias {
+            None => Ok(None),
+            Some(Bias::F32(b)) => Ok(Some(self.buf.at(b))),
+            Some(Bias::Bf16(_)) => {
+                Err(Error::Internal("a bf16 bias on a projection into an f32 residual stream".into()))
+            }
         }
     }
 
@@ -427,14 +473,14 @@ fn plan(s: &Schema, head_dim: usize, merged: bool) -> Planned {
         .iter()
         .map(|l| TextLayer {
             input_norm: lay.push(&[l.input_norm.dim]),
-            qkv: plan_linear(&mut lay, &l.qkv(), rank, fold),
-            o: plan_linear(&mut lay, &[&l.o], rank, adapt),
+            qkv: plan_linear(&mut lay, &l.qkv(), rank, fold, Out::Bf16),
+            o: plan_linear(&mut lay, &[&l.o], rank, adapt, Out::Residual),
             post_norm: lay.push(&[l.post_norm.dim]),
-            gate_up: plan_linear(&mut lay, &l.gate_up(), rank, fold),
-            down: plan_linear(&mut lay, &[&l.down], rank, fold),
+            gate_up: plan_linear(&mut lay, &l.gate_up(), rank, fold, Out::Bf16),
+            down: plan_linear(&mut lay, &[&l.down], rank, fold, Out::Residual),
         })
         .collect();
-    let projector = plan_linear(&mut lay, &[&s.projector], rank, adapt);
+    let projector = plan_linear(&mut lay, &[&s.projector], rank, adapt, Out::Bf16);
     // The vision tower (docs/MODEL.md §5): the patch embedding as the [hidden, c·t·p·p] matrix its
     // Conv3d is, and gate/up fused like the decoder's.
     let patch_embed = lay.push(&s.patch_embed.matrix());
@@ -444,17 +490,23 @@ fn plan(s: &Schema, head_dim: usize, merged: bool) -> Planned {
         .map(|b| VisionBlock {
             norm1: lay.push(&[b.norm1.dim]),
             norm2: lay.push(&[b.norm2.dim]),
-            qkv: plan_linear(&mut lay, &[&b.qkv], rank, adapt),
-            proj: plan_linear(&mut lay, &[&b.proj], rank, adapt),
-            gate_up: plan_padded(&mut lay, &b.gate_up(), vision_mlp_width(b.down.inp), None),
-            down: plan_padded(&mut lay, &[&b.down], b.down.out, Some(vision_mlp_width(b.down.inp))),
+            qkv: plan_linear(&mut lay, &[&b.qkv], rank, adapt, Out::Bf16),
+            proj: plan_linear(&mut lay, &[&b.proj], rank, adapt, Out::Residual),
+            gate_up: plan_padded(&mut lay, &b.gate_up(), vision_mlp_width(b.down.inp), None, Out::Bf16),
+            down: plan_padded(
+                &mut lay,
+                &[&b.down],
+                b.down.out,
+                Some(vision_mlp_width(b.down.inp)),
+                Out::Residual,
+            ),
         })
         .collect();
     let m = &s.merger;
     let merger = Merger {
         ln_q: lay.push(&[m.ln_q.dim]),
-        mlp0: plan_linear(&mut lay, &[&m.mlp0], rank, adapt),
-        mlp2: plan_linear(&mut lay, &[&m.mlp2], rank, adapt),
+        mlp0: plan_linear(&mut lay, &[&m.mlp0], rank, adapt, Out::Bf16),
+        mlp2: plan_linear(&mut lay, &[&m.mlp2], rank, adapt, Out::Bf16),
     };
     let inv_freq = lay.push::<f32>(&[head_dim / 2]);
     Planned { lay, embed, norm, layers, projector, patch_embed, blocks, merger, inv_freq }
@@ -785,37 +837,52 @@ const ASSEMBLE_THREADS: usize = 4;
 const ASSEMBLED_IN_FLIGHT: usize = 8;
 
 /// Data assembled on the host for a place in the weights buffer.
-struct Assembled {
-    region: W,
-    /// `None`: the whole region; `Some((col, width))`: that block of columns of every row (`data`
-    /// is then `[rows, width]`).
-    cols: Option<(usize, usize)>,
-    data: Vec<bf16>,
+enum Assembled {
+    /// bf16 data. `cols` `None`: the whole region; `Some((col, width))`: that block of columns
+    /// of every row (`data` is then `[rows, width]`).
+    Bf16 { region: W, cols: Option<(usize, usize)>, data: Vec<bf16> },
+    /// f32 data for the whole region (a residual projection's [`Bias`]).
+    F32 { region: Region<f32>, data: Vec<f32> },
 }
 
 impl Assembled {
     /// Stages the data into its place (asynchronous; the load finishes the staging).
     fn upload(&self, gpu: &Gpu, buf: &mut DeviceBuffer, staging: &mut Staging) -> Result<()> {
-        let bytes: &[u8] = bytemuck::cast_slice(&self.data);
-        let fill = |off: usize, part: &mut [u8]| {
-            part.copy_from_slice(&bytes[off..off + part.len()]);
-            Ok(())
-        };
-        let rows = self.region.shape()[0];
-        let want = match self.cols {
-            None => self.region.numel(),
-            Some((_, width)) => rows * width,
-        };
-        if self.data.len() != want {
-            return Err(Error::Shape {
-                op: "upload",
-                msg: format!("{} values for {want} of {:?}", self.data.len(), self.region),
-            });
+        match self {
+            Assembled::Bf16 { region, cols, data } => stage(gpu, buf, staging, region, *cols, data),
+            Assembled::F32 { region, data } => stage(gpu, buf, staging, region, None, data),
         }
-        match self.cols {
-            None => buf.stream_in(gpu, staging, &self.region, 0, bytes.len(), &fill),
-            Some(cols) => buf.stream_in_block(gpu, staging, &self.region, (0, rows), cols, &fill),
-        }
+    }
+}
+
+/// Stages `data` into `region`, or into its block of columns `cols` (see [`Assembled`]).
+fn stage<T: bytemuck::Pod>(
+    gpu: &Gpu,
+    buf: &mut DeviceBuffer,
+    staging: &mut Staging,
+    region: &Region<T>,
+    cols: Option<(usize, usize)>,
+    data: &[T],
+) -> Result<()> {
+    let bytes: &[u8] = bytemuck::cast_slice(data);
+    let fill = |off: usize, part: &mut [u8]| {
+        part.copy_from_slice(&bytes[off..off + part.len()]);
+        Ok(())
+    };
+    let rows = region.shape()[0];
+    let want = match cols {
+        None => region.numel(),
+        Some((_, width)) => rows * width,
+    };
+    if data.len() != want {
+        return Err(Error::Shape {
+            op: "upload",
+            msg: format!("{} values for {want} of {region:?}", data.len()),
+        });
+    }
+    match cols {
+        None => buf.stream_in(gpu, staging, region, 0, bytes.len(), &fill),
+        Some(cols) => buf.stream_in_block(gpu, staging, region, (0, rows), cols, &fill),
     }
 }
 
@@ -833,8 +900,8 @@ enum Adapt {
 }
 
 /// Plans the prepared tensor of the checkpoint projections `parts` (fused in row order); an
-/// adapted one as `adapt` says.
-fn plan_linear(lay: &mut BufferLayout, parts: &[&LinearSpec], rank: usize, adapt: Adapt) -> Linear {
+/// adapted one as `adapt` says, its bias in the type of `out`.
+fn plan_linear(lay: &mut BufferLayout, parts: &[&LinearSpec], rank: usize, adapt: Adapt, out: Out) -> Linear {
     let rows: usize = parts.iter().map(|p| p.out).sum();
     let k = parts[0].inp;
     let g = Task::ALL.len() * parts.len() * rank;
@@ -850,7 +917,15 @@ fn plan_linear(lay: &mut BufferLayout, parts: &[&LinearSpec], rank: usize, adapt
             Weight::Folded { wb: lay.push(&[rows, k + g8]), a: lay.push(&[g8, k]), k, g, parts: parts.len() }
         }
     };
-    Linear { weight, bias: parts[0].bias.then(|| lay.push(&[rows])) }
+    Linear { weight, bias: plan_bias(lay, parts, rows, out) }
+}
+
+/// The bias of a projection of `rows` outputs into `out`, if its parts have one.
+fn plan_bias(lay: &mut BufferLayout, parts: &[&LinearSpec], rows: usize, out: Out) -> Option<Bias> {
+    parts[0].bias.then(|| match out {
+        Out::Bf16 => Bias::Bf16(lay.push(&[rows])),
+        Out::Residual => Bias::F32(lay.push(&[rows])),
+    })
 }
 
 /// Plans an unadapted projection padded with zeros: each part's rows to `part_rows` (gate/up
@@ -860,10 +935,11 @@ fn plan_padded(
     parts: &[&LinearSpec],
     part_rows: usize,
     k_to: Option<usize>,
+    out: Out,
 ) -> Linear {
     let rows = parts.len() * part_rows;
     let k = k_to.unwrap_or(parts[0].inp);
-    Linear { weight: Weight::Plain(lay.push(&[rows, k])), bias: parts[0].bias.then(|| lay.push(&[rows])) }
+    Linear { weight: Weight::Plain(lay.push(&[rows, k])), bias: plan_bias(lay, parts, rows, out) }
 }
 
 /// Streams the weight of a [`plan_padded`] projection: the region zeroed, then each part's rows
@@ -939,22 +1015,28 @@ fn assemble_linear<'a>(
                 }
                 b[at..at + p.out].copy_from_slice(&v);
             }
-            out.push(Assembled { region: *bias, cols: None, data: b });
+            out.push(match bias {
+                Bias::Bf16(region) => Assembled::Bf16 { region: *region, cols: None, data: b },
+                // bf16 → f32 is exact: the values the checkpoint holds.
+                Bias::F32(region) => {
+                    Assembled::F32 { region: *region, data: b.iter().map(|v| v.to_f32()).collect() }
+                }
+            });
         }
         match &lin.weight {
             Weight::Stacked(_, lora) => {
                 let g = lora.b.shape()[1];
                 let (a, b) = stack_lora(ckpt, &parts, n, g, g, scale)?;
-                out.push(Assembled { region: lora.a, cols: None, data: a });
-                out.push(Assembled { region: lora.b, cols: None, data: b });
+                out.push(Assembled::Bf16 { region: lora.a, cols: None, data: a });
+                out.push(Assembled::Bf16 { region: lora.b, cols: None, data: b });
             }
             Weight::Folded { wb, a: a_region, g, .. } => {
                 let g8 = a_region.shape()[0];
                 // B's rows g8 apart: its padding columns zero, like A's padding rows.
                 let (mut a, b) = stack_lora(ckpt, &parts, n, *g, g8, scale)?;
                 a.resize(g8 * k, bf16::ZERO);
-                out.push(Assembled { region: *wb, cols: Some((k, g8)), data: b });
-                out.push(Assembled { region: *a_region, cols: None, data: a });
+                out.push(Assembled::Bf16 { region: *wb, cols: Some((k, g8)), data: b });
+                out.push(Assembled::Bf16 { region: *a_region, cols: None, data: a });
             }
             Weight::Plain(_) | Weight::Merged(_) => {}
         }
