@@ -1,5 +1,5 @@
-// Status: on by default on sm_90a builds for 1 ≤ m ≤ 64 (src/ops/linear.rs, STREAM_DEFAULT), if
-// the GPU suite's `linear_stream_equals_cublas_bitwise` passes: it must give cuBLASLt's bits.
+// Status: off by default (src/ops/linear.rs, STREAM_DEFAULT): it gives cuBLASLt's bits, but it is
+// slower than cuBLASLt at every decoder shape (H200, 2026-12-01; benches/NOTES.md, sixth session).
 //
 // linear_stream: y[m, n] = x[m, k] · w[n, k]ᵀ (+ y when accumulate) (+ bias[n]) for small m
 // (1 ≤ m ≤ 64 tokens): a weight-streaming GEMM. At such m a projection is a read of its weights
@@ -9,9 +9,9 @@
 //
 // Batch invariance, and cuBLASLt's bits: each output element is ONE f32 accumulator, fed by
 //   wgmma (bf16 × bf16 → f32) in k16 steps from k = 0 upward (the first step overwrites it);
-//   then the epilogue in f32 (the old y first, then the bias: the order of cuBLASLt's
-//   `alpha·acc + beta·C` then its bias epilogue) and one rounding to bf16 (round to nearest
-//   even) for a bf16 y. No split of K anywhere, so a row of y gets the same bits at any m, tile
+//   then the epilogue in f32 (the old y first, then the bias, as cuBLASLt orders them) and
+//   the rounding to bf16 (round to nearest even) for a bf16 y; an accumulating bf16 y adds the
+//   product rounded to bf16 first, as cuBLASLt's epilogue does (measured: bf16(bf16(acc) + y)). No split of K anywhere, so a row of y gets the same bits at any m, tile
 //   or grid. `probe_linear_wgmma_bits` (tests/gpu/probe.rs) found that a wgmma GEMM in this
 //   order gives cuBLASLt's unsplit algorithms' bits in both operand roles at m = 1 to 200 on the
 //   decoder's shapes (0 differing elements, H200, 2026-12-01); mma.sync in the same order does
@@ -237,7 +237,11 @@ __device__ __forceinline__ void linear_stream_block(const __nv_bfloat16 *x, int6
                 *p = v;
             } else {
                 __nv_bfloat16 *p = static_cast<__nv_bfloat16 *>(y) + (int64_t)tok * ldy + f;
-                if (accumulate) v = v + __bfloat162float(*p);
+                // cuBLASLt's accumulating bf16 epilogue rounds the product to bf16 before adding the
+                // old y (bf16(bf16(acc) + y): the only rule of two that matched its bits,
+                // `linear_stream_equals_cublas_bitwise`); then the bias (that order with both
+                // is not measured: the model never adds a bias to an accumulating bf16 y).
+                if (accumulate) v = __bfloat162float(__float2bfloat16_rn(v)) + __bfloat162float(*p);
                 if (bias != nullptr) v = v + b;
                 *p = __float2bfloat16_rn(v);
             }

@@ -3,21 +3,19 @@
 //!
 //! - cuBLASLt ([`crate::cuda::Blas::linear`]), every shape;
 //! - `linear_stream` (`kernels/linear_stream.cu`), a weight-streaming kernel for small batches
-//!   (1 ≤ m ≤ [`STREAM_MAX_M`] tokens): each CTA owns a slice of output features and all of k
-//!   behind a deep cp.async ring. **Off by default, a first attempt at issue 10's deliverable 2
-//!   that fell short**: measured on the H200 (rows `linear_stream/...` of `jv4-bench ops`, weights
-//!   rotated past L2) it is slower than cuBLASLt at every decoder shape (m = 16: qkv 339 GB/s
-//!   against 593, gate_up 1,797 against 2,583, down 338 against 1,590), and it is not bitwise
-//!   equal to cuBLASLt (5% of the elements differ), so it would break batch invariance.
-//!   `JV4_LINEAR_STREAM=1` turns it on for experiments.
+//!   (1 ≤ m ≤ [`STREAM_MAX_M`] tokens, sm_90a builds): each CTA owns a slice of output features
+//!   and all of k behind a deep cp.async ring, on wgmma. **Off by default** (`JV4_LINEAR_STREAM=1`
+//!   turns it on): it gives cuBLASLt's bits (`linear_stream_equals_cublas_bitwise`: 0 of 71
+//!   million elements differ over every model shape and form, H200, 2026-12-01 sixth session),
+//!   but it is still slower than cuBLASLt at every decoder shape (m = 16: qkv ≈ 300 GB/s
+//!   against ≈ 550, gate_up ≈ 2.0 TB/s against 2.5, down ≈ 330 GB/s against 1.5 TB/s; the kernel
+//!   stays that slow with x not loaded at all, so the weight stream itself is what to fix).
 //!
-//! Batch invariance: the kernel never splits K (one f32 accumulator per output, k16 steps from
-//! k = 0 upward), the reduction order of cuBLASLt's unsplit algorithms, which the plans keep to.
-//! That is not enough for equal bits (`linear_stream_equals_cublas_bitwise` in the GPU suite
-//! measures it); the likely cause, not proven, is that mma.sync's k16 step does not round like
-//! the wgmma of the Hopper kernels cuBLASLt runs, so a kernel meant to share the cuBLAS path's
-//! bits should use wgmma. The choice between the two depends only on the problem's shape and
-//! alignment ([`stream_qualifies`]) and on `$JV4_LINEAR_STREAM` ([`stream_enabled`]).
+//! Batch invariance: the kernel never splits K (one f32 accumulator per output, wgmma k16 steps
+//! from k = 0 upward), the reduction order of cuBLASLt's unsplit algorithms, which the plans keep
+//! to, and it rounds in its epilogue as cuBLASLt does; so the op may pick either by m and a
+//! request's vectors do not change with its batch. The choice depends only on the problem's
+//! shape and alignment ([`stream_qualifies`]) and on `$JV4_LINEAR_STREAM` ([`stream_enabled`]).
 
 use std::sync::OnceLock;
 
@@ -86,9 +84,7 @@ pub fn linear(
     y: &mut DViewMut<'_, bf16>,
     accumulate: bool,
 ) -> Result<()> {
-    // Not for an accumulating bf16 y: there cuBLASLt's epilogue rounds differently from the
-    // kernel's (`linear_stream_equals_cublas_bitwise`), so mixing the two would change bits by m.
-    if stream_enabled() && !accumulate && dense(x, w, y.ptr(), y.shape()).is_some_and(|o| o.qualifies()) {
+    if stream_enabled() && dense(x, w, y.ptr(), y.shape()).is_some_and(|o| o.qualifies()) {
         return linear_stream(gpu, x, w, bias, y, accumulate);
     }
     gpu.blas().linear(x, w, bias, y, accumulate)
@@ -135,10 +131,8 @@ pub fn linear_cols(
 pub const STREAM_MAX_M: usize = 64;
 
 /// Whether the stream path is on when `$JV4_LINEAR_STREAM` is unset (the one place to flip it).
-/// Off: measured on the H200 (benches/NOTES.md, 2026-12-01 fourth session) it is slower than
-/// cuBLASLt at every decoder shape (e.g. down at m = 16: 338 GB/s against 1,590) and not bitwise
-/// equal to it (5% of the elements differ; likely mma.sync against the Hopper kernels' wgmma),
-/// so turning it on would also break batch invariance.
+/// Off: bitwise equal to cuBLASLt, but slower at every decoder shape (benches/NOTES.md,
+/// 2026-12-01 sixth session; e.g. down at m = 16: 333 GB/s against 1,494).
 const STREAM_DEFAULT: bool = false;
 
 /// k per ring slot, padded smem row (elements), most ring stages and threads per CTA:
