@@ -431,8 +431,8 @@ fn run_form(
 /// `linear_stream` (`kernels/linear_stream.cu`) against the CPU reference: every shape of
 /// `ops::linear::CASES` it takes, at `STREAM_TOKENS`, in every form; every element checked
 /// (outputs poisoned first), and for `linear_cols` every element outside the window bit for bit
-/// unchanged. Tolerances as `linear_matches_reference`'s, without its allowance for a second
-/// rounding (this kernel rounds once, after the epilogue's f32 adds).
+/// unchanged. Tolerances as `linear_matches_reference`'s: one bf16 rounding of the output, and for
+/// an accumulating bf16 y a second one of the product (the kernel rounds as cuBLASLt does).
 pub fn linear_stream_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
     let mut mem = allocator(ctx, 4 << 30)?;
     let mut worst = [0f32; FORMS.len()];
@@ -459,7 +459,13 @@ pub fn linear_stream_matches_reference(ctx: &mut Ctx) -> Result<(), String> {
                 };
                 let want: Vec<f32> = (0..m * n).map(|i| prod[i] + add(i)).collect();
                 let round = if form == Form::F32Accumulate { 0.0 } else { BF16_REL };
-                let tol = |i: usize| (round + 2.0 * U32) * want[i].abs() + acc * (scale[i] + add(i).abs());
+                // An accumulating bf16 y also rounds the product to bf16 before the add (as
+                // cuBLASLt does, kernels/linear_stream.cu): one more bf16 rounding, of x·wᵀ.
+                let product =
+                    |i: usize| if form == Form::Accumulate { BF16_REL * prod[i].abs() } else { 0.0 };
+                let tol = |i: usize| {
+                    (round + 2.0 * U32) * want[i].abs() + product(i) + acc * (scale[i] + add(i).abs())
+                };
                 let got = match run_form(ctx, &mut mem, true, form, &w, &b, &p)? {
                     Out::Bf16(y) => to_f32(&y),
                     Out::F32(y) => y,
