@@ -208,8 +208,8 @@ pub enum StreamX {
     /// Beside the weights in every ring slot.
     Ring = 0,
     /// All of k before the loop, each CTA starting at another chunk (where it fits:
-    /// [`STREAM_X_RESIDENT_MAX`]): every CTA reads the same x, and in a ring they would all ask
-    /// L2 for the same lines at the same moment.
+    /// [`STREAM_X_RESIDENT_MAX`]). Tried against the hypothesis that in a ring every CTA asks L2
+    /// for the same x lines at the same moment; measured: no gain (benches/NOTES.md).
     Resident = 1,
     /// Never loaded: the results are wrong. Research only (`JV4_STREAM_X=skip`): how long the
     /// kernel takes without x.
@@ -219,8 +219,9 @@ pub enum StreamX {
 /// Most bytes of x kept resident in shared memory (16·ceil(m/16) rows of the padded k).
 pub const STREAM_X_RESIDENT_MAX: usize = 96 << 10;
 
-/// `$JV4_STREAM_X`: `ring`, `resident` (where it fits), `skip` (research), or unset: resident
-/// where it fits, else ring. Read once per process.
+/// `$JV4_STREAM_X`: `ring` (the default), `resident` (where it fits), `skip` (research). Read once
+/// per process. Resident x gained nothing on the H200 and costs gate_up its ring depth (1.0 TB/s
+/// against 2.0; benches/NOTES.md, sixth session).
 fn stream_x_env() -> Option<StreamX> {
     static X: OnceLock<Option<StreamX>> = OnceLock::new();
     *X.get_or_init(|| match std::env::var("JV4_STREAM_X").ok().as_deref().map(str::trim) {
@@ -240,7 +241,8 @@ pub fn stream_tile(m: usize, n: usize, k: usize, sms: usize) -> StreamTile {
     stream_tile_with(m, n, k, sms, stream_x_env())
 }
 
-/// [`stream_tile`] with x's mode chosen (`None`: resident where it fits, else ring).
+/// [`stream_tile`] with x's mode chosen (`None`: ring; resident falls back to ring where x does
+/// not fit).
 pub fn stream_tile_with(m: usize, n: usize, k: usize, sms: usize, x: Option<StreamX>) -> StreamTile {
     let sms = sms.max(1);
     let rows = [64, 32, 16].into_iter().find(|&r| n.div_ceil(r) >= 2 * sms).unwrap_or(16);
@@ -248,7 +250,7 @@ pub fn stream_tile_with(m: usize, n: usize, k: usize, sms: usize, x: Option<Stre
     let budget = (STREAM_SMEM_PER_SM / per_sm).min(STREAM_SMEM_PER_CTA);
     let resident = stream_x_resident_bytes(m, k);
     let x = match x {
-        Some(StreamX::Resident) | None if resident <= STREAM_X_RESIDENT_MAX => StreamX::Resident,
+        Some(StreamX::Resident) if resident <= STREAM_X_RESIDENT_MAX => StreamX::Resident,
         Some(StreamX::Skip) => StreamX::Skip,
         _ => StreamX::Ring,
     };
@@ -492,8 +494,8 @@ mod tests {
     fn stream_tiles_fit_and_cover_the_sms() {
         let sms = 132;
         for &(name, n, k) in CASES {
-            for m in 1..=STREAM_MAX_M {
-                let t = stream_tile(m, n, k, sms);
+            for (m, x) in (1..=STREAM_MAX_M).flat_map(|m| [(m, None), (m, Some(StreamX::Resident))]) {
+                let t = stream_tile_with(m, n, k, sms, x);
                 assert!([16, 32, 64].contains(&t.rows), "{name} m={m}: {t:?}");
                 assert!((2..=STREAM_MAX_STAGES).contains(&t.stages), "{name} m={m}: {t:?}");
                 assert!(t.smem <= STREAM_SMEM_PER_CTA, "{name} m={m}: {t:?}");
@@ -505,7 +507,10 @@ mod tests {
                         assert_eq!(t.smem, t.stages * t.rows * 128 + resident + 1024, "{name} m={m}");
                     }
                     StreamX::Ring => {
-                        assert!(resident > STREAM_X_RESIDENT_MAX, "{name} m={m}: x fits, yet {t:?}");
+                        assert!(
+                            x.is_none() || resident > STREAM_X_RESIDENT_MAX,
+                            "{name} m={m}: x fits, yet {t:?}"
+                        );
                         assert_eq!(t.smem, t.stages * (t.rows * 128 + x_tile) + 1024, "{name} m={m}");
                     }
                     StreamX::Skip => panic!("{name} m={m}: skip is never the default"),
