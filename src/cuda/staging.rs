@@ -149,7 +149,14 @@ fn fill_parts(
     };
     let piece = buf.len().div_ceil(4 * pool.current_num_threads()).clamp(MIN_PIECE_BYTES, PIECE_BYTES);
     use rayon::prelude::*;
-    pool.install(|| buf.par_chunks_mut(piece).enumerate().try_for_each(|(i, p)| fill(offset + i * piece, p)))
+    pool.install(|| {
+        buf.par_chunks_mut(piece).enumerate().try_for_each(|(i, p)| {
+            // A panicking fill (a bug) fails the load with an error instead of unwinding into
+            // the host's thread through rayon.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fill(offset + i * piece, p)))
+                .unwrap_or_else(|_| Err(crate::Error::Internal("a staging fill panicked".into())))
+        })
+    })
 }
 
 #[cfg(test)]
@@ -177,6 +184,12 @@ mod tests {
             }
         };
         assert!(fill_parts(&mut buf, 7, Some(&pool), &failing).is_err());
+        let panicking = |off: usize, _: &mut [u8]| -> Result<()> {
+            assert!(off < 3 * PIECE_BYTES, "a fill bug");
+            Ok(())
+        };
+        let e = fill_parts(&mut buf, 0, Some(&pool), &panicking).unwrap_err().to_string();
+        assert!(e.contains("panicked"), "{e}");
         // Without a pool: one read of the whole chunk.
         let mut small = vec![0u8; 1000];
         fill_parts(&mut small, 3, None, &fill).unwrap();
