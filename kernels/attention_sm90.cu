@@ -419,7 +419,7 @@ __device__ __forceinline__ void flash_attn_sm90_block(const TmaMap *map, __nv_bf
     using C = Cfg90<D>;
     constexpr int ST = C::STAGES;
     extern __shared__ unsigned char smem_raw[];
-    const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+    const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
     const uint32_t sQ = base;                   // 2 stages of Q
     const uint32_t sK = base + 2 * C::TILE_BYTES; // ST stages of K
     const uint32_t sV = sK + ST * C::TILE_BYTES;  // ST stages of V

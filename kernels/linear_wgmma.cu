@@ -23,7 +23,6 @@ namespace {
 
 constexpr int TILE = 64;                 // rows (tokens or features) per tile, and k per chunk
 constexpr int TILE_BYTES = TILE * 128;   // 64 rows of 64 bf16
-constexpr int SMEM_BYTES = 2 * TILE_BYTES + 1024; // two tiles, +1 KB to align to the atom
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // d (+)= a·b, m64n64k16, both K-major in shared memory; accumulate = 0 overwrites d.
@@ -62,7 +61,7 @@ __device__ void linear_wgmma(const __nv_bfloat16 *__restrict__ x, const __nv_bfl
     float d[32];
 #pragma unroll
     for (int i = 0; i < 32; ++i) d[i] = 0.f;
-    const uint32_t a_tile = smem_u32(TOKENS_AS_M ? xs : ws), b_tile = smem_u32(TOKENS_AS_M ? ws : xs);
+    const uint32_t a_tile = smem_addr(TOKENS_AS_M ? xs : ws), b_tile = smem_addr(TOKENS_AS_M ? ws : xs);
     for (int k0 = 0; k0 < k; k0 += TILE) {
         __syncthreads(); // the previous chunk's wgmma have completed (waited below) in every warp
         load_tile(xs, x, k, m, t0, k0);

@@ -1,15 +1,11 @@
-// Hopper warpgroup-MMA helpers shared by the sm_90a kernels (attention_sm90.cu, linear_wgmma.cu):
-// shared-memory addresses, shared-memory matrix descriptors, and the fence / commit / wait
-// protocol of wgmma.mma_async. Only for sm_90a builds (__CUDA_ARCH_FEAT_SM90_ALL).
+// Hopper warpgroup-MMA helpers shared by the sm_90a kernels (attention_sm90.cu, linear_wgmma.cu,
+// linear_stream.cu): shared-memory matrix descriptors and the fence / commit / wait protocol of
+// wgmma.mma_async (shared-memory addresses: common.cuh's smem_addr). Only for sm_90a builds (__CUDA_ARCH_FEAT_SM90_ALL).
 #pragma once
 #include <stdint.h>
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 namespace {
-
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
