@@ -412,7 +412,9 @@ fn run_case(gpu: &Gpu, rng: &mut Rng, iters: usize, case: &OpCase) -> Result<(f6
                 gpu.blas().linear(&x.view(), &ws[turn % copies].view(), None, &mut y.view_mut(), false)
             })?;
             let weights = |ms: f64| (n * k * 2) as f64 / (ms * 1e-3) / 1e9;
-            (ms, format!("{:.0} GB/s (cuBLAS {:.0})", weights(ms), weights(blas_ms)))
+            let t = ops::linear::stream_launch_tile(m, n, k, gpu.info().sm_count.max(1) as usize);
+            let tile = format!("F={} kc={} stages={}", t.rows, t.subs * 64, t.stages);
+            (ms, format!("{:.0} GB/s (cuBLAS {:.0}) {tile}", weights(ms), weights(blas_ms)))
         }
         Swiglu { tokens, inter } => {
             let gu = random_tensor(gpu, mem, rng, &[tokens, 2 * inter], 2.0)?;

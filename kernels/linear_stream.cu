@@ -1,5 +1,5 @@
-// Status: off by default (src/ops/linear.rs, STREAM_DEFAULT): it gives cuBLASLt's bits, but it is
-// slower than cuBLASLt at every decoder shape (H200, 2026-12-01; benches/NOTES.md, sixth session).
+// Status: off by default (src/ops/linear.rs, STREAM_DEFAULT): it gives cuBLASLt's bits; its speed
+// against cuBLASLt is in benches/NOTES.md (seventh session).
 //
 // linear_stream: y[m, n] = x[m, k] · w[n, k]ᵀ (+ y when accumulate) (+ bias[n]) for small m
 // (1 ≤ m ≤ 64 tokens): a weight-streaming GEMM. At such m a projection is a read of its weights
@@ -19,23 +19,29 @@
 //   switch between this kernel and cuBLASLt by m and stay batch-invariant;
 //   `linear_stream_equals_cublas_bitwise` in tests/gpu/linear.rs checks every shape and form.
 //
-// MMA roles: the tokens are wgmma's M (64 rows; rows ≥ m are zero registers, never stored), the
-//   CTA's F features its N (F = 16, 32 or 64: the launcher picks it so the grid covers the SMs;
-//   n = 2048 gives 128 CTAs of 16). A (x) comes from registers, loaded by ldmatrix from the x
-//   slot (the m16n8k16 A fragment layout, which is wgmma's per warp: warp q holds rows 16q..);
-//   B (w) from shared memory through a matrix descriptor, K-major with the 128-byte swizzle.
-//   Only warps whose 16 rows hold tokens load A; the others pass zeros (wgmma is warpgroup-wide).
+// MMA roles: the tokens are wgmma's M (64 rows; only 8·ceil(m / 8) of them are loaded, rows ≥ m
+//   are never stored), the CTA's F features its N (F = 16, 32 or 64: the launcher picks it so
+//   the grid covers the SMs; n = 2048 gives 128 CTAs of 16). Both operands come from shared
+//   memory through matrix descriptors, K-major with the 128-byte swizzle, so a chunk's k16
+//   steps issue back to back with no register hand-off and are waited for only one chunk later.
+//   (The sixth session's version loaded A into registers by ldmatrix and waited after every 4
+//   steps: ≈ 140 ns per dependent step, 96 µs for down's 688, whatever the load pattern.)
 //
-// Ring: `stages` slots (runtime, 2..16, chosen by the launcher from the smem budget). Slot s:
-//   W tile at s·F·128 bytes from the 1 KB-aligned base (F rows of 64 k, 128 bytes each, 16-byte
-//   chunk c of row r at chunk c ^ (r % 8); 8-row atoms of 1 KB), and after all W tiles the x
-//   tiles: MT = 16·ceil(m / 16) rows of KC + 8 elements (rows padded by 16 bytes so that ldmatrix
-//   rows fall in distinct bank groups), rows ≥ m zero-filled. The classic multistage loop: the
-//   first stages − 1 chunks are in flight before the loop; at chunk c, wait until chunk c has
-//   landed (at most stages − 2 groups pending), barrier, issue chunk c + stages − 1 into the slot
-//   chunk c − 1 used (its wgmma were waited for), then run chunk c's wgmma and wait for them. k
-//   is walked in chunks of KC = 64; a chunk past k % 64 runs only its valid k16 steps.
-//   Out-of-range rows and columns are loaded as zeros (cp.async src-size 0).
+// Ring: `stages` slots (runtime, 2..16) of kc = 64·subs columns each (subs runtime, 1..8; the
+//   launcher picks both from the smem budget). Shared memory from the 1 KB-aligned base: the x
+//   slots, then the W slots. A slot's tile is `subs` sub-tiles of 64 columns, each rows of 128
+//   bytes (16-byte chunk ch of row r at ch ^ (r % 8); 8-row atoms of 1 KB): x sub-tiles of
+//   8·ceil(m / 8) rows, W sub-tiles of F rows. wgmma's A descriptor spans 64 rows, so past an x
+//   sub-tile it reads the next ones (or the launcher's slack past the ring): those rows only
+//   reach accumulator rows ≥ m. The multistage loop: the first stages − 1 chunks are in flight
+//   before it; at chunk c, wait until chunk c has landed (at most stages − 2 groups pending),
+//   barrier, issue chunk c's wgmma (behind chunk c − 1's, still running), wait for chunk
+//   c − 1's, issue chunk c + stages − 1 into its slot. A chunk past k runs only its valid k16
+//   steps. Out-of-range rows
+//   and columns of w are loaded as zeros (cp.async src-size 0).
+//   Why long slots: with one 128-byte line per weight row per slot (kc = 64) the H200 streams a
+//   weight matrix at ≈ 0.6 TB/s; runs of 1 KB per row reach 1.7-2.4 TB/s, 4 KB ≈ 3 TB/s
+//   (tools/stream_bw.cu, 2026-12-02).
 //
 // Layout: x [m, ldx] and y [m, ldy] row-major (ldx ≥ k, ldy ≥ n: column windows of wider
 //   buffers, the folded LoRA's `[x | t]`), w [n, k] row-major, bias [n] or null. x and y may be
@@ -49,14 +55,11 @@
 
 namespace {
 
-constexpr int THREADS = 128;    // one warpgroup
-constexpr int KC = 64;          // k per ring slot (= one 128-byte swizzle row)
-constexpr int STRIDE = KC + 8;  // x slot row stride in elements (144 bytes)
-constexpr int MAX_STAGES = 16;  // = ops::linear's STREAM_MAX_STAGES
-// x_mode: how x reaches shared memory (= ops::linear's StreamX).
-constexpr int X_RING = 0;       // beside W in every ring slot
-constexpr int X_RESIDENT = 1;   // all of k at once, before the loop (the launcher checks it fits)
-constexpr int X_SKIP = 2;       // never loaded (zeros): timing research only, wrong results
+constexpr int THREADS = 128;   // one warpgroup
+constexpr int SUB_K = 64;      // k of one W sub-tile (= one 128-byte swizzle row)
+constexpr int MAX_SUBS = 8;    // sub-tiles per ring slot (k per slot up to 512): the launcher's limit
+static_assert(MAX_SUBS * SUB_K <= 512, "ops::linear's STREAM_MAX_SUBS");
+constexpr int MAX_STAGES = 16; // = ops::linear's STREAM_MAX_STAGES
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // cp.async.wait_group takes an immediate: one case per possible count (uniform over the CTA).
@@ -72,34 +75,27 @@ __device__ __forceinline__ void cp_async_wait_pending(int n) {
 }
 static_assert(MAX_STAGES - 2 == 14, "cp_async_wait_pending has a case for every count below a full ring");
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
-
-// d (+)= a·b, m64nNk16: A (bf16 pairs) in registers, B K-major in shared memory (descriptor);
-// accumulate = 0 overwrites d. One overload per N = 16, 32, 64 (d holds N / 2 floats).
-__device__ __forceinline__ void wgmma_rs(float (&d)[8], const uint32_t (&a)[4], uint64_t b, int accumulate) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
+// d (+)= a·b, m64nNk16, A and B K-major in shared memory (descriptors); accumulate = 0
+// overwrites d. One overload per N = 16, 32, 64 (d holds N / 2 floats).
+__device__ __forceinline__ void wgmma_ss(float (&d)[8], uint64_t a, uint64_t b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+                 : "l"(a), "l"(b), "r"(accumulate));
 }
 
-__device__ __forceinline__ void wgmma_rs(float (&d)[16], const uint32_t (&a)[4], uint64_t b, int accumulate) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+__device__ __forceinline__ void wgmma_ss(float (&d)[16], uint64_t a, uint64_t b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+                 : "l"(a), "l"(b), "r"(accumulate));
 }
 
-__device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b, int accumulate) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+                 : "l"(a), "l"(b), "r"(accumulate));
 }
 
 // Registers an in-flight wgmma reads or writes: pinned so the compiler neither reads them early
@@ -114,62 +110,49 @@ __device__ __forceinline__ void linear_stream_block(const __nv_bfloat16 *x, int6
                                                     const __nv_bfloat16 *__restrict__ w,
                                                     const __nv_bfloat16 *__restrict__ bias, void *y,
                                                     int64_t ldy, int m, int n, int k, int accumulate,
-                                                    int stages, int x_mode) {
-    constexpr int W_SLOT = F * 128; // bytes of one W tile
+                                                    int stages, int subs) {
+    constexpr int W_SUB = F * 128; // bytes of one 64-wide W sub-tile (F rows of 128 bytes)
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned char *smem =
         reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
-    const int mt = (m + 15) / 16 * 16; // token rows of an x tile
-    const int chunks = (k + KC - 1) / KC;
-    const bool resident = x_mode == X_RESIDENT;
-    // Row stride (elements) and bytes of the x tile: one per ring slot, or all of k at once.
-    const int x_stride = resident ? chunks * KC + 8 : STRIDE;
-    const int x_slot = mt * x_stride * 2;
-    unsigned char *xs = smem + stages * W_SLOT;
+    const int kc = subs * SUB_K;     // k per slot
+    const int mt = (m + 7) / 8 * 8;  // token rows of an x sub-tile: whole 8-row atoms
+    const int x_sub = mt * 128;      // bytes of one x sub-tile
+    const int chunks = (k + kc - 1) / kc;
+    const int w_slot = subs * W_SUB, x_slot = subs * x_sub;
+    unsigned char *ws = smem + stages * x_slot; // the x slots first, then the W slots
     const int f0 = blockIdx.x * F;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-    // Token rows m..mt − 1 are zeros, written once here and never loaded (a cp.async of size 0
-    // would still send a request: every CTA's to the same address).
-    for (int tile = 0; tile < (resident ? 1 : stages); ++tile) {
-        for (int i = tid; i < (mt - m) * x_stride / 8; i += THREADS) {
-            const int r = m + i / (x_stride / 8), ch = i % (x_stride / 8);
-            *reinterpret_cast<uint4 *>(xs + tile * x_slot + (r * x_stride + ch * 8) * 2) = make_uint4(0, 0, 0, 0);
-        }
-    }
-    if (resident) {
-        // All of x at once, in chunk order rotated by the CTA: the CTAs do not all ask L2 for the
-        // same lines at the same time. One group, older than every W group, so the loop's first
-        // wait covers it. (Columns past k are never read: k % 16 == 0 and whole k16 steps.)
-        const int rot = blockIdx.x % chunks;
-        for (int j = 0; j < chunks; ++j) {
-            const int k0 = ((j + rot) % chunks) * KC;
-            for (int i = tid; i < m * 8; i += THREADS) {
-                const int r = i / 8, col = k0 + (i % 8) * 8;
-                if (col < k) cp_async16(smem_addr(xs + (r * x_stride + col) * 2), x + (int64_t)r * ldx + col, 16);
-            }
-        }
-        cp_async_commit();
-    }
-
-    // Chunk c (columns [c·KC, c·KC + KC)) of the weight rows and token rows into slot s.
+    // Chunk c (columns [c·kc, c·kc + kc)) of the weight rows and token rows into slot s. Piece p
+    // (16 bytes) of a row is column 8p: consecutive threads copy consecutive pieces of one row,
+    // so each weight row is read as one run of kc·2 bytes (the long runs are what the H200's HBM
+    // wants: tools/stream_bw.cu). Both tiles take the 128-byte swizzle (chunk ch of row r at
+    // ch ^ (r % 8)).
+    // Each thread copies one fixed piece p of every (128 / pieces)-th row: the index math is
+    // done once here, and a copy costs a few adds (a single warpgroup issues both the copies
+    // and the wgmma, so every instruction of the loads delays the tensor core's chain).
+    const int pieces = subs * 8;             // per row per slot: a power of two, 8 to 64
+    const int lg = 31 - __clz(pieces);
+    const int p = tid & (pieces - 1), r0 = tid >> lg, rows_pass = THREADS >> lg;
+    const int col = p * 8;                   // this thread's column within a slot
+    auto swz = [&](int r) { return (uint32_t)((((p & 7) ^ (r & 7)) << 4)); };
     auto load = [&](int c, int s) {
-        const int k0 = c * KC;
-        const uint32_t wbase = smem_addr(smem + s * W_SLOT);
-        for (int i = tid; i < F * 8; i += THREADS) {
-            const int r = i / 8, ch = i % 8;
-            const bool valid = k0 + ch * 8 < k && f0 + r < n;
-            // An invalid chunk reads nothing; point it at w[0] (a valid address) anyway.
-            const __nv_bfloat16 *src = valid ? w + (int64_t)(f0 + r) * k + k0 + ch * 8 : w;
-            cp_async16(wbase + r * 128 + ((ch ^ (r & 7)) * 16), src, valid ? 16 : 0);
+        const int k0 = c * kc;
+        const bool in_k = k0 + col < k;
+        const uint32_t wbase = smem_addr(ws + s * w_slot) + (p >> 3) * W_SUB;
+        const __nv_bfloat16 *src = w + (int64_t)(f0 + r0) * k + k0 + col;
+        for (int r = r0; r < F; r += rows_pass, src += (int64_t)rows_pass * k) {
+            const bool valid = in_k && f0 + r < n;
+            // An invalid piece reads nothing; point it at w[0] (a valid address) anyway.
+            cp_async16(wbase + r * 128 + swz(r), valid ? src : w, valid ? 16 : 0);
         }
-        if (x_mode != X_RING) return;
-        const uint32_t xbase = smem_addr(xs + s * x_slot);
-        for (int i = tid; i < m * 8; i += THREADS) {
-            const int r = i / 8, ch = i % 8;
-            if (k0 + ch * 8 < k) cp_async16(xbase + (r * STRIDE + ch * 8) * 2, x + (int64_t)r * ldx + k0 + ch * 8, 16);
-        }
+        if (!in_k) return;
+        const uint32_t xbase = smem_addr(smem + s * x_slot) + (p >> 3) * x_sub;
+        const __nv_bfloat16 *xsrc = x + (int64_t)r0 * ldx + k0 + col;
+        for (int r = r0; r < m; r += rows_pass, xsrc += (int64_t)rows_pass * ldx)
+            cp_async16(xbase + r * 128 + swz(r), xsrc, 16);
     };
 
     float acc[F / 2];
@@ -181,45 +164,50 @@ __device__ __forceinline__ void linear_stream_block(const __nv_bfloat16 *x, int6
         cp_async_commit();
     }
 
-    // ldmatrix lane address within an x slot (bytes): rows 16·warp + lane % 16, columns
-    // 8·(lane / 16): the A fragment of one k16 step (a warp whose rows are all ≥ mt loads none).
-    const bool has_rows = 16 * warp < mt;
-    const uint32_t a_off = ((16 * warp + lane % 16) * x_stride + (lane / 16) * 8) * 2;
-
     for (int c = 0; c < chunks; ++c) {
         cp_async_wait_pending(stages - 2); // chunk c has landed (this thread's part)
-        // The W tile was written through the generic proxy (cp.async) and is read next by the
+        // The tiles were written through the generic proxy (cp.async) and are read next by the
         // async proxy (wgmma): each thread fences its writes before the barrier publishes them.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads(); // everyone's part; and slot (c − 1) % stages is free
-        const int next = c + stages - 1;
-        if (next < chunks) load(next, next % stages);
-        cp_async_commit();
+        __syncthreads(); // everyone's part of chunk c has landed
         const int s = c % stages;
-        const int steps = min(KC, k - c * KC) / 16;
-        uint32_t a[4][4];
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-            a[ks][0] = a[ks][1] = a[ks][2] = a[ks][3] = 0u;
-            if (has_rows && ks < steps) {
-                const uint32_t tile = resident ? smem_addr(xs) + c * KC * 2 : smem_addr(xs + s * x_slot);
-                ldmatrix_x4(a[ks], tile + a_off + ks * 32);
-            }
-        }
-        const uint32_t wtile = smem_addr(smem + s * W_SLOT);
+        const uint32_t xtile = smem_addr(smem + s * x_slot), wtile = smem_addr(ws + s * w_slot);
+        // All of the chunk's k16 steps back to back, in k order, on the one accumulator, queued
+        // behind chunk c − 1's (which may still run: the tensor core never waits for the loads'
+        // bookkeeping). The A descriptor reads 64 token rows; rows ≥ mt are whatever follows in
+        // shared memory (the launcher's slack keeps them in bounds) and only reach accumulator
+        // rows ≥ m, never stored.
+        const int steps = min(kc, k - c * kc) / 16;
+        // Step j's operands: sub-tile j / 4, k16 column group j % 4 (32 bytes), added to the
+        // descriptors' address field (16-byte units; smem addresses never carry out of it).
+        const uint64_t da = make_desc(xtile, 16, 1024, 1), db = make_desc(wtile, 16, 1024, 1);
+        auto step = [&](int j) {
+            wgmma_ss(acc, da + (uint64_t)(((j >> 2) * x_sub + (j & 3) * 32) >> 4),
+                     db + (uint64_t)(((j >> 2) * W_SUB + (j & 3) * 32) >> 4), c > 0 || j > 0);
+        };
         wgmma_fence();
+        // A full slot of the longest kind as straight-line code: a loop's back edge makes ptxas
+        // put a warpgroup.arrive before its first wgmma (C7519), which may stall the chain.
+        if (steps == MAX_SUBS * SUB_K / 16) {
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks)
-            if (ks < steps) wgmma_rs(acc, a[ks], make_desc(wtile + ks * 32, 16, 1024, 1), c > 0 || ks > 0);
+            for (int j = 0; j < MAX_SUBS * SUB_K / 16; ++j) step(j);
+        } else {
+            for (int j = 0; j < steps; ++j) step(j);
+        }
         wgmma_commit();
-        wgmma_wait<0>();
-        pin_regs(acc);
+        // Chunk c − 1's wgmma are done (this warpgroup is the CTA): its slot may be refilled.
+        wgmma_wait<1>();
+        const int next = c + stages - 1;
+        if (next < chunks) load(next, next % stages); // into chunk c − 1's slot
+        cp_async_commit();
     }
+    wgmma_wait<0>();
+    pin_regs(acc);
     cp_async_wait_pending(0); // nothing left in flight at exit (the trailing groups are empty)
 
     // Accumulator layout (m64nFk16, f32): warp q holds tokens 16q + g and 16q + g + 8 (lane =
     // 4g + t4), features 8j + 2·t4 + {0, 1} of the CTA's F.
-    if (!has_rows) return;
+    if (16 * warp >= m) return; // no token of this warp's rows
     const int g = lane / 4, t4 = lane % 4;
 #pragma unroll
     for (int j = 0; j < F / 8; ++j) {
@@ -254,7 +242,7 @@ __device__ __forceinline__ void linear_stream_block(const __nv_bfloat16 *x, int6
 
 // One entry per (features per CTA, output type): linear_stream_r{16,32,64}_{bf16,f32}.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define JV4_STREAM_BODY(ROWS, F32OUT) linear_stream_block<ROWS, F32OUT>(x, ldx, w, bias, y, ldy, m, n, k, accumulate, stages, x_mode)
+#define JV4_STREAM_BODY(ROWS, F32OUT) linear_stream_block<ROWS, F32OUT>(x, ldx, w, bias, y, ldy, m, n, k, accumulate, stages, subs)
 #else
 #define JV4_STREAM_BODY(ROWS, F32OUT) __trap()
 #endif
@@ -262,7 +250,7 @@ __device__ __forceinline__ void linear_stream_block(const __nv_bfloat16 *x, int6
     extern "C" __global__ void __launch_bounds__(THREADS)                                           \
         linear_stream_r##ROWS##_##NAME(const __nv_bfloat16 *x, int64_t ldx, const __nv_bfloat16 *w, \
                                        const __nv_bfloat16 *bias, void *y, int64_t ldy, int m, int n, \
-                                       int k, int accumulate, int stages, int x_mode) {             \
+                                       int k, int accumulate, int stages, int subs) {               \
         JV4_STREAM_BODY(ROWS, F32OUT);                                                              \
     }
 JV4_LINEAR_STREAM(16, bf16, false)

@@ -135,10 +135,10 @@ pub const STREAM_MAX_M: usize = 64;
 /// 2026-12-01 sixth session; e.g. down at m = 16: 333 GB/s against 1,494).
 const STREAM_DEFAULT: bool = false;
 
-/// k per ring slot, padded smem row (elements), most ring stages and threads per CTA:
-/// `KC`, `STRIDE`, `MAX_STAGES` and `THREADS` of `kernels/linear_stream.cu` (a test checks).
-const STREAM_KC: usize = 64;
-const STREAM_STRIDE: usize = STREAM_KC + 8;
+/// k of one W sub-tile, most sub-tiles per ring slot, most ring stages and threads per CTA:
+/// `SUB_K`, `MAX_SUBS`, `MAX_STAGES` and `THREADS` of `kernels/linear_stream.cu` (a test checks).
+const STREAM_SUB_K: usize = 64;
+const STREAM_MAX_SUBS: usize = 8;
 const STREAM_MAX_STAGES: usize = 16;
 const STREAM_THREADS: u32 = 128;
 
@@ -188,93 +188,85 @@ pub fn stream_qualifies(m: usize, n: usize, k: usize, ldx: usize, ldy: usize, pt
 }
 
 /// How `linear_stream` runs one problem: output features per CTA (`rows`, the kernel's F: 16,
-/// 32 or 64), ring stages, and the dynamic shared memory they take. The tiling changes only
-/// the speed, never the bits (each output is one accumulator over k in order, whatever the tile).
+/// 32 or 64), ring stages, 64-column sub-tiles per stage, and the dynamic shared memory they
+/// take. The tiling changes only the speed, never the bits (each output is one accumulator over
+/// k in order, whatever the tile).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamTile {
     /// Output features per CTA: 16, 32 or 64.
     pub rows: usize,
     /// Slots of the cp.async ring, 2 to 16.
     pub stages: usize,
+    /// 64-column sub-tiles per slot, 1 to 8 (k per slot: 64·subs).
+    pub subs: usize,
     /// Dynamic shared memory per CTA, bytes.
     pub smem: usize,
-    /// How x reaches shared memory.
-    pub x: StreamX,
-}
-
-/// How `linear_stream` brings x into shared memory (`x_mode` of the kernel).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StreamX {
-    /// Beside the weights in every ring slot.
-    Ring = 0,
-    /// All of k before the loop, each CTA starting at another chunk (where it fits:
-    /// [`STREAM_X_RESIDENT_MAX`]). Tried against the hypothesis that in a ring every CTA asks L2
-    /// for the same x lines at the same moment; measured: no gain (benches/NOTES.md).
-    Resident = 1,
-    /// Never loaded: the results are wrong. Research only (`JV4_STREAM_X=skip`): how long the
-    /// kernel takes without x.
-    Skip = 2,
-}
-
-/// Most bytes of x kept resident in shared memory (16·ceil(m/16) rows of the padded k).
-pub const STREAM_X_RESIDENT_MAX: usize = 96 << 10;
-
-/// `$JV4_STREAM_X`: `ring` (the default), `resident` (where it fits), `skip` (research). Read once
-/// per process. Resident x gained nothing on the H200 and costs gate_up its ring depth (1.0 TB/s
-/// against 2.0; benches/NOTES.md, sixth session).
-fn stream_x_env() -> Option<StreamX> {
-    static X: OnceLock<Option<StreamX>> = OnceLock::new();
-    *X.get_or_init(|| match std::env::var("JV4_STREAM_X").ok().as_deref().map(str::trim) {
-        Some("ring") => Some(StreamX::Ring),
-        Some("resident") => Some(StreamX::Resident),
-        Some("skip") => Some(StreamX::Skip),
-        _ => None,
-    })
 }
 
 /// The tiling for `m` tokens, `w [n, k]`, on a device of `sms` SMs. Features per CTA: the
 /// largest of 64, 32, 16 that still gives two CTAs per SM (fewer x re-reads, same coverage),
-/// else 16 (n = 2048: 128 CTAs). Stages: as many as the shared memory of the CTAs an SM holds
-/// when the whole grid is resident allows (a deep ring keeps ≈ 32 KB of weights in flight per
-/// SM), 2 to 16, no more than k has chunks.
+/// else 16 (n = 2048: 128 CTAs). Then the longest slot (k per slot: 512, 256, 128, 64) that
+/// leaves a ring of three within the shared memory of the CTAs an SM holds when the whole grid
+/// is resident, and as many stages as fit (at most 16, no more than k has slots): long runs
+/// along each weight row matter more than depth (tools/stream_bw.cu, H200: 1 KB runs with 3
+/// in flight stream at 1.7 TB/s, 128-byte runs with 15 in flight at 0.6).
 pub fn stream_tile(m: usize, n: usize, k: usize, sms: usize) -> StreamTile {
-    stream_tile_with(m, n, k, sms, stream_x_env())
-}
-
-/// [`stream_tile`] with x's mode chosen (`None`: ring; resident falls back to ring where x does
-/// not fit).
-pub fn stream_tile_with(m: usize, n: usize, k: usize, sms: usize, x: Option<StreamX>) -> StreamTile {
     let sms = sms.max(1);
     let rows = [64, 32, 16].into_iter().find(|&r| n.div_ceil(r) >= 2 * sms).unwrap_or(16);
     let per_sm = n.div_ceil(rows).div_ceil(sms);
     let budget = (STREAM_SMEM_PER_SM / per_sm).min(STREAM_SMEM_PER_CTA);
-    let resident = stream_x_resident_bytes(m, k);
-    let x = match x {
-        Some(StreamX::Resident) if resident <= STREAM_X_RESIDENT_MAX => StreamX::Resident,
-        Some(StreamX::Skip) => StreamX::Skip,
-        _ => StreamX::Ring,
+    let tile = |subs: usize| {
+        let slot = stream_slot(m, rows, subs);
+        let fixed = STREAM_SMEM_ALIGN + stream_slack(m);
+        let stages = (budget.saturating_sub(fixed) / slot)
+            .min(STREAM_MAX_STAGES)
+            .min(k.div_ceil(subs * STREAM_SUB_K).max(2));
+        StreamTile { rows, stages, subs, smem: stages * slot + fixed }
     };
-    let (slot, fixed) = match x {
-        StreamX::Ring => (stream_slot(m, rows), 1024),
-        StreamX::Resident => (rows * STREAM_KC * 2, 1024 + resident),
-        StreamX::Skip => (stream_slot(m, rows), 1024),
-    };
-    let stages =
-        (budget.saturating_sub(fixed) / slot).clamp(2, STREAM_MAX_STAGES).min(k.div_ceil(STREAM_KC).max(2));
-    StreamTile { rows, stages, smem: stages * slot + fixed, x }
+    // Longest slot first: the first with two slots in flight while one is read, else the first
+    // with a ring at all. subs = 1 always has one: a slot is at most 64·128 + 64·144 bytes.
+    let subs = [8, 4, 2, 1];
+    debug_assert_eq!(subs[0], STREAM_MAX_SUBS);
+    let fits = |min: usize| subs.into_iter().map(tile).find(|t| t.stages >= min);
+    fits(3).or_else(|| fits(2)).expect("a one-sub-tile ring fits every budget")
 }
 
-/// Bytes of x resident in shared memory: 16·ceil(m/16) rows of k padded to the chunk, plus the
-/// 8 elements that keep ldmatrix free of bank conflicts (the kernel's `x_stride`).
-fn stream_x_resident_bytes(m: usize, k: usize) -> usize {
-    m.div_ceil(16) * 16 * (k.div_ceil(STREAM_KC) * STREAM_KC + 8) * 2
+/// The tiling a launch takes: [`stream_tile`], or `$JV4_STREAM_TILE`'s where set and valid.
+pub fn stream_launch_tile(m: usize, n: usize, k: usize, sms: usize) -> StreamTile {
+    stream_tile_env(m).unwrap_or_else(|| stream_tile(m, n, k, sms))
 }
 
-/// Bytes of one ring slot of the kernel: the W tile (`rows` rows of 128 bytes, swizzled) and
-/// the x tile (16·ceil(m / 16) rows of `STREAM_STRIDE` elements). The kernel aligns its base to
-/// 1 KB, hence the 1 KB the tiling adds to the ring.
-fn stream_slot(m: usize, rows: usize) -> usize {
-    rows * STREAM_KC * 2 + m.div_ceil(16) * 16 * STREAM_STRIDE * 2
+/// `$JV4_STREAM_TILE=rows,subs,stages` (research: a tiling sweep in one process, e.g.
+/// `jv4-bench ops --only linear_stream`): that tiling for every problem, where it is a valid
+/// one (rows 16, 32 or 64, subs 1, 2, 4 or 8, 2 to 16 stages, within one CTA's shared memory);
+/// read at every launch. The tiling never changes the bits, only the speed.
+fn stream_tile_env(m: usize) -> Option<StreamTile> {
+    let v = std::env::var("JV4_STREAM_TILE").ok()?;
+    let p: Vec<usize> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
+    let [rows, subs, stages] = p[..] else { return None };
+    let smem = stages * stream_slot(m, rows, subs) + STREAM_SMEM_ALIGN + stream_slack(m);
+    let valid = [16, 32, 64].contains(&rows)
+        && [1, 2, 4, 8].contains(&subs)
+        && (2..=STREAM_MAX_STAGES).contains(&stages)
+        && smem <= STREAM_SMEM_PER_CTA;
+    valid.then_some(StreamTile { rows, stages, subs, smem })
+}
+
+/// The kernel aligns its shared-memory base to 1 KB (the 128-byte swizzle's atoms): the tiling
+/// adds that much to the ring.
+const STREAM_SMEM_ALIGN: usize = 1024;
+
+/// Bytes of one ring slot of the kernel: the W tile (`subs` sub-tiles of `rows` rows of 128
+/// bytes) and the x tile (`subs` sub-tiles of 8·ceil(m / 8) rows of 128 bytes), both swizzled.
+fn stream_slot(m: usize, rows: usize, subs: usize) -> usize {
+    subs * (rows + m.div_ceil(8) * 8) * STREAM_SUB_K * 2
+}
+
+/// Bytes past the ring the kernel may read: wgmma's A descriptor spans 64 token rows of an x
+/// sub-tile, of which only 8·ceil(m / 8) are x (the rest only reach accumulator rows that are
+/// never stored, but the reads must stay inside the allocation).
+fn stream_slack(m: usize) -> usize {
+    (64 - m.div_ceil(8) * 8) * STREAM_SUB_K * 2
 }
 
 /// One `linear_stream` problem: x `[m, ·]` (k columns read, rows `ldx` apart), w `[n, k]`, y
@@ -417,7 +409,7 @@ fn launch_stream(gpu: &Gpu, o: Stream, bias: Option<u64>, out_f32: bool, accumul
             crate::cuda::CUDA_ARCH
         )));
     }
-    let tile = stream_tile(o.m, o.n, o.k, gpu.info().sm_count.max(1) as usize);
+    let tile = stream_launch_tile(o.m, o.n, o.k, gpu.info().sm_count.max(1) as usize);
     let id = stream_kernel(tile.rows, out_f32);
     gpu.set_max_dynamic_smem(id, tile.smem as u32)?;
     let launch = Launch {
@@ -428,7 +420,7 @@ fn launch_stream(gpu: &Gpu, o: Stream, bias: Option<u64>, out_f32: bool, accumul
     let (mut xp, mut wp, mut bp, mut yp) = (o.x, o.w, bias.unwrap_or(0), o.y);
     let (mut ldx, mut ldy) = (o.ldx as i64, o.ldy as i64);
     let (mut m, mut n, mut k) = (o.m as i32, o.n as i32, o.k as i32);
-    let (mut acc, mut stages, mut x_mode) = (accumulate as i32, tile.stages as i32, tile.x as i32);
+    let (mut acc, mut stages, mut subs) = (accumulate as i32, tile.stages as i32, tile.subs as i32);
     let mut args = [
         arg(&mut xp),
         arg(&mut ldx),
@@ -441,7 +433,7 @@ fn launch_stream(gpu: &Gpu, o: Stream, bias: Option<u64>, out_f32: bool, accumul
         arg(&mut k),
         arg(&mut acc),
         arg(&mut stages),
-        arg(&mut x_mode),
+        arg(&mut subs),
     ];
     // SAFETY: args match linear_stream_r*(const bf16*, int64, const bf16*, const bf16*, void*,
     // int64, int, int, int, int, int, int). The callers checked the shapes: x holds m rows of ldx ≥ k
@@ -494,43 +486,38 @@ mod tests {
     fn stream_tiles_fit_and_cover_the_sms() {
         let sms = 132;
         for &(name, n, k) in CASES {
-            for (m, x) in (1..=STREAM_MAX_M).flat_map(|m| [(m, None), (m, Some(StreamX::Resident))]) {
-                let t = stream_tile_with(m, n, k, sms, x);
+            for m in 1..=STREAM_MAX_M {
+                let t = stream_tile(m, n, k, sms);
                 assert!([16, 32, 64].contains(&t.rows), "{name} m={m}: {t:?}");
                 assert!((2..=STREAM_MAX_STAGES).contains(&t.stages), "{name} m={m}: {t:?}");
+                assert!([1, 2, 4, 8].contains(&t.subs), "{name} m={m}: {t:?}");
                 assert!(t.smem <= STREAM_SMEM_PER_CTA, "{name} m={m}: {t:?}");
-                let x_tile = m.div_ceil(16) * 16 * STREAM_STRIDE * 2;
-                let resident = m.div_ceil(16) * 16 * (k.div_ceil(64) * 64 + 8) * 2;
-                match t.x {
-                    StreamX::Resident => {
-                        assert!(resident <= STREAM_X_RESIDENT_MAX, "{name} m={m}: {t:?}");
-                        assert_eq!(t.smem, t.stages * t.rows * 128 + resident + 1024, "{name} m={m}");
-                    }
-                    StreamX::Ring => {
-                        assert!(
-                            x.is_none() || resident > STREAM_X_RESIDENT_MAX,
-                            "{name} m={m}: x fits, yet {t:?}"
-                        );
-                        assert_eq!(t.smem, t.stages * (t.rows * 128 + x_tile) + 1024, "{name} m={m}");
-                    }
-                    StreamX::Skip => panic!("{name} m={m}: skip is never the default"),
-                }
+                let per_sm = n.div_ceil(t.rows).div_ceil(sms);
+                assert!(t.smem * per_sm <= STREAM_SMEM_PER_SM, "{name} m={m}: {per_sm} CTAs per SM of {t:?}");
+                let x_tile = t.subs * m.div_ceil(8) * 8 * 128;
+                let slack = (64 - m.div_ceil(8) * 8) * 128;
+                assert_eq!(t.smem, t.stages * (t.subs * t.rows * 128 + x_tile) + 1024 + slack, "{name} m={m}");
             }
         }
         // The decoder's narrowest projections still fill the card; gate_up takes wide tiles.
         assert!(2048usize.div_ceil(stream_tile(16, 2048, 2048, sms).rows) >= 128);
         assert!(2048usize.div_ceil(stream_tile(64, 2048, 11008, sms).rows) >= 128);
         assert_eq!(stream_tile(16, 22016, 2048, sms).rows, 64);
-        // A deep ring where the grid leaves room: o at m = 16 holds 16 stages.
-        assert_eq!(stream_tile(16, 2048, 2048, sms).stages, 16);
+        // Where the grid leaves room, long slots: o and down at m = 16 take 512 columns per slot
+        // and keep several in flight.
+        for k in [2048, 11008] {
+            let t = stream_tile(16, 2048, k, sms);
+            assert_eq!(t.subs, 8, "k={k}: {t:?}");
+            assert!(t.stages >= 4, "k={k}: {t:?}");
+        }
     }
 
     #[test]
     fn stream_constants_match_the_kernel() {
         let src = include_str!("../../kernels/linear_stream.cu");
         for line in [
-            format!("constexpr int KC = {STREAM_KC};"),
-            "constexpr int STRIDE = KC + 8;".to_string(),
+            format!("constexpr int SUB_K = {STREAM_SUB_K};"),
+            format!("constexpr int MAX_SUBS = {STREAM_MAX_SUBS};"),
             format!("constexpr int MAX_STAGES = {STREAM_MAX_STAGES};"),
             format!("constexpr int THREADS = {STREAM_THREADS};"),
         ] {
