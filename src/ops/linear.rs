@@ -4,18 +4,17 @@
 //! - cuBLASLt ([`crate::cuda::Blas::linear`]), every shape;
 //! - `linear_stream` (`kernels/linear_stream.cu`), a weight-streaming kernel for small batches
 //!   (1 ≤ m ≤ [`STREAM_MAX_M`] tokens, sm_90a builds): each CTA owns a slice of output features
-//!   and all of k behind a deep cp.async ring, on wgmma. **Off by default** (`JV4_LINEAR_STREAM=1`
-//!   turns it on): it gives cuBLASLt's bits (`linear_stream_equals_cublas_bitwise`: 0 of 71
-//!   million elements differ over every model shape and form, H200, 2026-12-01 sixth session),
-//!   but it is still slower than cuBLASLt at every decoder shape (m = 16: qkv ≈ 300 GB/s
-//!   against ≈ 550, gate_up ≈ 2.0 TB/s against 2.5, down ≈ 330 GB/s against 1.5 TB/s; the kernel
-//!   stays that slow with x not loaded at all, so the weight stream itself is what to fix).
+//!   and all of k behind a cp.async ring of long slots, on wgmma with both operands in shared
+//!   memory. It gives cuBLASLt's bits (`linear_stream_equals_cublas_bitwise`: 0 of 71 million
+//!   elements differ over every model shape and form, H200). **On by default** where it is the
+//!   faster ([`stream_pays`]: m ≤ 16 on qkv, o and gate_up); `JV4_LINEAR_STREAM=0` turns it off.
 //!
 //! Batch invariance: the kernel never splits K (one f32 accumulator per output, wgmma k16 steps
 //! from k = 0 upward), the reduction order of cuBLASLt's unsplit algorithms, which the plans keep
 //! to, and it rounds in its epilogue as cuBLASLt does; so the op may pick either by m and a
 //! request's vectors do not change with its batch. The choice depends only on the problem's
-//! shape and alignment ([`stream_qualifies`]) and on `$JV4_LINEAR_STREAM` ([`stream_enabled`]).
+//! shape and alignment ([`stream_qualifies`], [`stream_pays`]) and on `$JV4_LINEAR_STREAM`
+//! ([`stream_enabled`]).
 
 use std::sync::OnceLock;
 
@@ -75,7 +74,8 @@ pub const STREAM_BENCH_SHAPES: &[&str] =
     &["qkv", "o", "gate_up", "down", "qkv_folded", "gate_up_folded", "down_folded"];
 
 /// `y [m, n] = x [m, k] · w [n, k]ᵀ (+ bias [n]) (+ y when accumulate)`: `linear_stream` where
-/// the shape qualifies and the stream path is on, cuBLASLt otherwise (module documentation).
+/// the shape qualifies, the kernel is the faster one ([`stream_pays`]) and the stream path is
+/// on, cuBLASLt otherwise (module documentation).
 pub fn linear(
     gpu: &Gpu,
     x: &DView<'_, bf16>,
@@ -84,7 +84,7 @@ pub fn linear(
     y: &mut DViewMut<'_, bf16>,
     accumulate: bool,
 ) -> Result<()> {
-    if stream_enabled() && dense(x, w, y.ptr(), y.shape()).is_some_and(|o| o.qualifies()) {
+    if stream_enabled() && dense(x, w, y.ptr(), y.shape()).is_some_and(|o| o.qualifies() && o.pays()) {
         return linear_stream(gpu, x, w, bias, y, accumulate);
     }
     gpu.blas().linear(x, w, bias, y, accumulate)
@@ -102,7 +102,10 @@ pub fn linear_f32(
     y: &mut DViewMut<'_, f32>,
     accumulate: bool,
 ) -> Result<()> {
-    if bias.is_none() && stream_enabled() && dense(x, w, y.ptr(), y.shape()).is_some_and(|o| o.qualifies()) {
+    if bias.is_none()
+        && stream_enabled()
+        && dense(x, w, y.ptr(), y.shape()).is_some_and(|o| o.qualifies() && o.pays())
+    {
         return linear_stream_f32(gpu, x, w, y, accumulate);
     }
     gpu.blas().linear_f32(x, w, bias, y, accumulate)
@@ -118,7 +121,7 @@ pub fn linear_cols(
     w: &DView<'_, bf16>,
     y_col: usize,
 ) -> Result<()> {
-    if stream_enabled() && cols(xt, k, w, y_col).is_some_and(|o| o.qualifies()) {
+    if stream_enabled() && cols(xt, k, w, y_col).is_some_and(|o| o.qualifies() && o.pays()) {
         return linear_stream_cols(gpu, xt, k, w, y_col);
     }
     gpu.blas().linear_cols(xt, k, w, y_col)
@@ -131,9 +134,24 @@ pub fn linear_cols(
 pub const STREAM_MAX_M: usize = 64;
 
 /// Whether the stream path is on when `$JV4_LINEAR_STREAM` is unset (the one place to flip it).
-/// Off: bitwise equal to cuBLASLt, but slower at every decoder shape (benches/NOTES.md,
-/// 2026-12-01 sixth session; e.g. down at m = 16: 333 GB/s against 1,494).
-const STREAM_DEFAULT: bool = false;
+/// On: it gives cuBLASLt's bits, so a request's vectors do not depend on which of the two ran,
+/// and where [`stream_pays`] sends it, it is the faster (benches/NOTES.md, seventh session).
+const STREAM_DEFAULT: bool = true;
+
+/// Whether `linear_stream` is the faster of the two on `w [n, k]` at m tokens, as measured on
+/// the H200 (2026-12-02, `jv4-bench ops --only linear_stream`, cuBLASLt in the same process;
+/// GB/s of weights at m = 16, ours / cuBLASLt): qkv 791 / 703, o 736 / 599, gate_up 2,824 /
+/// 2,674 (at m = 1 as well). Not where it loses: down (k = 11008: 1,218 / 1,545, its one
+/// accumulator chain of 688 k16 steps per CTA is the limit), any shape at m = 64 (qkv 465 /
+/// 657), narrow n (the LoRA shrinks: a handful of CTAs). So: m ≤ 16, n ≥ 2048, k ≤ 4096. The
+/// rule reads the shape alone, never the data or what else runs, and either side gives the
+/// same bits, so the engine stays batch-invariant whichever it picks.
+pub fn stream_pays(m: usize, n: usize, k: usize) -> bool {
+    m <= STREAM_PAYS_MAX_M && n >= 2048 && k <= 4096
+}
+
+/// Most tokens at which [`stream_pays`] picks the kernel (measured at 1, 16 and 64).
+pub const STREAM_PAYS_MAX_M: usize = 16;
 
 /// k of one W sub-tile, most sub-tiles per ring slot, most ring stages and threads per CTA:
 /// `SUB_K`, `MAX_SUBS`, `MAX_STAGES` and `THREADS` of `kernels/linear_stream.cu` (a test checks).
@@ -158,7 +176,8 @@ fn stream_switch(var: Option<&str>) -> bool {
 }
 
 /// Whether [`linear`], [`linear_f32`] and [`linear_cols`] run `linear_stream` where the shape
-/// qualifies: only with `$JV4_LINEAR_STREAM=1` (read once per process; see `STREAM_DEFAULT`).
+/// qualifies and pays: unless `$JV4_LINEAR_STREAM=0` (read once per process; see
+/// `STREAM_DEFAULT`), on sm_90a builds.
 pub fn stream_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| stream_built() && stream_switch(std::env::var("JV4_LINEAR_STREAM").ok().as_deref()))
@@ -286,6 +305,10 @@ struct Stream {
 impl Stream {
     fn qualifies(&self) -> bool {
         stream_qualifies(self.m, self.n, self.k, self.ldx, self.ldy, [self.x, self.w, self.y])
+    }
+
+    fn pays(&self) -> bool {
+        stream_pays(self.m, self.n, self.k)
     }
 }
 
@@ -474,6 +497,23 @@ mod tests {
     }
 
     #[test]
+    fn stream_pays_on_the_measured_winners_only() {
+        let shape = |name: &str| CASES.iter().find(|c| c.0 == name).map(|c| (c.1, c.2)).unwrap();
+        for name in ["qkv", "o", "gate_up", "qkv_folded", "gate_up_folded"] {
+            let (n, k) = shape(name);
+            for m in [1, 7, 16] {
+                assert!(stream_pays(m, n, k), "{name} m={m}");
+            }
+            assert!(!stream_pays(17, n, k), "{name} m=17");
+            assert!(!stream_pays(64, n, k), "{name} m=64");
+        }
+        for name in ["down", "down_folded", "qkv_lora_a", "o_lora_a", "gate_up_lora_a", "multi"] {
+            let (n, k) = shape(name);
+            assert!(!stream_pays(16, n, k), "{name}");
+        }
+    }
+
+    #[test]
     fn stream_switch_reads_zero_and_one() {
         assert!(!stream_switch(Some("0")));
         assert!(!stream_switch(Some(" 0 ")));
@@ -496,7 +536,11 @@ mod tests {
                 assert!(t.smem * per_sm <= STREAM_SMEM_PER_SM, "{name} m={m}: {per_sm} CTAs per SM of {t:?}");
                 let x_tile = t.subs * m.div_ceil(8) * 8 * 128;
                 let slack = (64 - m.div_ceil(8) * 8) * 128;
-                assert_eq!(t.smem, t.stages * (t.subs * t.rows * 128 + x_tile) + 1024 + slack, "{name} m={m}");
+                assert_eq!(
+                    t.smem,
+                    t.stages * (t.subs * t.rows * 128 + x_tile) + 1024 + slack,
+                    "{name} m={m}"
+                );
             }
         }
         // The decoder's narrowest projections still fill the card; gate_up takes wide tiles.
