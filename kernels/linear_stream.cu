@@ -1,5 +1,6 @@
-// Status: on by default where it is the faster (src/ops/linear.rs, stream_pays: m ≤ 16 on qkv,
-// o and gate_up); it gives cuBLASLt's bits. Speed against cuBLASLt: benches/NOTES.md, seventh session.
+// Status: off by default (src/ops/linear.rs, STREAM_DEFAULT). It gives cuBLASLt's bits and, alone,
+// beats it at m ≤ 16 on qkv, o and gate_up (stream_pays), yet the query end to end is slower
+// with it (H200, 2026-12-02; benches/NOTES.md, seventh session).
 //
 // linear_stream: y[m, n] = x[m, k] · w[n, k]ᵀ (+ y when accumulate) (+ bias[n]) for small m
 // (1 ≤ m ≤ 64 tokens): a weight-streaming GEMM. At such m a projection is a read of its weights

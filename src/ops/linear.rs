@@ -6,8 +6,9 @@
 //!   (1 ≤ m ≤ [`STREAM_MAX_M`] tokens, sm_90a builds): each CTA owns a slice of output features
 //!   and all of k behind a cp.async ring of long slots, on wgmma with both operands in shared
 //!   memory. It gives cuBLASLt's bits (`linear_stream_equals_cublas_bitwise`: 0 of 71 million
-//!   elements differ over every model shape and form, H200). **On by default** where it is the
-//!   faster ([`stream_pays`]: m ≤ 16 on qkv, o and gate_up); `JV4_LINEAR_STREAM=0` turns it off.
+//!   elements differ over every model shape and form, H200). Alone it beats cuBLASLt at m ≤ 16
+//!   on qkv, o and gate_up ([`stream_pays`], which picks it there when the path is on), but the
+//!   query end to end is slower with it, so it is **off by default** (`JV4_LINEAR_STREAM=1`).
 //!
 //! Batch invariance: the kernel never splits K (one f32 accumulator per output, wgmma k16 steps
 //! from k = 0 upward), the reduction order of cuBLASLt's unsplit algorithms, which the plans keep
@@ -134,9 +135,10 @@ pub fn linear_cols(
 pub const STREAM_MAX_M: usize = 64;
 
 /// Whether the stream path is on when `$JV4_LINEAR_STREAM` is unset (the one place to flip it).
-/// On: it gives cuBLASLt's bits, so a request's vectors do not depend on which of the two ran,
-/// and where [`stream_pays`] sends it, it is the faster (benches/NOTES.md, seventh session).
-const STREAM_DEFAULT: bool = true;
+/// Off: it gives cuBLASLt's bits and wins alone on the shapes [`stream_pays`] names, but the
+/// 16-token query end to end is slower with it (H200, 2026-12-02, same call: 4.42 ms on
+/// against 4.09 off; cause not established, benches/NOTES.md, seventh session).
+const STREAM_DEFAULT: bool = false;
 
 /// Whether `linear_stream` is the faster of the two on `w [n, k]` at m tokens, as measured on
 /// the H200 (2026-12-02, `jv4-bench ops --only linear_stream`, cuBLASLt in the same process;
@@ -176,7 +178,7 @@ fn stream_switch(var: Option<&str>) -> bool {
 }
 
 /// Whether [`linear`], [`linear_f32`] and [`linear_cols`] run `linear_stream` where the shape
-/// qualifies and pays: unless `$JV4_LINEAR_STREAM=0` (read once per process; see
+/// qualifies and pays: only with `$JV4_LINEAR_STREAM=1` (read once per process; see
 /// `STREAM_DEFAULT`), on sm_90a builds.
 pub fn stream_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
