@@ -5,7 +5,8 @@
 //
 // Patterns (each CTA owns F rows and walks all of k, a ring of S slots):
 //   cp    cp.async, 16 bytes per thread, a slot = F rows × KB bytes along k (KB = 128 is what
-//         linear_stream does today: one 128-byte line per row per slot)
+//         linear_stream did in the sixth session, one 128-byte line per row per slot; it now
+//         takes up to 1 KB per row per slot)
 //   tma   TMA 2-D tiles (box 64 columns × F rows, 128-byte swizzle, the layout wgmma reads),
 //         KB / 128 boxes per slot, one mbarrier per slot, one issuing thread
 //   bulk  a re-tiled copy of w where each slot's F × KB bytes are contiguous: one 1-D bulk copy
