@@ -26,7 +26,9 @@
 //   memory through matrix descriptors, K-major with the 128-byte swizzle, so a chunk's k16
 //   steps issue back to back with no register hand-off and are waited for only one chunk later.
 //   (The sixth session's version loaded A into registers by ldmatrix and waited after every 4
-//   steps: ≈ 140 ns per dependent step, 96 µs for down's 688, whatever the load pattern.)
+//   steps: down at m = 16 took 117 µs whatever the load pattern; both operands from shared
+//   memory, 60 µs; with the copies' index math done once per thread, 37 µs. ncu found the one
+//   warpgroup issue-bound: every instruction between two wgmma delays the chain.)
 //
 // Ring: `stages` slots (runtime, 2..16) of kc = 64·subs columns each (subs runtime, 1..8; the
 //   launcher picks both from the smem budget). Shared memory from the 1 KB-aligned base: the x
@@ -38,10 +40,9 @@
 //   before it; at chunk c, wait until chunk c has landed (at most stages − 2 groups pending),
 //   barrier, issue chunk c's wgmma (behind chunk c − 1's, still running), wait for chunk
 //   c − 1's, issue chunk c + stages − 1 into its slot. A chunk past k runs only its valid k16
-//   steps. Out-of-range rows
-//   and columns of w are loaded as zeros (cp.async src-size 0).
+//   steps. Out-of-range rows and columns of w are loaded as zeros (cp.async src-size 0).
 //   Why long slots: with one 128-byte line per weight row per slot (kc = 64) the H200 streams a
-//   weight matrix at ≈ 0.6 TB/s; runs of 1 KB per row reach 1.7-2.4 TB/s, 4 KB ≈ 3 TB/s
+//   weight matrix at ≈ 0.6 TB/s; runs of 1 KB per row reach 1.7-2.4 TB/s, 2 KB ≈ 3 TB/s on down
 //   (tools/stream_bw.cu, 2026-12-02).
 //
 // Layout: x [m, ldx] and y [m, ldy] row-major (ldx ≥ k, ldy ≥ n: column windows of wider

@@ -234,7 +234,9 @@ pub struct StreamTile {
 pub fn stream_tile(m: usize, n: usize, k: usize, sms: usize) -> StreamTile {
     let sms = sms.max(1);
     let rows = [64, 32, 16].into_iter().find(|&r| n.div_ceil(r) >= 2 * sms).unwrap_or(16);
-    let per_sm = n.div_ceil(rows).div_ceil(sms);
+    // CTAs an SM holds at once: the whole grid where it is small (every decoder shape), at most
+    // 4 (a wider n runs in waves; 4 leaves every tiling a ring).
+    let per_sm = n.div_ceil(rows).div_ceil(sms).min(4);
     let budget = (STREAM_SMEM_PER_SM / per_sm).min(STREAM_SMEM_PER_CTA);
     let tile = |subs: usize| {
         let slot = stream_slot(m, rows, subs);
@@ -245,7 +247,8 @@ pub fn stream_tile(m: usize, n: usize, k: usize, sms: usize) -> StreamTile {
         StreamTile { rows, stages, subs, smem: stages * slot + fixed }
     };
     // Longest slot first: the first with two slots in flight while one is read, else the first
-    // with a ring at all. subs = 1 always has one: a slot is at most 64·128 + 64·144 bytes.
+    // with a ring at all. subs = 1 always has one: a slot is at most 2·64·128 bytes, the slack
+    // and alignment 8 KB, the budget at least 55 KB.
     let subs = [8, 4, 2, 1];
     debug_assert_eq!(subs[0], STREAM_MAX_SUBS);
     let fits = |min: usize| subs.into_iter().map(tile).find(|t| t.stages >= min);
@@ -534,7 +537,7 @@ mod tests {
                 assert!((2..=STREAM_MAX_STAGES).contains(&t.stages), "{name} m={m}: {t:?}");
                 assert!([1, 2, 4, 8].contains(&t.subs), "{name} m={m}: {t:?}");
                 assert!(t.smem <= STREAM_SMEM_PER_CTA, "{name} m={m}: {t:?}");
-                let per_sm = n.div_ceil(t.rows).div_ceil(sms);
+                let per_sm = n.div_ceil(t.rows).div_ceil(sms).min(4);
                 assert!(t.smem * per_sm <= STREAM_SMEM_PER_SM, "{name} m={m}: {per_sm} CTAs per SM of {t:?}");
                 let x_tile = t.subs * m.div_ceil(8) * 8 * 128;
                 let slack = (64 - m.div_ceil(8) * 8) * 128;
@@ -544,6 +547,11 @@ mod tests {
                     "{name} m={m}"
                 );
             }
+        }
+        // A very wide n (a vocabulary head: many waves) still gets a ring, at every m.
+        for m in 1..=STREAM_MAX_M {
+            let t = stream_tile(m, 151_936, 2048, sms);
+            assert!(t.stages >= 2 && t.smem <= STREAM_SMEM_PER_CTA, "m={m}: {t:?}");
         }
         // The decoder's narrowest projections still fill the card; gate_up takes wide tiles.
         assert!(2048usize.div_ceil(stream_tile(16, 2048, 2048, sms).rows) >= 128);
