@@ -25,20 +25,6 @@ constexpr int TILE = 64;                 // rows (tokens or features) per tile, 
 constexpr int TILE_BYTES = TILE * 128;   // 64 rows of 64 bf16
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// d (+)= a·b, m64n64k16, both K-major in shared memory; accumulate = 0 overwrites d.
-__device__ __forceinline__ void wgmma_m64n64(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "l"(a), "l"(b), "r"(accumulate));
-}
-
 // Rows r0.. of src [rows, ld] (bf16), columns k0..k0 + 63, into the swizzled tile at `tile`;
 // rows ≥ rows as zeros. 64 rows × 8 chunks over the 128 threads.
 __device__ __forceinline__ void load_tile(unsigned char *tile, const __nv_bfloat16 *src, int64_t ld, int rows,
@@ -72,7 +58,7 @@ __device__ void linear_wgmma(const __nv_bfloat16 *__restrict__ x, const __nv_bfl
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-            wgmma_m64n64(d, make_desc(a_tile + kk * 32, 16, 1024, 1), make_desc(b_tile + kk * 32, 16, 1024, 1),
+            wgmma_ss(d, make_desc(a_tile + kk * 32, 16, 1024, 1), make_desc(b_tile + kk * 32, 16, 1024, 1),
                          k0 > 0 || kk > 0);
         wgmma_commit();
         wgmma_wait<0>();

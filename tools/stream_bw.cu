@@ -90,15 +90,13 @@ __global__ void __launch_bounds__(128) stream_cp(const __nv_bfloat16 *w, int n, 
     if (acc == 12345678) sink[0] = acc;
 }
 
-// TMA 2-D: box 64 columns × F rows (128-byte swizzle), kb / 128 boxes per slot.
-__global__ void __launch_bounds__(128) stream_tma(const __grid_constant__ CUtensorMap map, int n, int k, int F, int kb, int S,
-                                                  int *sink) {
+// The mbarrier ring of the tma and bulk patterns: thread 0 issues slot c's copies through
+// issue(c, dst, bar) (each completes `slot` bytes on bar), every thread waits for the slot,
+// reads one byte of it, and the slot is refilled S chunks ahead.
+template <typename Issue>
+__device__ void mbar_ring(int slot, int chunks, int S, int *sink, Issue issue) {
     unsigned char *smem = smem_base();
-    uint64_t *bars = reinterpret_cast<uint64_t *>(smem + S * F * kb);
-    const int f0 = blockIdx.x * F;
-    const int slot = F * kb;
-    const int boxes = kb / 128;
-    const int chunks = (k * 2 + kb - 1) / kb;
+    uint64_t *bars = reinterpret_cast<uint64_t *>(smem + S * slot);
     if (threadIdx.x == 0) {
         for (int s = 0; s < S; ++s) bar_init(&bars[s], 1);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -106,16 +104,8 @@ __global__ void __launch_bounds__(128) stream_tma(const __grid_constant__ CUtens
     __syncthreads();
     auto load = [&](int c) {
         if (c >= chunks) return;
-        uint64_t *b = &bars[c % S];
-        bar_expect(b, slot);
-        unsigned char *dst = smem + (c % S) * slot;
-        for (int j = 0; j < boxes; ++j) {
-            const int col = (c * kb) / 2 + j * 64;
-            asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-                             sa(dst + j * F * 128)),
-                         "l"(&map), "r"(col), "r"(f0), "r"(sa(b))
-                         : "memory");
-        }
+        bar_expect(&bars[c % S], slot);
+        issue(c, smem + (c % S) * slot, &bars[c % S]);
     };
     if (threadIdx.x == 0)
         for (int s = 0; s < S; ++s) load(s);
@@ -129,37 +119,30 @@ __global__ void __launch_bounds__(128) stream_tma(const __grid_constant__ CUtens
     if (acc == 12345678) sink[0] = acc;
 }
 
+// TMA 2-D: box 64 columns × F rows (128-byte swizzle), kb / 128 boxes per slot.
+__global__ void __launch_bounds__(128) stream_tma(const __grid_constant__ CUtensorMap map, int n, int k, int F, int kb, int S,
+                                                  int *sink) {
+    const int f0 = blockIdx.x * F;
+    mbar_ring(F * kb, (k * 2 + kb - 1) / kb, S, sink, [&](int c, unsigned char *dst, uint64_t *bar) {
+        for (int j = 0; j < kb / 128; ++j) {
+            const int col = (c * kb) / 2 + j * 64;
+            asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+                             sa(dst + j * F * 128)),
+                         "l"(&map), "r"(col), "r"(f0), "r"(sa(bar))
+                         : "memory");
+        }
+    });
+}
+
 // 1-D bulk copies of a re-tiled w: slot c of CTA b is the contiguous bytes at (b·chunks + c)·slot.
 __global__ void __launch_bounds__(128) stream_bulk(const unsigned char *wt, int n, int k, int F, int kb, int S, int *sink) {
-    unsigned char *smem = smem_base();
-    uint64_t *bars = reinterpret_cast<uint64_t *>(smem + S * F * kb);
-    const int slot = F * kb;
-    const int chunks = (k * 2 + kb - 1) / kb;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < S; ++s) bar_init(&bars[s], 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-    auto load = [&](int c) {
-        if (c >= chunks) return;
-        uint64_t *b = &bars[c % S];
-        bar_expect(b, slot);
+    const int slot = F * kb, chunks = (k * 2 + kb - 1) / kb;
+    mbar_ring(slot, chunks, S, sink, [&](int c, unsigned char *dst, uint64_t *bar) {
         const unsigned char *src = wt + ((int64_t)blockIdx.x * chunks + c) * slot;
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                         sa(smem + (c % S) * slot)),
-                     "l"(src), "r"(slot), "r"(sa(b))
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(sa(dst)),
+                     "l"(src), "r"(slot), "r"(sa(bar))
                      : "memory");
-    };
-    if (threadIdx.x == 0)
-        for (int s = 0; s < S; ++s) load(s);
-    int acc = 0;
-    for (int c = 0; c < chunks; ++c) {
-        bar_wait(&bars[c % S], (c / S) & 1);
-        acc += smem[(c % S) * slot + threadIdx.x * 4];
-        __syncthreads();
-        if (threadIdx.x == 0) load(c + S);
-    }
-    if (acc == 12345678) sink[0] = acc;
+    });
 }
 
 typedef CUresult (*EncodeFn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *, const cuuint64_t *,

@@ -263,11 +263,14 @@ pub fn stream_launch_tile(m: usize, n: usize, k: usize, sms: usize) -> StreamTil
 /// `$JV4_STREAM_TILE=rows,subs,stages` (research: a tiling sweep in one process, e.g.
 /// `jv4-bench ops --only linear_stream`): that tiling for every problem, where it is a valid
 /// one (rows 16, 32 or 64, subs 1, 2, 4 or 8, 2 to 16 stages, within one CTA's shared memory);
-/// read at every launch. The tiling never changes the bits, only the speed.
+/// read once per process. The tiling never changes the bits, only the speed.
 fn stream_tile_env(m: usize) -> Option<StreamTile> {
-    let v = std::env::var("JV4_STREAM_TILE").ok()?;
-    let p: Vec<usize> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
-    let [rows, subs, stages] = p[..] else { return None };
+    static TILE: OnceLock<Option<[usize; 3]>> = OnceLock::new();
+    let [rows, subs, stages] = (*TILE.get_or_init(|| {
+        let v = std::env::var("JV4_STREAM_TILE").ok()?;
+        let p: Vec<usize> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
+        p.try_into().ok()
+    }))?;
     let smem = stages * stream_slot(m, rows, subs) + STREAM_SMEM_ALIGN + stream_slack(m);
     let valid = [16, 32, 64].contains(&rows)
         && [1, 2, 4, 8].contains(&subs)
