@@ -241,6 +241,18 @@ fn time_ms(gpu: &Gpu, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result
     Ok(times[times.len() / 2])
 }
 
+/// The median milliseconds of one call of `f`, timed as a CUDA graph of `GRAPH_REPS` calls
+/// (captured once after a warm-up call outside the capture, which makes any plan or attribute):
+/// for ops whose host cost per call is near their GPU time, where [`time_ms`] measures the host.
+fn time_ms_graphed(gpu: &Gpu, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    const GRAPH_REPS: usize = 20;
+    f()?;
+    gpu.sync()?;
+    let (graph, ()) = gpu.capture(|| (0..GRAPH_REPS).try_for_each(|_| f()))?;
+    let ms = time_ms(gpu, iters, || graph.launch())?;
+    Ok(ms / GRAPH_REPS as f64)
+}
+
 /// A bf16 tensor of uniform random values with standard deviation `scale` (never zeros; uniform
 /// rather than normal so that filling gigabytes of GEMM inputs takes a second, not a minute).
 fn random_tensor(
@@ -293,6 +305,7 @@ fn empty<T>(mem: &mut DeviceAllocator, dims: &[usize]) -> Result<DTensor<T>> {
 enum OpCase {
     Linear { name: &'static str, m: usize, n: usize, k: usize },
     LinearStream { name: &'static str, m: usize, n: usize, k: usize },
+    LoraShrink { name: &'static str, m: usize, n: usize, k: usize, r: usize },
     Swiglu { tokens: usize, inter: usize },
     Gelu { n: usize },
     Embedding { vocab: usize, dim: usize, tokens: usize },
@@ -313,6 +326,7 @@ impl OpCase {
         match *self {
             Linear { name, m, .. } => format!("linear/{name}/m={m}"),
             LinearStream { name, m, .. } => format!("linear_stream/{name}/m={m}"),
+            LoraShrink { name, m, .. } => format!("lora_shrink/{name}/m={m}"),
             Swiglu { tokens, inter } => format!("swiglu/{inter}/m={tokens}"),
             Gelu { n } => format!("gelu/n={n}"),
             Embedding { vocab, dim, tokens } => format!("embedding/{vocab}x{dim}/m={tokens}"),
@@ -342,6 +356,17 @@ fn op_cases() -> Vec<OpCase> {
     for &(name, n, k) in ops::linear::CASES.iter().filter(|c| ops::linear::STREAM_BENCH_SHAPES.contains(&c.0))
     {
         v.extend(ops::linear::STREAM_BENCH_TOKENS.iter().map(|&m| LinearStream { name, m, n, k }));
+    }
+    for &(name, parts) in ops::lora::SHRINK_CASES {
+        if let Some(&(_, n, k)) = ops::linear::CASES.iter().find(|c| c.0 == name) {
+            v.extend(ops::linear::STREAM_BENCH_TOKENS.iter().map(|&m| LoraShrink {
+                name,
+                m,
+                n,
+                k,
+                r: parts * 32,
+            }));
+        }
     }
     v.extend(ops::swiglu::CASES.iter().map(|&(tokens, inter)| Swiglu { tokens, inter }));
     v.extend(ops::gelu::CASES.iter().map(|&n| Gelu { n }));
@@ -403,11 +428,13 @@ fn run_case(gpu: &Gpu, rng: &mut Rng, iters: usize, case: &OpCase) -> Result<(f6
             let x = random_tensor(gpu, mem, rng, &[m, k], 1.0)?;
             let mut y = empty::<bf16>(mem, &[m, n])?;
             let mut turn = 0usize;
-            let ms = time_ms(gpu, iters, || {
+            // Both timed as graphs of back-to-back launches: cuBLASLt's host cost per call exceeds
+            // its GPU time at these sizes, so timing single launches measured the host.
+            let ms = time_ms_graphed(gpu, iters, || {
                 turn += 1;
                 ops::linear_stream(gpu, &x.view(), &ws[turn % copies].view(), None, &mut y.view_mut(), false)
             })?;
-            let blas_ms = time_ms(gpu, iters, || {
+            let blas_ms = time_ms_graphed(gpu, iters, || {
                 turn += 1;
                 gpu.blas().linear(&x.view(), &ws[turn % copies].view(), None, &mut y.view_mut(), false)
             })?;
@@ -415,6 +442,32 @@ fn run_case(gpu: &Gpu, rng: &mut Rng, iters: usize, case: &OpCase) -> Result<(f6
             let t = ops::linear::stream_launch_tile(m, n, k, gpu.info().sm_count.max(1) as usize);
             let tile = format!("F={} kc={} stages={}", t.rows, t.subs * 64, t.stages);
             (ms, format!("{:.0} GB/s (cuBLAS {:.0}) {tile}", weights(ms), weights(blas_ms)))
+        }
+        LoraShrink { m, n, k, r, .. } => {
+            // The shrink with its mask: one masked linear_stream launch (where the engine takes
+            // it, m ≤ linear::SHRINK_STREAM_MAX_M) against cuBLASLt then lora_mask, graph-timed;
+            // weights rotated past L2 as for linear_stream.
+            let copies = (200usize << 20).div_ceil(n * k * 2).max(1);
+            let ws = (0..copies)
+                .map(|_| random_tensor(gpu, mem, rng, &[n, k], 1.0 / (k as f32).sqrt()))
+                .collect::<Result<Vec<_>>>()?;
+            let x = random_tensor(gpu, mem, rng, &[m, k], 1.0)?;
+            let tasks_h: Vec<u8> = (0..m).map(|i| (i % 3) as u8).collect();
+            let tasks = tensor_of(gpu, mem, &[m], &tasks_h)?;
+            let mut t = empty::<bf16>(mem, &[m, n])?;
+            let mut turn = 0usize;
+            let ms = time_ms_graphed(gpu, iters, || {
+                turn += 1;
+                let w = ws[turn % copies].view();
+                ops::linear_stream_masked(gpu, &x.view(), &w, &mut t.view_mut(), &tasks.view(), r)
+            })?;
+            let pair_ms = time_ms_graphed(gpu, iters, || {
+                turn += 1;
+                let w = ws[turn % copies].view();
+                gpu.blas().linear(&x.view(), &w, None, &mut t.view_mut(), false)?;
+                ops::lora_mask(gpu, &mut t.view_mut(), &tasks.view(), r)
+            })?;
+            (ms, format!("{:.2} us (cuBLAS + lora_mask {:.2} us)", ms * 1e3, pair_ms * 1e3))
         }
         Swiglu { tokens, inter } => {
             let gu = random_tensor(gpu, mem, rng, &[tokens, 2 * inter], 2.0)?;

@@ -69,6 +69,7 @@
 //   40 / 232 after setmaxnreg), 0 spills, no wgmma serialisation warning. SASS: HGMMA.64x128x16
 //   (S and P·V), HGMMA.64x64x16 (short mode), UTMALDG.2D, SYNCS (mbarrier), USETMAXREG.
 #include "common.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace {
@@ -78,11 +79,8 @@ constexpr int BN = 128;             // keys per K/V tile
 constexpr int CONSUMERS = 2;        // consumer warpgroups
 constexpr int THREADS = 128 * (1 + CONSUMERS);
 
-// The tensor map (CUtensorMap: 128 opaque bytes, 64-byte aligned), encoded on the host by
-// cuTensorMapEncodeTiled over qkv as a 2-D [T, row] bf16 tensor, box [64 rows, SW columns].
-struct alignas(64) TmaMap {
-    uint64_t opaque[16];
-};
+// The tensor map (tma.cuh's TmaMap) is encoded on the host over qkv as a 2-D [T, row] bf16
+// tensor, box [64 rows, SW columns].
 
 template <int D> struct Sm90Cfg;
 template <> struct Sm90Cfg<128> {
@@ -115,31 +113,7 @@ template <int D> struct Cfg90 : Sm90Cfg<D> {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-// ---- mbarrier ----
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Blocks until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-    asm volatile("{\n.reg .pred done;\nWAIT_%=:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                 "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
-                 "r"(parity)
-                 : "memory");
-}
-
-// ---- TMA: a [64 rows, SW columns] box at (column c, row r) of qkv into shared memory ----
-__device__ __forceinline__ void tma_load(uint32_t dst, const TmaMap *map, int c, int r, uint32_t bar) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-                 ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c), "r"(r), "r"(bar)
-                 : "memory");
-}
+// mbarriers and TMA loads: tma.cuh.
 
 // ---- wgmma ----
 // Registers that an in-flight wgmma reads or writes: pin them so the compiler neither reads them

@@ -36,7 +36,11 @@ impl Gpu {
         let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
         let value = recorded?;
         match ended.map_err(|e| cuda_err("end a graph capture", e))? {
-            Some(g) => Ok((Graph(g), value)),
+            Some(g) => {
+                // Uploaded now (ordered on the stream), so that the first replay does not do it.
+                g.upload().map_err(|e| cuda_err("upload a CUDA graph", e))?;
+                Ok((Graph(g), value))
+            }
             None => Err(crate::Error::Internal("a graph capture recorded nothing".into())),
         }
     }

@@ -12,6 +12,7 @@ pub mod lru;
 pub mod pinned;
 pub mod staging;
 pub mod tensor;
+pub mod tma;
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -500,34 +500,16 @@ fn launch_sm90(
         return Err(shape_err(format!("{n_tiles} tiles (query blocks × heads × segments): over 2^31")));
     }
     let (box_cols, swizzle, _) = sm90_layout(head_dim);
-    // qkv as a 2-D [T, row] bf16 tensor (dimension 0 innermost), boxes of 64 rows × box_cols;
-    // rows past T read as zeros.
-    let dims: [u64; 2] = [row as u64, tokens as u64];
-    let strides: [u64; 1] = [(row * 2) as u64];
-    let boxes: [u32; 2] = [box_cols as u32, SM90_BOX_ROWS as u32];
-    let steps: [u32; 2] = [1, 1];
-    let mut map = sys::CUtensorMap { opaque: [0; 16] };
-    // SAFETY: a host-side encode into `map` (128 bytes, owned here) from arrays of the rank (2)
-    // the call is given; the address is qkv's (16-byte aligned, checked by the caller) and the
-    // dimensions and stride describe exactly the T·row elements it holds.
-    unsafe {
-        sys::cuTensorMapEncodeTiled(
-            &mut map,
-            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            2,
-            qkv.ptr() as *mut c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            steps.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            swizzle,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    }
-    .result()
-    .map_err(|e| Error::Kernel { kernel: id.symbol(), msg: format!("cuTensorMapEncodeTiled: {e:?}") })?;
+    // qkv as a 2-D [T, row] bf16 tensor, boxes of 64 rows × box_cols; rows past T read as zeros.
+    let mut map = crate::cuda::tma::tma_map_bf16(
+        id.symbol(),
+        qkv.ptr(),
+        row,
+        tokens,
+        row * 2,
+        (box_cols as u32, SM90_BOX_ROWS as u32),
+        swizzle,
+    )?;
 
     let smem = sm90_smem(head_dim) as u32;
     gpu.set_max_dynamic_smem(id, smem)?;

@@ -4,11 +4,14 @@
 //! - cuBLASLt ([`crate::cuda::Blas::linear`]), every shape;
 //! - `linear_stream` (`kernels/linear_stream.cu`), a weight-streaming kernel for small batches
 //!   (1 ≤ m ≤ [`STREAM_MAX_M`] tokens, sm_90a builds): each CTA owns a slice of output features
-//!   and all of k behind a cp.async ring of long slots, on wgmma with both operands in shared
+//!   and all of k behind a TMA-fed ring of long slots, on wgmma with both operands in shared
 //!   memory. It gives cuBLASLt's bits (`linear_stream_equals_cublas_bitwise`: 0 of 71 million
-//!   elements differ over every model shape and form, H200). Alone it beats cuBLASLt at m ≤ 16
-//!   on qkv, o and gate_up ([`stream_pays`], which picks it there when the path is on), but the
-//!   query end to end is slower with it, so it is **off by default** (`JV4_LINEAR_STREAM=1`).
+//!   elements differ over every model shape and form, H200). It is **slower than cuBLASLt on
+//!   every model shape** when both are timed as graphs of back-to-back launches (H200,
+//!   2026-12-02: qkv 1,329 against 1,741 GB/s at m = 16, down 1,457 against 2,497; the seventh
+//!   session's wins came from timing single launches, which measured cuBLASLt's host cost), so it
+//!   is **off by default** (`JV4_LINEAR_STREAM=1` for the main projections,
+//!   `JV4_LORA_SHRINK_STREAM=1` for the LoRA shrinks with their mask fused, [`shrink_stream`]).
 //!
 //! Batch invariance: the kernel never splits K (one f32 accumulator per output, wgmma k16 steps
 //! from k = 0 upward), the reduction order of cuBLASLt's unsplit algorithms, which the plans keep
@@ -21,7 +24,12 @@ use std::sync::OnceLock;
 
 use half::bf16;
 
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+
 use super::arg;
+use crate::cuda::tma::tma_map_bf16;
 use crate::cuda::{DView, DViewMut, Gpu, KernelId, Launch};
 use crate::{Error, Result};
 
@@ -135,19 +143,18 @@ pub fn linear_cols(
 pub const STREAM_MAX_M: usize = 64;
 
 /// Whether the stream path is on when `$JV4_LINEAR_STREAM` is unset (the one place to flip it).
-/// Off: it gives cuBLASLt's bits and wins alone on the shapes [`stream_pays`] names, but the
-/// 16-token query end to end is slower with it (H200, 2026-12-02, same call: 4.42 ms on
-/// against 4.09 off; cause not established, benches/NOTES.md, seventh session).
+/// Off: it gives cuBLASLt's bits but is slower on every shape (graph-timed op bench; the
+/// 16-token query 4.96 ms with it against 4.09-4.12 without, H200, 2026-12-02, one call;
+/// benches/NOTES.md, eighth session).
 const STREAM_DEFAULT: bool = false;
 
-/// Whether `linear_stream` is the faster of the two on `w [n, k]` at m tokens, as measured on
-/// the H200 (2026-12-02, `jv4-bench ops --only linear_stream`, cuBLASLt in the same process;
-/// GB/s of weights at m = 16, ours / cuBLASLt): qkv 791 / 703, o 736 / 599, gate_up 2,824 /
-/// 2,674 (at m = 1 as well). Not where it loses: down (k = 11008: 1,218 / 1,545, its one
-/// accumulator chain of 688 k16 steps per CTA is the limit), any shape at m = 64 (qkv 465 /
-/// 657), narrow n (the LoRA shrinks: a handful of CTAs). So: m ≤ 16, n ≥ 2048, k ≤ 4096. The
-/// rule reads the shape alone, never the data or what else runs, and either side gives the
-/// same bits, so the engine stays batch-invariant whichever it picks.
+/// Which shapes `linear_stream` takes when `$JV4_LINEAR_STREAM=1`: m ≤ 16, n ≥ 2048, k ≤ 4096
+/// (qkv, o, gate_up). The rule came from the seventh session's op bench, which timed single
+/// launches and so measured cuBLASLt's host cost: timed as graphs, cuBLASLt is faster on these
+/// shapes too (H200, 2026-12-02, m = 16: qkv 1,741 against 1,329 GB/s, o 1,444 against 1,220,
+/// gate_up 3,638 against 3,462), which is why the path is off by default. The rule reads the
+/// shape alone, never the data or what else runs, and either side gives the same bits, so the
+/// engine stays batch-invariant whichever it picks.
 pub fn stream_pays(m: usize, n: usize, k: usize) -> bool {
     m <= STREAM_PAYS_MAX_M && n >= 2048 && k <= 4096
 }
@@ -240,7 +247,7 @@ pub fn stream_tile(m: usize, n: usize, k: usize, sms: usize) -> StreamTile {
     let budget = (STREAM_SMEM_PER_SM / per_sm).min(STREAM_SMEM_PER_CTA);
     let tile = |subs: usize| {
         let slot = stream_slot(m, rows, subs);
-        let fixed = STREAM_SMEM_ALIGN + stream_slack(m);
+        let fixed = STREAM_SMEM_ALIGN + stream_slack(m) + STREAM_BAR_BYTES;
         let stages = (budget.saturating_sub(fixed) / slot)
             .min(STREAM_MAX_STAGES)
             .min(k.div_ceil(subs * STREAM_SUB_K).max(2));
@@ -271,7 +278,7 @@ fn stream_tile_env(m: usize) -> Option<StreamTile> {
         let p: Vec<usize> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
         p.try_into().ok()
     }))?;
-    let smem = stages * stream_slot(m, rows, subs) + STREAM_SMEM_ALIGN + stream_slack(m);
+    let smem = stages * stream_slot(m, rows, subs) + STREAM_SMEM_ALIGN + stream_slack(m) + STREAM_BAR_BYTES;
     let valid = [16, 32, 64].contains(&rows)
         && [1, 2, 4, 8].contains(&subs)
         && (2..=STREAM_MAX_STAGES).contains(&stages)
@@ -282,6 +289,10 @@ fn stream_tile_env(m: usize) -> Option<StreamTile> {
 /// The kernel aligns its shared-memory base to 1 KB (the 128-byte swizzle's atoms): the tiling
 /// adds that much to the ring.
 const STREAM_SMEM_ALIGN: usize = 1024;
+
+/// The kernel's mbarriers (one per slot, 8 bytes, room for `STREAM_MAX_STAGES`) after the ring
+/// and the slack: `BAR_BYTES` of `kernels/linear_stream.cu`.
+const STREAM_BAR_BYTES: usize = 128;
 
 /// Bytes of one ring slot of the kernel: the W tile (`subs` sub-tiles of `rows` rows of 128
 /// bytes) and the x tile (`subs` sub-tiles of 8·ceil(m / 8) rows of 128 bytes), both swizzled.
@@ -369,7 +380,7 @@ pub fn linear_stream(
             return Err(stream_shape_err(format!("bias {:?}, expected [{}]", b.shape(), o.n)));
         }
     }
-    launch_stream(gpu, o, bias.map(|b| b.ptr()), false, accumulate)
+    launch_stream(gpu, o, bias.map(|b| b.ptr()), false, accumulate, None)
 }
 
 /// [`linear_f32`] through the weight-streaming kernel alone: an [`Error::Shape`] when the
@@ -389,7 +400,7 @@ pub fn linear_stream_f32(
             y.shape()
         ))
     })?;
-    launch_stream(gpu, o, None, true, accumulate)
+    launch_stream(gpu, o, None, true, accumulate, None)
 }
 
 /// [`linear_cols`] through the weight-streaming kernel alone: an [`Error::Shape`] when the
@@ -409,7 +420,109 @@ pub fn linear_stream_cols(
             w.shape()
         ))
     })?;
-    launch_stream(gpu, o, None, false, false)
+    launch_stream(gpu, o, None, false, false, None)
+}
+
+/// The LoRA shrink's mask in the kernel's epilogue (`lora_mask`'s rule): of row i only the
+/// columns `c` with `c / group == row_task[i]` keep the product, the others are written +0.0.
+#[derive(Clone, Copy, Debug)]
+struct Mask {
+    row_task: u64,
+    group: usize,
+    /// Columns the mask covers (the first ones; those past it, a padded shrink's zero columns,
+    /// keep the product as `lora_mask_cols` leaves them).
+    cols: usize,
+}
+
+fn mask_of(row_task: &DView<'_, u8>, m: usize, n: usize, group: usize, cols: usize) -> Result<Mask> {
+    if row_task.shape() != [m] || group == 0 || cols == 0 || cols > n || cols % group != 0 {
+        return Err(stream_shape_err(format!(
+            "row_task {:?} for {m} rows, a mask of {cols} of {n} columns in groups of {group}: \
+             expected row_task [m] and whole groups within the output",
+            row_task.shape()
+        )));
+    }
+    Ok(Mask { row_task: row_task.ptr(), group, cols })
+}
+
+/// `t [m, n] = mask(x [m, k] · a [n, k]ᵀ)` through the weight-streaming kernel alone, the mask
+/// (`ops::lora_mask`'s, by `row_task [m]` and `group` columns per task) applied in its epilogue:
+/// the same bits as [`linear`] then [`super::lora_mask`] (`lora_shrink_equals_unfused_bitwise`).
+/// An [`Error::Shape`] when the problem does not qualify.
+pub fn linear_stream_masked(
+    gpu: &Gpu,
+    x: &DView<'_, bf16>,
+    a: &DView<'_, bf16>,
+    t: &mut DViewMut<'_, bf16>,
+    row_task: &DView<'_, u8>,
+    group: usize,
+) -> Result<()> {
+    let o = dense(x, a, t.ptr(), t.shape()).ok_or_else(|| {
+        stream_shape_err(format!(
+            "x {:?} · a {:?}ᵀ -> t {:?}: expected x [m, k], a [n, k], t [m, n]",
+            x.shape(),
+            a.shape(),
+            t.shape()
+        ))
+    })?;
+    let mask = mask_of(row_task, o.m, o.n, group, o.n)?;
+    launch_stream(gpu, o, None, false, false, Some(mask))
+}
+
+/// [`linear_stream_masked`] within one buffer, as [`linear_cols`]: `xt[:, y_col..y_col + n] =
+/// mask(xt[:, ..k] · a [n, k]ᵀ)` (the folded LoRA's shrink beside its x), the mask on the first
+/// `mask_cols` of the n columns (a's padding rows give the others, zeros, untouched).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_stream_cols_masked(
+    gpu: &Gpu,
+    xt: &mut DViewMut<'_, bf16>,
+    k: usize,
+    a: &DView<'_, bf16>,
+    y_col: usize,
+    row_task: &DView<'_, u8>,
+    group: usize,
+    mask_cols: usize,
+) -> Result<()> {
+    let o = cols(xt, k, a, y_col).ok_or_else(|| {
+        stream_shape_err(format!(
+            "xt {:?}: columns ..{k} · a {:?}ᵀ -> columns {y_col}..: expected a [n, k], k ≤ y_col, \
+             y_col + n ≤ xt's row",
+            xt.shape(),
+            a.shape()
+        ))
+    })?;
+    let mask = mask_of(row_task, o.m, o.n, group, mask_cols)?;
+    launch_stream(gpu, o, None, false, false, Some(mask))
+}
+
+/// Whether the LoRA shrink `x [m, k] · a [n, k]ᵀ` (with its mask) runs on `linear_stream`, one
+/// launch instead of cuBLASLt's GEMM and `lora_mask`'s: only with `$JV4_LORA_SHRINK_STREAM=1`
+/// (research; read once per process), where it qualifies, at m ≤ [`SHRINK_STREAM_MAX_M`] and
+/// n ≤ 512 (the shrinks' widths, 96 to 288). **Off by default: it is slower.** H200, 2026-12-02,
+/// graph-timed, m = 16: qkv's shrink 7.7 µs against 6.4 for the pair, down's 31.5 against 17.6;
+/// the 16-token query 4.67-4.69 ms against 4.09-4.12 (benches/NOTES.md, eighth session). The
+/// kernel's one wgmma chain over k runs at ≈ 46 ns per k16 step, cuBLASLt's at ≈ 25-28. Either
+/// path gives the same bits (the kernel's are cuBLASLt's, the mask is exact).
+pub fn shrink_stream(m: usize, n: usize, k: usize, ldx: usize, ldy: usize, ptrs: [u64; 3]) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    let on = *ON.get_or_init(|| {
+        stream_built() && std::env::var("JV4_LORA_SHRINK_STREAM").is_ok_and(|v| v.trim() == "1")
+    });
+    on && m <= SHRINK_STREAM_MAX_M && n <= 512 && stream_qualifies(m, n, k, ldx, ldy, ptrs)
+}
+
+/// Most tokens at which [`shrink_stream`] takes the shrink.
+pub const SHRINK_STREAM_MAX_M: usize = 16;
+
+/// The problem of [`linear_stream_masked`] as [`shrink_stream`] reads it, if the shapes agree.
+pub fn shrink_stream_dense(x: &DView<'_, bf16>, a: &DView<'_, bf16>, t: &DViewMut<'_, bf16>) -> bool {
+    dense(x, a, t.ptr(), t.shape())
+        .is_some_and(|o| shrink_stream(o.m, o.n, o.k, o.ldx, o.ldy, [o.x, o.w, o.y]))
+}
+
+/// The problem of [`linear_stream_cols_masked`] as [`shrink_stream`] reads it, if the shapes agree.
+pub fn shrink_stream_cols(xt: &DViewMut<'_, bf16>, k: usize, a: &DView<'_, bf16>, y_col: usize) -> bool {
+    cols(xt, k, a, y_col).is_some_and(|o| shrink_stream(o.m, o.n, o.k, o.ldx, o.ldy, [o.x, o.w, o.y]))
 }
 
 /// The kernel for `rows` features per CTA and the output type.
@@ -426,7 +539,22 @@ fn stream_kernel(rows: usize, out_f32: bool) -> KernelId {
 
 /// Launches `linear_stream_r{rows}_{bf16,f32}` on a problem whose shapes agree; checks the rest
 /// of the contract ([`stream_qualifies`]) first.
-fn launch_stream(gpu: &Gpu, o: Stream, bias: Option<u64>, out_f32: bool, accumulate: bool) -> Result<()> {
+fn launch_stream(
+    gpu: &Gpu,
+    o: Stream,
+    bias: Option<u64>,
+    out_f32: bool,
+    accumulate: bool,
+    mask: Option<Mask>,
+) -> Result<()> {
+    if let Some(mk) = mask {
+        if mk.group == 0 || mk.group > i32::MAX as usize || bias.is_some() || accumulate || out_f32 {
+            return Err(stream_shape_err(format!(
+                "a masked shrink (group {}) takes a plain bf16 output: no bias, no accumulation",
+                mk.group
+            )));
+        }
+    }
     if !o.qualifies() {
         return Err(stream_shape_err(format!(
             "m={} n={} k={} ldx={} ldy={} (x {:#x}, w {:#x}, y {:#x}): needs 1 ≤ m ≤ {STREAM_MAX_M}, \
@@ -442,20 +570,28 @@ fn launch_stream(gpu: &Gpu, o: Stream, bias: Option<u64>, out_f32: bool, accumul
     }
     let tile = stream_launch_tile(o.m, o.n, o.k, gpu.info().sm_count.max(1) as usize);
     let id = stream_kernel(tile.rows, out_f32);
+    // x's first k columns in boxes of 8·ceil(m / 8) rows × 64, w's in boxes of the tile's rows ×
+    // 64, both with the 128-byte swizzle the kernel's descriptors read.
+    let sw = sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B;
+    let sub = STREAM_SUB_K as u32;
+    let mut xmap =
+        tma_map_bf16(id.symbol(), o.x, o.k, o.m, o.ldx * 2, (sub, o.m.div_ceil(8) as u32 * 8), sw)?;
+    let mut wmap = tma_map_bf16(id.symbol(), o.w, o.k, o.n, o.k * 2, (sub, tile.rows as u32), sw)?;
     gpu.set_max_dynamic_smem(id, tile.smem as u32)?;
     let launch = Launch {
         grid: (o.n.div_ceil(tile.rows) as u32, 1, 1),
         block: (STREAM_THREADS, 1, 1),
         smem: tile.smem as u32,
     };
-    let (mut xp, mut wp, mut bp, mut yp) = (o.x, o.w, bias.unwrap_or(0), o.y);
-    let (mut ldx, mut ldy) = (o.ldx as i64, o.ldy as i64);
+    let (mut bp, mut yp) = (bias.unwrap_or(0), o.y);
+    let mut ldy = o.ldy as i64;
     let (mut m, mut n, mut k) = (o.m as i32, o.n as i32, o.k as i32);
     let (mut acc, mut stages, mut subs) = (accumulate as i32, tile.stages as i32, tile.subs as i32);
+    let (mut rt, mut group, mut mask_cols) =
+        mask.map_or((0, 1, 0), |mk| (mk.row_task, mk.group as i32, mk.cols as i32));
     let mut args = [
-        arg(&mut xp),
-        arg(&mut ldx),
-        arg(&mut wp),
+        &mut xmap as *mut sys::CUtensorMap as *mut c_void,
+        &mut wmap as *mut sys::CUtensorMap as *mut c_void,
         arg(&mut bp),
         arg(&mut yp),
         arg(&mut ldy),
@@ -465,11 +601,15 @@ fn launch_stream(gpu: &Gpu, o: Stream, bias: Option<u64>, out_f32: bool, accumul
         arg(&mut acc),
         arg(&mut stages),
         arg(&mut subs),
+        arg(&mut rt),
+        arg(&mut group),
+        arg(&mut mask_cols),
     ];
-    // SAFETY: args match linear_stream_r*(const bf16*, int64, const bf16*, const bf16*, void*,
-    // int64, int, int, int, int, int, int). The callers checked the shapes: x holds m rows of ldx ≥ k
-    // elements, w n·k, bias (or null) n, y m rows of ldy ≥ n elements of the output type (an f32
-    // y only with out_f32); m, n, k fit i32 and the alignment the 16-byte copies need holds
+    // SAFETY: args match linear_stream_r*(TmaMap, TmaMap (128 bytes each, by value), const bf16*,
+    // void*, int64, int, int, int, int, int, int, const u8*, int, int). The callers checked the
+    // shapes: the maps describe x's m rows of k elements (ldx apart) and w's n·k, which they hold;
+    // bias (or null) holds n, y m rows of ldy ≥ n elements of the output type (an f32 y only with
+    // out_f32), row_task (or null) m bytes; m, n, k fit i32 and the alignment TMA needs holds
     // (stream_qualifies). The kernel reads rows < m of x, < n of w, columns < k, and writes only
     // y[t, f] for t < m, f < n. The dynamic shared memory limit was raised to `smem` above.
     unsafe { gpu.launch(id, launch, &mut args) }
@@ -546,7 +686,7 @@ mod tests {
                 let slack = (64 - m.div_ceil(8) * 8) * 128;
                 assert_eq!(
                     t.smem,
-                    t.stages * (t.subs * t.rows * 128 + x_tile) + 1024 + slack,
+                    t.stages * (t.subs * t.rows * 128 + x_tile) + 1024 + slack + 128,
                     "{name} m={m}"
                 );
             }

@@ -24,6 +24,11 @@ pub const CASES: &[(usize, usize, usize)] = &[
     (17, 2, 8),
 ];
 
+/// The model's LoRA shrinks [`lora_shrink`] runs: (`linear::CASES` name, fused parts), each task's
+/// group `parts · 32` columns wide (rank 32, 3 tasks).
+pub const SHRINK_CASES: &[(&str, usize)] =
+    &[("qkv_lora_a", 3), ("o_lora_a", 1), ("gate_up_lora_a", 2), ("down_lora_a", 1)];
+
 /// Zeroes, in place, every `r`-wide column group of each row of `t [T, tasks·r]` except the group
 /// of that row's task (`row_task [T]`). A row whose task is ≥ tasks has every group zeroed (no
 /// LoRA delta). Kept elements are not touched.
@@ -79,4 +84,44 @@ pub fn lora_mask_cols(
     unsafe {
         gpu.launch(KernelId::LoraMaskBf16, Launch::linear(grid_for(work, THREADS), THREADS as u32), &mut args)
     }
+}
+
+/// The stacked LoRA's shrink with its mask: `t [m, n] = x [m, k] · a [n, k]ᵀ`, then in each row
+/// every `r`-wide column group but the row's task's zeroed ([`lora_mask`]). Small batches
+/// ([`super::linear::shrink_stream`]) run it as one `linear_stream` launch with the mask in its
+/// epilogue, the others as [`super::linear`] then [`lora_mask`]: the same bits either way
+/// (`lora_shrink_equals_unfused_bitwise`), so a row's t does not depend on its batch.
+pub fn lora_shrink(
+    gpu: &Gpu,
+    x: &DView<'_, bf16>,
+    a: &DView<'_, bf16>,
+    t: &mut DViewMut<'_, bf16>,
+    row_task: &DView<'_, u8>,
+    r: usize,
+) -> Result<()> {
+    if super::linear::shrink_stream_dense(x, a, t) {
+        return super::linear::linear_stream_masked(gpu, x, a, t, row_task, r);
+    }
+    super::linear(gpu, x, a, None, t, false)?;
+    lora_mask(gpu, t, row_task, r)
+}
+
+/// [`lora_shrink`] within the folded LoRA's input buffer `xt [m, ld]`: x in columns `..k`, t
+/// written into the `a.shape()[0]` columns from `k` on, the mask on the first `g` of them (a's
+/// padding rows, zero, give the rest) ([`super::linear_cols`] then [`lora_mask_cols`], or one
+/// masked `linear_stream` launch).
+pub fn lora_shrink_cols(
+    gpu: &Gpu,
+    xt: &mut DViewMut<'_, bf16>,
+    k: usize,
+    a: &DView<'_, bf16>,
+    g: usize,
+    row_task: &DView<'_, u8>,
+    r: usize,
+) -> Result<()> {
+    if super::linear::shrink_stream_cols(xt, k, a, k) {
+        return super::linear::linear_stream_cols_masked(gpu, xt, k, a, k, row_task, r, g);
+    }
+    super::linear_cols(gpu, xt, k, a, k)?;
+    lora_mask_cols(gpu, xt, k..k + g, row_task, r)
 }

@@ -17,8 +17,11 @@ pub mod swiglu;
 pub use attention::flash_attn;
 pub use embedding::{embedding, embedding_f32};
 pub use gelu::gelu;
-pub use linear::{linear, linear_cols, linear_f32, linear_stream, linear_stream_cols, linear_stream_f32};
-pub use lora::{lora_mask, lora_mask_cols};
+pub use linear::{
+    linear, linear_cols, linear_f32, linear_stream, linear_stream_cols, linear_stream_cols_masked,
+    linear_stream_f32, linear_stream_masked,
+};
+pub use lora::{lora_mask, lora_mask_cols, lora_shrink, lora_shrink_cols};
 pub use pool::{l2_rows, mean_pool_l2};
 pub use rmsnorm::{rmsnorm, rmsnorm_f32, rmsnorm_f32_cols};
 pub use rope::{mrope, vision_rope};

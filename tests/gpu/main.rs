@@ -90,6 +90,7 @@ fn main() {
         ("mean_pool_l2_invalid_spans_give_nan", pool::mean_pool_l2_invalid_spans_give_nan),
         ("l2_rows_matches_reference", pool::l2_rows_matches_reference),
         ("lora_mask_matches_cpu", lora::lora_mask_matches_cpu),
+        ("lora_shrink_equals_unfused_bitwise", lora::lora_shrink_equals_unfused_bitwise),
         ("textops_reject_bad_shapes", textops_reject_bad_shapes),
         ("residual_f32_ops_match_reference", residual_f32_ops_match_reference),
         ("gelu_matches_reference", gelu::gelu_matches_reference),

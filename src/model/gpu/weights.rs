@@ -376,8 +376,7 @@ impl Weights {
                 ),
             });
         }
-        ops::linear_cols(gpu, xt, *k, &self.at(a), *k)?;
-        ops::lora_mask_cols(gpu, xt, *k..*k + *g, row_task, *parts * self.rank)
+        ops::lora_shrink_cols(gpu, xt, *k, &self.at(a), *g, row_task, *parts * self.rank)
     }
 
     /// The LoRA shrink of a projection that fuses `l.parts` checkpoint projections: `x·A_allᵀ`
@@ -399,8 +398,7 @@ impl Weights {
         let a = self.at(&l.a);
         let n = x.shape()[0];
         let mut tv = t.view_mut_as(&[n, a.shape()[0]]);
-        ops::linear(gpu, x, &a, None, &mut tv, false)?;
-        ops::lora_mask(gpu, &mut tv, row_task, l.parts * self.rank)?;
+        ops::lora_shrink(gpu, x, &a, &mut tv, row_task, l.parts * self.rank)?;
         Ok(tv)
     }
 
