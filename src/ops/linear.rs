@@ -223,7 +223,7 @@ pub fn stream_qualifies(m: usize, n: usize, k: usize, ldx: usize, ldy: usize, pt
 pub struct StreamTile {
     /// Output features per CTA: 16, 32 or 64.
     pub rows: usize,
-    /// Slots of the cp.async ring, 2 to 16.
+    /// Slots of the ring, 2 to 16.
     pub stages: usize,
     /// 64-column sub-tiles per slot, 1 to 8 (k per slot: 64·subs).
     pub subs: usize,
