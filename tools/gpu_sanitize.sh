@@ -149,6 +149,12 @@ case " $tools " in *" initcheck "* | *" probe "*)
             ./gpu-tests probe_graph_pool_forward_like > "$log" 2>&1
         echo "sanitize initcheck probe, held graphs from one pool with GEMM nodes, marked=$mark: $(errors_of "$log") errors ($(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)) $(kernels_of "$log")"
     done
+    # The same with 36 layers (hundreds of nodes, as the model's graphs have: their reports come
+    # only from each new graph's first launch, docs/RELIABILITY.md).
+    log="$out/san_probe_graph_pool_36.txt"
+    JV4_PROBE_LAYERS=36 JV4_SANITIZE_MARK_GEMM=1 timeout "$limit" "$san" --tool initcheck --print-limit 5 \
+        ./gpu-tests probe_graph_pool_forward_like > "$log" 2>&1
+    echo "sanitize initcheck probe, held graphs from one pool, 36 layers, marked: $(errors_of "$log") errors ($(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)) $(kernels_of "$log")"
     log="$out/san_graph_forward.txt"
     JV4_SANITIZE_MARK_GEMM=1 timeout "$limit" "$san" --tool initcheck --print-limit 20 \
         ./gpu-tests graph_forward_equals_eager_bitwise > "$log" 2>&1

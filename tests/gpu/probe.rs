@@ -312,8 +312,13 @@ pub fn probe_graph_chain_embedding_rmsnorm(ctx: &mut Ctx) -> Result<(), String> 
 /// 16, 64, 16, 64: the later ones replay held graphs on new ids. Every replay's `out` must be
 /// bitwise the eager run's of the same ids (another allocator). Under initcheck (with
 /// `JV4_SANITIZE_MARK_GEMM=1`), reports here and none in the probes above locate the forward's
-/// reports in what this graph adds: GEMM nodes, held graphs, a shared pool.
+/// reports in what this graph adds: GEMM nodes, held graphs, a shared pool. `$JV4_PROBE_LAYERS`
+/// (default 1) repeats the layer (rmsnorm, GEMM, accumulating GEMM) that many times: the model's
+/// reports come only from the first launch of each new graph (docs/RELIABILITY.md), whose graphs
+/// have hundreds of nodes; 36 layers give this one about as many.
 pub fn probe_graph_pool_forward_like(ctx: &mut Ctx) -> Result<(), String> {
+    let layers: usize =
+        std::env::var("JV4_PROBE_LAYERS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(1).max(1);
     use jv4::cuda::{BufferLayout, Graph};
     let (vocab, d, d2, eps) = (512usize, 256usize, 512usize, 1e-6f32);
     let mut weights = allocator(ctx, 64 << 20)?;
@@ -336,9 +341,11 @@ pub fn probe_graph_pool_forward_like(ctx: &mut Ctx) -> Result<(), String> {
             let mut y = arena.alloc::<bf16>(&[n, d2])?;
             let mut out = arena.alloc::<bf16>(&[n, d])?;
             ops::embedding_f32(gpu, &table.view(), ids, &mut h.view_mut())?;
-            ops::rmsnorm_f32(gpu, &h.view(), &nw.view(), eps, &mut x.view_mut())?;
-            ops::linear(gpu, &x.view(), &w1.view(), None, &mut y.view_mut(), false)?;
-            ops::linear_f32(gpu, &y.view(), &w2.view(), None, &mut h.view_mut(), true)?;
+            for _ in 0..layers {
+                ops::rmsnorm_f32(gpu, &h.view(), &nw.view(), eps, &mut x.view_mut())?;
+                ops::linear(gpu, &x.view(), &w1.view(), None, &mut y.view_mut(), false)?;
+                ops::linear_f32(gpu, &y.view(), &w2.view(), None, &mut h.view_mut(), true)?;
+            }
             ops::rmsnorm_f32(gpu, &h.view(), &nw.view(), eps, &mut out.view_mut())?;
             Ok(out.view().ptr())
         };
