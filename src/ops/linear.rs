@@ -20,13 +20,11 @@
 //! shape and alignment ([`stream_qualifies`], [`stream_pays`]) and on `$JV4_LINEAR_STREAM`
 //! ([`stream_enabled`]).
 
+use std::ffi::c_void;
 use std::sync::OnceLock;
 
-use half::bf16;
-
-use std::ffi::c_void;
-
 use cudarc::driver::sys;
+use half::bf16;
 
 use super::arg;
 use crate::cuda::tma::tma_map_bf16;
@@ -514,13 +512,15 @@ pub fn shrink_stream(m: usize, n: usize, k: usize, ldx: usize, ldy: usize, ptrs:
 /// Most tokens at which [`shrink_stream`] takes the shrink.
 pub const SHRINK_STREAM_MAX_M: usize = 16;
 
-/// The problem of [`linear_stream_masked`] as [`shrink_stream`] reads it, if the shapes agree.
+/// Whether [`shrink_stream`] takes the problem of [`linear_stream_masked`] (false when its shapes
+/// do not agree).
 pub fn shrink_stream_dense(x: &DView<'_, bf16>, a: &DView<'_, bf16>, t: &DViewMut<'_, bf16>) -> bool {
     dense(x, a, t.ptr(), t.shape())
         .is_some_and(|o| shrink_stream(o.m, o.n, o.k, o.ldx, o.ldy, [o.x, o.w, o.y]))
 }
 
-/// The problem of [`linear_stream_cols_masked`] as [`shrink_stream`] reads it, if the shapes agree.
+/// Whether [`shrink_stream`] takes the problem of [`linear_stream_cols_masked`] (false when its
+/// shapes do not agree).
 pub fn shrink_stream_cols(xt: &DViewMut<'_, bf16>, k: usize, a: &DView<'_, bf16>, y_col: usize) -> bool {
     cols(xt, k, a, y_col).is_some_and(|o| shrink_stream(o.m, o.n, o.k, o.ldx, o.ldy, [o.x, o.w, o.y]))
 }
