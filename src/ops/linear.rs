@@ -355,6 +355,29 @@ fn stream_shape_err(msg: String) -> Error {
     Error::Shape { op: "linear_stream", msg }
 }
 
+/// [`dense`], or the shape error that names what was given.
+fn dense_problem(x: &DView<'_, bf16>, w: &DView<'_, bf16>, y: u64, y_shape: &[usize]) -> Result<Stream> {
+    dense(x, w, y, y_shape).ok_or_else(|| {
+        stream_shape_err(format!(
+            "x {:?} · w {:?}ᵀ -> y {y_shape:?}: expected x [m, k], w [n, k], y [m, n]",
+            x.shape(),
+            w.shape()
+        ))
+    })
+}
+
+/// [`cols`], or the shape error that names what was given.
+fn cols_problem(xt: &DViewMut<'_, bf16>, k: usize, w: &DView<'_, bf16>, y_col: usize) -> Result<Stream> {
+    cols(xt, k, w, y_col).ok_or_else(|| {
+        stream_shape_err(format!(
+            "xt {:?}: columns ..{k} · w {:?}ᵀ -> columns {y_col}..: expected w [n, k], k ≤ y_col, \
+             y_col + n ≤ xt's row",
+            xt.shape(),
+            w.shape()
+        ))
+    })
+}
+
 /// [`linear`] through the weight-streaming kernel alone (no cuBLAS fallback): an
 /// [`Error::Shape`] when the problem does not qualify ([`stream_qualifies`]).
 pub fn linear_stream(
@@ -365,14 +388,7 @@ pub fn linear_stream(
     y: &mut DViewMut<'_, bf16>,
     accumulate: bool,
 ) -> Result<()> {
-    let o = dense(x, w, y.ptr(), y.shape()).ok_or_else(|| {
-        stream_shape_err(format!(
-            "x {:?} · w {:?}ᵀ -> y {:?}: expected x [m, k], w [n, k], y [m, n]",
-            x.shape(),
-            w.shape(),
-            y.shape()
-        ))
-    })?;
+    let o = dense_problem(x, w, y.ptr(), y.shape())?;
     if let Some(b) = bias {
         if b.shape() != [o.n] {
             return Err(stream_shape_err(format!("bias {:?}, expected [{}]", b.shape(), o.n)));
@@ -390,14 +406,7 @@ pub fn linear_stream_f32(
     y: &mut DViewMut<'_, f32>,
     accumulate: bool,
 ) -> Result<()> {
-    let o = dense(x, w, y.ptr(), y.shape()).ok_or_else(|| {
-        stream_shape_err(format!(
-            "x {:?} · w {:?}ᵀ -> y {:?} (f32): expected x [m, k], w [n, k], y [m, n]",
-            x.shape(),
-            w.shape(),
-            y.shape()
-        ))
-    })?;
+    let o = dense_problem(x, w, y.ptr(), y.shape())?;
     launch_stream(gpu, o, None, true, accumulate, None)
 }
 
@@ -410,14 +419,7 @@ pub fn linear_stream_cols(
     w: &DView<'_, bf16>,
     y_col: usize,
 ) -> Result<()> {
-    let o = cols(xt, k, w, y_col).ok_or_else(|| {
-        stream_shape_err(format!(
-            "xt {:?}: columns ..{k} · w {:?}ᵀ -> columns {y_col}..: expected w [n, k], k ≤ y_col, \
-             y_col + n ≤ xt's row",
-            xt.shape(),
-            w.shape()
-        ))
-    })?;
+    let o = cols_problem(xt, k, w, y_col)?;
     launch_stream(gpu, o, None, false, false, None)
 }
 
@@ -455,14 +457,7 @@ pub fn linear_stream_masked(
     row_task: &DView<'_, u8>,
     group: usize,
 ) -> Result<()> {
-    let o = dense(x, a, t.ptr(), t.shape()).ok_or_else(|| {
-        stream_shape_err(format!(
-            "x {:?} · a {:?}ᵀ -> t {:?}: expected x [m, k], a [n, k], t [m, n]",
-            x.shape(),
-            a.shape(),
-            t.shape()
-        ))
-    })?;
+    let o = dense_problem(x, a, t.ptr(), t.shape())?;
     let mask = mask_of(row_task, o.m, o.n, group, o.n)?;
     launch_stream(gpu, o, None, false, false, Some(mask))
 }
@@ -481,14 +476,7 @@ pub fn linear_stream_cols_masked(
     group: usize,
     mask_cols: usize,
 ) -> Result<()> {
-    let o = cols(xt, k, a, y_col).ok_or_else(|| {
-        stream_shape_err(format!(
-            "xt {:?}: columns ..{k} · a {:?}ᵀ -> columns {y_col}..: expected a [n, k], k ≤ y_col, \
-             y_col + n ≤ xt's row",
-            xt.shape(),
-            a.shape()
-        ))
-    })?;
+    let o = cols_problem(xt, k, a, y_col)?;
     let mask = mask_of(row_task, o.m, o.n, group, mask_cols)?;
     launch_stream(gpu, o, None, false, false, Some(mask))
 }
